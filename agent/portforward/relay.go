@@ -1,0 +1,168 @@
+package portforward
+
+import (
+	"errors"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"syscall"
+)
+
+// DefaultBufferSize is the copy buffer per direction of a relayed stream.
+// Large buffers mean fewer read and write calls per byte on fast paths; the
+// netstack side of the tailnet hands over whole receive windows at a time.
+const DefaultBufferSize = 256 << 10
+
+// BufferPool hands out copy buffers of one size so that hundreds of
+// connections do not each allocate their own for every copy.
+type BufferPool struct {
+	size int
+	pool sync.Pool
+}
+
+// NewBufferPool returns a pool of buffers of size bytes (DefaultBufferSize
+// when size <= 0).
+func NewBufferPool(size int) *BufferPool {
+	if size <= 0 {
+		size = DefaultBufferSize
+	}
+	p := &BufferPool{size: size}
+	p.pool.New = func() any {
+		b := make([]byte, p.size)
+		return &b
+	}
+	return p
+}
+
+func (p *BufferPool) get() *[]byte  { return p.pool.Get().(*[]byte) }
+func (p *BufferPool) put(b *[]byte) { p.pool.Put(b) }
+
+// RelayResult says how a relayed stream ended.
+type RelayResult struct {
+	// AToB and BToA count the bytes copied in each direction.
+	AToB, BToA int64
+	// Err is the first error other than a clean end of stream, if any.
+	Err error
+}
+
+// Relay copies a to b and b to a until both directions end, then closes both.
+//
+// A clean end of stream in one direction is carried to the other side as a
+// half-close (CloseWrite) when that side supports it, so protocols that
+// signal "done sending" by shutting down their write side keep working. A
+// connection that cannot half-close is closed completely instead. An error in
+// either direction aborts both, with a reset where the socket allows it, so
+// neither end waits for data that will never come.
+//
+// When both ends are kernel TCP sockets the copy uses splice(2) through
+// net.TCPConn.ReadFrom; otherwise it copies through a buffer from pool.
+func Relay(a, b net.Conn, pool *BufferPool) RelayResult {
+	if pool == nil {
+		pool = NewBufferPool(0)
+	}
+	type half struct {
+		n   int64
+		err error
+	}
+	done := make(chan half, 1)
+	var abortOnce sync.Once
+	abort := func() {
+		abortOnce.Do(func() {
+			resetOnClose(a)
+			resetOnClose(b)
+			a.Close()
+			b.Close()
+		})
+	}
+	go func() {
+		n, err := copyHalf(b, a, pool, abort)
+		done <- half{n, err}
+	}()
+	// The second direction runs on the caller's goroutine: one goroutine
+	// fewer per connection.
+	bToA, errBA := copyHalf(a, b, pool, abort)
+	h := <-done
+	a.Close()
+	b.Close()
+	res := RelayResult{AToB: h.n, BToA: bToA}
+	switch {
+	case h.err != nil:
+		res.Err = h.err
+	case errBA != nil:
+		res.Err = errBA
+	}
+	return res
+}
+
+type closeWriter interface{ CloseWrite() error }
+
+// copyHalf copies src to dst. On a clean end of src it half-closes dst; on an
+// error it aborts the whole relay and reports the error unless it was caused
+// by that abort (a closed connection).
+func copyHalf(dst, src net.Conn, pool *BufferPool, abort func()) (int64, error) {
+	n, err := copyStream(dst, src, pool)
+	if err == nil {
+		if cw, ok := dst.(closeWriter); ok {
+			if cwErr := cw.CloseWrite(); cwErr == nil || isClosed(cwErr) {
+				return n, nil
+			}
+		}
+		// No half-close on this connection type: ending the stream means
+		// ending the connection.
+		dst.Close()
+		src.Close()
+		return n, nil
+	}
+	abort()
+	if isClosed(err) {
+		return n, nil
+	}
+	return n, err
+}
+
+func copyStream(dst, src net.Conn, pool *BufferPool) (int64, error) {
+	if d, ok := dst.(*net.TCPConn); ok {
+		if s, ok := src.(*net.TCPConn); ok {
+			// Both are kernel sockets: ReadFrom splices without copying
+			// through user space.
+			return d.ReadFrom(s)
+		}
+	}
+	buf := pool.get()
+	defer pool.put(buf)
+	// Hide ReaderFrom and WriterTo so that io.CopyBuffer really uses our
+	// large buffer instead of a small default one inside the net package.
+	return io.CopyBuffer(writerOnly{dst}, readerOnly{src}, *buf)
+}
+
+type readerOnly struct{ io.Reader }
+type writerOnly struct{ io.Writer }
+
+// resetOnClose makes the next Close send a TCP reset instead of a FIN, where
+// the connection supports it, so that the peer learns the stream was cut
+// short rather than finished.
+func resetOnClose(c net.Conn) {
+	if l, ok := c.(interface{ SetLinger(int) error }); ok {
+		l.SetLinger(0)
+	}
+}
+
+// isClosed reports errors that only say the connection was already closed
+// by us, which are the expected result of an abort and not worth reporting.
+func isClosed(err error) bool {
+	return errors.Is(err, net.ErrClosed) || errors.Is(err, io.ErrClosedPipe)
+}
+
+// IsRefused reports whether err says that nothing accepted the connection:
+// a kernel ECONNREFUSED, or the same condition reported as text by a
+// userspace network stack ("connection was refused").
+func IsRefused(err error) bool {
+	if err == nil {
+		return false
+	}
+	if errors.Is(err, syscall.ECONNREFUSED) {
+		return true
+	}
+	return strings.Contains(strings.ToLower(err.Error()), "refused")
+}
