@@ -1,0 +1,896 @@
+package tailnet
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"go4.org/netipx"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"tailscale.com/envknob"
+	"tailscale.com/ipn/ipnstate"
+	"tailscale.com/net/dns"
+	"tailscale.com/net/netmon"
+	"tailscale.com/net/netns"
+	"tailscale.com/net/tsdial"
+	"tailscale.com/tailcfg"
+	"tailscale.com/tsd"
+	"tailscale.com/types/ipproto"
+	"tailscale.com/types/key"
+	"tailscale.com/types/netmap"
+	"tailscale.com/types/nettype"
+	"tailscale.com/types/views"
+	"tailscale.com/wgengine"
+	"tailscale.com/wgengine/filter"
+	"tailscale.com/wgengine/magicsock"
+	"tailscale.com/wgengine/netstack"
+	"tailscale.com/wgengine/router"
+	"tailscale.com/wgengine/wgcfg"
+)
+
+// Options configure a Conn.
+type Options struct {
+	// Logger receives our logs; Tailscale's own chatter goes to it at
+	// debug level. Nil discards.
+	Logger *slog.Logger
+	// NodeID is our node's ID, assigned by the coordinator. Not zero.
+	NodeID NodeID
+	// Addresses are our tailnet addresses as single-host prefixes (the
+	// coordinator assigns them, e.g. IPv6 ULA /128s).
+	Addresses []netip.Prefix
+	// DERPMap lists the relays. Required: without a home relay, peers cannot
+	// find us.
+	DERPMap *DERPMap
+	// ListenPort is the UDP port for WireGuard and disco; 0 picks one.
+	ListenPort uint16
+	// AcceptInbound lets peers open new TCP/UDP flows to us (an agent).
+	// When false (a client), only replies to flows we opened get in.
+	AcceptInbound bool
+	// BlockDirect makes all traffic go through DERP. Tailscale only offers
+	// this as a process-wide switch (TS_DEBUG_ALWAYS_USE_DERP), so once one
+	// Conn in a process sets it, every Conn created afterwards in the
+	// process relays too; it is never switched off again.
+	BlockDirect bool
+	// PrivateKey ("privkey:<hex>") keeps a node key across restarts; empty
+	// means a fresh key.
+	PrivateKey string
+}
+
+// PingResult is the outcome of a disco ping.
+type PingResult struct {
+	Latency time.Duration
+	// Endpoint is the peer's UDP address when the pong came directly.
+	Endpoint netip.AddrPort
+	// DERPRegionID and DERPRegionCode name the relay when it did not.
+	DERPRegionID   int
+	DERPRegionCode string
+}
+
+// Direct reports whether the pong came over a direct UDP path.
+func (r PingResult) Direct() bool { return r.Endpoint.IsValid() }
+
+// PeerStatus describes one peer as the engine sees it.
+type PeerStatus struct {
+	ID        NodeID
+	Key       string
+	Addresses []netip.Prefix
+	// Path is "direct <ip:port>", "derp <region code>" or "" if unknown.
+	Path          string
+	RxBytes       int64
+	TxBytes       int64
+	LastHandshake time.Time
+	Active        bool
+}
+
+// FlowHandlerFunc decides what to do with an inbound flow that no listener
+// took: return a handler to take it, or ok=false to refuse it.
+type FlowHandlerFunc func(src, dst netip.AddrPort) (handler func(net.Conn), ok bool)
+
+type peer struct {
+	node  *Node
+	tsn   *tailcfg.Node
+	key   key.NodePublic
+	disco key.DiscoPublic
+}
+
+// Conn is a node on the tailnet: a userspace WireGuard engine with magicsock
+// (disco, DERP, NAT traversal) and a gVisor TCP/IP stack. It needs no TUN
+// device and no privileges.
+type Conn struct {
+	logger *slog.Logger
+	opts   Options
+	priv   key.NodePrivate
+	self   *tailcfg.Node
+
+	sys    *tsd.System
+	netMon *netmon.Monitor
+	dialer *tsdial.Dialer
+	eng    wgengine.Engine
+	mc     *magicsock.Conn
+	ns     *netstack.Impl
+
+	// configMu serialises changes that reach into the engine (peers,
+	// filter, DERP map). It is never held while the engine calls back into
+	// us; those callbacks take only mu.
+	configMu sync.Mutex
+	filt     *filter.Filter
+
+	mu          sync.RWMutex
+	peers       map[NodeID]*peer
+	byKey       map[key.NodePublic]*peer
+	byIP        map[netip.Addr]*peer
+	derpMap     *DERPMap
+	endpoints   []netip.AddrPort
+	homeDERP    int
+	asOf        time.Time
+	nodeCB      func(*Node)
+	nodeCBGen   int
+	tcpFallback FlowHandlerFunc
+	udpFallback FlowHandlerFunc
+	closed      bool
+
+	nodeNotify chan struct{}
+	closeCh    chan struct{}
+	closeOnce  sync.Once
+	wg         sync.WaitGroup
+}
+
+// NewConn starts a node. It turns off Tailscale's socket marking
+// (netns.SetEnabled(false)) for the whole process: we install no routes, so
+// there is no routing loop to prevent, and inside containers without
+// CAP_NET_ADMIN the marking fails.
+func NewConn(opts Options) (*Conn, error) {
+	logger := opts.Logger
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.NodeID == 0 {
+		return nil, errors.New("tailnet: node id is zero; the coordinator must assign one")
+	}
+	if len(opts.Addresses) == 0 {
+		return nil, errors.New("tailnet: no tailnet address given; the coordinator must assign one")
+	}
+	for _, p := range opts.Addresses {
+		if !p.IsValid() || !p.IsSingleIP() {
+			return nil, fmt.Errorf("tailnet: address %v is not a single-host prefix (use /32 or /128)", p)
+		}
+	}
+	if err := opts.DERPMap.Validate(); err != nil {
+		return nil, fmt.Errorf("tailnet: %w", err)
+	}
+	priv := key.NewNode()
+	if opts.PrivateKey != "" {
+		if err := priv.UnmarshalText([]byte(opts.PrivateKey)); err != nil {
+			return nil, fmt.Errorf("tailnet: private key: want \"privkey:<64 hex digits>\": %w", err)
+		}
+	}
+
+	netns.SetEnabled(false)
+	if opts.BlockDirect {
+		envknob.Setenv("TS_DEBUG_ALWAYS_USE_DERP", "true")
+	}
+
+	c := &Conn{
+		logger:     logger,
+		opts:       opts,
+		priv:       priv,
+		peers:      map[NodeID]*peer{},
+		byKey:      map[key.NodePublic]*peer{},
+		byIP:       map[netip.Addr]*peer{},
+		derpMap:    opts.DERPMap.Clone(),
+		nodeNotify: make(chan struct{}, 1),
+		closeCh:    make(chan struct{}),
+	}
+	if err := c.start(); err != nil {
+		c.closeEngine()
+		return nil, err
+	}
+	c.wg.Add(1)
+	go c.nodeLoop()
+	return c, nil
+}
+
+func (c *Conn) logf(format string, args ...any) {
+	c.logger.Debug(strings.TrimSpace(fmt.Sprintf(format, args...)), "component", "tailscale")
+}
+
+func (c *Conn) start() error {
+	logf := c.logf
+	c.sys = tsd.NewSystem()
+	bus := c.sys.Bus.Get()
+	netMon, err := netmon.New(bus, logf)
+	if err != nil {
+		return fmt.Errorf("tailnet: network monitor: %w", err)
+	}
+	c.netMon = netMon
+	c.dialer = &tsdial.Dialer{Logf: logf}
+	c.dialer.SetBus(bus)
+
+	eng, err := wgengine.NewUserspaceEngine(logf, wgengine.Config{
+		EventBus:      bus,
+		NetMon:        netMon,
+		Dialer:        c.dialer,
+		SetSubsystem:  c.sys.Set,
+		ControlKnobs:  c.sys.ControlKnobs(),
+		HealthTracker: c.sys.HealthTracker.Get(),
+		Metrics:       c.sys.UserMetricsRegistry(),
+		ListenPort:    c.opts.ListenPort,
+	})
+	if err != nil {
+		return fmt.Errorf("tailnet: start WireGuard engine: %w", err)
+	}
+	c.eng = eng
+	c.sys.Set(eng)
+	c.mc = c.sys.MagicSock.Get()
+
+	ns, err := netstack.Create(logf, c.sys.Tun.Get(), eng, c.mc, c.dialer, c.sys.DNSManager.Get(), c.sys.ProxyMapper())
+	if err != nil {
+		return fmt.Errorf("tailnet: start netstack: %w", err)
+	}
+	c.ns = ns
+	ns.ProcessLocalIPs = true
+	// Every flow not taken by a listener is decided here, and always
+	// intercepted: netstack's default would forward it to the host.
+	ns.GetTCPHandlerForFlow = c.tcpFlow
+	ns.GetUDPHandlerForFlow = c.udpFlow
+	if err := c.tuneNetstack(); err != nil {
+		return err
+	}
+	c.sys.Tun.Get().Start()
+	c.sys.Set(ns)
+	if err := ns.Start(nil); err != nil {
+		return fmt.Errorf("tailnet: start netstack: %w", err)
+	}
+	c.dialer.UseNetstackForIP = c.isPeerIP
+	c.dialer.NetstackDialTCP = func(ctx context.Context, dst netip.AddrPort) (net.Conn, error) {
+		return c.ns.DialContextTCP(ctx, dst)
+	}
+	c.dialer.NetstackDialUDP = func(ctx context.Context, dst netip.AddrPort) (net.Conn, error) {
+		return c.ns.DialContextUDP(ctx, dst)
+	}
+
+	c.mc.SetNetInfoCallback(c.onNetInfo)
+	eng.SetStatusCallback(c.onStatus)
+	eng.SetPeerByIPPacketFunc(c.peerKeyForIP)
+	eng.SetPeerConfigFunc(c.peerAllowedIPs)
+	eng.SetPeerForIPFunc(c.peerForIP)
+
+	c.self = &tailcfg.Node{
+		ID:         tailcfg.NodeID(c.opts.NodeID),
+		StableID:   tailcfg.StableNodeID(fmt.Sprint(c.opts.NodeID)),
+		Key:        c.priv.Public(),
+		DiscoKey:   c.mc.DiscoPublicKey(),
+		Addresses:  slices.Clone(c.opts.Addresses),
+		AllowedIPs: slices.Clone(c.opts.Addresses),
+		Cap:        tailcfg.CurrentCapabilityVersion,
+		Hostinfo:   (&tailcfg.Hostinfo{}).View(),
+	}
+	eng.SetSelfNode(c.self.View())
+	c.configMu.Lock()
+	c.updateFilterLocked()
+	c.configMu.Unlock()
+	c.mc.SetDERPMap(c.derpMap.toTailcfg())
+	if err := eng.Reconfig(
+		&wgcfg.Config{PrivateKey: c.priv, Addresses: slices.Clone(c.opts.Addresses)},
+		&router.Config{LocalAddrs: slices.Clone(c.opts.Addresses)},
+		&dns.Config{},
+	); err != nil {
+		return fmt.Errorf("tailnet: configure WireGuard: %w", err)
+	}
+	c.mc.SetNetworkMap(c.self.View(), nil)
+	ns.UpdateNetstackIPs(&netmap.NetworkMap{SelfNode: c.self.View(), NodeKey: c.priv.Public()})
+	return nil
+}
+
+// Node returns a copy of our current node description.
+func (c *Conn) Node() *Node {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.nodeLocked()
+}
+
+func (c *Conn) nodeLocked() *Node {
+	return &Node{
+		ID:        c.opts.NodeID,
+		Key:       c.priv.Public().String(),
+		DiscoKey:  c.self.DiscoKey.String(),
+		Addresses: slices.Clone(c.opts.Addresses),
+		Endpoints: slices.Clone(c.endpoints),
+		HomeDERP:  c.homeDERP,
+		AsOf:      c.asOf,
+	}
+}
+
+// PrivateKey returns our node key ("privkey:<hex>"), so a caller can keep
+// it and pass it back in Options.PrivateKey after a restart.
+func (c *Conn) PrivateKey() string {
+	b, _ := c.priv.MarshalText()
+	return string(b)
+}
+
+// Addresses returns our tailnet addresses.
+func (c *Conn) Addresses() []netip.Prefix { return slices.Clone(c.opts.Addresses) }
+
+// SetNodeCallback sets the function told about our node whenever its
+// endpoints or home DERP change. It is first called once the home DERP is
+// known (a node without one cannot be reached), never while a lock is held,
+// and never concurrently with itself.
+func (c *Conn) SetNodeCallback(fn func(*Node)) {
+	c.mu.Lock()
+	c.nodeCB = fn
+	c.nodeCBGen++
+	c.mu.Unlock()
+	c.notifyNode()
+}
+
+func (c *Conn) notifyNode() {
+	select {
+	case c.nodeNotify <- struct{}{}:
+	default:
+	}
+}
+
+// nodeLoop delivers node changes to the callback from a single goroutine.
+func (c *Conn) nodeLoop() {
+	defer c.wg.Done()
+	var last *Node
+	lastGen := -1
+	for {
+		select {
+		case <-c.closeCh:
+			return
+		case <-c.nodeNotify:
+		}
+		c.mu.RLock()
+		cb, gen := c.nodeCB, c.nodeCBGen
+		n := c.nodeLocked()
+		c.mu.RUnlock()
+		if cb == nil || n.HomeDERP == 0 {
+			continue
+		}
+		// A new callback gets the current node even if it did not change.
+		if last != nil && lastGen == gen && n.HomeDERP == last.HomeDERP && slices.Equal(n.Endpoints, last.Endpoints) {
+			continue
+		}
+		cb(n)
+		last, lastGen = n, gen
+	}
+}
+
+func (c *Conn) onNetInfo(ni *tailcfg.NetInfo) {
+	if ni == nil || ni.PreferredDERP == 0 {
+		return
+	}
+	c.mu.Lock()
+	changed := c.homeDERP != ni.PreferredDERP
+	if changed {
+		c.homeDERP = ni.PreferredDERP
+		c.asOf = time.Now()
+	}
+	c.mu.Unlock()
+	if changed {
+		c.logger.Info("home DERP region", "region", ni.PreferredDERP)
+		c.notifyNode()
+	}
+}
+
+func (c *Conn) onStatus(st *wgengine.Status, err error) {
+	if err != nil || st == nil {
+		return
+	}
+	eps := make([]netip.AddrPort, 0, len(st.LocalAddrs))
+	for _, ep := range st.LocalAddrs {
+		if ep.Addr.IsValid() && !slices.Contains(eps, ep.Addr) {
+			eps = append(eps, ep.Addr)
+		}
+	}
+	slices.SortFunc(eps, func(a, b netip.AddrPort) int { return a.Compare(b) })
+	if len(eps) > MaxNodeEndpoints {
+		eps = eps[:MaxNodeEndpoints]
+	}
+	c.mu.Lock()
+	changed := !slices.Equal(eps, c.endpoints)
+	if changed {
+		c.endpoints = eps
+		c.asOf = time.Now()
+	}
+	c.mu.Unlock()
+	if changed {
+		c.notifyNode()
+	}
+}
+
+// Engine callbacks: all backed by our peer table, under mu only.
+
+func (c *Conn) peerKeyForIP(ip netip.Addr) (key.NodePublic, bool) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	if p, ok := c.byIP[ip]; ok {
+		return p.key, true
+	}
+	return key.NodePublic{}, false
+}
+
+func (c *Conn) peerAllowedIPs(k key.NodePublic) ([]netip.Prefix, bool) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	if p, ok := c.byKey[k]; ok {
+		return slices.Clone(p.node.Addresses), true
+	}
+	return nil, false
+}
+
+func (c *Conn) peerForIP(ip netip.Addr) (wgengine.PeerForIP, bool) {
+	for _, a := range c.opts.Addresses {
+		if a.Addr() == ip {
+			return wgengine.PeerForIP{Node: c.self.View(), IsSelf: true, Route: a}, true
+		}
+	}
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	if p, ok := c.byIP[ip]; ok {
+		return wgengine.PeerForIP{Node: p.tsn.View(), Route: netip.PrefixFrom(ip, ip.BitLen())}, true
+	}
+	return wgengine.PeerForIP{}, false
+}
+
+func (c *Conn) isPeerIP(ip netip.Addr) bool {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	_, ok := c.byIP[ip]
+	return ok
+}
+
+// UpsertPeer adds a peer or updates what we know about it. A peer whose
+// disco key changed has restarted; its WireGuard session is reset so the
+// next packet starts a fresh handshake.
+func (c *Conn) UpsertPeer(n *Node) error {
+	if n == nil {
+		return errors.New("tailnet: peer node is nil")
+	}
+	if err := n.Validate(); err != nil {
+		return fmt.Errorf("tailnet: peer %d: %w", n.ID, err)
+	}
+	if n.ID == c.opts.NodeID {
+		return fmt.Errorf("tailnet: peer %d has our own node id", n.ID)
+	}
+	n = n.Clone()
+	var nk key.NodePublic
+	var dk key.DiscoPublic
+	_ = nk.UnmarshalText([]byte(n.Key)) // checked by Validate
+	_ = dk.UnmarshalText([]byte(n.DiscoKey))
+	if nk == c.priv.Public() {
+		return fmt.Errorf("tailnet: peer %d has our own node key", n.ID)
+	}
+
+	c.configMu.Lock()
+	defer c.configMu.Unlock()
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return net.ErrClosed
+	}
+	for _, a := range n.Addresses {
+		for _, own := range c.opts.Addresses {
+			if own.Addr() == a.Addr() {
+				c.mu.Unlock()
+				return fmt.Errorf("tailnet: peer %d claims our own address %v", n.ID, a.Addr())
+			}
+		}
+		if other, ok := c.byIP[a.Addr()]; ok && other.node.ID != n.ID {
+			c.mu.Unlock()
+			return fmt.Errorf("tailnet: peer %d claims address %v, which belongs to peer %d", n.ID, a.Addr(), other.node.ID)
+		}
+	}
+	// A key that moves to another node ID would be ignored by magicsock; the
+	// old holder of the key is dropped first.
+	var staleIDs []NodeID
+	var staleKeys []key.NodePublic
+	if other, ok := c.byKey[nk]; ok && other.node.ID != n.ID {
+		staleIDs = append(staleIDs, other.node.ID)
+		c.removeLocked(other)
+	}
+	old := c.peers[n.ID]
+	resetSession := false
+	if old != nil {
+		if old.key != nk {
+			staleIDs = append(staleIDs, old.node.ID)
+			staleKeys = append(staleKeys, old.key)
+		} else if old.disco != dk {
+			resetSession = true
+		}
+		c.removeLocked(old)
+	}
+	tsn := &tailcfg.Node{
+		ID:         tailcfg.NodeID(n.ID),
+		StableID:   tailcfg.StableNodeID(fmt.Sprint(n.ID)),
+		Name:       fmt.Sprintf("node-%d", n.ID),
+		Key:        nk,
+		DiscoKey:   dk,
+		Addresses:  slices.Clone(n.Addresses),
+		AllowedIPs: slices.Clone(n.Addresses),
+		Endpoints:  slices.Clone(n.Endpoints),
+		HomeDERP:   n.HomeDERP,
+		Cap:        tailcfg.CurrentCapabilityVersion,
+		Hostinfo:   (&tailcfg.Hostinfo{}).View(),
+	}
+	p := &peer{node: n, tsn: tsn, key: nk, disco: dk}
+	c.peers[n.ID] = p
+	c.byKey[nk] = p
+	for _, a := range n.Addresses {
+		c.byIP[a.Addr()] = p
+	}
+	c.mu.Unlock()
+
+	for _, id := range staleIDs {
+		c.mc.RemovePeer(tailcfg.NodeID(id))
+	}
+	for _, k := range staleKeys {
+		c.eng.SyncDevicePeer(k)
+	}
+	c.mc.UpsertPeer(tsn.View())
+	if resetSession {
+		c.logger.Info("peer restarted (new disco key); resetting WireGuard session", "peer", n.ID)
+		c.eng.ResetDevicePeer(nk)
+	}
+	c.eng.SyncDevicePeer(nk)
+	c.updateFilterLocked()
+	return nil
+}
+
+// removeLocked drops p from the tables. c.mu must be held for writing.
+func (c *Conn) removeLocked(p *peer) {
+	delete(c.peers, p.node.ID)
+	if c.byKey[p.key] == p {
+		delete(c.byKey, p.key)
+	}
+	for _, a := range p.node.Addresses {
+		if c.byIP[a.Addr()] == p {
+			delete(c.byIP, a.Addr())
+		}
+	}
+}
+
+// RemovePeer forgets a peer: its WireGuard session ends and its addresses
+// no longer pass the packet filter.
+func (c *Conn) RemovePeer(id NodeID) {
+	c.configMu.Lock()
+	defer c.configMu.Unlock()
+	c.mu.Lock()
+	p, ok := c.peers[id]
+	if ok {
+		c.removeLocked(p)
+	}
+	closed := c.closed
+	c.mu.Unlock()
+	if !ok || closed {
+		return
+	}
+	c.mc.RemovePeer(tailcfg.NodeID(id))
+	c.eng.SyncDevicePeer(p.key)
+	c.updateFilterLocked()
+}
+
+// updateFilterLocked installs a packet filter built from the peer table.
+// Only our own addresses are local; with AcceptInbound, any known peer may
+// open flows to them. configMu must be held.
+func (c *Conn) updateFilterLocked() {
+	var local netipx.IPSetBuilder
+	for _, a := range c.opts.Addresses {
+		local.AddPrefix(a)
+	}
+	localSet, _ := local.IPSet()
+	var matches []filter.Match
+	if c.opts.AcceptInbound {
+		c.mu.RLock()
+		var srcs []netip.Prefix
+		for _, p := range c.peers {
+			srcs = append(srcs, p.node.Addresses...)
+		}
+		c.mu.RUnlock()
+		if len(srcs) > 0 {
+			var dsts []filter.NetPortRange
+			for _, a := range c.opts.Addresses {
+				dsts = append(dsts, filter.NetPortRange{Net: a, Ports: filter.PortRange{First: 0, Last: 65535}})
+			}
+			matches = append(matches, filter.Match{
+				IPProto: views.SliceOf([]ipproto.Proto{ipproto.TCP, ipproto.UDP, ipproto.ICMPv4, ipproto.ICMPv6}),
+				Srcs:    srcs,
+				Dsts:    dsts,
+			})
+		}
+	}
+	// Sharing state keeps the UDP flows we opened alive across updates.
+	f := filter.New(matches, nil, localSet, nil, c.filt, c.logf)
+	c.filt = f
+	c.eng.SetFilter(f)
+}
+
+// SetDERPMap replaces the relay map.
+func (c *Conn) SetDERPMap(m *DERPMap) {
+	if err := m.Validate(); err != nil {
+		c.logger.Warn("ignoring invalid DERP map", "err", err)
+		return
+	}
+	c.configMu.Lock()
+	defer c.configMu.Unlock()
+	c.mu.Lock()
+	c.derpMap = m.Clone()
+	closed := c.closed
+	c.mu.Unlock()
+	if !closed {
+		c.mc.SetDERPMap(m.toTailcfg())
+	}
+}
+
+// SetTCPFallback sets the decision for inbound TCP to ports nobody Listens
+// on. Without one, or when it returns ok=false, the connection is reset.
+func (c *Conn) SetTCPFallback(fn func(src, dst netip.AddrPort) (handler func(net.Conn), ok bool)) {
+	c.mu.Lock()
+	c.tcpFallback = fn
+	c.mu.Unlock()
+}
+
+// SetUDPFallback sets the decision for inbound UDP flows. The handler gets
+// a net.Conn connected to the sender. Without one, the flow is dropped.
+func (c *Conn) SetUDPFallback(fn func(src, dst netip.AddrPort) (handler func(net.Conn), ok bool)) {
+	c.mu.Lock()
+	c.udpFallback = fn
+	c.mu.Unlock()
+}
+
+func (c *Conn) tcpFlow(src, dst netip.AddrPort) (func(net.Conn), bool) {
+	c.mu.RLock()
+	fb := c.tcpFallback
+	c.mu.RUnlock()
+	if fb == nil {
+		return nil, true
+	}
+	h, ok := fb(src, dst)
+	if !ok || h == nil {
+		return nil, true
+	}
+	return h, true
+}
+
+func (c *Conn) udpFlow(src, dst netip.AddrPort) (func(nettype.ConnPacketConn), bool) {
+	c.mu.RLock()
+	fb := c.udpFallback
+	c.mu.RUnlock()
+	if fb == nil {
+		return nil, true
+	}
+	h, ok := fb(src, dst)
+	if !ok || h == nil {
+		return nil, true
+	}
+	return func(pc nettype.ConnPacketConn) { h(pc) }, true
+}
+
+// Listen accepts TCP connections to port on each of our tailnet addresses.
+func (c *Conn) Listen(port uint16) (net.Listener, error) {
+	if port == 0 {
+		return nil, errors.New("tailnet: listen on port 0: choose a port")
+	}
+	var lns []net.Listener
+	for _, a := range c.opts.Addresses {
+		network := "tcp6"
+		if a.Addr().Is4() {
+			network = "tcp4"
+		}
+		ln, err := c.ns.ListenTCP(network, netip.AddrPortFrom(a.Addr(), port).String())
+		if err != nil {
+			for _, l := range lns {
+				l.Close()
+			}
+			return nil, fmt.Errorf("tailnet: listen on %v port %d: %w", a.Addr(), port, err)
+		}
+		lns = append(lns, ln)
+	}
+	return newMultiListener(lns, netip.AddrPortFrom(c.opts.Addresses[0].Addr(), port)), nil
+}
+
+func (c *Conn) checkDst(dst netip.AddrPort) error {
+	if !dst.IsValid() {
+		return fmt.Errorf("tailnet: %v is not a valid address and port", dst)
+	}
+	if !c.isPeerIP(dst.Addr()) {
+		return fmt.Errorf("tailnet: no peer has address %v (has the coordinator told us about it?)", dst.Addr())
+	}
+	return nil
+}
+
+// DialContextTCP opens a TCP connection to a peer. The connection
+// supports CloseWrite.
+func (c *Conn) DialContextTCP(ctx context.Context, dst netip.AddrPort) (net.Conn, error) {
+	if err := c.checkDst(dst); err != nil {
+		return nil, err
+	}
+	conn, err := c.ns.DialContextTCP(ctx, dst)
+	if err != nil {
+		return nil, fmt.Errorf("tailnet: dial tcp %v: %w", dst, err)
+	}
+	return conn, nil
+}
+
+// DialContextUDP opens a UDP flow to a peer.
+func (c *Conn) DialContextUDP(ctx context.Context, dst netip.AddrPort) (net.Conn, error) {
+	if err := c.checkDst(dst); err != nil {
+		return nil, err
+	}
+	conn, err := c.ns.DialContextUDP(ctx, dst)
+	if err != nil {
+		return nil, fmt.Errorf("tailnet: dial udp %v: %w", dst, err)
+	}
+	return conn, nil
+}
+
+// AwaitReachable returns once a TSMP ping to ip (answered by the peer's
+// WireGuard and netstack) comes back. Pings go out on a short, growing
+// interval, several in flight, so a first handshake packet lost while the
+// peer was not ready costs milliseconds, not WireGuard's 5 s retry.
+func (c *Conn) AwaitReachable(ctx context.Context, ip netip.Addr) error {
+	if !c.isPeerIP(ip) {
+		return fmt.Errorf("tailnet: no peer has address %v", ip)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	pong := make(chan struct{}, 1)
+	delay := 50 * time.Millisecond
+	t := time.NewTimer(0)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("tailnet: %v not reachable: %w", ip, ctx.Err())
+		case <-c.closeCh:
+			return net.ErrClosed
+		case <-pong:
+			return nil
+		case <-t.C:
+		}
+		c.eng.Ping(ip, tailcfg.PingTSMP, 0, func(r *ipnstate.PingResult) {
+			if r.Err == "" {
+				select {
+				case pong <- struct{}{}:
+				default:
+				}
+			}
+		})
+		t.Reset(delay)
+		delay = min(delay*3/2, time.Second)
+	}
+}
+
+// Ping sends a disco ping and reports the path the pong took.
+func (c *Conn) Ping(ctx context.Context, ip netip.Addr) (PingResult, error) {
+	if !c.isPeerIP(ip) {
+		return PingResult{}, fmt.Errorf("tailnet: no peer has address %v", ip)
+	}
+	res := make(chan *ipnstate.PingResult, 1)
+	c.eng.Ping(ip, tailcfg.PingDisco, 0, func(r *ipnstate.PingResult) {
+		select {
+		case res <- r:
+		default:
+		}
+	})
+	select {
+	case <-ctx.Done():
+		return PingResult{}, fmt.Errorf("tailnet: ping %v: %w", ip, ctx.Err())
+	case <-c.closeCh:
+		return PingResult{}, net.ErrClosed
+	case r := <-res:
+		if r.Err != "" {
+			return PingResult{}, fmt.Errorf("tailnet: ping %v: %s", ip, r.Err)
+		}
+		out := PingResult{
+			Latency:        time.Duration(r.LatencySeconds * float64(time.Second)),
+			DERPRegionID:   r.DERPRegionID,
+			DERPRegionCode: r.DERPRegionCode,
+		}
+		if r.Endpoint != "" {
+			ap, err := netip.ParseAddrPort(r.Endpoint)
+			if err != nil {
+				return PingResult{}, fmt.Errorf("tailnet: ping %v: engine reported endpoint %q: %w", ip, r.Endpoint, err)
+			}
+			out.Endpoint = ap
+		}
+		return out, nil
+	}
+}
+
+// PeerStatus reports every peer's path and counters.
+func (c *Conn) PeerStatus() []PeerStatus {
+	sb := &ipnstate.StatusBuilder{WantPeers: true}
+	c.eng.UpdateStatus(sb)
+	st := sb.Status()
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	out := make([]PeerStatus, 0, len(c.peers))
+	for _, p := range c.peers {
+		ps := PeerStatus{ID: p.node.ID, Key: p.node.Key, Addresses: slices.Clone(p.node.Addresses)}
+		if s, ok := st.Peer[p.key]; ok && s != nil {
+			switch {
+			case s.CurAddr != "":
+				ps.Path = "direct " + s.CurAddr
+			case s.Relay != "":
+				ps.Path = "derp " + s.Relay
+			}
+			ps.RxBytes, ps.TxBytes = s.RxBytes, s.TxBytes
+			ps.LastHandshake = s.LastHandshake
+			ps.Active = s.Active
+		}
+		out = append(out, ps)
+	}
+	slices.SortFunc(out, func(a, b PeerStatus) int { return int64Cmp(int64(a.ID), int64(b.ID)) })
+	return out
+}
+
+func int64Cmp(a, b int64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// Close stops the engine. Open connections and listeners fail afterwards.
+func (c *Conn) Close() error {
+	c.closeOnce.Do(func() {
+		c.configMu.Lock()
+		c.mu.Lock()
+		c.closed = true
+		c.mu.Unlock()
+		c.configMu.Unlock()
+		close(c.closeCh)
+		c.wg.Wait()
+		c.closeEngine()
+	})
+	return nil
+}
+
+func (c *Conn) closeEngine() {
+	if c.ns != nil {
+		c.ns.Close()
+	}
+	if c.eng != nil {
+		c.eng.Close()
+		<-c.eng.Done()
+	}
+	if c.netMon != nil {
+		c.netMon.Close()
+	}
+	if c.dialer != nil {
+		c.dialer.Close()
+	}
+	if c.sys != nil {
+		c.sys.Bus.Get().Close()
+	}
+}
+
+// tcpBufMax caps gVisor's per-connection TCP send and receive windows.
+const tcpBufMax = 8 << 20
+
+// tuneNetstack widens gVisor's TCP buffers beyond Tailscale's defaults so a
+// single flow can keep the WireGuard pipe full.
+func (c *Conn) tuneNetstack() error {
+	rx := tcpip.TCPReceiveBufferSizeRangeOption{Min: tcp.MinBufferSize, Default: tcp.DefaultReceiveBufferSize, Max: tcpBufMax}
+	if err := c.ns.SetTransportProtocolOption(tcp.ProtocolNumber, &rx); err != nil {
+		return fmt.Errorf("tailnet: set netstack receive buffer: %v", err)
+	}
+	tx := tcpip.TCPSendBufferSizeRangeOption{Min: tcp.MinBufferSize, Default: tcp.DefaultSendBufferSize, Max: tcpBufMax}
+	if err := c.ns.SetTransportProtocolOption(tcp.ProtocolNumber, &tx); err != nil {
+		return fmt.Errorf("tailnet: set netstack send buffer: %v", err)
+	}
+	return nil
+}

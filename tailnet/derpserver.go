@@ -1,0 +1,158 @@
+package tailnet
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"tailscale.com/derp/derpserver"
+	"tailscale.com/envknob"
+	"tailscale.com/net/stunserver"
+	"tailscale.com/tailcfg"
+	"tailscale.com/types/key"
+)
+
+// derpSendQueueDepth is how many packets the relay buffers per client. The
+// upstream default (32) starves a fast flow; Coder runs 512.
+const derpSendQueueDepth = "512"
+
+// DERPServer is the relay the coordinator embeds. It admits only node keys
+// the admit function accepts (none until one is set).
+type DERPServer struct {
+	logger *slog.Logger
+	srv    *derpserver.Server
+	admit  *http.Server
+	ln     net.Listener
+
+	mu      sync.RWMutex
+	admitFn func(nodeKey string) bool
+
+	closeOnce sync.Once
+}
+
+// NewDERPServer starts a relay with a fresh server key. Admission is checked
+// by Tailscale's relay through an HTTP call; we answer it on a loopback
+// listener of our own and fail closed if it cannot be reached.
+//
+// The per-client send queue depth is Tailscale's process-wide knob
+// TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH, read when a relay is created;
+// unless the environment sets it, we raise it to 512 for throughput.
+func NewDERPServer(logger *slog.Logger) (*DERPServer, error) {
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	if _, ok := envknob.LookupInt("TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH"); !ok {
+		envknob.Setenv("TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH", derpSendQueueDepth)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, fmt.Errorf("tailnet: DERP admission listener on loopback: %w", err)
+	}
+	d := &DERPServer{logger: logger, ln: ln}
+	logf := func(format string, args ...any) {
+		logger.Debug(strings.TrimSpace(fmt.Sprintf(format, args...)), "component", "derp")
+	}
+	d.srv = derpserver.New(key.NewNode(), logf)
+	d.srv.SetVerifyClientURL("http://" + ln.Addr().String() + "/derp-admit")
+	d.srv.SetVerifyClientURLFailOpen(false)
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /derp-admit", d.serveAdmit)
+	d.admit = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		if err := d.admit.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			logger.Error("DERP admission listener stopped", "err", err)
+		}
+	}()
+	return d, nil
+}
+
+// SetAdmitFunc sets who may use the relay: fn gets "nodekey:<hex>" and
+// reports whether the coordinator has registered it. It is asked once per
+// relay connection.
+func (d *DERPServer) SetAdmitFunc(fn func(nodeKey string) bool) {
+	d.mu.Lock()
+	d.admitFn = fn
+	d.mu.Unlock()
+}
+
+func (d *DERPServer) serveAdmit(w http.ResponseWriter, r *http.Request) {
+	var req tailcfg.DERPAdmitClientRequest
+	if err := json.NewDecoder(io.LimitReader(r.Body, 4<<10)).Decode(&req); err != nil {
+		http.Error(w, "bad admission request", http.StatusBadRequest)
+		return
+	}
+	d.mu.RLock()
+	fn := d.admitFn
+	d.mu.RUnlock()
+	allow := fn != nil && !req.NodePublic.IsZero() && fn(req.NodePublic.String())
+	if !allow {
+		d.logger.Info("DERP refused an unregistered node key", "key", req.NodePublic.ShortString(), "source", req.Source)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(tailcfg.DERPAdmitClientResponse{Allow: allow})
+}
+
+// Handler serves the relay: mount it at /derp (it also answers
+// /derp/probe and /derp/latency-check). It speaks DERP over an HTTP/1.1
+// Upgrade and over WebSocket; an HTTPS server in front must not negotiate
+// HTTP/2 (set TLSNextProto to an empty map).
+func (d *DERPServer) Handler() http.Handler {
+	return derpserver.AddWebSocketSupport(d.srv, derpserver.Handler(d.srv))
+}
+
+// Close stops the relay and its admission listener.
+func (d *DERPServer) Close() error {
+	var err error
+	d.closeOnce.Do(func() {
+		err = d.srv.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		if e := d.admit.Shutdown(ctx); e != nil && err == nil {
+			err = e
+		}
+	})
+	return err
+}
+
+// STUNServer answers STUN binding requests, so nodes learn their public
+// UDP address.
+type STUNServer struct {
+	srv    *stunserver.STUNServer
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// ListenSTUN listens on addr ("host:port", UDP) and serves until ctx ends
+// or Close.
+func ListenSTUN(ctx context.Context, addr string) (*STUNServer, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	srv := stunserver.New(ctx)
+	if err := srv.Listen(addr); err != nil {
+		cancel()
+		return nil, fmt.Errorf("tailnet: STUN listen on %s: %w", addr, err)
+	}
+	s := &STUNServer{srv: srv, cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(s.done)
+		srv.Serve()
+	}()
+	return s, nil
+}
+
+// LocalAddr is the UDP address the server listens on.
+func (s *STUNServer) LocalAddr() net.Addr { return s.srv.LocalAddr() }
+
+// Close stops the server and waits for it.
+func (s *STUNServer) Close() error {
+	s.cancel()
+	<-s.done
+	return nil
+}
