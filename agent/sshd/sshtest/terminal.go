@@ -1,0 +1,122 @@
+package sshtest
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+// tmux drives a real terminal: ssh runs inside a tmux pane, keys are typed
+// with send-keys and the screen is read with capture-pane.
+type tmux struct {
+	t    testing.TB
+	sock string
+}
+
+func (m tmux) run(args ...string) string {
+	m.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "tmux", append([]string{"-S", m.sock}, args...)...).CombinedOutput()
+	if err != nil {
+		m.t.Fatalf("tmux %v: %v\n%s", args, err, out)
+	}
+	return string(out)
+}
+
+func (m tmux) screen() string {
+	return m.run("capture-pane", "-p", "-J", "-S", "-200", "-t", "sshtest")
+}
+
+// waitFor waits until the screen matches re and returns the submatches.
+func (m tmux) waitFor(re *regexp.Regexp, what string) []string {
+	m.t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		scr := m.screen()
+		if sm := re.FindStringSubmatch(scr); sm != nil {
+			return sm
+		}
+		if time.Now().After(deadline) {
+			m.t.Fatalf("terminal never showed %s (%s); screen:\n%s", what, re, scr)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func (m tmux) typeLine(line string) {
+	m.t.Helper()
+	m.run("send-keys", "-t", "sshtest", "-l", line)
+	m.run("send-keys", "-t", "sshtest", "Enter")
+}
+
+// Terminal: an interactive login shell on a PTY with TERM, the window size
+// and its changes (seen by stty size), job control (^Z, fg, ^C), the MOTD,
+// and the shell's exit status coming back to the client.
+func Terminal(t *testing.T, tg Target) {
+	RequireTools(t, "tmux")
+	dir := shortTempDir(t)
+	m := tmux{t: t, sock: filepath.Join(dir, "tmux.sock")}
+	exitFile := filepath.Join(dir, "exit")
+	sshLine := "ssh -tt"
+	for _, a := range tg.SSHArgs() {
+		sshLine += " " + ShellQuote(a)
+	}
+	sshLine += " " + ShellQuote(tg.Host)
+	script := fmt.Sprintf("%s; echo $? > %s; sleep 30", sshLine, exitFile)
+	m.run("-f", "/dev/null", "new-session", "-d", "-s", "sshtest", "-x", "80", "-y", "24", "sh", "-c", script)
+	t.Cleanup(func() {
+		_ = exec.Command("tmux", "-S", m.sock, "kill-server").Run()
+	})
+
+	if tg.MOTD != "" {
+		m.waitFor(regexp.MustCompile(regexp.QuoteMeta(tg.MOTD)), "the MOTD")
+	}
+	m.typeLine(`echo "S:$0 T:$TERM"`)
+	sm := m.waitFor(regexp.MustCompile(`(?m)^S:(\S+) T:(\S+)`), "shell and TERM")
+	if !strings.HasPrefix(sm[1], "-") {
+		t.Errorf("shell %q is not a login shell (argv[0] should start with '-')", sm[1])
+	}
+	if sm[2] == "dumb" {
+		t.Errorf("TERM is %q; the client's terminal type was not passed", sm[2])
+	}
+
+	m.typeLine(`echo "SZ1:$(stty size)"`)
+	m.waitFor(regexp.MustCompile(`(?m)^SZ1:24 80`), "the first window size 24 80")
+	m.run("resize-window", "-t", "sshtest", "-x", "101", "-y", "31")
+	time.Sleep(300 * time.Millisecond)
+	m.typeLine(`echo "SZ2:$(stty size)"`)
+	m.waitFor(regexp.MustCompile(`(?m)^SZ2:31 101`), "the changed window size 31 101")
+
+	m.typeLine("sleep 3000")
+	time.Sleep(300 * time.Millisecond)
+	m.run("send-keys", "-t", "sshtest", "C-z")
+	m.waitFor(regexp.MustCompile(`(?i)stopped`), "the job stopped by ^Z")
+	m.typeLine("fg")
+	time.Sleep(300 * time.Millisecond)
+	m.run("send-keys", "-t", "sshtest", "C-c")
+	m.typeLine(`echo "JC:$?"`)
+	m.waitFor(regexp.MustCompile(`(?m)^JC:130`), "exit status 130 after ^C")
+
+	m.typeLine("exit 7")
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		data, err := os.ReadFile(exitFile)
+		if err == nil && strings.TrimSpace(string(data)) != "" {
+			if got := strings.TrimSpace(string(data)); got != "7" {
+				t.Fatalf("ssh exited %s after `exit 7`, want 7", got)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("ssh did not exit after `exit 7`; screen:\n%s", m.screen())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
