@@ -45,7 +45,7 @@ type Tunnel struct {
 	wg   sync.WaitGroup
 
 	mu    sync.Mutex
-	conns map[net.Conn]struct{}
+	conns map[io.Closer]struct{}
 }
 
 // Header bytes sent by the dialling side before the flow starts.
@@ -61,7 +61,7 @@ func NewTunnel(opts TunnelOptions) (*Tunnel, error) {
 	if err != nil {
 		return nil, fmt.Errorf("tunnel listener: %w", err)
 	}
-	t := &Tunnel{opts: opts, ln: ln, conns: make(map[net.Conn]struct{})}
+	t := &Tunnel{opts: opts, ln: ln, conns: make(map[io.Closer]struct{})}
 	t.wg.Add(1)
 	go t.serve()
 	return t, nil
@@ -82,7 +82,7 @@ func (t *Tunnel) serve() {
 	}
 }
 
-func (t *Tunnel) track(c net.Conn, on bool) {
+func (t *Tunnel) track(c io.Closer, on bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if on {
@@ -102,10 +102,15 @@ func (t *Tunnel) handle(c *net.TCPConn) {
 		return
 	}
 	c.SetReadDeadline(time.Time{})
+	t.accept(c, hdr[0], binary.BigEndian.Uint16(hdr[1:]), true)
+}
+
+// accept asks the fallback for the flow and resets or hands over c.
+func (t *Tunnel) accept(c *net.TCPConn, kind byte, port uint16, ack bool) {
 	src := c.RemoteAddr().(*net.TCPAddr).AddrPort()
-	dst := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), binary.BigEndian.Uint16(hdr[1:]))
+	dst := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port)
 	var fallback Fallback
-	switch hdr[0] {
+	switch kind {
 	case kindTCP:
 		fallback = t.opts.TCP
 	case kindUDP:
@@ -121,19 +126,52 @@ func (t *Tunnel) handle(c *net.TCPConn) {
 		c.Close()
 		return
 	}
-	if _, err := c.Write([]byte{ackByte}); err != nil {
-		// Let the handler release what it prepared for the flow.
-		c.Close()
-		handler(c)
-		return
+	if ack {
+		if _, err := c.Write([]byte{ackByte}); err != nil {
+			// Let the handler release what it prepared for the flow.
+			c.Close()
+			handler(c)
+			return
+		}
 	}
 	var conn net.Conn = c
-	if hdr[0] == kindUDP {
+	if kind == kindUDP {
 		conn = newDatagramConn(c)
 	} else if t.opts.Opaque {
 		conn = opaqueConn{c}
 	}
 	handler(conn)
+}
+
+// Expose opens a plain TCP listener on 127.0.0.1 whose connections enter
+// the TCP fallback as flows to port, with no header: as if the tailnet had
+// accepted a SYN for that port. Ordinary clients such as iperf3 can then
+// use the agent side alone. The listener closes with the tunnel.
+func (t *Tunnel) Expose(port uint16) (netip.AddrPort, error) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("exposing port %d: %w", port, err)
+	}
+	t.track(ln, true)
+	t.wg.Add(1)
+	go func() {
+		defer t.wg.Done()
+		defer t.track(ln, false)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			t.wg.Add(1)
+			go func() {
+				defer t.wg.Done()
+				t.track(c, true)
+				defer t.track(c, false)
+				t.accept(c.(*net.TCPConn), kindTCP, port, false)
+			}()
+		}
+	}()
+	return ln.Addr().(*net.TCPAddr).AddrPort(), nil
 }
 
 // DialTCP opens a stream to port through the tunnel.
