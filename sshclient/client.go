@@ -1,0 +1,264 @@
+// Package sshclient is the laptop side of `agent ssh`: an SSH client that
+// runs over a connection the caller already dialed to a workspace's SSH
+// port through the tailnet, plus the byte pipe OpenSSH's ProxyCommand needs.
+//
+// Host keys: the client accepts the workspace's host key without checking
+// it. The connection was dialed over the tailnet, where WireGuard already
+// proved the peer holds the node key the coordinator registered for that
+// workspace, so the SSH host key adds no authentication of its own; pinning
+// it would only break logins when a workspace is rebuilt with a new key.
+package sshclient
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"os/user"
+
+	gossh "golang.org/x/crypto/ssh"
+	"golang.org/x/crypto/ssh/agent"
+	"golang.org/x/sys/unix"
+	"golang.org/x/term"
+)
+
+// InteractiveOptions configure RunInteractive.
+type InteractiveOptions struct {
+	// Command runs instead of the login shell when set.
+	Command string
+	// Stdin, Stdout and Stderr default to the process's own. A PTY is
+	// requested when Stdin is a terminal (as ssh does without -t/-T).
+	Stdin  *os.File
+	Stdout *os.File
+	Stderr io.Writer
+	// Term is the terminal type; default $TERM, else xterm-256color.
+	Term string
+	// Env is sent to the session (KEY=VALUE), like ssh's SetEnv.
+	Env []string
+	// ForwardAgent forwards the local ssh-agent (AgentSocket, default
+	// $SSH_AUTH_SOCK) so `ssh-add -l` and git in the workspace can use it.
+	ForwardAgent bool
+	AgentSocket  string
+	// User is the SSH user name; the workspace ignores it for authorization
+	// (sessions run as the agent's user). Default: the local user's name.
+	User string
+}
+
+// dial runs the SSH handshake over conn. Cancelling ctx closes conn, which
+// ends everything running on it.
+func dial(ctx context.Context, conn net.Conn, userName string) (*gossh.Client, func(), error) {
+	if userName == "" {
+		userName = localUser()
+	}
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	cfg := &gossh.ClientConfig{
+		User: userName,
+		// The tailnet authenticated the workspace (see the package comment).
+		HostKeyCallback: gossh.InsecureIgnoreHostKey(),
+		ClientVersion:   "SSH-2.0-agentd-client",
+	}
+	sconn, chans, reqs, err := gossh.NewClientConn(conn, conn.RemoteAddr().String(), cfg)
+	if err != nil {
+		stop()
+		conn.Close()
+		if ctx.Err() != nil {
+			return nil, nil, ctx.Err()
+		}
+		return nil, nil, fmt.Errorf("SSH handshake with the workspace: %w", err)
+	}
+	client := gossh.NewClient(sconn, chans, reqs)
+	return client, func() { stop(); client.Close() }, nil
+}
+
+func localUser() string {
+	if u, err := user.Current(); err == nil && u.Username != "" {
+		return u.Username
+	}
+	if n := os.Getenv("USER"); n != "" {
+		return n
+	}
+	return "agent"
+}
+
+// exitCode turns the end of a session into the code ssh would exit with:
+// the remote status, 128+N for a remote process killed by signal N, and an
+// error (with code 255) when the session ended without any status.
+func exitCode(ctx context.Context, err error) (int, error) {
+	if err == nil {
+		return 0, nil
+	}
+	var ee *gossh.ExitError
+	if errors.As(err, &ee) {
+		return ee.ExitStatus(), nil
+	}
+	if ctx.Err() != nil {
+		return 255, ctx.Err()
+	}
+	var missing *gossh.ExitMissingError
+	if errors.As(err, &missing) {
+		return 255, errors.New("the workspace closed the session without an exit status (connection lost?)")
+	}
+	return 255, fmt.Errorf("SSH session: %w", err)
+}
+
+// RunCommand runs command in the workspace without a PTY, with stdin,
+// stdout and stderr kept apart, and returns its exit status.
+func RunCommand(ctx context.Context, conn net.Conn, command string, stdin io.Reader, stdout, stderr io.Writer) (int, error) {
+	client, closeClient, err := dial(ctx, conn, "")
+	if err != nil {
+		return 255, err
+	}
+	defer closeClient()
+	sess, err := client.NewSession()
+	if err != nil {
+		return 255, fmt.Errorf("open an SSH session: %w", err)
+	}
+	defer sess.Close()
+	sess.Stdout, sess.Stderr = stdout, stderr
+	if stdin != nil {
+		w, err := sess.StdinPipe()
+		if err != nil {
+			return 255, err
+		}
+		go func() {
+			_, _ = io.Copy(w, stdin)
+			w.Close() // EOF for the remote command
+		}()
+	}
+	return exitCode(ctx, sess.Run(command))
+}
+
+// RunInteractive opens a shell (or runs opts.Command) like ssh: with a PTY
+// when stdin is a terminal, the local terminal in raw mode, window size
+// changes (SIGWINCH) passed on, and the remote exit status returned.
+func RunInteractive(ctx context.Context, conn net.Conn, opts InteractiveOptions) (int, error) {
+	if opts.Stdin == nil {
+		opts.Stdin = os.Stdin
+	}
+	if opts.Stdout == nil {
+		opts.Stdout = os.Stdout
+	}
+	if opts.Stderr == nil {
+		opts.Stderr = os.Stderr
+	}
+	client, closeClient, err := dial(ctx, conn, opts.User)
+	if err != nil {
+		return 255, err
+	}
+	defer closeClient()
+	sess, err := client.NewSession()
+	if err != nil {
+		return 255, fmt.Errorf("open an SSH session: %w", err)
+	}
+	defer sess.Close()
+
+	if opts.ForwardAgent {
+		sock := opts.AgentSocket
+		if sock == "" {
+			sock = os.Getenv("SSH_AUTH_SOCK")
+		}
+		if sock == "" {
+			fmt.Fprintln(opts.Stderr, "agent: no ssh-agent to forward (SSH_AUTH_SOCK is not set); continuing without it")
+		} else if err := agent.ForwardToRemote(client, sock); err != nil {
+			return 255, fmt.Errorf("forward ssh-agent %s: %w", sock, err)
+		} else if err := agent.RequestAgentForwarding(sess); err != nil {
+			return 255, fmt.Errorf("the workspace refused agent forwarding: %w", err)
+		}
+	}
+	for _, kv := range opts.Env {
+		if k, v, ok := cutEnv(kv); ok {
+			_ = sess.Setenv(k, v) // a refused variable is not fatal, as with ssh
+		}
+	}
+
+	inFd := int(opts.Stdin.Fd())
+	if term.IsTerminal(inFd) {
+		termType := opts.Term
+		if termType == "" {
+			termType = os.Getenv("TERM")
+		}
+		if termType == "" {
+			termType = "xterm-256color"
+		}
+		cols, rows := terminalSize(opts.Stdout, opts.Stdin)
+		modes := gossh.TerminalModes{gossh.ECHO: 1, gossh.IUTF8: 1, gossh.TTY_OP_ISPEED: 38400, gossh.TTY_OP_OSPEED: 38400}
+		if err := sess.RequestPty(termType, rows, cols, modes); err != nil {
+			return 255, fmt.Errorf("the workspace refused a terminal: %w", err)
+		}
+		state, err := term.MakeRaw(inFd)
+		if err != nil {
+			return 255, fmt.Errorf("put the local terminal in raw mode: %w", err)
+		}
+		defer func() { _ = term.Restore(inFd, state) }()
+
+		winch := make(chan os.Signal, 1)
+		signal.Notify(winch, unix.SIGWINCH)
+		defer signal.Stop(winch)
+		go func() {
+			for range winch {
+				c, r := terminalSize(opts.Stdout, opts.Stdin)
+				_ = sess.WindowChange(r, c)
+			}
+		}()
+	}
+
+	sess.Stdin, sess.Stdout, sess.Stderr = opts.Stdin, opts.Stdout, opts.Stderr
+	if opts.Command == "" {
+		err = sess.Shell()
+	} else {
+		err = sess.Start(opts.Command)
+	}
+	if err != nil {
+		return 255, fmt.Errorf("start the remote shell: %w", err)
+	}
+	return exitCode(ctx, sess.Wait())
+}
+
+func terminalSize(files ...*os.File) (cols, rows int) {
+	for _, f := range files {
+		if c, r, err := term.GetSize(int(f.Fd())); err == nil && c > 0 && r > 0 {
+			return c, r
+		}
+	}
+	return 80, 24
+}
+
+func cutEnv(kv string) (string, string, bool) {
+	for i := 0; i < len(kv); i++ {
+		if kv[i] == '=' {
+			return kv[:i], kv[i+1:], i > 0
+		}
+	}
+	return "", "", false
+}
+
+// ProxyStdio copies raw SSH bytes between stdin/stdout and conn, for
+// OpenSSH's ProxyCommand. When stdin ends, conn's write side is closed
+// (half-close), so the server sees EOF and can finish cleanly while its last
+// bytes still flow back; ProxyStdio returns when the server closes its side
+// or ctx is cancelled. The stdin reader may still be blocked in Read after
+// the return; in a ProxyCommand process that exits, that does not matter.
+func ProxyStdio(ctx context.Context, conn net.Conn, stdin io.Reader, stdout io.Writer) error {
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	defer conn.Close()
+	go func() {
+		_, _ = io.Copy(conn, stdin)
+		if cw, ok := conn.(interface{ CloseWrite() error }); ok {
+			_ = cw.CloseWrite()
+		} else {
+			conn.Close()
+		}
+	}()
+	_, err := io.Copy(stdout, conn)
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	if err != nil && !errors.Is(err, net.ErrClosed) {
+		return fmt.Errorf("SSH connection to the workspace: %w", err)
+	}
+	return nil
+}

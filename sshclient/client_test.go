@@ -1,0 +1,227 @@
+package sshclient_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/agentd/agent/agent/sshd"
+	"github.com/agentd/agent/agent/sshd/sshtest"
+	"github.com/agentd/agent/sshclient"
+	"github.com/creack/pty"
+	"golang.org/x/sys/unix"
+)
+
+// TestMain doubles as a ProxyCommand: "sshclient.test proxy-helper ADDR"
+// dials ADDR and runs ProxyStdio on stdin/stdout, the way
+// `agent ssh --stdio` does over the tailnet.
+func TestMain(m *testing.M) {
+	if len(os.Args) == 3 && os.Args[1] == "proxy-helper" {
+		conn, err := net.Dial("tcp", os.Args[2])
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "proxy-helper:", err)
+			os.Exit(1)
+		}
+		if err := sshclient.ProxyStdio(context.Background(), conn, os.Stdin, os.Stdout); err != nil {
+			fmt.Fprintln(os.Stderr, "proxy-helper:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+func startServer(t testing.TB) string {
+	t.Helper()
+	srv, err := sshd.New(sshd.Options{
+		Logger:      slog.New(slog.NewTextHandler(io.Discard, nil)),
+		HostKeyPath: filepath.Join(t.TempDir(), "host_key"),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = srv.Serve(context.Background(), ln) }()
+	t.Cleanup(func() { srv.Close() })
+	return ln.Addr().String()
+}
+
+func dial(t testing.TB, addr string) net.Conn {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func TestRunCommand(t *testing.T) {
+	addr := startServer(t)
+	var out, errb bytes.Buffer
+	code, err := sshclient.RunCommand(context.Background(), dial(t, addr), "cat; echo oops >&2; exit 9",
+		strings.NewReader("from stdin\n"), &out, &errb)
+	if err != nil || code != 9 || out.String() != "from stdin\n" || errb.String() != "oops\n" {
+		t.Fatalf("RunCommand: code %d err %v stdout %q stderr %q", code, err, out.String(), errb.String())
+	}
+	code, err = sshclient.RunCommand(context.Background(), dial(t, addr), "kill -KILL $$", nil, io.Discard, io.Discard)
+	if err != nil || code != 128+9 {
+		t.Fatalf("killed remote command: code %d err %v, want 137", code, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	code, err = sshclient.RunCommand(ctx, dial(t, addr), "sleep 30", nil, io.Discard, io.Discard)
+	if err == nil || code != 255 {
+		t.Fatalf("cancelled command: code %d err %v, want 255 and an error", code, err)
+	}
+}
+
+// TestRunInteractive drives RunInteractive through a local PTY: the remote
+// shell sees the local size, a SIGWINCH after a resize reaches it, and the
+// exit status comes back.
+func TestRunInteractive(t *testing.T) {
+	addr := startServer(t)
+	master, tty, err := pty.Open()
+	if err != nil {
+		t.Skipf("no pseudo-terminals here: %v", err)
+	}
+	defer master.Close()
+	defer tty.Close()
+	if err := pty.Setsize(tty, &pty.Winsize{Rows: 33, Cols: 111}); err != nil {
+		t.Fatal(err)
+	}
+	var screen safeBuffer
+	go func() { _, _ = io.Copy(&screen, master) }()
+
+	type result struct {
+		code int
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		code, err := sshclient.RunInteractive(context.Background(), dial(t, addr), sshclient.InteractiveOptions{
+			Stdin: tty, Stdout: tty, Stderr: tty, Term: "xterm-test", Env: []string{"LC_FROM_CLIENT=yes"},
+		})
+		done <- result{code, err}
+	}()
+	waitScreen := func(want string) {
+		t.Helper()
+		deadline := time.Now().Add(15 * time.Second)
+		for !strings.Contains(screen.String(), want) {
+			if time.Now().After(deadline) {
+				t.Fatalf("screen never showed %q:\n%s", want, screen.String())
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	fmt.Fprintf(master, "echo \"A:$(stty size):$TERM:$LC_FROM_CLIENT\"\r")
+	waitScreen("A:33 111:xterm-test:yes")
+	if err := pty.Setsize(tty, &pty.Winsize{Rows: 40, Cols: 120}); err != nil {
+		t.Fatal(err)
+	}
+	_ = unix.Kill(os.Getpid(), unix.SIGWINCH)
+	time.Sleep(300 * time.Millisecond)
+	fmt.Fprintf(master, "echo \"B:$(stty size)\"\r")
+	waitScreen("B:40 120")
+	fmt.Fprintf(master, "exit 5\r")
+	select {
+	case r := <-done:
+		if r.err != nil || r.code != 5 {
+			t.Fatalf("RunInteractive: code %d err %v, want 5", r.code, r.err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("RunInteractive did not return after exit")
+	}
+}
+
+// TestAgentForwarding: RunInteractive with ForwardAgent gives the remote
+// command the local ssh-agent.
+func TestAgentForwarding(t *testing.T) {
+	sshtest.RequireTools(t, "ssh-agent", "ssh-add", "ssh-keygen")
+	addr := startServer(t)
+	dir, err := os.MkdirTemp("", "sshclient")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	sock := filepath.Join(dir, "agent.sock")
+	agent := exec.Command("ssh-agent", "-D", "-a", sock)
+	if err := agent.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = agent.Process.Kill(); _ = agent.Wait() }()
+	key := filepath.Join(dir, "id")
+	sshtest.Run(t, nil, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "fwd-key", "-f", key)
+	for i := 0; i < 100; i++ {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	sshtest.Run(t, []string{"SSH_AUTH_SOCK=" + sock}, "ssh-add", key)
+
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	devnull, _ := os.Open(os.DevNull)
+	defer devnull.Close()
+	code, err := sshclient.RunInteractive(context.Background(), dial(t, addr), sshclient.InteractiveOptions{
+		Command: "ssh-add -l", Stdin: devnull, Stdout: outW, Stderr: outW, ForwardAgent: true, AgentSocket: sock,
+	})
+	outW.Close()
+	out, _ := io.ReadAll(outR)
+	if err != nil || code != 0 || !strings.Contains(string(out), "fwd-key") {
+		t.Fatalf("ssh-add -l through forwarded agent: code %d err %v output %q", code, err, out)
+	}
+}
+
+// TestProxyStdioWithOpenSSH runs the OpenSSH client matrix through
+// ProxyStdio as the ProxyCommand.
+func TestProxyStdioWithOpenSSH(t *testing.T) {
+	sshtest.RequireTools(t, "ssh")
+	addr := startServer(t)
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tg := sshtest.Target{
+		Host:        "ws1.agent",
+		Options:     []string{"ProxyCommand=" + sshtest.ShellQuote(exe) + " proxy-helper " + addr},
+		BigFileSize: 32 << 20,
+		Dial: func(ctx context.Context) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "tcp", addr)
+		},
+	}
+	sshtest.RunAll(t, tg)
+}
+
+type safeBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *safeBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *safeBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
