@@ -1,0 +1,669 @@
+package netcheck
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/netip"
+	"os"
+	"path"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/agentd/agent/agent/netcheck/networkd"
+	"github.com/vishvananda/netlink"
+)
+
+// containerGlobs are the interface names container runtimes and CNI plugins
+// create: Docker, bridge CNI, kubenet, podman, flannel, Calico, Cilium,
+// Weave, kube-proxy IPVS and node-local DNS.
+func containerGlobs() []string {
+	return []string{"veth*", "docker*", "br-*", "cni*", "cbr0", "podman*", "flannel*", "cali*", "vxlan.calico", "tunl0",
+		"cilium*", "lxc*", "weave", "vethwe*", "kube-ipvs0", "nodelocaldns"}
+}
+
+// sampleVeth is the name of a veth that does not exist yet, to predict what
+// networkd and udev would do to the next container.
+const sampleVeth = "veth0c0ffee"
+
+// expectedBridge is a bridge some configuration says should exist.
+type expectedBridge struct {
+	name string
+	// gateway is the address it should carry, if known.
+	gateway netip.Prefix
+	source  string
+}
+
+// inventory is the node's container networking as found in netlink and
+// configuration.
+type inventory struct {
+	st        *netState
+	expected  []expectedBridge
+	container []netlink.Link // container interfaces present
+	// protected are the uplink and its bridge/ports, which no guard pattern
+	// may match.
+	protected []string
+	warnings  []string
+}
+
+func matchesAny(globs []string, name string) bool {
+	for _, g := range globs {
+		if ok, _ := path.Match(g, name); ok {
+			return true
+		}
+	}
+	return false
+}
+
+func takeInventory(st *netState, o *Options) *inventory {
+	inv := &inventory{st: st}
+	// Uplinks: default-route devices, their masters, and a bridge uplink's
+	// non-veth ports.
+	prot := map[string]bool{}
+	for _, r := range st.defaultRoutes() {
+		l := st.byIdx[r.LinkIndex]
+		if l == nil {
+			continue
+		}
+		prot[l.Attrs().Name] = true
+		if m := st.byIdx[l.Attrs().MasterIndex]; m != nil {
+			prot[m.Attrs().Name] = true
+		}
+		if l.Type() == "bridge" {
+			for _, p := range st.links {
+				if p.Attrs().MasterIndex == l.Attrs().Index && p.Type() != "veth" {
+					prot[p.Attrs().Name] = true
+				}
+			}
+		}
+	}
+	for n := range prot {
+		inv.protected = append(inv.protected, n)
+	}
+	sort.Strings(inv.protected)
+
+	inv.expected = expectedBridges(o, inv)
+	isExpected := func(n string) bool {
+		for _, e := range inv.expected {
+			if e.name == n {
+				return true
+			}
+		}
+		return false
+	}
+	for _, l := range st.links {
+		n := l.Attrs().Name
+		if prot[n] || n == "lo" {
+			continue
+		}
+		switch {
+		case l.Type() == "veth":
+			inv.container = append(inv.container, l)
+		case l.Type() == "bridge" && (isExpected(n) || matchesAny(containerGlobs(), n) || hasVethPorts(st, l)):
+			inv.container = append(inv.container, l)
+		case matchesAny(containerGlobs(), n):
+			inv.container = append(inv.container, l)
+		}
+	}
+	return inv
+}
+
+func hasVethPorts(st *netState, br netlink.Link) bool {
+	for _, l := range st.links {
+		if l.Attrs().MasterIndex == br.Attrs().Index && l.Type() == "veth" {
+			return true
+		}
+	}
+	return false
+}
+
+// expectedBridges reads CNI bridge plugin configurations, Docker's daemon
+// configuration and --bridge.
+func expectedBridges(o *Options, inv *inventory) []expectedBridge {
+	var out []expectedBridge
+	seen := map[string]bool{}
+	addB := func(b expectedBridge) {
+		if seen[b.name] {
+			return
+		}
+		seen[b.name] = true
+		out = append(out, b)
+	}
+	for _, n := range o.Bridges {
+		addB(expectedBridge{name: n, source: "--bridge"})
+	}
+	cniDir := filepath.Join(o.Root, "etc/cni/net.d")
+	entries, _ := os.ReadDir(cniDir)
+	for _, e := range entries {
+		if !strings.HasSuffix(e.Name(), ".conf") && !strings.HasSuffix(e.Name(), ".conflist") {
+			continue
+		}
+		data, err := os.ReadFile(filepath.Join(cniDir, e.Name()))
+		if err != nil {
+			inv.warnings = append(inv.warnings, fmt.Sprintf("reading CNI config %s: %v", e.Name(), err))
+			continue
+		}
+		for _, b := range cniBridges(data) {
+			b.source = "/etc/cni/net.d/" + e.Name()
+			addB(b)
+		}
+	}
+	dockerUsed := false
+	for _, p := range []string{"var/lib/docker", "run/docker.sock", "etc/docker/daemon.json"} {
+		if _, err := os.Stat(filepath.Join(o.Root, p)); err == nil {
+			dockerUsed = true
+		}
+	}
+	if dockerUsed {
+		b := expectedBridge{name: "docker0", gateway: netip.MustParsePrefix("172.17.0.1/16"), source: "docker (default bridge)"}
+		if data, err := os.ReadFile(filepath.Join(o.Root, "etc/docker/daemon.json")); err == nil {
+			var dc struct {
+				Bridge string `json:"bridge"`
+				BIP    string `json:"bip"`
+			}
+			if json.Unmarshal(data, &dc) == nil {
+				if dc.Bridge == "none" {
+					dockerUsed = false
+				} else if dc.Bridge != "" {
+					b.name = dc.Bridge
+				}
+				if p, err := netip.ParsePrefix(dc.BIP); err == nil {
+					b.gateway = p
+				}
+				b.source = "/etc/docker/daemon.json"
+			}
+		}
+		if dockerUsed {
+			addB(b)
+		}
+	}
+	return out
+}
+
+// cniBridges extracts bridge plugin settings from a .conf or .conflist.
+func cniBridges(data []byte) []expectedBridge {
+	type ipam struct {
+		Subnet  string `json:"subnet"`
+		Gateway string `json:"gateway"`
+		Ranges  [][]struct {
+			Subnet  string `json:"subnet"`
+			Gateway string `json:"gateway"`
+		} `json:"ranges"`
+	}
+	type plugin struct {
+		Type      string `json:"type"`
+		Bridge    string `json:"bridge"`
+		IsGateway bool   `json:"isGateway"`
+		IPAM      ipam   `json:"ipam"`
+	}
+	var conf struct {
+		plugin
+		Plugins []plugin `json:"plugins"`
+	}
+	if json.Unmarshal(data, &conf) != nil {
+		return nil
+	}
+	plugins := append([]plugin{conf.plugin}, conf.Plugins...)
+	var out []expectedBridge
+	for _, p := range plugins {
+		if p.Type != "bridge" {
+			continue
+		}
+		b := expectedBridge{name: p.Bridge}
+		if b.name == "" {
+			b.name = "cni0"
+		}
+		subnet, gw := p.IPAM.Subnet, p.IPAM.Gateway
+		if subnet == "" && len(p.IPAM.Ranges) > 0 && len(p.IPAM.Ranges[0]) > 0 {
+			subnet, gw = p.IPAM.Ranges[0][0].Subnet, p.IPAM.Ranges[0][0].Gateway
+		}
+		if pfx, err := netip.ParsePrefix(subnet); err == nil {
+			a := pfx.Masked().Addr().Next()
+			if g, err := netip.ParseAddr(gw); err == nil {
+				a = g
+			}
+			b.gateway = netip.PrefixFrom(a, pfx.Bits())
+		}
+		out = append(out, b)
+	}
+	return out
+}
+
+// runHost runs the node checks.
+func runHost(ctx context.Context, o *Options) *Report {
+	started := time.Now()
+	rep := &Report{Mode: "host", Scope: "full"}
+	st, err := readNetState()
+	if err != nil {
+		c := newCheck("bridges", "Container bridges")
+		c.fail(StatusBroken, "netlink.unavailable", fmt.Sprintf("cannot read the node's network configuration: %v", err), nil,
+			Remedy{Text: "run on the node's network namespace (hostNetwork: true)"})
+		rep.add(c.done())
+		rep.finish(started)
+		return rep
+	}
+	inv := takeInventory(st, o)
+	rep.add(bridgesCheck(inv))
+	rep.add(vethsCheck(inv))
+	cfg, cerr := networkd.Load(o.Root)
+	active, aerr := networkd.StateAvailable(o.Root)
+	if aerr != nil {
+		o.Logger.Debug("networkd state", "err", aerr)
+	}
+	if cerr != nil {
+		c := newCheck("networkd", "systemd-networkd configuration")
+		c.fail(StatusDegraded, "networkd.unreadable", cerr.Error(), nil, Remedy{Text: "check --root"})
+		rep.add(c.done())
+	} else {
+		rep.add(networkdConfigCheck(cfg, inv, o, active))
+		rep.add(udevLinkCheck(cfg, inv, o))
+		rep.add(foreignRoutesCheck(cfg, active, o))
+	}
+	rep.add(networkdStateCheck(inv, o, active))
+	rep.sortChecks()
+	if f := rep.firstBroken(); f != nil {
+		rep.Summary = f.Problem
+	}
+	rep.finish(started)
+	return rep
+}
+
+func (r *Report) firstBroken() *Finding {
+	for i := range r.Findings {
+		if r.Findings[i].Severity == StatusBroken {
+			return &r.Findings[i]
+		}
+	}
+	return nil
+}
+
+// guardRemedy is the remedy every networkd/udev hazard points at.
+func guardRemedy(o *Options, text string) Remedy {
+	cmd := "agent netcheck --host --fix"
+	if o.Root != "/" {
+		cmd += " --root " + o.Root
+	}
+	r := Remedy{Text: text + "; `" + cmd + "` writes the guard (preview with --dry-run), then reload:",
+		Commands: []string{cmd + " --dry-run", cmd, "networkctl reload", "udevadm control --reload"}}
+	if plan, err := PlanGuard(*o); err == nil {
+		for _, f := range plan.Files {
+			if f.Change != "unchanged" {
+				r.Files = append(r.Files, FileChange{Path: f.Path, Content: f.Content})
+			}
+		}
+	}
+	return r
+}
+
+func bridgesCheck(inv *inventory) *check {
+	c := newCheck("bridges", "Container bridges exist, are up and addressed")
+	st := inv.st
+	var names []string
+	checked := map[string]bool{}
+	for _, e := range inv.expected {
+		checked[e.name] = true
+		names = append(names, e.name)
+		l := linkByName(st, e.name)
+		if l == nil {
+			ev := []string{fmt.Sprintf("%s is configured by %s but does not exist", e.name, e.source)}
+			if n := vethsWithoutMaster(st); len(n) > 0 {
+				ev = append(ev, fmt.Sprintf("veths without a bridge: %s", strings.Join(n, ", ")))
+			}
+			c.fail(StatusBroken, "bridge.missing", fmt.Sprintf("bridge %s is gone: every container on it has lost its network", e.name), ev,
+				Remedy{Text: "something deleted the bridge (systemd-networkd managing it does this); recreate it by restarting the container runtime or the pods, and install the networkd guard so it does not happen again",
+					Commands: recreateBridgeCommands(e)})
+			continue
+		}
+		checkBridge(c, st, l, e.gateway, e.source)
+	}
+	for _, l := range inv.container {
+		if l.Type() == "bridge" && !checked[l.Attrs().Name] {
+			names = append(names, l.Attrs().Name)
+			checkBridge(c, st, l, netip.Prefix{}, "")
+		}
+	}
+	c.detail("bridges", names)
+	if len(names) == 0 {
+		c.skip("no container bridges configured or present")
+		return c.done()
+	}
+	if c.Status == StatusOK {
+		c.Summary = fmt.Sprintf("%s up and addressed", strings.Join(names, ", "))
+	} else {
+		c.Summary = fmt.Sprintf("%d problem(s) with %s", len(c.findings), strings.Join(names, ", "))
+	}
+	return c.done()
+}
+
+func recreateBridgeCommands(e expectedBridge) []string {
+	cmds := []string{"ip link add " + e.name + " type bridge"}
+	if e.gateway.IsValid() {
+		cmds = append(cmds, fmt.Sprintf("ip addr add %s dev %s", e.gateway, e.name))
+	}
+	cmds = append(cmds, "ip link set "+e.name+" up")
+	if strings.HasPrefix(e.name, "docker") {
+		cmds = []string{"systemctl restart docker   # recreates " + e.name + " and reattaches containers on restart"}
+	}
+	return cmds
+}
+
+func checkBridge(c *check, st *netState, l netlink.Link, want netip.Prefix, source string) {
+	n := l.Attrs().Name
+	ports := 0
+	for _, p := range st.links {
+		if p.Attrs().MasterIndex == l.Attrs().Index {
+			ports++
+		}
+	}
+	if !adminUp(l) {
+		c.fail(StatusBroken, "bridge.down", fmt.Sprintf("bridge %s is down", n),
+			[]string{fmt.Sprintf("%s flags %v, %d ports", n, l.Attrs().Flags, ports)},
+			Remedy{Text: "bring it up and install the networkd guard", Commands: []string{"ip link set " + n + " up"}})
+		return
+	}
+	v4 := ipv4Of(st.addrs[l.Attrs().Index])
+	if len(v4) == 0 && (want.IsValid() || ports > 0) {
+		cmd := fmt.Sprintf("ip addr add GATEWAY/PREFIX dev %s   # the address the containers use as gateway", n)
+		if want.IsValid() {
+			cmd = fmt.Sprintf("ip addr add %s dev %s", want, n)
+		}
+		ev := []string{fmt.Sprintf("%s has no IPv4 address; %d ports attached", n, ports)}
+		if source != "" && want.IsValid() {
+			ev = append(ev, fmt.Sprintf("%s expects %s", source, want))
+		}
+		c.fail(StatusBroken, "bridge.no_address", fmt.Sprintf("bridge %s has lost its address: containers on it cannot reach their gateway", n), ev,
+			Remedy{Text: "put the gateway address back (or restart the runtime) and install the networkd guard (systemd-networkd removes addresses it did not configure)", Commands: []string{cmd}})
+		return
+	}
+	if want.IsValid() && len(v4) > 0 {
+		found := false
+		for _, a := range v4 {
+			if a == want.String() {
+				found = true
+			}
+		}
+		if !found {
+			c.fail(StatusDegraded, "bridge.unexpected_address", fmt.Sprintf("bridge %s has %v, but %s expects %s", n, v4, source, want),
+				[]string{fmt.Sprintf("%s addresses: %v", n, v4)},
+				Remedy{Text: "check which tool changed the bridge's address", Commands: []string{fmt.Sprintf("ip addr add %s dev %s", want, n)}})
+		}
+	}
+}
+
+func linkByName(st *netState, name string) netlink.Link {
+	for _, l := range st.links {
+		if l.Attrs().Name == name {
+			return l
+		}
+	}
+	return nil
+}
+
+// vethsWithoutMaster lists container veths that are in no bridge and carry
+// no route (a routed CNI's veths have a host route through them).
+func vethsWithoutMaster(st *netState) []string {
+	var out []string
+	for _, l := range st.links {
+		a := l.Attrs()
+		if l.Type() == "veth" && a.MasterIndex == 0 && a.NetNsID >= 0 && st.routesVia(a.Index) == 0 && len(st.globalAddrs(a.Index)) == 0 {
+			out = append(out, a.Name)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+func vethsCheck(inv *inventory) *check {
+	c := newCheck("veths", "Container veths attached to a bridge")
+	st := inv.st
+	total, attached := 0, 0
+	for _, l := range st.links {
+		if l.Type() == "veth" && l.Attrs().NetNsID >= 0 {
+			total++
+			if l.Attrs().MasterIndex > 0 {
+				attached++
+			}
+		}
+	}
+	c.detail("container_veths", total)
+	c.detail("attached", attached)
+	if total == 0 {
+		c.skip("no container veths")
+		return c.done()
+	}
+	bridge := "BRIDGE"
+	if len(inv.expected) == 1 {
+		bridge = inv.expected[0].name
+	} else {
+		// The bridge most veths are on.
+		count := map[int]int{}
+		best := 0
+		for _, l := range st.links {
+			if l.Type() == "veth" && l.Attrs().MasterIndex > 0 {
+				count[l.Attrs().MasterIndex]++
+				if count[l.Attrs().MasterIndex] > count[best] {
+					best = l.Attrs().MasterIndex
+				}
+			}
+		}
+		if m := st.byIdx[best]; m != nil {
+			bridge = m.Attrs().Name
+		}
+	}
+	detached := vethsWithoutMaster(st)
+	for _, n := range detached {
+		l := linkByName(st, n)
+		c.fail(StatusBroken, "veth.no_master", fmt.Sprintf("veth %s is detached from its bridge: the container behind it has no network past its eth0", n),
+			[]string{fmt.Sprintf("%s (ifindex %d, peer ifindex %d in netns id %d) has no master, no address and no route", n, l.Attrs().Index, l.Attrs().ParentIndex, l.Attrs().NetNsID)},
+			Remedy{Text: "reattach it (or restart the container) and install the networkd guard: systemd-networkd managing veths removes them from their bridge",
+				Commands: []string{fmt.Sprintf("ip link set %s master %s up", n, bridge)}})
+	}
+	for _, l := range st.links {
+		a := l.Attrs()
+		if l.Type() == "veth" && a.NetNsID >= 0 && !adminUp(l) {
+			c.fail(StatusBroken, "veth.down", fmt.Sprintf("veth %s is down: the container behind it has no carrier", a.Name),
+				[]string{fmt.Sprintf("%s flags %v", a.Name, a.Flags)},
+				Remedy{Text: "bring it up", Commands: []string{"ip link set " + a.Name + " up"}})
+		}
+	}
+	if c.Status == StatusOK {
+		c.Summary = fmt.Sprintf("%d container veths, %d in a bridge, none detached", total, attached)
+	} else {
+		c.Summary = fmt.Sprintf("%d of %d container veths detached", len(detached), total)
+	}
+	return c.done()
+}
+
+// ifaceFor describes a link the way systemd's [Match] sees it.
+func ifaceFor(l netlink.Link) networkd.Interface {
+	a := l.Attrs()
+	kind := l.Type()
+	if kind == "device" {
+		kind = ""
+	}
+	typ := devType(a.Name)
+	if typ == "" {
+		switch {
+		case a.Name == "lo":
+			typ = "loopback"
+		case len(a.HardwareAddr) == 6:
+			typ = "ether"
+		default:
+			typ = "none"
+		}
+	}
+	driver := kind
+	if kind == "" {
+		if target, err := os.Readlink(filepath.Join("/sys/class/net", a.Name, "device/driver")); err == nil {
+			driver = filepath.Base(target)
+		}
+	}
+	return networkd.Interface{Name: a.Name, Kind: kind, Type: typ, Driver: driver, MAC: a.HardwareAddr.String(), AltNames: a.AltNames}
+}
+
+// subjects are the interfaces the configuration is judged for: container
+// interfaces present, the expected bridges, and a veth to come.
+func subjects(inv *inventory) []networkd.Interface {
+	var out []networkd.Interface
+	seen := map[string]bool{}
+	for _, l := range inv.container {
+		out = append(out, ifaceFor(l))
+		seen[l.Attrs().Name] = true
+	}
+	for _, e := range inv.expected {
+		if !seen[e.name] {
+			out = append(out, networkd.Interface{Name: e.name, Kind: "bridge", Type: "bridge", Driver: "bridge"})
+			seen[e.name] = true
+		}
+	}
+	out = append(out, networkd.Interface{Name: sampleVeth, Kind: "veth", Type: "ether", Driver: "veth"})
+	return out
+}
+
+func networkdInstalled(root string) bool {
+	for _, p := range []string{"lib/systemd/systemd-networkd", "usr/lib/systemd/systemd-networkd"} {
+		if _, err := os.Stat(filepath.Join(root, p)); err == nil {
+			return true
+		}
+	}
+	return false
+}
+
+func networkdConfigCheck(cfg *networkd.Config, inv *inventory, o *Options, active bool) *check {
+	c := newCheck("networkd", "systemd-networkd configuration for container interfaces")
+	if !active && !networkdInstalled(o.Root) {
+		c.skip("systemd-networkd is not installed")
+		return c.done()
+	}
+	var hazards []string
+	var files []string
+	for _, ifc := range subjects(inv) {
+		sel := cfg.NetworkFor(ifc)
+		if sel == nil || sel.File.Unmanaged() {
+			continue
+		}
+		why := "its [Match] selects it"
+		if sel.Match.Empty {
+			why = "it has no [Match] keys, so it matches every interface"
+		}
+		what := ifc.Name
+		if ifc.Name == sampleVeth {
+			what = "every new container veth (e.g. " + sampleVeth + ")"
+		}
+		hazards = append(hazards, fmt.Sprintf("%s → %s (%s; not Unmanaged=yes)", what, sel.File.Path, why))
+		files = append(files, sel.File.Path)
+	}
+	c.detail("network_files", len(cfg.Networks))
+	if len(hazards) == 0 {
+		c.Summary = fmt.Sprintf("no .network file would manage container interfaces (%d files read)", len(cfg.Networks))
+		return c.done()
+	}
+	sort.Strings(files)
+	c.Summary = fmt.Sprintf("%d container interface(s) would be managed by networkd", len(hazards))
+	c.fail(StatusDegraded, "networkd.would_manage", "systemd-networkd configuration matches container interfaces: when it manages them it removes their addresses and bridge membership",
+		hazards, guardRemedy(o, "mark container interfaces Unmanaged=yes in a .network file that sorts first"))
+	return c.done()
+}
+
+func networkdStateCheck(inv *inventory, o *Options, active bool) *check {
+	c := newCheck("networkd-state", "systemd-networkd's own view of container interfaces")
+	if !active {
+		c.skip("systemd-networkd is not running (no state in /run/systemd/netif/links)")
+		return c.done()
+	}
+	var managed []string
+	unmanaged := 0
+	for _, l := range inv.container {
+		s, err := networkd.ReadLinkState(o.Root, l.Attrs().Index)
+		if err != nil {
+			if !errors.Is(err, fs.ErrNotExist) {
+				managed = append(managed, fmt.Sprintf("%s: unreadable state: %v", l.Attrs().Name, err))
+			}
+			continue
+		}
+		if s.Managed() {
+			nf := s.NetworkFile
+			if nf == "" {
+				nf = "(none recorded)"
+			}
+			managed = append(managed, fmt.Sprintf("%s: %s ADMIN_STATE=%s OPER_STATE=%s NETWORK_FILE=%s", l.Attrs().Name, s.Path, s.AdminState, s.OperState, nf))
+		} else {
+			unmanaged++
+		}
+	}
+	c.detail("managed", len(managed))
+	c.detail("unmanaged", unmanaged)
+	if len(managed) == 0 {
+		c.Summary = fmt.Sprintf("networkd leaves all %d container interfaces it knows unmanaged", unmanaged)
+		return c.done()
+	}
+	c.Summary = fmt.Sprintf("networkd manages %d container interface(s)", len(managed))
+	c.fail(StatusBroken, "networkd.manages_container_link", "systemd-networkd has taken over container interfaces: it will wipe their addresses and detach them from their bridges", managed,
+		guardRemedy(o, "make networkd leave them alone"))
+	return c.done()
+}
+
+func udevLinkCheck(cfg *networkd.Config, inv *inventory, o *Options) *check {
+	c := newCheck("udev-link", "udev .link MAC address policy for veths and bridges")
+	var hazards []string
+	for _, ifc := range subjects(inv) {
+		sel := cfg.LinkFor(ifc)
+		if sel == nil {
+			continue
+		}
+		if p, src := sel.File.MACAddressPolicy(); p == "persistent" || p == "random" {
+			what := ifc.Name
+			if ifc.Name == sampleVeth {
+				what = "new veths (e.g. " + sampleVeth + ")"
+			}
+			hazards = append(hazards, fmt.Sprintf("%s → %s MACAddressPolicy=%s (%s)", what, sel.File.Path, p, src))
+		}
+	}
+	c.detail("link_files", len(cfg.Links))
+	if len(hazards) == 0 {
+		c.Summary = fmt.Sprintf("no .link file rewrites container MAC addresses (%d files read)", len(cfg.Links))
+		return c.done()
+	}
+	c.Summary = fmt.Sprintf("%d container interface(s) get a udev-chosen MAC", len(hazards))
+	c.fail(StatusDegraded, "udev.mac_policy", "udev rewrites the MAC address of new veths/bridges (MACAddressPolicy), racing CNIs that already programmed the old one (static neighbour entries, flannel VTEPs)",
+		hazards, guardRemedy(o, "give container interfaces a .link file with MACAddressPolicy=none that sorts first"))
+	return c.done()
+}
+
+func foreignRoutesCheck(cfg *networkd.Config, active bool, o *Options) *check {
+	c := newCheck("foreign-routes", "networkd ManageForeignRoutes")
+	if !active {
+		c.skip("systemd-networkd is not running")
+		return c.done()
+	}
+	routes, src := cfg.ManageForeign("ManageForeignRoutes")
+	rules, src2 := cfg.ManageForeign("ManageForeignRoutingPolicyRules")
+	c.detail("manage_foreign_routes", routes)
+	c.detail("manage_foreign_routing_policy_rules", rules)
+	if !routes && !rules {
+		c.Summary = "networkd keeps routes and rules it did not create"
+		return c.done()
+	}
+	var ev []string
+	for _, x := range []struct {
+		key string
+		on  bool
+		src string
+	}{{"ManageForeignRoutes", routes, src}, {"ManageForeignRoutingPolicyRules", rules, src2}} {
+		if x.on {
+			where := "default"
+			if x.src != "" {
+				where = x.src
+			}
+			ev = append(ev, fmt.Sprintf("%s=yes (%s)", x.key, where))
+		}
+	}
+	c.Summary = "networkd removes routes/rules it did not create"
+	c.fail(StatusDegraded, "networkd.manage_foreign", "systemd-networkd deletes routes and policy rules it did not create (CNI routes, tailscale rules) when it starts or reconfigures",
+		ev, guardRemedy(o, "set ManageForeignRoutes=no and ManageForeignRoutingPolicyRules=no"))
+	return c.done()
+}

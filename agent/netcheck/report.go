@@ -1,0 +1,256 @@
+// Package netcheck is the network self-diagnostic: it checks a workspace's
+// own network from the inside (links, addresses, routes, active round trips
+// to the gateway, path MTU, DNS, HTTPS to the coordinator, clock, proxies,
+// relay and UDP) and a node's container networking from the outside (bridges,
+// veth attachment, systemd-networkd and udev configuration), and says for
+// every problem what is wrong, the evidence, and the exact fix.
+//
+// Probes are trusted over state: a pod whose host-side bridge is gone still
+// sees eth0 up with an address and a route, so only a round trip proves the
+// path.
+package netcheck
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"sort"
+	"strings"
+	"time"
+)
+
+// SchemaVersion is the version of the JSON report. It changes only when a
+// field changes meaning or disappears; new fields may appear at any time.
+const SchemaVersion = 1
+
+// Status is the state of a check, a finding or the whole report.
+type Status string
+
+const (
+	StatusOK       Status = "ok"
+	StatusDegraded Status = "degraded"
+	StatusBroken   Status = "broken"
+	// StatusSkipped: the check could not run here (no permission, nothing to
+	// check, or it depends on a check that failed).
+	StatusSkipped Status = "skipped"
+)
+
+func (s Status) rank() int {
+	switch s {
+	case StatusBroken:
+		return 3
+	case StatusDegraded:
+		return 2
+	case StatusOK:
+		return 1
+	}
+	return 0
+}
+
+func worse(a, b Status) Status {
+	if b.rank() > a.rank() {
+		return b
+	}
+	return a
+}
+
+// Report is the result of one run.
+type Report struct {
+	Version int `json:"version"`
+	// Mode is "workspace" (inside a pod or container) or "host" (on a node).
+	Mode string `json:"mode"`
+	// Scope is "full", or "quick" for the watch loop's fast probe (local
+	// state and the gateway round trip only).
+	Scope      string    `json:"scope"`
+	Status     Status    `json:"status"`
+	Summary    string    `json:"summary"`
+	Started    time.Time `json:"started"`
+	DurationMS int64     `json:"duration_ms"`
+	Checks     []Check   `json:"checks"`
+	// Findings are every problem, worst first.
+	Findings []Finding `json:"findings"`
+}
+
+// Check is one diagnostic step.
+type Check struct {
+	ID         string `json:"id"`
+	Title      string `json:"title"`
+	Status     Status `json:"status"`
+	Summary    string `json:"summary"`
+	DurationMS int64  `json:"duration_ms"`
+	// Details are measured facts with check-specific keys (see
+	// docs/netcheck.md).
+	Details map[string]any `json:"details,omitempty"`
+}
+
+// Finding is one problem: what is wrong, the evidence, and the fix.
+type Finding struct {
+	// Code is stable ("gateway.unreachable"), for alerting and docs.
+	Code     string   `json:"code"`
+	Check    string   `json:"check"`
+	Severity Status   `json:"severity"`
+	Problem  string   `json:"problem"`
+	Evidence []string `json:"evidence,omitempty"`
+	Remedy   Remedy   `json:"remedy"`
+}
+
+// Remedy is the exact fix.
+type Remedy struct {
+	Text     string       `json:"text"`
+	Commands []string     `json:"commands,omitempty"`
+	Files    []FileChange `json:"files,omitempty"`
+}
+
+// FileChange is a file to write as part of a fix.
+type FileChange struct {
+	Path    string `json:"path"`
+	Content string `json:"content"`
+}
+
+// ExitCode is the process exit status for the report: 0 healthy, 1
+// degraded, 2 broken.
+func (r *Report) ExitCode() int {
+	switch r.Status {
+	case StatusBroken:
+		return 2
+	case StatusDegraded:
+		return 1
+	}
+	return 0
+}
+
+// Healthy reports whether nothing is wrong.
+func (r *Report) Healthy() bool { return r.Status == StatusOK }
+
+// Check returns the check with the given ID, or nil.
+func (r *Report) Check(id string) *Check {
+	for i := range r.Checks {
+		if r.Checks[i].ID == id {
+			return &r.Checks[i]
+		}
+	}
+	return nil
+}
+
+// Finding returns the first finding with the given code, or nil.
+func (r *Report) Finding(code string) *Finding {
+	for i := range r.Findings {
+		if r.Findings[i].Code == code {
+			return &r.Findings[i]
+		}
+	}
+	return nil
+}
+
+// finish orders findings worst first, derives the overall status and a
+// one-line summary.
+func (r *Report) finish(started time.Time) {
+	r.Version = SchemaVersion
+	r.Started = started
+	r.DurationMS = time.Since(started).Milliseconds()
+	sort.SliceStable(r.Findings, func(i, j int) bool {
+		return r.Findings[i].Severity.rank() > r.Findings[j].Severity.rank()
+	})
+	r.Status = StatusOK
+	for _, f := range r.Findings {
+		r.Status = worse(r.Status, f.Severity)
+	}
+	for _, c := range r.Checks {
+		if c.Status == StatusBroken || c.Status == StatusDegraded {
+			r.Status = worse(r.Status, c.Status)
+		}
+	}
+	if r.Summary == "" {
+		switch {
+		case len(r.Findings) > 0:
+			r.Summary = r.Findings[0].Problem
+		default:
+			r.Summary = fmt.Sprintf("%s network healthy (%d checks)", r.Mode, len(r.Checks))
+		}
+	}
+}
+
+// WriteJSON writes the report as indented JSON.
+func (r *Report) WriteJSON(w io.Writer) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(r)
+}
+
+// WriteText writes the readable report.
+func (r *Report) WriteText(w io.Writer) error {
+	var b strings.Builder
+	fmt.Fprintf(&b, "agent netcheck (%s): %s, %s (%d ms)\n\n", r.Mode, strings.ToUpper(string(r.Status)), r.Summary, r.DurationMS)
+	for _, c := range r.Checks {
+		fmt.Fprintf(&b, "  %-8s %-12s %s\n", label(c.Status), c.ID, c.Summary)
+	}
+	if len(r.Findings) > 0 {
+		b.WriteString("\nFindings:\n")
+	}
+	for i, f := range r.Findings {
+		fmt.Fprintf(&b, "\n%d. [%s] %s (%s)\n", i+1, f.Severity, f.Problem, f.Code)
+		for _, e := range f.Evidence {
+			fmt.Fprintf(&b, "   evidence: %s\n", e)
+		}
+		if f.Remedy.Text != "" {
+			fmt.Fprintf(&b, "   fix: %s\n", f.Remedy.Text)
+		}
+		for _, c := range f.Remedy.Commands {
+			fmt.Fprintf(&b, "     $ %s\n", c)
+		}
+		for _, fc := range f.Remedy.Files {
+			fmt.Fprintf(&b, "     write %s:\n", fc.Path)
+			for _, line := range strings.Split(strings.TrimRight(fc.Content, "\n"), "\n") {
+				fmt.Fprintf(&b, "       | %s\n", line)
+			}
+		}
+	}
+	_, err := io.WriteString(w, b.String())
+	return err
+}
+
+func label(s Status) string {
+	switch s {
+	case StatusOK:
+		return "ok"
+	case StatusDegraded:
+		return "WARN"
+	case StatusBroken:
+		return "FAIL"
+	}
+	return "skip"
+}
+
+// check is a Check under construction with its findings.
+type check struct {
+	Check
+	findings []Finding
+	start    time.Time
+}
+
+func newCheck(id, title string) *check {
+	return &check{Check: Check{ID: id, Title: title, Status: StatusOK, Details: map[string]any{}}, start: time.Now()}
+}
+
+func (c *check) detail(k string, v any) { c.Details[k] = v }
+
+// fail records a finding and lowers the check's status to its severity.
+func (c *check) fail(sev Status, code, problem string, evidence []string, remedy Remedy) {
+	c.findings = append(c.findings, Finding{
+		Code: code, Check: c.ID, Severity: sev, Problem: problem, Evidence: evidence, Remedy: remedy,
+	})
+	c.Status = worse(c.Status, sev)
+}
+
+func (c *check) skip(why string) {
+	c.Status = StatusSkipped
+	c.Summary = why
+}
+
+func (c *check) done() *check {
+	c.DurationMS = time.Since(c.start).Milliseconds()
+	if len(c.Details) == 0 {
+		c.Details = nil
+	}
+	return c
+}

@@ -1,0 +1,338 @@
+package netcheck
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"net/url"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/agentd/agent/tailnet"
+)
+
+// Options configure a run. The zero value checks the workspace network
+// without a coordinator.
+type Options struct {
+	Logger *slog.Logger `json:"-"`
+
+	// CoordinatorURL is the coordinator's base URL (https://host[:port]).
+	CoordinatorURL string
+	// Fingerprint pins the coordinator's certificate: hex SHA-256 of its DER
+	// form (colons allowed). Empty: verify the chain with the system roots.
+	Fingerprint string
+	// STUNPort is the coordinator's STUN port (default 3478).
+	STUNPort int
+	// DERPMap overrides the relay map derived from CoordinatorURL.
+	DERPMap *tailnet.DERPMap
+	// Interface overrides the interface to check (default: the one the
+	// default route uses).
+	Interface string
+	// ResolvConf is the resolver configuration to read (default
+	// /etc/resolv.conf).
+	ResolvConf string
+	// Getenv reads proxy variables (default os.Getenv).
+	Getenv func(string) string `json:"-"`
+	// Timeout bounds the active probes of one run (default 1.8 s), so a
+	// full report on a healthy network takes well under 2 s and a broken
+	// one returns in about that time.
+	Timeout time.Duration
+
+	// Host selects the node checks instead of the workspace checks.
+	Host bool
+	// Root is where the node's file tree is (default /; a DaemonSet mounts
+	// the host at /host).
+	Root string
+	// Bridges are bridges that must exist, be up and have an IPv4 address,
+	// in addition to those found in CNI and Docker configuration.
+	Bridges []string
+
+	// Now returns the time (tests move the clock).
+	Now func() time.Time `json:"-"`
+}
+
+func (o *Options) now() time.Time {
+	if o.Now != nil {
+		return o.Now()
+	}
+	return time.Now()
+}
+
+func (o Options) withDefaults() Options {
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.STUNPort == 0 {
+		o.STUNPort = 3478
+	}
+	if o.ResolvConf == "" {
+		o.ResolvConf = "/etc/resolv.conf"
+	}
+	if o.Getenv == nil {
+		o.Getenv = os.Getenv
+	}
+	if o.Timeout <= 0 {
+		o.Timeout = 1800 * time.Millisecond
+	}
+	if o.Root == "" {
+		o.Root = "/"
+	}
+	return o
+}
+
+// coordinatorURL parses and checks CoordinatorURL; nil when unset.
+func (o *Options) coordinatorURL() (*url.URL, error) {
+	if o.CoordinatorURL == "" {
+		return nil, nil
+	}
+	s := o.CoordinatorURL
+	if !strings.Contains(s, "://") {
+		s = "https://" + s
+	}
+	u, err := url.Parse(s)
+	if err != nil {
+		return nil, fmt.Errorf("coordinator URL %q: %w", o.CoordinatorURL, err)
+	}
+	if u.Scheme != "https" && u.Scheme != "http" {
+		return nil, fmt.Errorf("coordinator URL %q: scheme must be https", o.CoordinatorURL)
+	}
+	if u.Hostname() == "" {
+		return nil, fmt.Errorf("coordinator URL %q has no host", o.CoordinatorURL)
+	}
+	return u, nil
+}
+
+// Validate reports a configuration error in one line.
+func (o *Options) Validate() error {
+	if _, err := o.coordinatorURL(); err != nil {
+		return err
+	}
+	fp := strings.ReplaceAll(o.Fingerprint, ":", "")
+	if fp != "" && len(fp) != 64 {
+		return fmt.Errorf("fingerprint %q: want the 64 hex digits of a SHA-256", o.Fingerprint)
+	}
+	for _, c := range fp {
+		if !strings.ContainsRune("0123456789abcdefABCDEF", c) {
+			return fmt.Errorf("fingerprint %q: want hex digits", o.Fingerprint)
+		}
+	}
+	if o.STUNPort < 0 || o.STUNPort > 65535 {
+		return fmt.Errorf("STUN port %d: want 1-65535", o.STUNPort)
+	}
+	return nil
+}
+
+// Run performs one full check (workspace or, with Host, node) and returns
+// the report. It never returns nil; problems running a check become
+// findings.
+func Run(ctx context.Context, opts Options) *Report {
+	o := opts.withDefaults()
+	if o.Host {
+		return runHost(ctx, &o)
+	}
+	return runWorkspace(ctx, &o, "full")
+}
+
+// runWorkspace runs the in-workspace checks. scope "quick" stops after the
+// local state and the gateway round trip (the watch loop's heartbeat).
+func runWorkspace(ctx context.Context, o *Options, scope string) *Report {
+	started := time.Now()
+	rep := &Report{Mode: "workspace", Scope: scope}
+	u, err := o.coordinatorURL()
+	if err != nil {
+		c := newCheck("options", "Options")
+		c.fail(StatusBroken, "options.invalid", err.Error(), nil, Remedy{Text: "pass --coordinator-url https://HOST[:PORT]"})
+		rep.add(c.done())
+		rep.finish(started)
+		return rep
+	}
+
+	st, err := readNetState()
+	if err != nil {
+		c := newCheck("link", "Interface, carrier and MTU")
+		c.fail(StatusBroken, "netlink.unavailable", fmt.Sprintf("cannot read the network configuration: %v", err), nil,
+			Remedy{Text: "rtnetlink is unavailable (a sandboxed runtime such as gVisor?); the active probes below still run"})
+		rep.add(c.done())
+	}
+	prim := &primary{}
+	if st != nil {
+		var local []*check
+		local, prim = localChecks(st, o)
+		for _, c := range local {
+			rep.add(c)
+		}
+	}
+
+	png, perr := openPinger()
+	if perr != nil && !errors.Is(perr, errNoICMP) {
+		o.Logger.Debug("ICMP unavailable", "err", perr)
+	}
+	if png != nil {
+		defer png.Close()
+	}
+	var seq atomic.Uint32
+
+	budget := o.Timeout
+	gwBudget := budget * 5 / 9
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	add := func(cs ...*check) {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range cs {
+			rep.add(c)
+		}
+	}
+
+	gwDone := make(chan *probeResult, 1)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		c, res := gatewayCheck(ctx, prim, png, &seq, gwBudget)
+		add(c)
+		gwDone <- res
+	}()
+	if scope == "quick" {
+		wg.Wait()
+		rep.sortChecks()
+		diagnose(rep)
+		rep.finish(started)
+		return rep
+	}
+
+	// The coordinator's address, once DNS (or the literal URL) gives it, is a
+	// second MTU probe target.
+	coordAddr := make(chan netip.Addr, 1)
+	host := ""
+	if u != nil {
+		host = u.Hostname()
+		if a, err := netip.ParseAddr(host); err == nil {
+			coordAddr <- a
+		}
+	}
+	if u == nil {
+		close(coordAddr)
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		c, resolved := dnsCheck(ctx, o, host, budget*2/3)
+		add(c)
+		if u != nil && len(resolved) > 0 {
+			select {
+			case coordAddr <- resolved[0]:
+			default:
+			}
+		}
+		if u != nil {
+			select {
+			case coordAddr <- netip.Addr{}:
+			default:
+			}
+		}
+	}()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		res := <-gwDone
+		c := mtuCheck(ctx, prim, res, func() netip.Addr {
+			a, ok := <-coordAddr
+			if !ok {
+				return netip.Addr{}
+			}
+			return a
+		}, &seq, budget-gwBudget)
+		add(c)
+	}()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		pc, proxyURL := proxyCheck(ctx, o, u, budget/2)
+		add(pc)
+		var hwg sync.WaitGroup
+		hwg.Add(2)
+		go func() {
+			defer hwg.Done()
+			add(httpsCheck(ctx, o, u, proxyURL, budget))
+		}()
+		go func() {
+			defer hwg.Done()
+			add(relayChecks(ctx, o, u, proxyURL, budget))
+		}()
+		hwg.Wait()
+	}()
+	wg.Wait()
+	rep.sortChecks()
+	diagnose(rep)
+	rep.finish(started)
+	return rep
+}
+
+func (r *Report) add(c *check) {
+	r.Checks = append(r.Checks, c.Check)
+	r.Findings = append(r.Findings, c.findings...)
+}
+
+// checkOrder is the order checks appear in, from the wire outwards.
+var checkOrder = []string{"options", "link", "address", "route", "gateway", "mtu", "dns", "proxy", "https", "clock", "derp", "udp",
+	"bridges", "veths", "networkd", "networkd-state", "udev-link", "foreign-routes"}
+
+func (r *Report) sortChecks() {
+	pos := func(id string) int {
+		for i, x := range checkOrder {
+			if x == id {
+				return i
+			}
+		}
+		return len(checkOrder)
+	}
+	sorted := make([]Check, 0, len(r.Checks))
+	for i := 0; i <= len(checkOrder); i++ {
+		for _, c := range r.Checks {
+			if pos(c.ID) == i {
+				sorted = append(sorted, c)
+			}
+		}
+	}
+	r.Checks = sorted
+}
+
+// diagnose names the root cause when several findings share one: a silent
+// gateway explains DNS, HTTPS and relay failures behind it.
+func diagnose(r *Report) {
+	gw := r.Finding("gateway.unreachable")
+	if gw == nil {
+		if inconclusive := r.Finding("gateway.no_answer"); inconclusive != nil {
+			// Without ICMP the gateway probe alone is not decisive; the
+			// path is broken if nothing beyond it answers either.
+			if r.Finding("https.timeout") != nil || r.Finding("dns.unreachable") != nil {
+				inconclusive.Severity = StatusBroken
+				inconclusive.Code = "gateway.unreachable"
+				inconclusive.Problem = "workspace network broken past the interface: neither the gateway nor anything beyond it answers"
+				if c := r.Check("gateway"); c != nil {
+					c.Status = StatusBroken
+				}
+				gw = inconclusive
+			}
+		}
+	}
+	if gw != nil {
+		r.Summary = gw.Problem
+		for i := range r.Findings {
+			f := &r.Findings[i]
+			switch f.Check {
+			case "dns", "https", "derp", "udp", "mtu", "proxy":
+				f.Evidence = append(f.Evidence, "likely a consequence of: "+gw.Problem)
+			}
+		}
+		return
+	}
+	if f := r.Finding("route.no_default"); f != nil {
+		r.Summary = f.Problem
+	}
+}

@@ -1,0 +1,148 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"github.com/agentd/agent/agent/netcheck"
+	"github.com/spf13/cobra"
+)
+
+func newNetcheckCmd(env *cliEnv) *cobra.Command {
+	var (
+		opts         netcheck.Options
+		jsonOut      bool
+		watch        bool
+		interval     time.Duration
+		fix          bool
+		dryRun       bool
+		guardPattern []string
+	)
+	cmd := &cobra.Command{
+		Use:   "netcheck",
+		Short: "Diagnose this workspace's network (or a node's, with --host): what is broken, where, and the fix",
+		Long: `netcheck checks the network from the inside with active probes: interface and
+carrier, addresses, default route, a round trip to the gateway, path MTU with
+don't-fragment probes, DNS, the proxy, HTTPS to the coordinator (certificate
+and clock), the DERP relay and UDP/STUN.
+
+With --host it checks the node instead: container bridges, veth attachment,
+systemd-networkd and udev configuration and state; --fix writes the
+configuration that keeps networkd and udev off container interfaces.
+
+Exit status: 0 healthy, 1 degraded, 2 broken. See docs/netcheck.md.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			opts.Logger = env.Logger()
+			opts.Getenv = env.Getenv
+			if err := opts.Validate(); err != nil {
+				return err
+			}
+			if (fix || dryRun) && !opts.Host {
+				return fmt.Errorf("--fix and --dry-run change the node's networkd configuration: add --host")
+			}
+			if fix && watch {
+				return fmt.Errorf("--fix and --watch do not combine: fix first, then watch")
+			}
+			ctx := cmd.Context()
+			if fix || dryRun {
+				return runGuard(ctx, env, opts, guardPattern, dryRun, jsonOut)
+			}
+			if watch {
+				err := netcheck.Watch(ctx, opts, netcheck.WatchOptions{Interval: interval}, func(r *netcheck.Report) {
+					if jsonOut {
+						_ = r.WriteJSON(env.Stdout)
+						return
+					}
+					fmt.Fprintf(env.Stdout, "%s ", time.Now().Format(time.RFC3339))
+					_ = r.WriteText(env.Stdout)
+					fmt.Fprintln(env.Stdout)
+				})
+				if err != nil && ctx.Err() == nil {
+					return err
+				}
+				return nil
+			}
+			r := netcheck.Run(ctx, opts)
+			if jsonOut {
+				if err := r.WriteJSON(env.Stdout); err != nil {
+					return err
+				}
+			} else if err := r.WriteText(env.Stdout); err != nil {
+				return err
+			}
+			if code := r.ExitCode(); code != 0 {
+				return &exitError{code: code}
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&opts.CoordinatorURL, "coordinator-url", env.Getenv("AGENT_COORDINATOR_URL"), "coordinator base URL, https://HOST[:PORT] (env AGENT_COORDINATOR_URL)")
+	f.StringVar(&opts.Fingerprint, "fingerprint", env.Getenv("AGENT_COORDINATOR_FINGERPRINT"), "pin the coordinator's certificate: hex SHA-256 of its DER form (env AGENT_COORDINATOR_FINGERPRINT)")
+	f.IntVar(&opts.STUNPort, "stun-port", 3478, "the coordinator's STUN (UDP) port")
+	f.StringVar(&opts.Interface, "interface", "", "interface to check (default: the default route's)")
+	f.DurationVar(&opts.Timeout, "timeout", 1800*time.Millisecond, "time limit for the active probes of one run")
+	f.BoolVar(&jsonOut, "json", false, "print the report as JSON (schema in docs/netcheck.md)")
+	f.BoolVar(&watch, "watch", false, "keep checking; print a report whenever the status changes")
+	f.DurationVar(&interval, "interval", time.Second, "with --watch: how often to probe")
+	f.BoolVar(&opts.Host, "host", false, "check the node (bridges, veths, systemd-networkd, udev) instead of the workspace")
+	f.StringVar(&opts.Root, "root", "/", "with --host: where the node's file tree is (a DaemonSet mounts it at /host)")
+	f.StringSliceVar(&opts.Bridges, "bridge", nil, "with --host: a bridge that must exist, be up and addressed (repeatable; CNI and Docker bridges are found automatically)")
+	f.BoolVar(&fix, "fix", false, "with --host: write networkd/udev configuration that keeps them off container interfaces")
+	f.BoolVar(&dryRun, "dry-run", false, "with --host: show what --fix would write, change nothing")
+	f.StringSliceVar(&guardPattern, "pattern", nil, "with --fix: extra interface-name glob to mark unmanaged (refused if it matches the uplink)")
+	return cmd
+}
+
+// runGuard plans the networkd guard, shows it, and writes it unless this is
+// a dry run; afterwards it checks the node again.
+func runGuard(ctx context.Context, env *cliEnv, opts netcheck.Options, patterns []string, dryRun, jsonOut bool) error {
+	plan, err := netcheck.PlanGuard(opts, netcheck.GuardOptions{Patterns: patterns})
+	if err != nil {
+		return err
+	}
+	if dryRun {
+		if jsonOut {
+			return writeJSON(env, plan)
+		}
+		if err := plan.WriteText(env.Stdout); err != nil {
+			return err
+		}
+		if plan.Changed() {
+			fmt.Fprintln(env.Stdout, "\ndry run: nothing written; run again with --fix (without --dry-run) to apply")
+		} else {
+			fmt.Fprintln(env.Stdout, "\nthe guard is already in place")
+		}
+		return nil
+	}
+	changed := plan.Changed()
+	if err := plan.Apply(); err != nil {
+		return err
+	}
+	r := netcheck.Run(ctx, opts)
+	if jsonOut {
+		return writeJSON(env, struct {
+			Plan   *netcheck.GuardPlan `json:"plan"`
+			Report *netcheck.Report    `json:"report"`
+		}{plan, r})
+	}
+	if err := plan.WriteText(env.Stdout); err != nil {
+		return err
+	}
+	if changed {
+		fmt.Fprintln(env.Stdout, "\nwritten. Make the running services read it:\n  networkctl reload\n  udevadm control --reload")
+	} else {
+		fmt.Fprintln(env.Stdout, "\nthe guard was already in place; nothing written")
+	}
+	fmt.Fprintln(env.Stdout)
+	return r.WriteText(env.Stdout)
+}
+
+func writeJSON(env *cliEnv, v any) error {
+	enc := json.NewEncoder(env.Stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
