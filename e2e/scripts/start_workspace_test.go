@@ -372,3 +372,34 @@ func (b *syncBuffer) String() string {
 	defer b.mu.Unlock()
 	return b.buf.String()
 }
+
+// TestStartWorkspaceSelfSignedCoordinator: with a pinned fingerprint the
+// probe accepts the self-signed certificate (the agent checks the pin);
+// without one, an unverifiable certificate is reported as the reason.
+func TestStartWorkspaceSelfSignedCoordinator(t *testing.T) {
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte("ok\n"))
+	}))
+	defer srv.Close()
+	dir := worldDir(t)
+	tok := tokenFile(t, dir)
+	downloaders := map[string]string{
+		"curl":     pathWith(t, append(baseTools, "curl")...),
+		"gnu-wget": pathWith(t, append(baseTools, "wget")...),
+	}
+	for name, path := range downloaders {
+		t.Run(name, func(t *testing.T) {
+			base := []string{"PATH=" + path, "AGENT_BIN=" + env.agent, "AGENT_URL=" + srv.URL,
+				"AGENT_TOKEN_FILE=" + tok, "AGENT_WAIT_ATTEMPTS=1"}
+			r := runScript(t, []string{"/bin/sh"}, "start-workspace", base, nil, "--help")
+			if r.code != 1 || !strings.Contains(r.stderr, "did not answer GET /healthz after 1 attempts") ||
+				!strings.Contains(strings.ToLower(r.stderr), "certificate") {
+				t.Errorf("unpinned self-signed: exit %d, stderr %q; want 1 and a certificate error", r.code, r.stderr)
+			}
+			r = runScript(t, []string{"/bin/sh"}, "start-workspace", append(base, "AGENT_FINGERPRINT=00ff"), nil, "--help")
+			if !strings.Contains(r.stderr, "coordinator at "+srv.URL+" is up") {
+				t.Errorf("pinned self-signed: exit %d, stderr %q; want the coordinator reported up", r.code, r.stderr)
+			}
+		})
+	}
+}
