@@ -734,17 +734,24 @@ func (c *Conn) DialContextUDP(ctx context.Context, dst netip.AddrPort) (net.Conn
 }
 
 // AwaitReachable returns once a TSMP ping to ip (answered by the peer's
-// WireGuard and netstack) comes back. Pings go out on a short, growing
-// interval, several in flight, so a first handshake packet lost while the
-// peer was not ready costs milliseconds, not WireGuard's 5 s retry.
+// WireGuard and netstack) comes back. Call it before the first dial to a
+// new or restarted peer. Pings go out on a short, growing interval, several
+// in flight; and since WireGuard itself retries a lost handshake only after
+// 5 s (a first handshake is easily lost while the peer's relay connection
+// is still being set up), a peer that has not completed a handshake by the
+// next retry point is reset so the next ping starts a fresh one.
 func (c *Conn) AwaitReachable(ctx context.Context, ip netip.Addr) error {
-	if !c.isPeerIP(ip) {
+	c.mu.RLock()
+	p, ok := c.byIP[ip]
+	c.mu.RUnlock()
+	if !ok {
 		return fmt.Errorf("tailnet: no peer has address %v", ip)
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	pong := make(chan struct{}, 1)
+	start := time.Now()
 	delay := 50 * time.Millisecond
+	resetAfter := 500 * time.Millisecond
+	nextReset := start.Add(resetAfter)
 	t := time.NewTimer(0)
 	defer t.Stop()
 	for {
@@ -757,6 +764,14 @@ func (c *Conn) AwaitReachable(ctx context.Context, ip netip.Addr) error {
 			return nil
 		case <-t.C:
 		}
+		if now := time.Now(); now.After(nextReset) {
+			if hs := c.lastHandshake(p.key); hs.IsZero() || hs.Before(start) {
+				c.logger.Debug("no WireGuard handshake yet; restarting it", "peer", p.node.ID, "waited", now.Sub(start).Round(time.Millisecond))
+				c.eng.ResetDevicePeer(p.key)
+			}
+			resetAfter = min(resetAfter*2, 4*time.Second)
+			nextReset = now.Add(resetAfter)
+		}
 		c.eng.Ping(ip, tailcfg.PingTSMP, 0, func(r *ipnstate.PingResult) {
 			if r.Err == "" {
 				select {
@@ -768,6 +783,17 @@ func (c *Conn) AwaitReachable(ctx context.Context, ip netip.Addr) error {
 		t.Reset(delay)
 		delay = min(delay*3/2, time.Second)
 	}
+}
+
+// lastHandshake is the time of the last completed WireGuard handshake with
+// the peer, zero if none.
+func (c *Conn) lastHandshake(k key.NodePublic) time.Time {
+	sb := &ipnstate.StatusBuilder{WantPeers: true}
+	c.eng.UpdateStatus(sb)
+	if ps, ok := sb.Status().Peer[k]; ok && ps != nil {
+		return ps.LastHandshake
+	}
+	return time.Time{}
 }
 
 // Ping sends a disco ping and reports the path the pong took.
