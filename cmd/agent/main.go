@@ -72,6 +72,7 @@ func newRootCmd(env *cliEnv) *cobra.Command {
 
 	// Commands, one constructor per file.
 	// (add one line per command below; keep the list sorted)
+	root.AddCommand(newConfigSSHCmd(env))
 	root.AddCommand(newNetcheckCmd(env))
 	root.AddCommand(newVersionCmd(env))
 
