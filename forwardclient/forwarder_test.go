@@ -318,3 +318,12 @@ func TestListPortsAndTable(t *testing.T) {
 		t.Fatalf("error %v", err)
 	}
 }
+
+func TestBindAddressNotHere(t *testing.T) {
+	ms := []forwardclient.Mapping{{Network: "tcp", Bind: netip.MustParseAddr("192.0.2.1"), Local: 18080, Remote: 3000}}
+	_, err := forwardclient.Listen(forwardclient.Options{Dialer: agentPath(t)}, ms)
+	want := "cannot listen on 192.0.2.1:18080: 192.0.2.1 is not an address of this machine; use --bind with a local address"
+	if err == nil || err.Error() != want {
+		t.Fatalf("error %v, want %q", err, want)
+	}
+}

@@ -27,9 +27,9 @@ type Fallback func(src, dst netip.AddrPort) (handler func(net.Conn), ok bool)
 // TunnelOptions configures a Tunnel.
 type TunnelOptions struct {
 	TCP, UDP Fallback
-	// Opaque hides that the tunnel's connections are kernel TCP sockets, as
-	// the tailnet's userspace connections are not, so relays take their
-	// buffered copy path instead of splice(2).
+	// Opaque hides that the tunnel's connections are kernel TCP sockets
+	// (no SetLinger, ReadFrom or File), so the code under test sees only what
+	// the tailnet's userspace connections offer: net.Conn and CloseWrite.
 	Opaque bool
 }
 
