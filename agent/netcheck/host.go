@@ -10,6 +10,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -310,7 +311,7 @@ func bridgesCheck(inv *inventory) *check {
 		l := linkByName(st, e.name)
 		if l == nil {
 			ev := []string{fmt.Sprintf("%s is configured by %s but does not exist", e.name, e.source)}
-			if n := vethsWithoutMaster(st); len(n) > 0 {
+			if n := vethsWithoutMaster(st, inv.protected); len(n) > 0 {
 				ev = append(ev, fmt.Sprintf("veths without a bridge: %s", strings.Join(n, ", ")))
 			}
 			c.fail(StatusBroken, "bridge.missing", fmt.Sprintf("bridge %s is gone: every container on it has lost its network", e.name), ev,
@@ -405,10 +406,13 @@ func linkByName(st *netState, name string) netlink.Link {
 
 // vethsWithoutMaster lists container veths that are in no bridge and carry
 // no route (a routed CNI's veths have a host route through them).
-func vethsWithoutMaster(st *netState) []string {
+func vethsWithoutMaster(st *netState, protected []string) []string {
 	var out []string
 	for _, l := range st.links {
 		a := l.Attrs()
+		if slices.Contains(protected, a.Name) {
+			continue
+		}
 		if l.Type() == "veth" && a.MasterIndex == 0 && a.NetNsID >= 0 && st.routesVia(a.Index) == 0 && len(st.globalAddrs(a.Index)) == 0 {
 			out = append(out, a.Name)
 		}
@@ -422,7 +426,7 @@ func vethsCheck(inv *inventory) *check {
 	st := inv.st
 	total, attached := 0, 0
 	for _, l := range st.links {
-		if l.Type() == "veth" && l.Attrs().NetNsID >= 0 {
+		if l.Type() == "veth" && l.Attrs().NetNsID >= 0 && !slices.Contains(inv.protected, l.Attrs().Name) {
 			total++
 			if l.Attrs().MasterIndex > 0 {
 				attached++
@@ -454,7 +458,7 @@ func vethsCheck(inv *inventory) *check {
 			bridge = m.Attrs().Name
 		}
 	}
-	detached := vethsWithoutMaster(st)
+	detached := vethsWithoutMaster(st, inv.protected)
 	for _, n := range detached {
 		l := linkByName(st, n)
 		c.fail(StatusBroken, "veth.no_master", fmt.Sprintf("veth %s is detached from its bridge: the container behind it has no network past its eth0", n),
@@ -464,7 +468,7 @@ func vethsCheck(inv *inventory) *check {
 	}
 	for _, l := range st.links {
 		a := l.Attrs()
-		if l.Type() == "veth" && a.NetNsID >= 0 && !adminUp(l) {
+		if l.Type() == "veth" && a.NetNsID >= 0 && !adminUp(l) && !slices.Contains(inv.protected, a.Name) {
 			c.fail(StatusBroken, "veth.down", fmt.Sprintf("veth %s is down: the container behind it has no carrier", a.Name),
 				[]string{fmt.Sprintf("%s flags %v", a.Name, a.Flags)},
 				Remedy{Text: "bring it up", Commands: []string{"ip link set " + a.Name + " up"}})
@@ -547,9 +551,6 @@ func networkdConfigCheck(cfg *networkd.Config, inv *inventory, o *Options, activ
 			continue
 		}
 		why := "its [Match] selects it"
-		if sel.Match.Empty {
-			why = "it has no [Match] keys, so it matches every interface"
-		}
 		what := ifc.Name
 		if ifc.Name == sampleVeth {
 			what = "every new container veth (e.g. " + sampleVeth + ")"
@@ -558,8 +559,17 @@ func networkdConfigCheck(cfg *networkd.Config, inv *inventory, o *Options, activ
 		files = append(files, sel.File.Path)
 	}
 	c.detail("network_files", len(cfg.Networks))
-	if len(hazards) == 0 {
+	for _, f := range cfg.CatchAll() {
+		c.fail(StatusDegraded, "networkd.catch_all_file", fmt.Sprintf("%s has no [Match] keys: current networkd ignores it, older versions (the 2016 CoreOS outage) apply it to every interface, containers included", f.Path),
+			[]string{fmt.Sprintf("%s: no Name=, Kind=, Type=, Driver= or other [Match] key", f.Path)},
+			Remedy{Text: "give it a [Match] naming the interfaces it is meant for (e.g. Name=en* eth0), so its effect does not depend on the systemd version"})
+	}
+	if len(hazards) == 0 && len(c.findings) == 0 {
 		c.Summary = fmt.Sprintf("no .network file would manage container interfaces (%d files read)", len(cfg.Networks))
+		return c.done()
+	}
+	if len(hazards) == 0 {
+		c.Summary = fmt.Sprintf("%d .network file(s) without [Match]", len(c.findings))
 		return c.done()
 	}
 	sort.Strings(files)

@@ -115,9 +115,14 @@ func (s *netState) onLink(idx int, gw net.IP) bool {
 func (s *netState) routesVia(idx int) int {
 	n := 0
 	for _, r := range s.routes {
-		if r.LinkIndex == idx && !isDefault(r) {
-			n++
+		if r.LinkIndex != idx || isDefault(r) {
+			continue
 		}
+		// Every IPv6-enabled link gets fe80::/64; only real routes count.
+		if r.Dst != nil && (r.Dst.IP.IsLinkLocalUnicast() || r.Dst.IP.IsMulticast()) {
+			continue
+		}
+		n++
 	}
 	return n
 }

@@ -187,6 +187,7 @@ func (r *Report) WriteText(w io.Writer) error {
 	if len(r.Findings) > 0 {
 		b.WriteString("\nFindings:\n")
 	}
+	shown := map[string]bool{}
 	for i, f := range r.Findings {
 		fmt.Fprintf(&b, "\n%d. [%s] %s (%s)\n", i+1, f.Severity, f.Problem, f.Code)
 		for _, e := range f.Evidence {
@@ -199,6 +200,11 @@ func (r *Report) WriteText(w io.Writer) error {
 			fmt.Fprintf(&b, "     $ %s\n", c)
 		}
 		for _, fc := range f.Remedy.Files {
+			if shown[fc.Path] {
+				fmt.Fprintf(&b, "     write %s (content above)\n", fc.Path)
+				continue
+			}
+			shown[fc.Path] = true
 			fmt.Fprintf(&b, "     write %s:\n", fc.Path)
 			for _, line := range strings.Split(strings.TrimRight(fc.Content, "\n"), "\n") {
 				fmt.Fprintf(&b, "       | %s\n", line)

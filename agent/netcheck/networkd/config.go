@@ -272,17 +272,35 @@ type Selection struct {
 }
 
 // NetworkFor returns the .network file networkd would apply to ifc (first
-// match in file-name order), or nil if none matches.
+// match in file-name order), or nil if none matches. A file without any
+// [Match] key is skipped, as current networkd does ("No valid settings found
+// in the [Match] section, ignoring file"); older versions applied such a
+// file to every interface, see CatchAll.
 func (c *Config) NetworkFor(ifc Interface) *Selection {
 	for _, f := range c.Networks {
 		if f.Masked || f.Unit == nil {
 			continue
 		}
-		if r := Match(f.Unit, ifc, false); r.Matches {
+		if r := Match(f.Unit, ifc, false); r.Matches && !r.Empty {
 			return &Selection{File: f, Match: r}
 		}
 	}
 	return nil
+}
+
+// CatchAll lists the .network files without [Match] keys: ignored by
+// current networkd, applied to every interface by older versions.
+func (c *Config) CatchAll() []*File {
+	var out []*File
+	for _, f := range c.Networks {
+		if f.Masked || f.Unit == nil {
+			continue
+		}
+		if Match(f.Unit, Interface{}, false).Empty {
+			out = append(out, f)
+		}
+	}
+	return out
 }
 
 // LinkFor returns the .link file udev would apply to ifc, or nil. A .link

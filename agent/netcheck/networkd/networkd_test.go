@@ -118,7 +118,7 @@ func TestLoadPrecedence(t *testing.T) {
 			setup: func(t *testing.T, root string) {
 				write(t, root, "/usr/lib/systemd/network/10-a.network", "[Match]\nName=veth*\n[Link]\nUnmanaged=yes\n")
 				write(t, root, "/etc/systemd/network/10-a.network", "[Match]\nName=en*\n")
-				write(t, root, "/etc/systemd/network/99-all.network", "[Network]\nDHCP=yes\n")
+				write(t, root, "/etc/systemd/network/99-all.network", "[Match]\nName=*\n[Network]\nDHCP=yes\n")
 			},
 			ifc: veth, want: "/etc/systemd/network/99-all.network", managed: true,
 		},
@@ -194,6 +194,14 @@ func TestLoadPrecedence(t *testing.T) {
 				symlink(t, root, "usr/lib", "/lib")
 			},
 			ifc: veth, want: "/usr/lib/systemd/network/70-v.network", managed: true,
+		},
+		{
+			name: "a file without [Match] is ignored (current networkd)",
+			setup: func(t *testing.T, root string) {
+				write(t, root, "/etc/systemd/network/00-nomatch.network", "[Network]\nDHCP=yes\n")
+				write(t, root, "/etc/systemd/network/50-v.network", "[Match]\nKind=veth\n")
+			},
+			ifc: veth, want: "/etc/systemd/network/50-v.network", managed: true,
 		},
 		{
 			name: "symlink to another file is followed",
