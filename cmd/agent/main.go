@@ -72,6 +72,11 @@ func newRootCmd(env *cliEnv) *cobra.Command {
 
 	// Commands, one constructor per file.
 	// (add one line per command below; keep the list sorted)
+	root.AddCommand(newPingCmd(env))
+	root.AddCommand(newPortForwardCmd(env))
+	root.AddCommand(newPortsCmd(env))
+	root.AddCommand(newRunCmd(env))
+	root.AddCommand(newSSHCmd(env))
 	root.AddCommand(newConfigSSHCmd(env))
 	root.AddCommand(newNetcheckCmd(env))
 	root.AddCommand(newVersionCmd(env))

@@ -1,0 +1,470 @@
+// Package agent is the workspace agent's lifecycle: it registers with the
+// coordinator, brings up the userspace tailnet, mounts the agent's services
+// on it (SSH on port 1, the agent API on port 2, every other port forwarded to
+// the workspace's localhost), keeps the tailnet up while the coordinator is
+// away, and shuts down promptly on request.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/agentd/agent/agent/portforward"
+	"github.com/agentd/agent/agent/sshd"
+	"github.com/agentd/agent/coordclient"
+	"github.com/agentd/agent/metrics"
+	"github.com/agentd/agent/protocol"
+	"github.com/agentd/agent/tailnet"
+)
+
+// Tailnet ports the agent serves itself. Ports up to portforward.ReservedPorts
+// belong to the agent; every other port leads to the workspace's localhost.
+const (
+	PortSSH = 1
+	PortAPI = 2
+)
+
+// lostPeerGrace is how long a client whose coordinator connection dropped
+// ("lost", not "disconnected") stays configured. Its tunnel keeps working
+// meanwhile: a laptop on a flaky network, or a coordinator restart, must not
+// cut an established SSH session.
+const lostPeerGrace = 15 * time.Minute
+
+// shutdownGrace bounds how long services get to finish on shutdown, so the
+// agent exits well inside a container runtime's SIGTERM grace period.
+const shutdownGrace = 3 * time.Second
+
+// Options configure an agent.
+type Options struct {
+	Logger *slog.Logger
+	// Coordinator is where to register and how to authenticate.
+	Coordinator coordclient.Config
+	// DataDir keeps state across restarts (the SSH host key).
+	DataDir string
+	// HealthAddr, if set, serves /healthz, /readyz and /metrics on a plain
+	// local listener for container probes and scrapers.
+	HealthAddr string
+	// ListenPort is the UDP port for WireGuard; 0 picks one.
+	ListenPort uint16
+	// Registry receives the agent's metrics; nil creates one.
+	Registry *metrics.Registry
+	// NetworkStatus, if set, is a source of the workspace's network verdict
+	// (netcheck) published on the health endpoint and the agent API.
+	NetworkStatus NetworkStatusFunc
+}
+
+// NetworkStatusFunc reports the latest network verdict: a status
+// ("healthy", "degraded", "broken") and a one-line summary.
+type NetworkStatusFunc func() (status, summary string)
+
+// Agent is a running workspace agent.
+type Agent struct {
+	opts    Options
+	log     *slog.Logger
+	metrics *metrics.Agent
+	reg     *metrics.Registry
+
+	coord *coordclient.Client
+
+	helloCh chan protocol.Hello // first hello, then later ones
+
+	mu         sync.Mutex
+	conn       *tailnet.Conn
+	hello      protocol.Hello
+	connected  bool
+	lastErr    error
+	peers      map[tailnet.NodeID]*peerInfo
+	byAddr     map[netip.Addr]*peerInfo
+	pendingOps []func(*tailnet.Conn) // peer changes that arrived before the tailnet was up
+}
+
+type peerInfo struct {
+	peer      protocol.Peer
+	lostTimer *time.Timer
+}
+
+// New validates the options and prepares an agent; Run starts it.
+func New(opts Options) (*Agent, error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.DataDir == "" {
+		return nil, errors.New("no data directory: pass --data-dir (or AGENT_DATA_DIR) so the SSH host key survives restarts")
+	}
+	if err := os.MkdirAll(opts.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("create data directory: %w", err)
+	}
+	if opts.Registry == nil {
+		opts.Registry = metrics.NewRegistry()
+	}
+	a := &Agent{
+		opts:    opts,
+		log:     opts.Logger,
+		reg:     opts.Registry,
+		metrics: metrics.NewAgent(opts.Registry),
+		helloCh: make(chan protocol.Hello, 1),
+		peers:   make(map[tailnet.NodeID]*peerInfo),
+		byAddr:  make(map[netip.Addr]*peerInfo),
+	}
+	cfg := opts.Coordinator
+	cfg.Logger = opts.Logger.With("component", "coordination")
+	a.coord = coordclient.New(cfg, (*coordHandler)(a))
+	return a, nil
+}
+
+// Run serves until ctx is done or the coordinator refuses the agent for good
+// (a wrong, expired or revoked token). Shutdown takes at most a few seconds.
+func (a *Agent) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	if a.opts.HealthAddr != "" {
+		stop, err := a.serveHealth(a.opts.HealthAddr)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
+
+	coordDone := make(chan error, 1)
+	go func() { coordDone <- a.coord.Run(ctx) }()
+
+	a.log.Info("waiting for the coordinator to accept this agent", "url", a.opts.Coordinator.URL)
+	var hello protocol.Hello
+	select {
+	case <-ctx.Done():
+		<-coordDone
+		return nil
+	case err := <-coordDone:
+		return fmt.Errorf("coordinator: %w", err)
+	case hello = <-a.helloCh:
+	}
+
+	conn, err := tailnet.NewConn(tailnet.Options{
+		Logger:        a.log.With("component", "tailnet"),
+		NodeID:        hello.NodeID,
+		Addresses:     hello.Addresses,
+		DERPMap:       hello.DERPMap,
+		ListenPort:    a.opts.ListenPort,
+		AcceptInbound: true,
+	})
+	if err != nil {
+		cancel()
+		<-coordDone
+		return fmt.Errorf("start the tailnet: %w", err)
+	}
+	conn.SetNodeCallback(a.coord.UpdateNode)
+	a.coord.UpdateNode(conn.Node())
+
+	svc, err := a.startServices(ctx, conn)
+	if err != nil {
+		conn.Close()
+		cancel()
+		<-coordDone
+		return err
+	}
+
+	a.mu.Lock()
+	a.conn = conn
+	pending := a.pendingOps
+	a.pendingOps = nil
+	a.mu.Unlock()
+	for _, op := range pending {
+		op(conn)
+	}
+	a.log.Info("agent is up", "name", hello.Name, "addresses", hello.Addresses)
+
+	go a.followHellos(ctx, conn)
+	go a.trackPaths(ctx, conn)
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case err := <-coordDone:
+		runErr = fmt.Errorf("coordinator: %w", err)
+		cancel()
+	}
+
+	a.log.Info("shutting down")
+	svc.close()
+	a.mu.Lock()
+	a.conn = nil
+	for _, p := range a.peers {
+		if p.lostTimer != nil {
+			p.lostTimer.Stop()
+		}
+	}
+	a.mu.Unlock()
+	conn.Close()
+	if runErr == nil {
+		select {
+		case <-coordDone:
+		case <-time.After(shutdownGrace):
+		}
+	}
+	return runErr
+}
+
+// services are what the agent serves on the tailnet.
+type services struct {
+	ssh     *sshd.Server
+	api     *http.Server
+	forward *portforward.Forwarder
+	wg      sync.WaitGroup
+}
+
+func (s *services) close() {
+	ctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+	defer cancel()
+	s.api.Shutdown(ctx)
+	s.ssh.Close()
+	s.forward.Close()
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+	}
+}
+
+func (a *Agent) startServices(ctx context.Context, conn *tailnet.Conn) (*services, error) {
+	ssh, err := sshd.New(sshd.Options{
+		Logger:       a.log.With("component", "ssh"),
+		HostKeyPath:  filepath.Join(a.opts.DataDir, "ssh_host_ed25519_key"),
+		PeerIdentity: a.peerIdentity,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("start the SSH server: %w", err)
+	}
+	sshLn, err := conn.Listen(PortSSH)
+	if err != nil {
+		ssh.Close()
+		return nil, fmt.Errorf("listen on tailnet port %d for SSH: %w", PortSSH, err)
+	}
+	apiLn, err := conn.Listen(PortAPI)
+	if err != nil {
+		ssh.Close()
+		sshLn.Close()
+		return nil, fmt.Errorf("listen on tailnet port %d for the agent API: %w", PortAPI, err)
+	}
+	fwd := portforward.New(portforward.Options{Logger: a.log.With("component", "port-forward")})
+	conn.SetTCPFallback(a.counted(metrics.KindPortForwardTCP, fwd.TCP))
+	conn.SetUDPFallback(a.counted(metrics.KindPortForwardUDP, fwd.UDP))
+	sshLn = &countingListener{Listener: sshLn, opened: func() func() { return a.metrics.ConnectionOpened(metrics.KindSSH) }}
+
+	s := &services{ssh: ssh, forward: fwd, api: &http.Server{
+		Handler:           a.apiHandler(),
+		ReadHeaderTimeout: 10 * time.Second,
+	}}
+	s.wg.Add(2)
+	go func() {
+		defer s.wg.Done()
+		if err := ssh.Serve(ctx, sshLn); err != nil && ctx.Err() == nil {
+			a.log.Error("SSH server stopped", "err", err)
+		}
+	}()
+	go func() {
+		defer s.wg.Done()
+		if err := s.api.Serve(apiLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			a.log.Error("agent API stopped", "err", err)
+		}
+	}()
+	return s, nil
+}
+
+// peerIdentity names the coordinator user behind a tailnet address, for the
+// SSH server's session logs.
+func (a *Agent) peerIdentity(remote net.Addr) string {
+	var ip netip.Addr
+	switch ad := remote.(type) {
+	case *net.TCPAddr:
+		ip, _ = netip.AddrFromSlice(ad.IP)
+	default:
+		if ap, err := netip.ParseAddrPort(remote.String()); err == nil {
+			ip = ap.Addr()
+		}
+	}
+	ip = ip.Unmap()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if p, ok := a.byAddr[ip]; ok {
+		return p.peer.User
+	}
+	return ""
+}
+
+// followHellos applies what a coordinator says on later connections: the
+// DERP map may have changed; our identity must not have.
+func (a *Agent) followHellos(ctx context.Context, conn *tailnet.Conn) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case h := <-a.helloCh:
+			if h.NodeID != conn.Node().ID {
+				a.log.Error("the coordinator now gives this agent a different node ID; keeping the old one until restart",
+					"old", conn.Node().ID, "new", h.NodeID)
+			}
+			if h.DERPMap != nil {
+				conn.SetDERPMap(h.DERPMap)
+			}
+			a.coord.UpdateNode(conn.Node())
+		}
+	}
+}
+
+// trackPaths keeps the per-peer path gauge current.
+func (a *Agent) trackPaths(ctx context.Context, conn *tailnet.Conn) {
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		for _, st := range conn.PeerStatus() {
+			name := fmt.Sprint(st.ID)
+			a.mu.Lock()
+			if p, ok := a.peers[st.ID]; ok {
+				name = p.peer.Name
+			}
+			a.mu.Unlock()
+			switch {
+			case len(st.Path) > 6 && st.Path[:6] == "direct":
+				a.metrics.SetPeerPath(name, metrics.PathDirect)
+			case len(st.Path) > 4 && st.Path[:4] == "derp":
+				a.metrics.SetPeerPath(name, metrics.PathDERP)
+			}
+		}
+	}
+}
+
+// withConn runs op on the tailnet now, or once it is up.
+func (a *Agent) withConnLocked(op func(*tailnet.Conn)) {
+	if a.conn != nil {
+		op(a.conn)
+		return
+	}
+	a.pendingOps = append(a.pendingOps, op)
+}
+
+// coordHandler receives the coordinator's messages for the agent.
+type coordHandler Agent
+
+func (h *coordHandler) Hello(hello protocol.Hello) {
+	a := (*Agent)(h)
+	a.mu.Lock()
+	a.hello = hello
+	a.connected = true
+	a.lastErr = nil
+	a.mu.Unlock()
+	// Keep only the newest hello waiting.
+	select {
+	case <-a.helloCh:
+	default:
+	}
+	a.helloCh <- hello
+}
+
+func (h *coordHandler) PeerUpdate(p protocol.Peer) {
+	a := (*Agent)(h)
+	node := p.Node.Clone()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	pi, ok := a.peers[node.ID]
+	if ok {
+		if pi.lostTimer != nil {
+			pi.lostTimer.Stop()
+			pi.lostTimer = nil
+		}
+		for _, pre := range pi.peer.Node.Addresses {
+			delete(a.byAddr, pre.Addr())
+		}
+	} else {
+		pi = &peerInfo{}
+		a.peers[node.ID] = pi
+	}
+	pi.peer = p
+	for _, pre := range node.Addresses {
+		a.byAddr[pre.Addr()] = pi
+	}
+	a.withConnLocked(func(c *tailnet.Conn) {
+		if err := c.UpsertPeer(node); err != nil {
+			a.log.Warn("peer refused by the tailnet", "peer", p.Name, "user", p.User, "err", err)
+		}
+	})
+	a.log.Info("peer introduced", "peer", p.Name, "user", p.User, "role", p.Role, "id", node.ID)
+}
+
+func (h *coordHandler) PeerGone(g protocol.PeerGone) {
+	a := (*Agent)(h)
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	pi, ok := a.peers[g.NodeID]
+	if !ok {
+		return
+	}
+	if g.Reason == protocol.GoneLost {
+		// Keep the tunnel up for a while: traffic does not need the
+		// coordinator, and the peer will most likely be back.
+		if pi.lostTimer == nil {
+			id := g.NodeID
+			pi.lostTimer = time.AfterFunc(lostPeerGrace, func() {
+				a.mu.Lock()
+				defer a.mu.Unlock()
+				if cur, ok := a.peers[id]; ok && cur == pi {
+					a.removePeerLocked(id)
+				}
+			})
+		}
+		a.log.Info("peer lost its coordinator connection; keeping its tunnel for now", "peer", pi.peer.Name, "grace", lostPeerGrace)
+		return
+	}
+	a.removePeerLocked(g.NodeID)
+	a.log.Info("peer gone", "peer", pi.peer.Name, "reason", g.Reason)
+}
+
+func (a *Agent) removePeerLocked(id tailnet.NodeID) {
+	pi, ok := a.peers[id]
+	if !ok {
+		return
+	}
+	if pi.lostTimer != nil {
+		pi.lostTimer.Stop()
+	}
+	delete(a.peers, id)
+	for _, pre := range pi.peer.Node.Addresses {
+		delete(a.byAddr, pre.Addr())
+	}
+	a.metrics.RemovePeer(pi.peer.Name)
+	a.withConnLocked(func(c *tailnet.Conn) { c.RemovePeer(id) })
+}
+
+func (h *coordHandler) Disconnected(err error) {
+	a := (*Agent)(h)
+	a.mu.Lock()
+	a.connected = false
+	a.lastErr = err
+	a.mu.Unlock()
+	// Peers stay: established tunnels do not need the coordinator.
+	a.log.Warn("lost the coordinator; established tunnels keep working while it reconnects", "err", err)
+}
+
+func (h *coordHandler) TunnelStatus(protocol.TunnelStatus) {
+	// Agents never ask for tunnels.
+}
+
+func (h *coordHandler) Error(e protocol.Error) {
+	a := (*Agent)(h)
+	a.log.Warn("the coordinator reported a problem", "code", e.Code, "message", e.Message)
+}

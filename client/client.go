@@ -1,0 +1,326 @@
+// Package client is the laptop side of the tailnet: it asks the coordinator
+// for a tunnel to one workspace, brings up a userspace tailnet node that
+// accepts no inbound flows, and dials the workspace's ports over it.
+package client
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/agentd/agent/coordclient"
+	"github.com/agentd/agent/protocol"
+	"github.com/agentd/agent/tailnet"
+)
+
+// Tailnet ports the agent serves itself (see package agent).
+const (
+	PortSSH = 1
+	PortAPI = 2
+)
+
+// Config says how to reach the coordinator.
+type Config struct {
+	Coordinator coordclient.Config
+	Logger      *slog.Logger
+	// BlockDirect relays everything through DERP (process-wide; see
+	// tailnet.Options.BlockDirect).
+	BlockDirect bool
+}
+
+// Workspace is an open tunnel to one workspace's agent.
+type Workspace struct {
+	name  string
+	log   *slog.Logger
+	coord *coordclient.Client
+	conn  *tailnet.Conn
+
+	cancel    context.CancelFunc
+	coordDone chan error
+
+	mu        sync.Mutex
+	agent     *protocol.Peer
+	agentCh   chan struct{} // closed when the agent's node first arrives
+	refused   error
+	refusedCh chan struct{}
+	helloCh   chan protocol.Hello
+	offline   bool
+}
+
+// Connect asks the coordinator for a tunnel to the named workspace and waits
+// until the workspace's node is known. It fails at once when the coordinator
+// refuses (bad token, no such workspace, no grant); while the workspace is
+// offline it keeps waiting until ctx is done, saying so in the log.
+func Connect(ctx context.Context, cfg Config, workspace string) (*Workspace, error) {
+	if err := protocol.ValidAgentName(workspace); err != nil {
+		return nil, fmt.Errorf("workspace name %q: %w", workspace, err)
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	runCtx, cancel := context.WithCancel(context.Background())
+	w := &Workspace{
+		name:      workspace,
+		log:       log,
+		cancel:    cancel,
+		coordDone: make(chan error, 1),
+		agentCh:   make(chan struct{}),
+		refusedCh: make(chan struct{}),
+		helloCh:   make(chan protocol.Hello, 1),
+	}
+	cc := cfg.Coordinator
+	cc.Logger = log.With("component", "coordination")
+	w.coord = coordclient.New(cc, (*handler)(w))
+	go func() { w.coordDone <- w.coord.Run(runCtx) }()
+
+	fail := func(err error) (*Workspace, error) {
+		w.Close()
+		return nil, err
+	}
+
+	var hello protocol.Hello
+	select {
+	case <-ctx.Done():
+		return fail(fmt.Errorf("waiting for the coordinator at %s: %w", cc.URL, context.Cause(ctx)))
+	case err := <-w.coordDone:
+		w.coordDone <- err
+		return fail(fmt.Errorf("coordinator: %w", err))
+	case hello = <-w.helloCh:
+	}
+
+	conn, err := tailnet.NewConn(tailnet.Options{
+		Logger:      log.With("component", "tailnet"),
+		NodeID:      hello.NodeID,
+		Addresses:   hello.Addresses,
+		DERPMap:     hello.DERPMap,
+		BlockDirect: cfg.BlockDirect,
+	})
+	if err != nil {
+		return fail(fmt.Errorf("start the tailnet: %w", err))
+	}
+	w.mu.Lock()
+	w.conn = conn
+	agent := w.agent
+	w.mu.Unlock()
+	if agent != nil {
+		w.upsertAgent(agent)
+	}
+	conn.SetNodeCallback(w.coord.UpdateNode)
+	w.coord.UpdateNode(conn.Node())
+	w.coord.AddTunnel(workspace)
+	go w.followHellos(runCtx)
+
+	select {
+	case <-ctx.Done():
+		return fail(fmt.Errorf("waiting for workspace %q to come online: %w", workspace, context.Cause(ctx)))
+	case <-w.refusedCh:
+		return fail(w.refused)
+	case err := <-w.coordDone:
+		w.coordDone <- err
+		return fail(fmt.Errorf("coordinator: %w", err))
+	case <-w.agentCh:
+	}
+	return w, nil
+}
+
+// Name is the workspace's name.
+func (w *Workspace) Name() string { return w.name }
+
+// Addr is the workspace agent's tailnet address.
+func (w *Workspace) Addr() netip.Addr {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.agent == nil || len(w.agent.Node.Addresses) == 0 {
+		return netip.Addr{}
+	}
+	return w.agent.Node.Addresses[0].Addr()
+}
+
+// Tailnet gives access to the underlying tailnet connection (status, ping).
+func (w *Workspace) Tailnet() *tailnet.Conn { return w.conn }
+
+// AwaitReachable waits until WireGuard to the workspace is up end to end.
+func (w *Workspace) AwaitReachable(ctx context.Context) error {
+	if err := w.conn.AwaitReachable(ctx, w.Addr()); err != nil {
+		return fmt.Errorf("workspace %q is not reachable over the tailnet: %w", w.name, err)
+	}
+	return nil
+}
+
+// DialTCP connects to a TCP port of the workspace (its agent's own services
+// on ports 1-9, its localhost on every other port).
+func (w *Workspace) DialTCP(ctx context.Context, port uint16) (net.Conn, error) {
+	if err := w.AwaitReachable(ctx); err != nil {
+		return nil, err
+	}
+	c, err := w.conn.DialContextTCP(ctx, netip.AddrPortFrom(w.Addr(), port))
+	if err != nil {
+		if isRefused(err) {
+			return nil, fmt.Errorf("nothing listens on port %d in workspace %q: %w", port, w.name, err)
+		}
+		return nil, fmt.Errorf("connect to port %d of workspace %q: %w", port, w.name, err)
+	}
+	return c, nil
+}
+
+// DialUDP opens a UDP flow to a port of the workspace's localhost.
+func (w *Workspace) DialUDP(ctx context.Context, port uint16) (net.Conn, error) {
+	if err := w.AwaitReachable(ctx); err != nil {
+		return nil, err
+	}
+	c, err := w.conn.DialContextUDP(ctx, netip.AddrPortFrom(w.Addr(), port))
+	if err != nil {
+		return nil, fmt.Errorf("open UDP to port %d of workspace %q: %w", port, w.name, err)
+	}
+	return c, nil
+}
+
+// Ping sends one disco ping to the workspace and reports the path it took.
+func (w *Workspace) Ping(ctx context.Context) (tailnet.PingResult, error) {
+	return w.conn.Ping(ctx, w.Addr())
+}
+
+// HTTPClient reaches the agent API on tailnet port 2 as http://agent/.
+func (w *Workspace) HTTPClient() *http.Client {
+	return &http.Client{
+		Transport: &http.Transport{
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				return w.DialTCP(ctx, PortAPI)
+			},
+			MaxIdleConns:    2,
+			IdleConnTimeout: 30 * time.Second,
+		},
+		Timeout: 30 * time.Second,
+	}
+}
+
+// Close tears down the tunnel.
+func (w *Workspace) Close() error {
+	w.cancel()
+	if w.conn != nil {
+		w.conn.Close()
+	}
+	select {
+	case <-w.coordDone:
+	case <-time.After(2 * time.Second):
+	}
+	return nil
+}
+
+func (w *Workspace) followHellos(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case h := <-w.helloCh:
+			if h.DERPMap != nil {
+				w.conn.SetDERPMap(h.DERPMap)
+			}
+			w.coord.UpdateNode(w.conn.Node())
+		}
+	}
+}
+
+func (w *Workspace) upsertAgent(p *protocol.Peer) {
+	n := p.Node.Clone()
+	if err := w.conn.UpsertPeer(n); err != nil {
+		w.log.Warn("the workspace's node was refused by the tailnet", "workspace", w.name, "err", err)
+	}
+}
+
+func isRefused(err error) bool {
+	return errors.Is(err, syscall.ECONNREFUSED) || strings.Contains(err.Error(), "connection refused") || strings.Contains(err.Error(), "connection was refused")
+}
+
+// handler receives the coordinator's messages for the client.
+type handler Workspace
+
+func (h *handler) Hello(hello protocol.Hello) {
+	w := (*Workspace)(h)
+	select {
+	case <-w.helloCh:
+	default:
+	}
+	w.helloCh <- hello
+}
+
+func (h *handler) PeerUpdate(p protocol.Peer) {
+	w := (*Workspace)(h)
+	if p.Role != protocol.RoleAgent || p.Name != w.name {
+		return
+	}
+	w.mu.Lock()
+	first := w.agent == nil
+	pp := p
+	w.agent = &pp
+	conn := w.conn
+	w.mu.Unlock()
+	if conn != nil {
+		w.upsertAgent(&pp)
+	}
+	if first {
+		close(w.agentCh)
+	}
+}
+
+func (h *handler) PeerGone(g protocol.PeerGone) {
+	w := (*Workspace)(h)
+	w.mu.Lock()
+	agent := w.agent
+	conn := w.conn
+	w.mu.Unlock()
+	if agent == nil || agent.Node.ID != g.NodeID || conn == nil {
+		return
+	}
+	if g.Reason == protocol.GoneLost {
+		// The data plane does not need the coordinator: keep the tunnel.
+		w.log.Info("the workspace lost its coordinator connection; the tunnel stays up", "workspace", w.name)
+		return
+	}
+	w.log.Warn("the workspace left the tailnet", "workspace", w.name, "reason", g.Reason)
+	conn.RemovePeer(g.NodeID)
+}
+
+func (h *handler) TunnelStatus(s protocol.TunnelStatus) {
+	w := (*Workspace)(h)
+	if s.Agent != w.name {
+		return
+	}
+	w.mu.Lock()
+	was := w.offline
+	w.offline = !s.Online
+	w.mu.Unlock()
+	if !s.Online && !was {
+		w.log.Warn("workspace is offline: its agent is not connected to the coordinator; waiting for it", "workspace", w.name)
+	}
+}
+
+func (h *handler) Error(e protocol.Error) {
+	w := (*Workspace)(h)
+	if e.Agent != "" && e.Agent != w.name {
+		return
+	}
+	switch e.Code {
+	case protocol.CodeForbidden, protocol.CodeNoSuchAgent:
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		if w.refused == nil {
+			w.refused = fmt.Errorf("workspace %q: %s", w.name, e.Message)
+			close(w.refusedCh)
+		}
+	}
+}
+
+func (h *handler) Disconnected(err error) {
+	w := (*Workspace)(h)
+	w.log.Warn("lost the coordinator; the tunnel stays up while it reconnects", "err", err)
+}

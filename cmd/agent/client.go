@@ -1,0 +1,68 @@
+package main
+
+import (
+	"context"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/agentd/agent/client"
+	"github.com/agentd/agent/coordclient"
+)
+
+// clientFlags say how a laptop-side command reaches the coordinator. Each
+// field falls back to the environment, then to what `agent login` saved.
+type clientFlags struct {
+	url, token, fingerprint string
+	blockDirect             bool
+}
+
+func (f *clientFlags) register(cmd *cobra.Command, env *cliEnv) {
+	fs := cmd.Flags()
+	fs.StringVar(&f.url, "url", "", "coordinator URL (env AGENT_URL; default: what `agent login` saved)")
+	fs.StringVar(&f.token, "token", "", "user token (env AGENT_TOKEN; default: what `agent login` saved)")
+	fs.StringVar(&f.fingerprint, "fingerprint", "", "pinned coordinator certificate fingerprint (env AGENT_FINGERPRINT)")
+	fs.BoolVar(&f.blockDirect, "derp-only", false, "relay everything through the coordinator's DERP server (no direct UDP path)")
+}
+
+func (f *clientFlags) resolve(env *cliEnv) (coordclient.Config, error) {
+	// Flags win over the environment, which wins over `agent login`'s
+	// saved profile; LoadProfile applies the last two.
+	getenv := func(name string) string {
+		switch name {
+		case coordclient.EnvURL:
+			if f.url != "" {
+				return f.url
+			}
+		case coordclient.EnvToken:
+			if f.token != "" {
+				return f.token
+			}
+		case coordclient.EnvFingerprint:
+			if f.fingerprint != "" {
+				return f.fingerprint
+			}
+		}
+		return env.Getenv(name)
+	}
+	p, err := coordclient.LoadProfile(getenv)
+	if err != nil {
+		return coordclient.Config{}, err
+	}
+	return coordclient.Config{URL: p.URL, Token: p.Token, Fingerprint: p.Fingerprint, Software: "agent-client"}, nil
+}
+
+// connectWorkspace opens a tunnel to a workspace. The name may carry the
+// ".agent" suffix that `agent config-ssh` uses for OpenSSH host names.
+func (e *cliEnv) connectWorkspace(ctx context.Context, f *clientFlags, name string) (*client.Workspace, error) {
+	cfg, err := f.resolve(e)
+	if err != nil {
+		return nil, err
+	}
+	name = strings.TrimSuffix(name, ".agent")
+	return client.Connect(ctx, client.Config{
+		Coordinator: cfg,
+		Logger:      e.Logger(),
+		BlockDirect: f.blockDirect,
+	}, name)
+}
