@@ -16,8 +16,8 @@ import (
 func newRunCmd(env *cliEnv) *cobra.Command {
 	var (
 		url, token, tokenFile, fingerprint string
-		dataDir, healthAddr               string
-		listenPort                        uint16
+		dataDir, healthAddr                string
+		listenPort                         uint16
 	)
 	cmd := &cobra.Command{
 		Use:   "run",
