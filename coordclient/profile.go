@@ -1,0 +1,112 @@
+package coordclient
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+)
+
+// Profile is what a laptop client needs to reach a coordinator, saved by
+// `agent login`.
+type Profile struct {
+	URL         string `json:"url"`
+	Token       string `json:"token"`
+	Fingerprint string `json:"fingerprint,omitempty"`
+}
+
+// Environment variables that override the saved profile, field by field.
+const (
+	EnvURL         = "AGENT_URL"
+	EnvToken       = "AGENT_TOKEN"
+	EnvFingerprint = "AGENT_FINGERPRINT"
+)
+
+// ProfilePath is $XDG_CONFIG_HOME/agent/config.json, or
+// $HOME/.config/agent/config.json when XDG_CONFIG_HOME is unset.
+func ProfilePath(getenv func(string) string) (string, error) {
+	dir := getenv("XDG_CONFIG_HOME")
+	if dir == "" {
+		home := getenv("HOME")
+		if home == "" {
+			return "", errors.New("neither XDG_CONFIG_HOME nor HOME is set; cannot locate the client configuration")
+		}
+		dir = filepath.Join(home, ".config")
+	}
+	return filepath.Join(dir, "agent", "config.json"), nil
+}
+
+// LoadProfile reads the saved profile and applies the environment
+// overrides. It fails with a hint when no URL or token is known.
+func LoadProfile(getenv func(string) string) (Profile, error) {
+	var p Profile
+	path, pathErr := ProfilePath(getenv)
+	if pathErr == nil {
+		data, err := os.ReadFile(path)
+		switch {
+		case err == nil:
+			if err := json.Unmarshal(data, &p); err != nil {
+				return Profile{}, fmt.Errorf("%s is not valid JSON (%v); run agent login again", path, err)
+			}
+		case !errors.Is(err, os.ErrNotExist):
+			return Profile{}, fmt.Errorf("reading %s: %w", path, err)
+		}
+	}
+	if v := getenv(EnvURL); v != "" {
+		p.URL = v
+	}
+	if v := getenv(EnvToken); v != "" {
+		p.Token = v
+	}
+	if v := getenv(EnvFingerprint); v != "" {
+		p.Fingerprint = v
+	}
+	if p.URL == "" || p.Token == "" {
+		return Profile{}, errors.New("not logged in: run `agent login URL --token TOKEN`, or set AGENT_URL and AGENT_TOKEN")
+	}
+	if p.Fingerprint != "" {
+		fp, err := NormalizeFingerprint(p.Fingerprint)
+		if err != nil {
+			return Profile{}, err
+		}
+		p.Fingerprint = fp
+	}
+	return p, nil
+}
+
+// SaveProfile writes the profile (mode 0600, directory 0700) and returns
+// its path.
+func SaveProfile(getenv func(string) string, p Profile) (string, error) {
+	path, err := ProfilePath(getenv)
+	if err != nil {
+		return "", err
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return "", fmt.Errorf("creating %s: %w", filepath.Dir(path), err)
+	}
+	data, err := json.MarshalIndent(p, "", "  ")
+	if err != nil {
+		return "", err
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".config-*")
+	if err != nil {
+		return "", err
+	}
+	defer os.Remove(tmp.Name())
+	if err := tmp.Chmod(0o600); err != nil {
+		tmp.Close()
+		return "", err
+	}
+	if _, err := tmp.Write(append(data, '\n')); err != nil {
+		tmp.Close()
+		return "", err
+	}
+	if err := tmp.Close(); err != nil {
+		return "", err
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return "", fmt.Errorf("saving %s: %w", path, err)
+	}
+	return path, nil
+}

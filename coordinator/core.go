@@ -1,0 +1,377 @@
+package coordinator
+
+import (
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/agentd/agent/coordinator/admin"
+	"github.com/agentd/agent/protocol"
+	"github.com/agentd/agent/tailnet"
+)
+
+// peer is one connected session as the core sees it.
+type peer struct {
+	id      tailnet.NodeID
+	role    protocol.Role
+	name    string // agent name, or user name for a client
+	user    string
+	tokenID string
+	addrs   []netip.Prefix
+	since   time.Time
+	remote  string
+
+	// out is the bounded queue the session's writer drains. The core never
+	// blocks on it: a peer whose queue is full is evicted.
+	out chan *protocol.ServerMessage
+	// kill ends the session; the error is sent to the peer if possible.
+	kill func(*protocol.Error)
+
+	// Guarded by core.mu.
+	node    *tailnet.Node
+	tunnels map[tailnet.NodeID]string // client: agent ID -> agent name
+}
+
+// core is the coordinator's in-memory picture: who is connected, their
+// nodes, and the tunnels between them. It relays nodes only along tunnels.
+type core struct {
+	mu    sync.Mutex
+	peers map[tailnet.NodeID]*peer
+	keys  map[string]tailnet.NodeID // node key -> peer holding it
+	// clientsOf lists, per agent ID, the clients with a tunnel to it, whether
+	// or not the agent is online.
+	clientsOf map[tailnet.NodeID]map[tailnet.NodeID]*peer
+	evict     []*peer
+	closed    bool
+	onEvict   func(p *peer)
+}
+
+func newCore() *core {
+	return &core{
+		peers:     map[tailnet.NodeID]*peer{},
+		keys:      map[string]tailnet.NodeID{},
+		clientsOf: map[tailnet.NodeID]map[tailnet.NodeID]*peer{},
+	}
+}
+
+// register adds a connected peer. A session already holding the same node
+// ID (an agent that reconnected before its old connection timed out, or a
+// resumed client) is replaced without telling its peers it left: the new
+// session takes over the same node.
+func (c *core) register(p *peer) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	defer c.flushLocked()
+	if c.closed {
+		return false
+	}
+	if old := c.peers[p.id]; old != nil {
+		c.dropLocked(old, "")
+		old.kill(&protocol.Error{Code: protocol.CodeReplaced, Fatal: true,
+			Message: "a newer connection with the same identity replaced this one"})
+	}
+	p.tunnels = map[tailnet.NodeID]string{}
+	c.peers[p.id] = p
+	if p.role == protocol.RoleAgent {
+		for _, cl := range c.clientsOf[p.id] {
+			if cl.node != nil {
+				c.sendLocked(p, peerMessage(cl))
+			}
+		}
+	}
+	return true
+}
+
+// unregister removes a peer whose session ended and tells the other end of
+// each of its tunnels why.
+func (c *core) unregister(p *peer, reason protocol.GoneReason) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	defer c.flushLocked()
+	if c.peers[p.id] != p {
+		return
+	}
+	if c.closed {
+		// Shutting down: say nothing, so peers keep their tailnet traffic
+		// flowing while the coordinator is away.
+		reason = ""
+	}
+	c.dropLocked(p, reason)
+}
+
+// dropLocked removes p; a non-empty reason is announced to its peers.
+func (c *core) dropLocked(p *peer, reason protocol.GoneReason) {
+	delete(c.peers, p.id)
+	if p.node != nil && c.keys[p.node.Key] == p.id {
+		delete(c.keys, p.node.Key)
+	}
+	switch p.role {
+	case protocol.RoleAgent:
+		if reason != "" && p.node != nil {
+			for _, cl := range c.clientsOf[p.id] {
+				c.sendLocked(cl, goneMessage(p, reason))
+			}
+		}
+	case protocol.RoleClient:
+		for agentID := range p.tunnels {
+			c.untunnelLocked(p, agentID, reason)
+		}
+	}
+}
+
+// setNode records p's node and relays it to the other end of p's tunnels.
+// It refuses a node key another peer holds.
+func (c *core) setNode(p *peer, n *tailnet.Node) *protocol.Error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	defer c.flushLocked()
+	if c.peers[p.id] != p {
+		return nil
+	}
+	if holder, ok := c.keys[n.Key]; ok && holder != p.id {
+		return &protocol.Error{Code: protocol.CodeKeyInUse, Fatal: true,
+			Message: "node key " + shortKey(n.Key) + " is registered by another peer; each peer needs its own key"}
+	}
+	if p.node != nil && p.node.Key != n.Key && c.keys[p.node.Key] == p.id {
+		delete(c.keys, p.node.Key)
+	}
+	c.keys[n.Key] = p.id
+	p.node = n.Clone()
+	m := peerMessage(p)
+	switch p.role {
+	case protocol.RoleAgent:
+		for _, cl := range c.clientsOf[p.id] {
+			c.sendLocked(cl, m)
+		}
+	case protocol.RoleClient:
+		for agentID := range p.tunnels {
+			if a := c.peers[agentID]; a != nil {
+				c.sendLocked(a, m)
+			}
+		}
+	}
+	return nil
+}
+
+// addTunnel joins client cl to agent a; both learn each other's node.
+func (c *core) addTunnel(cl *peer, agentID tailnet.NodeID, agentName string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	defer c.flushLocked()
+	if c.peers[cl.id] != cl {
+		return
+	}
+	cl.tunnels[agentID] = agentName
+	if c.clientsOf[agentID] == nil {
+		c.clientsOf[agentID] = map[tailnet.NodeID]*peer{}
+	}
+	c.clientsOf[agentID][cl.id] = cl
+	a := c.peers[agentID]
+	c.sendLocked(cl, &protocol.ServerMessage{Type: protocol.TypeTunnelStatus, TunnelStatus: &protocol.TunnelStatus{
+		Agent:     agentName,
+		NodeID:    agentID,
+		Addresses: []netip.Prefix{protocol.AgentAddress(agentID)},
+		Online:    a != nil,
+	}})
+	if a == nil {
+		return
+	}
+	if a.node != nil {
+		c.sendLocked(cl, peerMessage(a))
+	}
+	if cl.node != nil {
+		c.sendLocked(a, peerMessage(cl))
+	}
+}
+
+// removeTunnel undoes addTunnel at the client's request.
+func (c *core) removeTunnel(cl *peer, agentName string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	defer c.flushLocked()
+	for id, name := range cl.tunnels {
+		if name == agentName {
+			c.untunnelLocked(cl, id, protocol.GoneDisconnected)
+		}
+	}
+}
+
+// untunnelLocked removes the tunnel cl -> agentID; a non-empty reason tells
+// the agent the client is gone.
+func (c *core) untunnelLocked(cl *peer, agentID tailnet.NodeID, reason protocol.GoneReason) {
+	delete(cl.tunnels, agentID)
+	if m := c.clientsOf[agentID]; m != nil {
+		delete(m, cl.id)
+		if len(m) == 0 {
+			delete(c.clientsOf, agentID)
+		}
+	}
+	if a := c.peers[agentID]; a != nil && reason != "" && cl.node != nil {
+		c.sendLocked(a, goneMessage(cl, reason))
+	}
+}
+
+// revokeTunnel removes a tunnel that is no longer allowed and tells both
+// ends to forget each other.
+func (c *core) revokeTunnel(cl *peer, agentID tailnet.NodeID) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	defer c.flushLocked()
+	name, ok := cl.tunnels[agentID]
+	if !ok || c.peers[cl.id] != cl {
+		return
+	}
+	c.untunnelLocked(cl, agentID, protocol.GoneRevoked)
+	if a := c.peers[agentID]; a != nil && a.node != nil {
+		c.sendLocked(cl, goneMessage(a, protocol.GoneRevoked))
+	}
+	c.sendLocked(cl, &protocol.ServerMessage{Type: protocol.TypeError, Error: &protocol.Error{
+		Code: protocol.CodeForbidden, Agent: name,
+		Message: "your access to this agent was revoked; ask an admin for a grant",
+	}})
+}
+
+// admits reports whether a node key belongs to a connected peer (DERP
+// admission).
+func (c *core) admits(nodeKey string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_, ok := c.keys[nodeKey]
+	return ok
+}
+
+// inUse reports whether a node ID is held by a connected peer.
+func (c *core) inUse(id tailnet.NodeID) *peer {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.peers[id]
+}
+
+// close stops accepting peers; sessions ending afterwards are not
+// announced.
+func (c *core) close() {
+	c.mu.Lock()
+	c.closed = true
+	c.mu.Unlock()
+}
+
+// snapshot returns the connected peers and, for clients, their tunnels.
+func (c *core) snapshot() []admin.PeerInfo {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]admin.PeerInfo, 0, len(c.peers))
+	for _, p := range c.peers {
+		pi := admin.PeerInfo{
+			NodeID: p.id, Role: p.role, Name: p.name, User: p.user,
+			Since: p.since, Remote: p.remote, HasNode: p.node != nil,
+		}
+		if p.node != nil {
+			pi.HomeDERP = p.node.HomeDERP
+			pi.Endpoints = len(p.node.Endpoints)
+		}
+		for _, name := range p.tunnels {
+			pi.Tunnels = append(pi.Tunnels, name)
+		}
+		slices.Sort(pi.Tunnels)
+		out = append(out, pi)
+	}
+	slices.SortFunc(out, func(a, b admin.PeerInfo) int {
+		if a.Role != b.Role {
+			if a.Role == protocol.RoleAgent {
+				return -1
+			}
+			return 1
+		}
+		if a.Name != b.Name {
+			if a.Name < b.Name {
+				return -1
+			}
+			return 1
+		}
+		return a.Since.Compare(b.Since)
+	})
+	return out
+}
+
+// peersSnapshot returns the connected peers, for re-authorisation.
+func (c *core) peersSnapshot() []*peer {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]*peer, 0, len(c.peers))
+	for _, p := range c.peers {
+		out = append(out, p)
+	}
+	return out
+}
+
+// tunnelsOf returns a client's tunnels.
+func (c *core) tunnelsOf(cl *peer) map[tailnet.NodeID]string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make(map[tailnet.NodeID]string, len(cl.tunnels))
+	for k, v := range cl.tunnels {
+		out[k] = v
+	}
+	return out
+}
+
+// send queues m for p (see sendLocked).
+func (c *core) send(p *peer, m *protocol.ServerMessage) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	defer c.flushLocked()
+	c.sendLocked(p, m)
+}
+
+// sendLocked queues m for p without blocking; a peer that cannot keep up
+// is evicted once the current operation is done.
+func (c *core) sendLocked(p *peer, m *protocol.ServerMessage) {
+	if c.peers[p.id] != p {
+		return
+	}
+	select {
+	case p.out <- m:
+	default:
+		if !slices.Contains(c.evict, p) {
+			c.evict = append(c.evict, p)
+		}
+	}
+}
+
+// flushLocked evicts slow peers. Evicting one notifies its peers, which can
+// overflow further queues, so it loops until nothing is left.
+func (c *core) flushLocked() {
+	for len(c.evict) > 0 {
+		p := c.evict[0]
+		c.evict = c.evict[1:]
+		if c.peers[p.id] != p {
+			continue
+		}
+		p.kill(&protocol.Error{Code: protocol.CodeSlowConsumer, Fatal: true,
+			Message: "too many updates queued for this connection; it is not reading fast enough, so the coordinator dropped it"})
+		c.dropLocked(p, protocol.GoneLost)
+		if c.onEvict != nil {
+			c.onEvict(p)
+		}
+	}
+}
+
+func peerMessage(p *peer) *protocol.ServerMessage {
+	return &protocol.ServerMessage{Type: protocol.TypePeer, Peer: &protocol.Peer{
+		Node: *p.node.Clone(), Role: p.role, Name: p.name, User: p.user,
+	}}
+}
+
+func goneMessage(p *peer, reason protocol.GoneReason) *protocol.ServerMessage {
+	return &protocol.ServerMessage{Type: protocol.TypePeerGone, PeerGone: &protocol.PeerGone{
+		NodeID: p.id, Name: p.name, Reason: reason,
+	}}
+}
+
+func shortKey(k string) string {
+	if len(k) > 16 {
+		return k[:16] + "…"
+	}
+	return k
+}

@@ -1,0 +1,468 @@
+// Package coordinator is the meeting point of the tailnet: one HTTPS server
+// that authenticates agents and users by token, relays node descriptions
+// between the two ends of each tunnel a user is allowed to open, embeds a
+// DERP relay admitting only registered node keys and a STUN server, and
+// serves an admin API on a unix socket in its data directory.
+package coordinator
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/agentd/agent/coordinator/admin"
+	"github.com/agentd/agent/coordinator/store"
+	"github.com/agentd/agent/protocol"
+	"github.com/agentd/agent/tailnet"
+)
+
+// Config configures a coordinator. Zero tuning values take defaults.
+type Config struct {
+	// DataDir holds the store, the TLS certificate and the admin socket.
+	DataDir string
+	// Listen is the HTTPS (or, with InsecureHTTP, HTTP) address.
+	Listen string
+	// STUNAddr is the UDP address of the STUN server; "" disables STUN.
+	STUNAddr string
+	// InsecureHTTP serves plain HTTP instead of TLS. Tests only: tokens
+	// cross the network in the clear.
+	InsecureHTTP bool
+	// AccessURL is the URL peers use to reach the coordinator, for
+	// messages to admins; peers themselves are told the host they used.
+	AccessURL string
+	Logger    *slog.Logger
+
+	// PeerQueueSize bounds the messages queued for one peer (default 256).
+	PeerQueueSize int
+	// PingInterval is how often idle connections are checked (default 15s).
+	PingInterval time.Duration
+	// HelloTimeout bounds the wait for a peer's hello (default 10s).
+	HelloTimeout time.Duration
+	// WriteTimeout bounds writing one message to a peer (default 10s).
+	WriteTimeout time.Duration
+	// ReauthInterval is how often sessions are re-checked against the store
+	// for expired tokens (default 30s). Admin changes re-check at once.
+	ReauthInterval time.Duration
+	// MaxTunnels bounds the tunnels one client session may hold (default 256).
+	MaxTunnels int
+}
+
+func (c *Config) setDefaults() {
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.PeerQueueSize <= 0 {
+		c.PeerQueueSize = 256
+	}
+	if c.PingInterval <= 0 {
+		c.PingInterval = 15 * time.Second
+	}
+	if c.HelloTimeout <= 0 {
+		c.HelloTimeout = 10 * time.Second
+	}
+	if c.WriteTimeout <= 0 {
+		c.WriteTimeout = 10 * time.Second
+	}
+	if c.ReauthInterval <= 0 {
+		c.ReauthInterval = 30 * time.Second
+	}
+	if c.MaxTunnels <= 0 {
+		c.MaxTunnels = 256
+	}
+}
+
+// errShutdown ends sessions when the coordinator stops.
+var errShutdown = errors.New("coordinator shutting down")
+
+// Server is a coordinator with its listeners bound.
+type Server struct {
+	cfg         Config
+	logger      *slog.Logger
+	store       *store.Store
+	core        *core
+	derp        *tailnet.DERPServer
+	stun        *tailnet.STUNServer
+	ln          net.Listener
+	adminLn     net.Listener
+	httpSrv     *http.Server
+	adminSrv    *http.Server
+	fingerprint string
+	firstStart  bool
+	resume      resumeSigner
+
+	baseCtx        context.Context
+	cancelSessions context.CancelCauseFunc
+	sessions       sync.WaitGroup
+	stopping       atomic.Bool
+	ready          atomic.Bool
+	reauthKick     chan struct{}
+}
+
+// New opens the store, loads or creates the certificate and binds every
+// listener, so that addresses are known before Serve. It fails with
+// store.ErrLocked if another coordinator uses the same data directory.
+func New(cfg Config) (s *Server, err error) {
+	cfg.setDefaults()
+	if cfg.DataDir == "" {
+		return nil, errors.New("no data directory; pass --data-dir")
+	}
+	if cfg.AccessURL != "" {
+		u, err := url.Parse(cfg.AccessURL)
+		if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+			return nil, fmt.Errorf("access URL %q: want https://host[:port]", cfg.AccessURL)
+		}
+	}
+	st, err := store.Open(cfg.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	s = &Server{cfg: cfg, logger: cfg.Logger, store: st, core: newCore(), reauthKick: make(chan struct{}, 1)}
+	defer func() {
+		if err != nil {
+			s.closeAll()
+		}
+	}()
+	snap, err := st.List()
+	if err != nil {
+		return nil, fmt.Errorf("reading the store: %w", err)
+	}
+	s.firstStart = len(snap.Users) == 0
+	secret, err := st.Secret("resume")
+	if err != nil {
+		return nil, fmt.Errorf("reading the resume secret: %w", err)
+	}
+	s.resume = resumeSigner{secret: secret}
+
+	var tlsCfg *tls.Config
+	if !cfg.InsecureHTTP {
+		var extra []string
+		if cfg.AccessURL != "" {
+			u, _ := url.Parse(cfg.AccessURL)
+			extra = append(extra, u.Hostname())
+		}
+		cert, _, err := loadOrCreateCert(cfg.DataDir, extra)
+		if err != nil {
+			return nil, err
+		}
+		s.fingerprint = tailnet.CertFingerprint(cert.Certificate[0])
+		// HTTP/1.1 only: the DERP relay upgrades the connection, which
+		// HTTP/2 cannot do.
+		tlsCfg = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12, NextProtos: []string{"http/1.1"}}
+	}
+
+	s.derp, err = tailnet.NewDERPServer(cfg.Logger.With("component", "derp"))
+	if err != nil {
+		return nil, err
+	}
+	s.derp.SetAdmitFunc(s.core.admits)
+	if cfg.STUNAddr != "" {
+		s.stun, err = tailnet.ListenSTUN(context.Background(), cfg.STUNAddr)
+		if err != nil {
+			return nil, fmt.Errorf("%w (use --stun-addr to pick another UDP port)", err)
+		}
+	}
+
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("listening on %s: %w (use --listen to pick another address)", cfg.Listen, err)
+	}
+	if tlsCfg != nil {
+		ln = tls.NewListener(ln, tlsCfg)
+	}
+	s.ln = ln
+
+	sock := admin.SocketPath(cfg.DataDir)
+	// We hold the store's lock, so a socket left here is stale.
+	if err := os.Remove(sock); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("removing stale admin socket: %w", err)
+	}
+	s.adminLn, err = net.Listen("unix", sock)
+	if err != nil {
+		return nil, fmt.Errorf("admin socket %s: %w", sock, err)
+	}
+	if err := os.Chmod(sock, 0o600); err != nil {
+		return nil, fmt.Errorf("admin socket %s: %w", sock, err)
+	}
+
+	s.baseCtx, s.cancelSessions = context.WithCancelCause(context.Background())
+	errLog := slog.NewLogLogger(cfg.Logger.With("component", "http").Handler(), slog.LevelDebug)
+	s.httpSrv = &http.Server{
+		Handler:           s.routes(),
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          errLog,
+		// An empty map turns HTTP/2 off (see tlsCfg).
+		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
+	}
+	s.adminSrv = &http.Server{
+		Handler:  admin.NewHandler(&admin.Local{Store: st, InfoFn: s.info, Changed: s.kickReauth}),
+		ErrorLog: errLog,
+	}
+	return s, nil
+}
+
+func (s *Server) routes() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc(protocol.CoordinatePath, s.handleCoordinate)
+	mux.HandleFunc(protocol.WhoAmIPath, s.handleWhoAmI)
+	derp := s.derp.Handler()
+	mux.Handle("/derp", derp)
+	mux.Handle("/derp/", derp)
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+		if !s.ready.Load() || s.stopping.Load() {
+			http.Error(w, "not ready", http.StatusServiceUnavailable)
+			return
+		}
+		w.Write([]byte("ready\n"))
+	})
+	return mux
+}
+
+// Serve serves until ctx ends, then shuts down: connected peers are
+// disconnected without being announced as gone to each other, so tailnet
+// traffic between them keeps flowing while the coordinator is away.
+func (s *Server) Serve(ctx context.Context) error {
+	errc := make(chan error, 2)
+	go func() { errc <- s.httpSrv.Serve(s.ln) }()
+	go func() { errc <- s.adminSrv.Serve(s.adminLn) }()
+	reauthDone := make(chan struct{})
+	go func() {
+		defer close(reauthDone)
+		s.reauthLoop()
+	}()
+	s.ready.Store(true)
+	s.logger.Info("coordinator serving", "url", s.URL(), "fingerprint", s.fingerprint, "stun", s.STUNAddr(), "data_dir", s.cfg.DataDir)
+
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+		err = fmt.Errorf("serving: %w", err)
+	}
+	s.shutdown()
+	<-reauthDone
+	return err
+}
+
+func (s *Server) shutdown() {
+	s.stopping.Store(true)
+	s.core.close()
+	s.cancelSessions(errShutdown)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s.httpSrv.Shutdown(ctx)
+	s.adminSrv.Shutdown(ctx)
+	done := make(chan struct{})
+	go func() {
+		s.sessions.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		s.logger.Warn("some peer connections did not close in time")
+	}
+	s.closeAll()
+	s.logger.Info("coordinator stopped")
+}
+
+// closeAll releases what New acquired.
+func (s *Server) closeAll() {
+	if s.ln != nil {
+		s.ln.Close()
+	}
+	if s.adminLn != nil {
+		s.adminLn.Close()
+		os.Remove(admin.SocketPath(s.cfg.DataDir))
+	}
+	if s.derp != nil {
+		s.derp.Close()
+	}
+	if s.stun != nil {
+		s.stun.Close()
+	}
+	if s.store != nil {
+		s.store.Close()
+	}
+}
+
+// URL is the coordinator's access URL, or one built from the listener.
+func (s *Server) URL() string {
+	if s.cfg.AccessURL != "" {
+		return strings.TrimRight(s.cfg.AccessURL, "/")
+	}
+	scheme := "https"
+	if s.cfg.InsecureHTTP {
+		scheme = "http"
+	}
+	host, port, _ := net.SplitHostPort(s.ln.Addr().String())
+	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
+		host = "localhost"
+		if h, err := os.Hostname(); err == nil && h != "" {
+			host = h
+		}
+	}
+	return scheme + "://" + net.JoinHostPort(host, port)
+}
+
+// Addr is the bound HTTP(S) address.
+func (s *Server) Addr() net.Addr { return s.ln.Addr() }
+
+// STUNAddr is the bound STUN address, or nil when STUN is off.
+func (s *Server) STUNAddr() net.Addr {
+	if s.stun == nil {
+		return nil
+	}
+	return s.stun.LocalAddr()
+}
+
+// Fingerprint is the hex SHA-256 of the certificate, "" with InsecureHTTP.
+func (s *Server) Fingerprint() string { return s.fingerprint }
+
+// FirstStart reports whether the store has no users yet.
+func (s *Server) FirstStart() bool { return s.firstStart }
+
+func (s *Server) info() admin.Info {
+	i := admin.Info{
+		Running:     true,
+		DataDir:     s.cfg.DataDir,
+		Fingerprint: s.fingerprint,
+		URL:         s.URL(),
+		Peers:       s.core.snapshot(),
+	}
+	if a := s.STUNAddr(); a != nil {
+		i.STUN = a.String()
+	}
+	return i
+}
+
+// derpMapFor builds the DERP map for a peer that reached us at host (the
+// Host header), so the relay is dialled the same way as the coordinator.
+func (s *Server) derpMapFor(host string) (*tailnet.DERPMap, error) {
+	if _, _, err := net.SplitHostPort(host); err != nil {
+		port := "443"
+		if s.cfg.InsecureHTTP {
+			port = "80"
+		}
+		host = net.JoinHostPort(strings.Trim(host, "[]"), port)
+	}
+	stunPort := -1
+	if a, ok := s.STUNAddr().(*net.UDPAddr); ok && a != nil {
+		stunPort = a.Port
+	}
+	return tailnet.CoordinatorDERPMap(host, stunPort, s.fingerprint)
+}
+
+// authenticate checks the bearer token of a request.
+func (s *Server) authenticate(r *http.Request) (store.Principal, *protocol.Error) {
+	h := r.Header.Get("Authorization")
+	tok, ok := strings.CutPrefix(h, "Bearer ")
+	tok = strings.TrimSpace(tok)
+	if !ok || tok == "" {
+		return store.Principal{}, &protocol.Error{Code: protocol.CodeTokenMissing, Fatal: true,
+			Message: "no token: send \"Authorization: Bearer <token>\" (agent login --token, or AGENT_TOKEN)"}
+	}
+	p, err := s.store.Authenticate(tok)
+	if err != nil {
+		return store.Principal{}, tokenError(err, p.Token)
+	}
+	return p, nil
+}
+
+// tokenError words a store authentication error for the peer.
+func tokenError(err error, t store.Token) *protocol.Error {
+	switch {
+	case errors.Is(err, store.ErrTokenExpired):
+		when := ""
+		if !t.Expires.IsZero() {
+			when = " at " + t.Expires.Format(time.RFC3339)
+		}
+		return &protocol.Error{Code: protocol.CodeTokenExpired, Fatal: true,
+			Message: "the token expired" + when + "; ask an admin for a new one (agent admin token create)"}
+	case errors.Is(err, store.ErrTokenRevoked):
+		return &protocol.Error{Code: protocol.CodeTokenRevoked, Fatal: true,
+			Message: "the token was revoked (or its user or agent deleted); ask an admin for a new one"}
+	case errors.Is(err, store.ErrTokenInvalid):
+		return &protocol.Error{Code: protocol.CodeTokenInvalid, Fatal: true,
+			Message: "this coordinator does not know the token; check it was copied whole, or ask an admin for a new one"}
+	}
+	return &protocol.Error{Code: protocol.CodeInternal, Fatal: true, Message: "checking the token failed: " + err.Error()}
+}
+
+func writeHTTPError(w http.ResponseWriter, status int, e *protocol.Error) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(e)
+}
+
+func (s *Server) handleWhoAmI(w http.ResponseWriter, r *http.Request) {
+	p, perr := s.authenticate(r)
+	if perr != nil {
+		writeHTTPError(w, http.StatusUnauthorized, perr)
+		return
+	}
+	who := protocol.WhoAmI{Role: protocol.RoleClient, Name: p.User.Name, User: p.User.Name, TokenID: p.Token.ID, Expires: p.Token.Expires}
+	if p.Agent != nil {
+		who.Role, who.Name, who.NodeID = protocol.RoleAgent, p.Agent.Name, p.Agent.ID
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(who)
+}
+
+// kickReauth asks the re-authorisation loop to run now.
+func (s *Server) kickReauth() {
+	select {
+	case s.reauthKick <- struct{}{}:
+	default:
+	}
+}
+
+func (s *Server) reauthLoop() {
+	t := time.NewTicker(s.cfg.ReauthInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.baseCtx.Done():
+			return
+		case <-t.C:
+		case <-s.reauthKick:
+		}
+		s.reauthorize()
+	}
+}
+
+// reauthorize drops sessions whose token is no longer valid and tunnels
+// that are no longer granted.
+func (s *Server) reauthorize() {
+	for _, p := range s.core.peersSnapshot() {
+		if err := s.store.CheckToken(p.tokenID); err != nil {
+			s.logger.Info("disconnecting a peer whose token is no longer valid", "name", p.name, "role", p.role, "reason", err)
+			p.kill(tokenError(err, store.Token{}))
+			continue
+		}
+		if p.role != protocol.RoleClient {
+			continue
+		}
+		for id, name := range s.core.tunnelsOf(p) {
+			a, err := s.store.MayReach(p.user, name)
+			if err == nil && a.ID == id {
+				continue
+			}
+			s.logger.Info("removing a tunnel that is no longer allowed", "user", p.user, "agent", name)
+			s.core.revokeTunnel(p, id)
+		}
+	}
+}
