@@ -1,0 +1,213 @@
+package sshd_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/agentd/agent/agent/sshd"
+	"github.com/agentd/agent/agent/sshd/sshtest"
+)
+
+// BenchmarkVsOpenSSH measures our server next to OpenSSH's sshd, in the same
+// run, with the same ssh/scp client and cipher (aes128-gcm@openssh.com):
+//
+//	stream: ssh host 'head -c SIZE /dev/zero' > /dev/null
+//	scp:    scp (SFTP mode) of a SIZE file into the server
+//	setup:  ssh host true (connection setup to first exit status)
+//
+// Each iteration runs every measurement once per server, alternating; the
+// best of the iterations is reported (the machine is shared, and the best run
+// is the one least disturbed). SSHD_BENCH_BYTES sets SIZE (default 1 GiB).
+//
+//	go test -run '^$' -bench VsOpenSSH -benchtime 3x ./agent/sshd/
+//
+// Needs root (sshd runs as root with its own config, host key and an
+// authorized test key on a loopback port) and openssh-server.
+func BenchmarkVsOpenSSH(b *testing.B) {
+	if os.Getuid() != 0 {
+		b.Skip("needs root to run OpenSSH's sshd as the reference")
+	}
+	sshtest.RequireTools(b, "ssh", "scp", "ssh-keygen", "/usr/sbin/sshd")
+	size := int64(1 << 30)
+	if v := os.Getenv("SSHD_BENCH_BYTES"); v != "" {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n <= 0 {
+			b.Fatalf("SSHD_BENCH_BYTES=%q: want a positive byte count", v)
+		}
+		size = n
+	}
+	dir := b.TempDir()
+	key := filepath.Join(dir, "id_ed25519")
+	sshtest.Run(b, nil, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key)
+
+	ours := benchServer(b)
+	ref := startOpenSSHD(b, dir, key+".pub")
+	client := []string{"-o", "Ciphers=aes128-gcm@openssh.com", "-o", "IdentityFile=" + key, "-o", "IdentitiesOnly=yes", "-o", "User=root"}
+	targets := []struct {
+		name string
+		tg   sshtest.Target
+	}{
+		{"agentd", withOptions(ours, client)},
+		{"openssh", withOptions(ref, client)},
+	}
+	src, _ := sshtest.MakeFile(b, dir, size)
+	dst := filepath.Join(dir, "dst.bin")
+
+	measure := map[string]func(tg sshtest.Target) time.Duration{
+		"stream": func(tg sshtest.Target) time.Duration {
+			return timed(b, "ssh", append(tg.SSHArgs(), tg.Host, fmt.Sprintf("head -c %d /dev/zero", size))...)
+		},
+		"scp": func(tg sshtest.Target) time.Duration {
+			d := timed(b, "scp", append(append(tg.SSHArgs(), "-q"), src, tg.Host+":"+dst)...)
+			if fi, err := os.Stat(dst); err != nil || fi.Size() != size {
+				b.Fatalf("scp left %v (%v), want %d bytes", fi, err, size)
+			}
+			os.Remove(dst)
+			return d
+		},
+		"setup": func(tg sshtest.Target) time.Duration {
+			const n = 5
+			var total time.Duration
+			for i := 0; i < n; i++ {
+				total += timed(b, "ssh", append(tg.SSHArgs(), tg.Host, "true")...)
+			}
+			return total / n
+		},
+	}
+	for _, name := range []string{"stream", "scp", "setup"} {
+		b.Run(name, func(b *testing.B) {
+			best := map[string]time.Duration{}
+			for i := 0; i < b.N; i++ {
+				for _, t := range targets {
+					d := measure[name](t.tg)
+					if cur, ok := best[t.name]; !ok || d < cur {
+						best[t.name] = d
+					}
+				}
+			}
+			ourD, refD := best["agentd"], best["openssh"]
+			if name == "setup" {
+				b.ReportMetric(float64(ourD.Microseconds())/1000, "agentd-ms")
+				b.ReportMetric(float64(refD.Microseconds())/1000, "openssh-ms")
+				b.ReportMetric(float64(refD)/float64(ourD), "speed-ratio")
+				fmt.Printf("ssh setup: agentd %.1f ms, OpenSSH sshd %.1f ms, ratio (OpenSSH/agentd) %.2f\n",
+					ms(ourD), ms(refD), float64(refD)/float64(ourD))
+				return
+			}
+			ourMB, refMB := mbps(size, ourD), mbps(size, refD)
+			b.ReportMetric(ourMB, "agentd-MB/s")
+			b.ReportMetric(refMB, "openssh-MB/s")
+			b.ReportMetric(ourMB/refMB, "ratio")
+			fmt.Printf("%s %d MiB: agentd %.0f MB/s, OpenSSH sshd %.0f MB/s, ratio %.2f\n",
+				name, size>>20, ourMB, refMB, ourMB/refMB)
+		})
+	}
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+func mbps(size int64, d time.Duration) float64 { return float64(size) / d.Seconds() / 1e6 }
+
+func withOptions(tg sshtest.Target, opts []string) sshtest.Target {
+	for i := 1; i < len(opts); i += 2 {
+		tg.Options = append(tg.Options, opts[i])
+	}
+	return tg
+}
+
+func timed(b *testing.B, name string, args ...string) time.Duration {
+	b.Helper()
+	// Output goes straight to /dev/null: a pipe to this process would add
+	// a copy that is not part of what is measured.
+	devnull, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer devnull.Close()
+	var stderr bytes.Buffer
+	cmd := exec.Command(name, args...)
+	cmd.Stdout, cmd.Stderr = devnull, &stderr
+	start := time.Now()
+	if err := cmd.Run(); err != nil {
+		b.Fatalf("%s %v: %v\n%s", name, args, err, stderr.String())
+	}
+	return time.Since(start)
+}
+
+func benchServer(b *testing.B) sshtest.Target {
+	srv, err := sshd.New(sshd.Options{
+		Logger:      slog.New(slog.NewTextHandler(io.Discard, nil)),
+		HostKeyPath: filepath.Join(b.TempDir(), "host_key"),
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	go func() { _ = srv.Serve(context.Background(), ln) }()
+	b.Cleanup(func() { srv.Close() })
+	return target(ln.Addr().String())
+}
+
+// startOpenSSHD runs the system's sshd in the foreground on a free loopback
+// port with a throwaway config, host key and authorized key.
+func startOpenSSHD(b *testing.B, dir, pubKey string) sshtest.Target {
+	hostKey := filepath.Join(dir, "sshd_host_key")
+	sshtest.Run(b, nil, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", hostKey)
+	port := sshtest.FreePort(b)
+	cfg := filepath.Join(dir, "sshd_config")
+	conf := fmt.Sprintf(`Port %d
+ListenAddress 127.0.0.1
+HostKey %s
+AuthorizedKeysFile %s
+PidFile none
+UsePAM no
+StrictModes no
+PermitRootLogin yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UseDNS no
+PrintMotd no
+Subsystem sftp internal-sftp
+LogLevel ERROR
+`, port, hostKey, pubKey)
+	if err := os.WriteFile(cfg, []byte(conf), 0o600); err != nil {
+		b.Fatal(err)
+	}
+	// Debian's sshd refuses to start without its privilege separation directory.
+	if err := os.MkdirAll("/run/sshd", 0o755); err != nil {
+		b.Fatal(err)
+	}
+	cmd := exec.Command("/usr/sbin/sshd", "-D", "-e", "-f", cfg)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("sshd did not listen on %s: %v", addr, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return target(addr)
+}
