@@ -1,0 +1,115 @@
+package tailnet
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestCoordinatorDERPMap(t *testing.T) {
+	fp := CertFingerprint([]byte("not really a certificate"))
+	m, err := CoordinatorDERPMap("coord.example.com:8443", 3478, strings.ToUpper(fp))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Round trip through JSON, as the coordinator serves it.
+	b, err := json.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var back DERPMap
+	if err := json.Unmarshal(b, &back); err != nil {
+		t.Fatal(err)
+	}
+	dm := back.toTailcfg()
+	reg := dm.Regions[DefaultRegionID]
+	if reg == nil || len(reg.Nodes) != 1 {
+		t.Fatalf("converted map %+v", dm)
+	}
+	n := reg.Nodes[0]
+	if n.HostName != "coord.example.com" || n.DERPPort != 8443 || n.STUNPort != 3478 || n.RegionID != DefaultRegionID {
+		t.Fatalf("node %+v", n)
+	}
+	if n.CertName != "sha256-raw:"+fp || n.IPv4 != "" || n.IPv6 != "" || n.InsecureForTests {
+		t.Fatalf("node %+v", n)
+	}
+	if back.regionCode(DefaultRegionID) != "coord" {
+		t.Fatal("region code lost")
+	}
+
+	m, err = CoordinatorDERPMap("[2001:db8::1]:443", -1, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := m.Regions[0].Nodes[0]; n.IPv4 != "none" || n.IPv6 != "2001:db8::1" || n.STUNPort != -1 {
+		t.Fatalf("literal IPv6 node %+v", n)
+	}
+}
+
+func TestDERPMapValidate(t *testing.T) {
+	bad := map[string]func(*DERPMap){
+		"no regions":      func(m *DERPMap) { m.Regions = nil },
+		"zero id":         func(m *DERPMap) { m.Regions[0].ID = 0 },
+		"duplicate id":    func(m *DERPMap) { m.Regions = append(m.Regions, m.Regions[0]) },
+		"no nodes":        func(m *DERPMap) { m.Regions[0].Nodes = nil },
+		"no host":         func(m *DERPMap) { m.Regions[0].Nodes[0].HostName = "" },
+		"bad fingerprint": func(m *DERPMap) { m.Regions[0].Nodes[0].CertFingerprint = "abc" },
+		"bad ip":          func(m *DERPMap) { m.Regions[0].Nodes[0].IPv4 = "coord" },
+		"bad port":        func(m *DERPMap) { m.Regions[0].Nodes[0].DERPPort = 70000 },
+	}
+	for name, mutate := range bad {
+		m, err := CoordinatorDERPMap("127.0.0.1:443", 3478, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		mutate(m)
+		if err := m.Validate(); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	for _, addr := range []string{"coord", "coord:0", "coord:https"} {
+		if _, err := CoordinatorDERPMap(addr, 3478, ""); err == nil {
+			t.Errorf("CoordinatorDERPMap(%q) accepted", addr)
+		}
+	}
+}
+
+func TestNodeCallbackWaitsForHomeDERP(t *testing.T) {
+	r := newTestRelay(t)
+	c := newTestConn(t, r, 1, true)
+	got := make(chan *Node, 10)
+	c.SetNodeCallback(func(n *Node) { got <- n })
+	select {
+	case n := <-got:
+		if n.HomeDERP != DefaultRegionID {
+			t.Fatalf("node reported with home DERP %d", n.HomeDERP)
+		}
+		if len(n.Endpoints) == 0 {
+			t.Fatal("node reported without endpoints")
+		}
+		if err := n.Validate(); err != nil {
+			t.Fatal(err)
+		}
+		if n.Key != c.Node().Key || n.ID != 1 {
+			t.Fatalf("node %+v", n)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("node callback never called")
+	}
+	// A new callback is told the current node at once.
+	again := make(chan *Node, 1)
+	c.SetNodeCallback(func(n *Node) { again <- n })
+	select {
+	case <-again:
+	case <-time.After(5 * time.Second):
+		t.Fatal("new node callback not called with the current node")
+	}
+
+	if _, err := NewConn(Options{NodeID: 1, DERPMap: r.dm}); err == nil {
+		t.Fatal("NewConn without addresses succeeded")
+	}
+	if _, err := NewConn(Options{NodeID: 1, Addresses: c.Addresses(), DERPMap: r.dm, PrivateKey: "privkey:zz"}); err == nil {
+		t.Fatal("NewConn with a bad private key succeeded")
+	}
+}
