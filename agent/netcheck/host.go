@@ -63,7 +63,7 @@ func matchesAny(globs []string, name string) bool {
 func takeInventory(st *netState, o *Options) *inventory {
 	inv := &inventory{st: st}
 	// Uplinks: default-route devices, their masters, and a bridge uplink's
-	// non-veth ports.
+	// ports other than container interfaces.
 	prot := map[string]bool{}
 	for _, r := range st.defaultRoutes() {
 		l := st.byIdx[r.LinkIndex]
@@ -76,7 +76,7 @@ func takeInventory(st *netState, o *Options) *inventory {
 		}
 		if l.Type() == "bridge" {
 			for _, p := range st.links {
-				if p.Attrs().MasterIndex == l.Attrs().Index && p.Type() != "veth" {
+				if p.Attrs().MasterIndex == l.Attrs().Index && !matchesAny(containerGlobs(), p.Attrs().Name) {
 					prot[p.Attrs().Name] = true
 				}
 			}

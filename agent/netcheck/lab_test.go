@@ -43,6 +43,7 @@ func TestMain(m *testing.M) {
 type helperOpts struct {
 	Options
 	Guard    bool     `json:"guard"`
+	PlanOnly bool     `json:"plan_only"`
 	Patterns []string `json:"patterns"`
 }
 
@@ -57,6 +58,10 @@ func helperMain() int {
 		if err != nil {
 			os.Stderr.WriteString(err.Error() + "\n")
 			return 4
+		}
+		if ho.PlanOnly {
+			_ = json.NewEncoder(os.Stdout).Encode(plan)
+			return 0
 		}
 		if err := plan.Apply(); err != nil {
 			os.Stderr.WriteString(err.Error() + "\n")
@@ -78,7 +83,7 @@ var (
 
 // helperBinary is a copy of the test binary that an unprivileged user may
 // execute (go test keeps its build directory private to root).
-func helperBinary(t *testing.T) string {
+func helperBinary(t testing.TB) string {
 	helperOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "netcheck-helper-")
 		if err != nil {
@@ -110,7 +115,7 @@ func helperBinary(t *testing.T) string {
 
 // runIn runs netcheck inside ns and returns its report. unprivileged drops
 // to uid/gid 65534 with no capabilities, as inside a restricted pod.
-func runIn(t *testing.T, ns *netlab.Namespace, o helperOpts, unprivileged bool) *Report {
+func runIn(t testing.TB, ns *netlab.Namespace, o helperOpts, unprivileged bool) *Report {
 	t.Helper()
 	bin := helperBinary(t)
 	data, err := json.Marshal(o)
@@ -156,7 +161,7 @@ const (
 	coordName = "coord.test"
 )
 
-func newPodLab(t *testing.T) *podLab {
+func newPodLab(t testing.TB) *podLab {
 	t.Helper()
 	lab := netlab.New(t)
 	pl := &podLab{lab: lab}
@@ -184,7 +189,7 @@ func newPodLab(t *testing.T) *podLab {
 	return pl
 }
 
-func writeFile(t *testing.T, root, p, content string) {
+func writeFile(t testing.TB, root, p, content string) {
 	t.Helper()
 	full := filepath.Join(root, p)
 	if err := os.MkdirAll(filepath.Dir(full), 0o755); err != nil {
@@ -195,7 +200,7 @@ func writeFile(t *testing.T, root, p, content string) {
 	}
 }
 
-func selfSigned(t *testing.T) (tls.Certificate, string) {
+func selfSigned(t testing.TB) (tls.Certificate, string) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -222,7 +227,7 @@ func selfSigned(t *testing.T) (tls.Certificate, string) {
 // startCoordinator serves HTTPS with the real DERP relay at /derp, the real
 // STUN server, and a small DNS server for coord.test, all in the coord
 // namespace.
-func (pl *podLab) startCoordinator(t *testing.T) {
+func (pl *podLab) startCoordinator(t testing.TB) {
 	t.Helper()
 	cert, fp := selfSigned(t)
 	pl.fingerprint = fp
@@ -317,7 +322,7 @@ func describe(r *Report) string {
 	return b.String()
 }
 
-func wantFinding(t *testing.T, r *Report, code string, sev Status) *Finding {
+func wantFinding(t testing.TB, r *Report, code string, sev Status) *Finding {
 	t.Helper()
 	f := r.Finding(code)
 	if f == nil {

@@ -260,3 +260,22 @@ func (c *check) done() *check {
 	}
 	return c
 }
+
+// Brief is the short form of a report that the running agent publishes on
+// its health endpoint and sends to the coordinator, e.g. {"status":"broken",
+// "summary":"workspace network broken past eth0: ...","codes":["gateway.unreachable"]}.
+type Brief struct {
+	Status  Status    `json:"status"`
+	Summary string    `json:"summary"`
+	Codes   []string  `json:"codes,omitempty"`
+	At      time.Time `json:"at"`
+}
+
+// Brief returns the report's short form.
+func (r *Report) Brief() Brief {
+	b := Brief{Status: r.Status, Summary: r.Summary, At: r.Started}
+	for _, f := range r.Findings {
+		b.Codes = append(b.Codes, f.Code)
+	}
+	return b
+}
