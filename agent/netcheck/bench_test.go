@@ -78,4 +78,3 @@ func BenchmarkWatchTeardownDetection(b *testing.B) {
 	b.ReportMetric(float64(total.Milliseconds())/float64(b.N), "detect_ms")
 	b.ReportMetric(500, "interval_ms")
 }
-
