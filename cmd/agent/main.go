@@ -72,6 +72,9 @@ func newRootCmd(env *cliEnv) *cobra.Command {
 
 	// Commands, one constructor per file.
 	// (add one line per command below; keep the list sorted)
+	root.AddCommand(newAdminCmd(env))
+	root.AddCommand(newCoordinatorCmd(env))
+	root.AddCommand(newLoginCmd(env))
 	root.AddCommand(newPingCmd(env))
 	root.AddCommand(newPortForwardCmd(env))
 	root.AddCommand(newPortsCmd(env))

@@ -1,0 +1,325 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/agentd/agent/coordinator"
+	"github.com/agentd/agent/coordinator/admin"
+	"github.com/agentd/agent/coordinator/store"
+)
+
+// adminFlags are shared by every admin subcommand.
+type adminFlags struct {
+	dataDir string
+	json    bool
+}
+
+// open reaches the coordinator's admin API: over its socket when it runs,
+// otherwise straight on the store file. The returned function releases it.
+func (f *adminFlags) open(ctx context.Context) (admin.Ops, func(), error) {
+	if st, err := os.Stat(f.dataDir); err != nil || !st.IsDir() {
+		return nil, nil, fmt.Errorf("data directory %s does not exist; pass the coordinator's --data-dir (or set AGENT_COORDINATOR_DATA_DIR)", f.dataDir)
+	}
+	sock := admin.SocketPath(f.dataDir)
+	dctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	c, err := admin.DialSocket(dctx, sock)
+	cancel()
+	if err == nil {
+		return c, func() {}, nil
+	}
+	st, err := store.Open(f.dataDir)
+	if errors.Is(err, store.ErrLocked) {
+		return nil, nil, fmt.Errorf("a coordinator holds %s but its admin socket %s does not answer; is it running as another user?", f.dataDir, sock)
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	dataDir := f.dataDir
+	local := &admin.Local{Store: st, InfoFn: func() admin.Info {
+		fp, _ := coordinator.ReadFingerprint(dataDir)
+		return admin.Info{Running: false, DataDir: dataDir, Fingerprint: fp}
+	}}
+	return local, func() { st.Close() }, nil
+}
+
+func newAdminCmd(env *cliEnv) *cobra.Command {
+	f := &adminFlags{}
+	cmd := &cobra.Command{
+		Use:   "admin",
+		Short: "Administer the coordinator: users, agents, grants, tokens",
+		Long: `Administer the coordinator's users, agents, grants and tokens.
+
+Run it on the coordinator's machine, as the user that runs the coordinator.
+While the coordinator runs, changes go through its admin socket in the data
+directory and take effect at once (revoking a token or a grant disconnects
+what it allowed); otherwise the store file is changed directly.
+
+Tokens are shown once, when created; only their hashes are kept.`,
+	}
+	cmd.PersistentFlags().StringVar(&f.dataDir, "data-dir", envOr(env, "AGENT_COORDINATOR_DATA_DIR", defaultCoordinatorDataDir), "the coordinator's data directory (env AGENT_COORDINATOR_DATA_DIR)")
+	cmd.PersistentFlags().BoolVar(&f.json, "json", false, "print JSON")
+
+	// run wraps an operation with opening and closing the admin API.
+	run := func(fn func(ops admin.Ops, out io.Writer, args []string) error) func(*cobra.Command, []string) error {
+		return func(cmd *cobra.Command, args []string) error {
+			ops, done, err := f.open(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer done()
+			return fn(ops, env.Stdout, args)
+		}
+	}
+	emit := func(out io.Writer, v any, text func()) error {
+		if f.json {
+			enc := json.NewEncoder(out)
+			enc.SetIndent("", "  ")
+			return enc.Encode(v)
+		}
+		text()
+		return nil
+	}
+
+	user := &cobra.Command{Use: "user", Short: "Create or delete users"}
+	user.AddCommand(&cobra.Command{
+		Use: "create NAME", Short: "Create a user", Args: cobra.ExactArgs(1),
+		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
+			u, err := ops.CreateUser(args[0])
+			if err != nil {
+				return err
+			}
+			return emit(out, u, func() {
+				fmt.Fprintf(out, "created user %s\nnext: agent admin token create --user %s\n", u.Name, u.Name)
+			})
+		}),
+	}, &cobra.Command{
+		Use: "delete NAME", Short: "Delete a user with their grants and tokens", Args: cobra.ExactArgs(1),
+		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
+			if err := ops.DeleteUser(args[0]); err != nil {
+				return err
+			}
+			return emit(out, map[string]string{"deleted": args[0]}, func() { fmt.Fprintf(out, "deleted user %s\n", args[0]) })
+		}),
+	})
+
+	var owner string
+	agentCreate := &cobra.Command{
+		Use: "create NAME --owner USER", Short: "Create an agent and print its token", Args: cobra.ExactArgs(1),
+		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
+			if owner == "" {
+				return errors.New("--owner is required: the user who owns the agent (and may reach it without a grant)")
+			}
+			a, err := ops.CreateAgent(args[0], owner)
+			if err != nil {
+				return err
+			}
+			return emit(out, a, func() {
+				fmt.Fprintf(out, "created agent %s (owner %s, id %d, address %s)\n", a.Agent.Name, a.Agent.Owner, a.Agent.ID, a.Address.Addr())
+				fmt.Fprintf(out, "agent token (shown once; give it to the workspace, e.g. in a file for agent run --token-file):\n%s\n", a.Secret)
+			})
+		}),
+	}
+	agentCreate.Flags().StringVar(&owner, "owner", "", "user who owns the agent")
+	agentCmd := &cobra.Command{Use: "agent", Short: "Create or delete agents"}
+	agentCmd.AddCommand(agentCreate, &cobra.Command{
+		Use: "delete NAME", Short: "Delete an agent with its grants and tokens", Args: cobra.ExactArgs(1),
+		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
+			if err := ops.DeleteAgent(args[0]); err != nil {
+				return err
+			}
+			return emit(out, map[string]string{"deleted": args[0]}, func() { fmt.Fprintf(out, "deleted agent %s\n", args[0]) })
+		}),
+	})
+
+	grant := &cobra.Command{
+		Use: "grant USER AGENT", Short: "Let a user reach an agent", Args: cobra.ExactArgs(2),
+		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
+			g, err := ops.AddGrant(args[0], args[1])
+			if err != nil {
+				return err
+			}
+			return emit(out, g, func() { fmt.Fprintf(out, "%s may now reach %s\n", g.User, g.Agent) })
+		}),
+	}
+	ungrant := &cobra.Command{
+		Use: "ungrant USER AGENT", Short: "Withdraw a grant (open tunnels close at once)", Args: cobra.ExactArgs(2),
+		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
+			if err := ops.RemoveGrant(args[0], args[1]); err != nil {
+				return err
+			}
+			return emit(out, map[string]string{"user": args[0], "agent": args[1]}, func() {
+				fmt.Fprintf(out, "%s may no longer reach %s\n", args[0], args[1])
+			})
+		}),
+	}
+
+	var tokUser, tokAgent, tokExpires string
+	tokenCreate := &cobra.Command{
+		Use: "create (--user USER | --agent AGENT) [--expires 720h]", Short: "Create a token and print it", Args: cobra.NoArgs,
+		RunE: run(func(ops admin.Ops, out io.Writer, _ []string) error {
+			kind, subject := store.KindUser, tokUser
+			switch {
+			case tokUser != "" && tokAgent != "", tokUser == "" && tokAgent == "":
+				return errors.New("pass exactly one of --user USER or --agent AGENT")
+			case tokAgent != "":
+				kind, subject = store.KindAgent, tokAgent
+			}
+			expires, err := parseExpiry(tokExpires, time.Now())
+			if err != nil {
+				return err
+			}
+			tc, err := ops.CreateToken(kind, subject, expires)
+			if err != nil {
+				return err
+			}
+			return emit(out, tc, func() {
+				exp := "never expires"
+				if !tc.Token.Expires.IsZero() {
+					exp = "expires " + tc.Token.Expires.Local().Format(time.RFC3339)
+				}
+				fmt.Fprintf(out, "created %s token %s for %s (%s)\n", tc.Token.Kind, tc.Token.ID, tc.Token.Subject, exp)
+				fmt.Fprintf(out, "token (shown once):\n%s\n", tc.Secret)
+			})
+		}),
+	}
+	tokenCreate.Flags().StringVar(&tokUser, "user", "", "user the token authenticates")
+	tokenCreate.Flags().StringVar(&tokAgent, "agent", "", "agent the token authenticates")
+	tokenCreate.Flags().StringVar(&tokExpires, "expires", "", `lifetime ("720h", "30d") or date (RFC 3339); default: never`)
+	token := &cobra.Command{Use: "token", Short: "Create or revoke tokens"}
+	token.AddCommand(tokenCreate, &cobra.Command{
+		Use: "revoke ID|TOKEN", Short: "Revoke a token (by its ID from 'list', or the token itself)", Args: cobra.ExactArgs(1),
+		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
+			t, err := ops.RevokeToken(args[0])
+			if err != nil {
+				return err
+			}
+			return emit(out, t, func() { fmt.Fprintf(out, "revoked %s token %s of %s\n", t.Kind, t.ID, t.Subject) })
+		}),
+	})
+
+	list := &cobra.Command{
+		Use: "list", Short: "List users, agents, grants and tokens", Args: cobra.NoArgs,
+		RunE: run(func(ops admin.Ops, out io.Writer, _ []string) error {
+			s, err := ops.List()
+			if err != nil {
+				return err
+			}
+			return emit(out, s, func() { printSnapshot(out, s, time.Now()) })
+		}),
+	}
+	info := &cobra.Command{
+		Use: "info", Short: "Show the coordinator's URL, certificate fingerprint and connected peers", Args: cobra.NoArgs,
+		RunE: run(func(ops admin.Ops, out io.Writer, _ []string) error {
+			i, err := ops.Info()
+			if err != nil {
+				return err
+			}
+			return emit(out, i, func() { printInfo(out, i) })
+		}),
+	}
+
+	cmd.AddCommand(user, agentCmd, grant, ungrant, token, list, info)
+	return cmd
+}
+
+// parseExpiry reads "720h", "30d" or an RFC 3339 date; "" means never.
+func parseExpiry(s string, now time.Time) (time.Time, error) {
+	if s == "" {
+		return time.Time{}, nil
+	}
+	if days, ok := strings.CutSuffix(s, "d"); ok {
+		if n, err := strconv.Atoi(days); err == nil && n > 0 {
+			return now.Add(time.Duration(n) * 24 * time.Hour), nil
+		}
+	}
+	if d, err := time.ParseDuration(s); err == nil {
+		if d <= 0 {
+			return time.Time{}, fmt.Errorf("--expires %s: must be positive", s)
+		}
+		return now.Add(d), nil
+	}
+	if t, err := time.Parse(time.RFC3339, s); err == nil {
+		return t, nil
+	}
+	if t, err := time.ParseInLocation(time.DateOnly, s, time.Local); err == nil {
+		return t, nil
+	}
+	return time.Time{}, fmt.Errorf(`--expires %q: want a lifetime ("720h", "30d") or a date ("2027-01-31" or RFC 3339)`, s)
+}
+
+func printSnapshot(out io.Writer, s store.Snapshot, now time.Time) {
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "USERS\tCREATED")
+	for _, u := range s.Users {
+		fmt.Fprintf(tw, "%s\t%s\n", u.Name, u.Created.Local().Format(time.DateTime))
+	}
+	fmt.Fprintln(tw, "\nAGENTS\tOWNER\tID\tCREATED")
+	for _, a := range s.Agents {
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\n", a.Name, a.Owner, a.ID, a.Created.Local().Format(time.DateTime))
+	}
+	fmt.Fprintln(tw, "\nGRANTS (user -> agent; owners need none)\t\t")
+	for _, g := range s.Grants {
+		fmt.Fprintf(tw, "%s -> %s\t\t\n", g.User, g.Agent)
+	}
+	fmt.Fprintln(tw, "\nTOKENS\tKIND\tFOR\tSTATE")
+	for _, t := range s.Tokens {
+		state := "valid"
+		switch {
+		case !t.Revoked.IsZero():
+			state = "revoked " + t.Revoked.Local().Format(time.DateTime)
+		case !t.Expires.IsZero() && !now.Before(t.Expires):
+			state = "expired " + t.Expires.Local().Format(time.DateTime)
+		case !t.Expires.IsZero():
+			state = "valid until " + t.Expires.Local().Format(time.DateTime)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", t.ID, t.Kind, t.Subject, state)
+	}
+	tw.Flush()
+}
+
+func printInfo(out io.Writer, i admin.Info) {
+	state := "not running (read from the data directory)"
+	if i.Running {
+		state = "running"
+	}
+	fmt.Fprintf(out, "coordinator: %s\n", state)
+	if i.URL != "" {
+		fmt.Fprintf(out, "url: %s\n", i.URL)
+	}
+	if i.Fingerprint != "" {
+		fmt.Fprintf(out, "certificate fingerprint (sha256): %s\n", i.Fingerprint)
+	}
+	if i.STUN != "" {
+		fmt.Fprintf(out, "stun: udp %s\n", i.STUN)
+	}
+	fmt.Fprintf(out, "data: %s\n", i.DataDir)
+	if !i.Running {
+		return
+	}
+	fmt.Fprintf(out, "connected peers: %d\n", len(i.Peers))
+	if len(i.Peers) == 0 {
+		return
+	}
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ROLE\tNAME\tUSER\tNODE\tDERP\tSINCE\tREMOTE\tTUNNELS")
+	for _, p := range i.Peers {
+		node := "no node yet"
+		if p.HasNode {
+			node = fmt.Sprintf("%d endpoints", p.Endpoints)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", p.Role, p.Name, p.User, node, p.HomeDERP,
+			p.Since.Local().Format(time.DateTime), p.Remote, strings.Join(p.Tunnels, ","))
+	}
+	tw.Flush()
+}

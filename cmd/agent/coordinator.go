@@ -1,0 +1,111 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"net/url"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/agentd/agent/coordinator"
+	"github.com/agentd/agent/coordinator/admin"
+)
+
+// defaultCoordinatorDataDir is where a packaged coordinator keeps its state.
+const defaultCoordinatorDataDir = "/var/lib/agent-coordinator"
+
+func newCoordinatorCmd(env *cliEnv) *cobra.Command {
+	var cfg coordinator.Config
+	cmd := &cobra.Command{
+		Use:   "coordinator",
+		Short: "Run the coordinator: node exchange, auth, DERP relay and STUN",
+		Long: `Run the coordinator, the meeting point of agents and clients.
+
+It serves HTTPS on --listen with a self-signed certificate generated once in
+--data-dir (clients pin its fingerprint), relays node information only between
+a user and the agents the user may reach, embeds a DERP relay (/derp) that
+admits only registered node keys, and answers STUN on --stun-addr (UDP).
+Administer it with "agent admin" while it runs (over a unix socket in the
+data directory).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if cfg.STUNAddr == "off" {
+				cfg.STUNAddr = ""
+			}
+			cfg.Logger = env.Logger()
+			srv, err := coordinator.New(cfg)
+			if err != nil {
+				return err
+			}
+			printCoordinatorBanner(env.Stdout, srv, cfg)
+			return srv.Serve(cmd.Context())
+		},
+	}
+	fs := cmd.Flags()
+	fs.StringVar(&cfg.DataDir, "data-dir", envOr(env, "AGENT_COORDINATOR_DATA_DIR", defaultCoordinatorDataDir), "directory for the store, the TLS certificate and the admin socket (env AGENT_COORDINATOR_DATA_DIR)")
+	fs.StringVar(&cfg.Listen, "listen", ":8443", "HTTPS listen address")
+	fs.StringVar(&cfg.STUNAddr, "stun-addr", ":3478", `STUN UDP listen address ("off" to disable)`)
+	fs.BoolVar(&cfg.InsecureHTTP, "insecure-http", false, "serve plain HTTP instead of HTTPS (tests only: tokens travel in the clear)")
+	fs.StringVar(&cfg.AccessURL, "access-url", "", "URL peers use to reach this coordinator, e.g. https://coord.example.com:8443 (shown in instructions; added to the certificate's names on first start)")
+	return cmd
+}
+
+func printCoordinatorBanner(w io.Writer, srv *coordinator.Server, cfg coordinator.Config) {
+	u := srv.URL()
+	fmt.Fprintf(w, "agent coordinator serving %s\n", u)
+	if fp := srv.Fingerprint(); fp != "" {
+		fmt.Fprintf(w, "  certificate fingerprint (sha256): %s\n", fp)
+	} else {
+		fmt.Fprintf(w, "  WARNING: plain HTTP (--insecure-http): tokens and node information travel unencrypted\n")
+	}
+	if a := srv.STUNAddr(); a != nil {
+		fmt.Fprintf(w, "  STUN: udp %s\n", a)
+	}
+	fmt.Fprintf(w, "  data: %s (admin socket %s)\n", cfg.DataDir, admin.SocketPath(cfg.DataDir))
+	if !srv.FirstStart() {
+		return
+	}
+	adm := "agent admin"
+	if cfg.DataDir != defaultCoordinatorDataDir {
+		adm += " --data-dir " + shellQuote(cfg.DataDir)
+	}
+	pin := ""
+	if fp := srv.Fingerprint(); fp != "" {
+		pin = " --fingerprint " + fp
+	}
+	if host := hostOf(u); host == "localhost" || strings.HasPrefix(host, "127.") {
+		fmt.Fprintf(w, "\n  note: peers on other machines need a URL they can reach; pass --access-url https://HOST:PORT\n")
+	}
+	fmt.Fprintf(w, `
+No users yet. To get going (in another terminal, on this machine):
+
+  %[1]s user create alice
+  %[1]s agent create ws1 --owner alice      # prints the agent's token, for "agent run"
+  %[1]s token create --user alice           # prints a user token, for the laptop
+
+Then, on the laptop:
+
+  agent login %[2]s --token usr_...%[3]s
+  agent ssh ws1
+
+`, adm, u, pin)
+}
+
+func hostOf(rawURL string) string {
+	u, err := url.Parse(rawURL)
+	if err != nil {
+		return ""
+	}
+	return u.Hostname()
+}
+
+// shellQuote quotes s for a POSIX shell when it needs it.
+func shellQuote(s string) string {
+	if s != "" && strings.IndexFunc(s, func(r rune) bool {
+		return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("/._-+:=@", r))
+	}) < 0 {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}

@@ -1,0 +1,129 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/agentd/agent/coordclient"
+	"github.com/agentd/agent/protocol"
+	"github.com/agentd/agent/tailnet"
+)
+
+func newLoginCmd(env *cliEnv) *cobra.Command {
+	var token, tokenFile, fingerprint string
+	cmd := &cobra.Command{
+		Use:   "login URL --token TOKEN [--fingerprint HEX]",
+		Short: "Save the coordinator URL and your user token for the client commands",
+		Long: `Check a user token against the coordinator and save the URL, the token and
+the certificate fingerprint in $XDG_CONFIG_HOME/agent/config.json (mode 0600),
+for agent ssh, port-forward, ping and config-ssh. AGENT_URL, AGENT_TOKEN and
+AGENT_FINGERPRINT override the saved values.
+
+A coordinator with a self-signed certificate needs --fingerprint: an admin
+prints it with "agent admin info" (the coordinator also prints it at start).
+The token may come from --token, --token-file, or standard input (--token -).`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			base := strings.TrimRight(strings.TrimSpace(args[0]), "/")
+			u, err := url.Parse(base)
+			if err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http") {
+				return fmt.Errorf("%q is not a coordinator URL: want https://host[:port]", args[0])
+			}
+			tok, err := readLoginToken(env, token, tokenFile)
+			if err != nil {
+				return err
+			}
+			if fingerprint != "" {
+				if fingerprint, err = coordclient.NormalizeFingerprint(fingerprint); err != nil {
+					return err
+				}
+			}
+			hc, err := coordclient.HTTPClient(fingerprint)
+			if err != nil {
+				return err
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), 20*time.Second)
+			defer cancel()
+			who, err := coordclient.WhoAmI(ctx, hc, base, tok)
+			if err != nil {
+				var unknownCA x509.UnknownAuthorityError
+				if fingerprint == "" && u.Scheme == "https" && errors.As(err, &unknownCA) {
+					return untrustedCertError(ctx, u, base)
+				}
+				return err
+			}
+			if who.Role != protocol.RoleClient {
+				return fmt.Errorf("this is the token of agent %s (for agent run); log in with a user token (agent admin token create --user NAME)", who.Name)
+			}
+			path, err := coordclient.SaveProfile(env.Getenv, coordclient.Profile{URL: base, Token: tok, Fingerprint: fingerprint})
+			if err != nil {
+				return err
+			}
+			exp := ""
+			if !who.Expires.IsZero() {
+				exp = ", token valid until " + who.Expires.Local().Format(time.RFC3339)
+			}
+			fmt.Fprintf(env.Stdout, "logged in to %s as %s%s\nsaved to %s\n", base, who.User, exp, path)
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&token, "token", "", `user token ("-" reads it from standard input; visible in the process list otherwise: prefer --token-file)`)
+	f.StringVar(&tokenFile, "token-file", "", "file holding the user token")
+	f.StringVar(&fingerprint, "fingerprint", "", "SHA-256 fingerprint of the coordinator's certificate to pin (agent admin info shows it)")
+	return cmd
+}
+
+func readLoginToken(env *cliEnv, token, file string) (string, error) {
+	switch {
+	case file != "" && token != "":
+		return "", errors.New("pass either --token or --token-file, not both")
+	case file != "":
+		data, err := os.ReadFile(file)
+		if err != nil {
+			return "", fmt.Errorf("reading the token file: %w", err)
+		}
+		token = string(data)
+	case token == "-":
+		line, err := bufio.NewReader(env.Stdin).ReadString('\n')
+		if err != nil && line == "" {
+			return "", fmt.Errorf("reading the token from standard input: %w", err)
+		}
+		token = line
+	case token == "":
+		token = env.Getenv(coordclient.EnvToken)
+	}
+	token = strings.TrimSpace(token)
+	if token == "" {
+		return "", errors.New("no token: pass --token (or --token-file) with the user token an admin created (agent admin token create --user NAME)")
+	}
+	return token, nil
+}
+
+// untrustedCertError explains what to do about a self-signed certificate,
+// showing its fingerprint for the user to compare with the admin's.
+func untrustedCertError(ctx context.Context, u *url.URL, base string) error {
+	host := u.Host
+	if u.Port() == "" {
+		host = net.JoinHostPort(u.Hostname(), "443")
+	}
+	d := tls.Dialer{Config: &tls.Config{InsecureSkipVerify: true}} // only to read the fingerprint; nothing is sent
+	conn, err := d.DialContext(ctx, "tcp", host)
+	if err != nil {
+		return fmt.Errorf("the coordinator's certificate is not signed by a trusted authority; pass --fingerprint (agent admin info shows it)")
+	}
+	defer conn.Close()
+	fp := tailnet.CertFingerprint(conn.(*tls.Conn).ConnectionState().PeerCertificates[0].Raw)
+	return fmt.Errorf("the coordinator's certificate is self-signed (not from a trusted authority); its fingerprint is\n  %s\ncompare it with the one \"agent admin info\" shows on the coordinator, then run:\n  agent login %s --token <token> --fingerprint %s", fp, base, fp)
+}
