@@ -1,0 +1,343 @@
+package agent_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/agentd/agent/agent"
+	"github.com/agentd/agent/client"
+	"github.com/agentd/agent/coordclient"
+	"github.com/agentd/agent/coordinator"
+	"github.com/agentd/agent/coordinator/admin"
+	"github.com/agentd/agent/coordinator/store"
+	"github.com/agentd/agent/sshclient"
+)
+
+// stack is a coordinator, one workspace agent and the credentials of a user
+// who may reach it, all in this process on loopback.
+type stack struct {
+	coord       *coordinator.Server
+	url, fp     string
+	userToken   string
+	agentCancel context.CancelFunc
+	agentDone   chan error
+}
+
+func testLogger(t testing.TB) *slog.Logger {
+	if testing.Verbose() {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+func startStack(t *testing.T) *stack {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	dir := t.TempDir()
+	srv, err := coordinator.New(coordinator.Config{
+		DataDir:  dir,
+		Listen:   "127.0.0.1:0",
+		STUNAddr: "127.0.0.1:0",
+		Logger:   testLogger(t).With("side", "coordinator"),
+	})
+	if err != nil {
+		t.Fatalf("coordinator: %v", err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		<-served
+	})
+
+	adm, err := admin.DialSocket(ctx, admin.SocketPath(dir))
+	if err != nil {
+		t.Fatalf("admin socket: %v", err)
+	}
+	if _, err := adm.CreateUser("alice"); err != nil {
+		t.Fatal(err)
+	}
+	ws, err := adm.CreateAgent("ws1", "alice")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ut, err := adm.CreateToken(store.KindUser, "alice", time.Time{})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	s := &stack{coord: srv, url: srv.URL(), fp: srv.Fingerprint(), userToken: ut.Secret, agentDone: make(chan error, 1)}
+	a, err := agent.New(agent.Options{
+		Logger:      testLogger(t).With("side", "agent"),
+		Coordinator: coordclient.Config{URL: s.url, Token: ws.Secret, Fingerprint: s.fp},
+		DataDir:     t.TempDir(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	actx, acancel := context.WithCancel(ctx)
+	s.agentCancel = acancel
+	go func() { s.agentDone <- a.Run(actx) }()
+	t.Cleanup(func() {
+		acancel()
+		select {
+		case <-s.agentDone:
+		case <-time.After(10 * time.Second):
+			t.Error("agent did not stop within 10 s of cancellation")
+		}
+	})
+	return s
+}
+
+func (s *stack) connect(t *testing.T, ctx context.Context, blockDirect bool) *client.Workspace {
+	t.Helper()
+	ws, err := client.Connect(ctx, client.Config{
+		Coordinator: coordclient.Config{URL: s.url, Token: s.userToken, Fingerprint: s.fp},
+		Logger:      testLogger(t).With("side", "client"),
+		BlockDirect: blockDirect,
+	}, "ws1")
+	if err != nil {
+		t.Fatalf("connect to ws1: %v", err)
+	}
+	t.Cleanup(func() { ws.Close() })
+	return ws
+}
+
+// sinkServer listens on the workspace's loopback and answers each
+// connection with the SHA-256 of everything it read until EOF.
+func sinkServer(t *testing.T) uint16 {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				h := sha256.New()
+				io.Copy(h, c)
+				c.Write(h.Sum(nil))
+			}()
+		}
+	}()
+	return uint16(ln.Addr().(*net.TCPAddr).Port)
+}
+
+// sendVerified pushes size random bytes through conn, half-closes it, and
+// checks the far side's digest.
+func sendVerified(t *testing.T, conn net.Conn, size int) {
+	t.Helper()
+	h := sha256.New()
+	src := io.TeeReader(io.LimitReader(rand.Reader, int64(size)), h)
+	if _, err := io.Copy(conn, src); err != nil {
+		t.Fatalf("send: %v", err)
+	}
+	if err := conn.(interface{ CloseWrite() error }).CloseWrite(); err != nil {
+		t.Fatalf("half-close: %v", err)
+	}
+	got, err := io.ReadAll(conn)
+	if err != nil {
+		t.Fatalf("read digest: %v", err)
+	}
+	if !bytes.Equal(got, h.Sum(nil)) {
+		t.Fatalf("the far side saw different bytes: digest %x, sent %x", got, h.Sum(nil))
+	}
+}
+
+func TestAgentOverTailnetDirect(t *testing.T) {
+	if os.Getenv("AGENT_TEST_DERP_ONLY") != "" {
+		t.Skip("running as the DERP-only subprocess")
+	}
+	runStackChecks(t, false)
+}
+
+// TestAgentOverTailnetDERP runs the same checks with every packet relayed
+// through the coordinator's DERP server. Forcing DERP is process-wide in
+// Tailscale, so the checks run in a child test process.
+func TestAgentOverTailnetDERP(t *testing.T) {
+	if os.Getenv("AGENT_TEST_DERP_ONLY") != "" {
+		runStackChecks(t, true)
+		return
+	}
+	args := []string{"-test.run=^TestAgentOverTailnetDERP$", "-test.count=1"}
+	if testing.Verbose() {
+		args = append(args, "-test.v")
+	}
+	cmd := exec.Command(os.Args[0], args...)
+	cmd.Env = append(os.Environ(), "AGENT_TEST_DERP_ONLY=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "PASS") {
+		t.Fatalf("DERP-only run failed: %v\n%s", err, out)
+	}
+}
+
+func runStackChecks(t *testing.T, derpOnly bool) {
+	s := startStack(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+
+	start := time.Now()
+	ws := s.connect(t, ctx, derpOnly)
+	if err := ws.AwaitReachable(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// On loopback the tunnel is up in well under a second. With UDP
+	// blocked, magicsock first waits out its STUN probes (about 3 s) before
+	// it picks its home relay; that wait is Tailscale's, not a handshake
+	// stall, so the DERP-only bound is looser.
+	limit := 2 * time.Second
+	if derpOnly {
+		limit = 6 * time.Second
+	}
+	if d := time.Since(start); d > limit {
+		t.Errorf("the tunnel took %v to come up; want under %v", d, limit)
+	} else {
+		t.Logf("tunnel up after %v", d)
+	}
+
+	res, err := ws.Ping(ctx)
+	if err != nil {
+		t.Fatalf("ping: %v", err)
+	}
+	if derpOnly && res.Direct() {
+		t.Errorf("pong came directly from %v although direct paths are blocked", res.Endpoint)
+	}
+	if !derpOnly {
+		// Direct needs a disco round; give it a few pings.
+		for i := 0; i < 20 && !res.Direct(); i++ {
+			time.Sleep(100 * time.Millisecond)
+			if res, err = ws.Ping(ctx); err != nil {
+				t.Fatalf("ping: %v", err)
+			}
+		}
+		if !res.Direct() {
+			t.Errorf("no direct path on loopback after 20 pings: last pong via DERP region %d", res.DERPRegionID)
+		}
+	}
+
+	// Port forwarding: a server on the workspace's 127.0.0.1 is reached
+	// through the tailnet, every byte verified.
+	port := sinkServer(t)
+	conn, err := ws.DialTCP(ctx, port)
+	if err != nil {
+		t.Fatalf("dial forwarded port %d: %v", port, err)
+	}
+	sendVerified(t, conn, 16<<20)
+	conn.Close()
+
+	// A closed workspace port is refused at once.
+	closed := freePort(t)
+	t0 := time.Now()
+	if c, err := ws.DialTCP(ctx, closed); err == nil {
+		c.Close()
+		t.Fatalf("dial to closed port %d succeeded", closed)
+	} else if !strings.Contains(err.Error(), "nothing listens") {
+		t.Errorf("closed port: error %q does not say nothing listens there", err)
+	}
+	if d := time.Since(t0); d > time.Second {
+		t.Errorf("closed port took %v to refuse; want a reset at once", d)
+	}
+
+	// SSH on tailnet port 1.
+	sshConn, err := ws.DialTCP(ctx, client.PortSSH)
+	if err != nil {
+		t.Fatalf("dial SSH: %v", err)
+	}
+	var stdout, stderr bytes.Buffer
+	code, err := sshclient.RunCommand(ctx, sshConn, "echo out; echo err >&2; exit 3", nil, &stdout, &stderr)
+	if err != nil {
+		t.Fatalf("ssh exec: %v", err)
+	}
+	if code != 3 || stdout.String() != "out\n" || stderr.String() != "err\n" {
+		t.Errorf("ssh exec: code %d stdout %q stderr %q; want 3, \"out\\n\", \"err\\n\"", code, stdout.String(), stderr.String())
+	}
+
+	// The agent API on port 2 knows who is connected.
+	resp, err := ws.HTTPClient().Get("http://agent/api/v1/status")
+	if err != nil {
+		t.Fatalf("agent API: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(body), `"user": "alice"`) {
+		t.Errorf("agent API status %d, body %s: want 200 naming user alice", resp.StatusCode, body)
+	}
+}
+
+func TestAgentStopsPromptly(t *testing.T) {
+	if os.Getenv("AGENT_TEST_DERP_ONLY") != "" {
+		t.Skip("running as the DERP-only subprocess")
+	}
+	s := startStack(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	ws := s.connect(t, ctx, false)
+	if err := ws.AwaitReachable(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	s.agentCancel()
+	select {
+	case err := <-s.agentDone:
+		if err != nil {
+			t.Errorf("agent returned %v on cancellation; want nil", err)
+		}
+		s.agentDone <- err
+	case <-time.After(5 * time.Second):
+		t.Fatal("agent did not stop within 5 s")
+	}
+	t.Logf("agent stopped in %v", time.Since(t0))
+}
+
+func TestAgentRefusesBadToken(t *testing.T) {
+	if os.Getenv("AGENT_TEST_DERP_ONLY") != "" {
+		t.Skip("running as the DERP-only subprocess")
+	}
+	s := startStack(t)
+	a, err := agent.New(agent.Options{
+		Logger:      testLogger(t),
+		Coordinator: coordclient.Config{URL: s.url, Token: "agt_" + strings.Repeat("x", 43), Fingerprint: s.fp},
+		DataDir:     t.TempDir(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	err = a.Run(ctx)
+	var perm *coordclient.PermanentError
+	if !errors.As(err, &perm) {
+		t.Fatalf("agent with a wrong token: got %v, want a permanent refusal", err)
+	}
+	if ctx.Err() != nil {
+		t.Fatal("agent kept retrying a wrong token instead of stopping")
+	}
+}
+
+func freePort(t *testing.T) uint16 {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	return uint16(p)
+}
+
