@@ -738,8 +738,9 @@ func (c *Conn) DialContextUDP(ctx context.Context, dst netip.AddrPort) (net.Conn
 // new or restarted peer. Pings go out on a short, growing interval, several
 // in flight; and since WireGuard itself retries a lost handshake only after
 // 5 s (a first handshake is easily lost while the peer's relay connection
-// is still being set up), a peer that has not completed a handshake by the
-// next retry point is reset so the next ping starts a fresh one.
+// is still being set up), a peer without a live session by the next retry
+// point (0.5 s, then 1, 2, 4 s later) is reset so the next ping starts a
+// fresh handshake.
 func (c *Conn) AwaitReachable(ctx context.Context, ip netip.Addr) error {
 	c.mu.RLock()
 	p, ok := c.byIP[ip]
@@ -765,7 +766,9 @@ func (c *Conn) AwaitReachable(ctx context.Context, ip netip.Addr) error {
 		case <-t.C:
 		}
 		if now := time.Now(); now.After(nextReset) {
-			if hs := c.lastHandshake(p.key); hs.IsZero() || hs.Before(start) {
+			// A session younger than WireGuard's reject-after time is
+			// alive and its pong merely slow: leave it alone.
+			if hs := c.lastHandshake(p.key); hs.IsZero() || now.Sub(hs) > 3*time.Minute {
 				c.logger.Debug("no WireGuard handshake yet; restarting it", "peer", p.node.ID, "waited", now.Sub(start).Round(time.Millisecond))
 				c.eng.ResetDevicePeer(p.key)
 			}
