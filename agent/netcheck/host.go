@@ -319,12 +319,12 @@ func bridgesCheck(inv *inventory) *check {
 					Commands: recreateBridgeCommands(e)})
 			continue
 		}
-		checkBridge(c, st, l, e.gateway, e.source)
+		checkBridge(c, st, l, e.gateway, e.source, true)
 	}
 	for _, l := range inv.container {
 		if l.Type() == "bridge" && !checked[l.Attrs().Name] {
 			names = append(names, l.Attrs().Name)
-			checkBridge(c, st, l, netip.Prefix{}, "")
+			checkBridge(c, st, l, netip.Prefix{}, "", false)
 		}
 	}
 	c.detail("bridges", names)
@@ -333,7 +333,7 @@ func bridgesCheck(inv *inventory) *check {
 		return c.done()
 	}
 	if c.Status == StatusOK {
-		c.Summary = fmt.Sprintf("%s up and addressed", strings.Join(names, ", "))
+		c.Summary = fmt.Sprintf("%s up, with their addresses", strings.Join(names, ", "))
 	} else {
 		c.Summary = fmt.Sprintf("%d problem(s) with %s", len(c.findings), strings.Join(names, ", "))
 	}
@@ -352,7 +352,7 @@ func recreateBridgeCommands(e expectedBridge) []string {
 	return cmds
 }
 
-func checkBridge(c *check, st *netState, l netlink.Link, want netip.Prefix, source string) {
+func checkBridge(c *check, st *netState, l netlink.Link, want netip.Prefix, source string, expected bool) {
 	n := l.Attrs().Name
 	ports := 0
 	for _, p := range st.links {
@@ -367,7 +367,7 @@ func checkBridge(c *check, st *netState, l netlink.Link, want netip.Prefix, sour
 		return
 	}
 	v4 := ipv4Of(st.addrs[l.Attrs().Index])
-	if len(v4) == 0 && (want.IsValid() || ports > 0) {
+	if len(v4) == 0 && (expected || ports > 0) {
 		cmd := fmt.Sprintf("ip addr add GATEWAY/PREFIX dev %s   # the address the containers use as gateway", n)
 		if want.IsValid() {
 			cmd = fmt.Sprintf("ip addr add %s dev %s", want, n)
@@ -375,6 +375,8 @@ func checkBridge(c *check, st *netState, l netlink.Link, want netip.Prefix, sour
 		ev := []string{fmt.Sprintf("%s has no IPv4 address; %d ports attached", n, ports)}
 		if source != "" && want.IsValid() {
 			ev = append(ev, fmt.Sprintf("%s expects %s", source, want))
+		} else if expected {
+			ev = append(ev, fmt.Sprintf("%s is expected (%s) to carry the containers' gateway address", n, source))
 		}
 		c.fail(StatusBroken, "bridge.no_address", fmt.Sprintf("bridge %s has lost its address: containers on it cannot reach their gateway", n), ev,
 			Remedy{Text: "put the gateway address back (or restart the runtime) and install the networkd guard (systemd-networkd removes addresses it did not configure)", Commands: []string{cmd}})

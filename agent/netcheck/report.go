@@ -182,7 +182,7 @@ func (r *Report) WriteText(w io.Writer) error {
 	var b strings.Builder
 	fmt.Fprintf(&b, "agent netcheck (%s): %s, %s (%d ms)\n\n", r.Mode, strings.ToUpper(string(r.Status)), r.Summary, r.DurationMS)
 	for _, c := range r.Checks {
-		fmt.Fprintf(&b, "  %-8s %-12s %s\n", label(c.Status), c.ID, c.Summary)
+		fmt.Fprintf(&b, "  %-5s %-15s %s\n", label(c.Status), c.ID, c.Summary)
 	}
 	if len(r.Findings) > 0 {
 		b.WriteString("\nFindings:\n")
