@@ -118,7 +118,7 @@ func TestRunInteractive(t *testing.T) {
 	}()
 	waitScreen := func(want string) {
 		t.Helper()
-		deadline := time.Now().Add(15 * time.Second)
+		deadline := time.Now().Add(45 * time.Second)
 		for !strings.Contains(screen.String(), want) {
 			if time.Now().After(deadline) {
 				t.Fatalf("screen never showed %q:\n%s", want, screen.String())
@@ -132,8 +132,11 @@ func TestRunInteractive(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = unix.Kill(os.Getpid(), unix.SIGWINCH)
-	time.Sleep(300 * time.Millisecond)
-	fmt.Fprintf(master, "echo \"B:$(stty size)\"\r")
+	// The resize travels asynchronously as a window-change; ask until seen.
+	for i := 0; i < 30 && !strings.Contains(screen.String(), "B:40 120"); i++ {
+		fmt.Fprintf(master, "echo \"B:$(stty size)\"\r")
+		time.Sleep(500 * time.Millisecond)
+	}
 	waitScreen("B:40 120")
 	fmt.Fprintf(master, "exit 5\r")
 	select {

@@ -37,7 +37,7 @@ func (m tmux) screen() string {
 // waitFor waits until the screen matches re and returns the submatches.
 func (m tmux) waitFor(re *regexp.Regexp, what string) []string {
 	m.t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(45 * time.Second)
 	for {
 		scr := m.screen()
 		if sm := re.FindStringSubmatch(scr); sm != nil {
@@ -90,16 +90,26 @@ func Terminal(t *testing.T, tg Target) {
 	m.typeLine(`echo "SZ1:$(stty size)"`)
 	m.waitFor(regexp.MustCompile(`(?m)^SZ1:24 80`), "the first window size 24 80")
 	m.run("resize-window", "-t", "sshtest", "-x", "101", "-y", "31")
-	time.Sleep(300 * time.Millisecond)
-	m.typeLine(`echo "SZ2:$(stty size)"`)
-	m.waitFor(regexp.MustCompile(`(?m)^SZ2:31 101`), "the changed window size 31 101")
+	// The resize travels as a window-change request; ask until it arrived.
+	sizeRe := regexp.MustCompile(`(?m)^SZ2:31 101`)
+	for i := 0; ; i++ {
+		m.typeLine(`echo "SZ2:$(stty size)"`)
+		time.Sleep(500 * time.Millisecond)
+		if sizeRe.MatchString(m.screen()) || i == 20 {
+			break
+		}
+	}
+	m.waitFor(sizeRe, "the changed window size 31 101")
 
-	m.typeLine("sleep 3000")
-	time.Sleep(300 * time.Millisecond)
+	// Job control: ^Z stops the foreground job, fg resumes it, ^C ends it.
+	sleeper := fmt.Sprintf("sleep 3%d.5", os.Getpid())
+	m.typeLine(sleeper)
+	waitProcessState(t, sleeper, func(st byte) bool { return st == 'S' || st == 'R' })
 	m.run("send-keys", "-t", "sshtest", "C-z")
 	m.waitFor(regexp.MustCompile(`(?i)stopped`), "the job stopped by ^Z")
+	waitProcessState(t, sleeper, func(st byte) bool { return st == 'T' })
 	m.typeLine("fg")
-	time.Sleep(300 * time.Millisecond)
+	waitProcessState(t, sleeper, func(st byte) bool { return st == 'S' || st == 'R' })
 	m.run("send-keys", "-t", "sshtest", "C-c")
 	m.typeLine(`echo "JC:$?"`)
 	m.waitFor(regexp.MustCompile(`(?m)^JC:130`), "exit status 130 after ^C")
@@ -118,5 +128,24 @@ func Terminal(t *testing.T, tg Target) {
 			t.Fatalf("ssh did not exit after `exit 7`; screen:\n%s", m.screen())
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// waitProcessState waits until the process carrying marker is in a state
+// that ok accepts (the letter in /proc/PID/stat: S, R, T, ...).
+func waitProcessState(t testing.TB, marker string, ok func(byte) bool) {
+	t.Helper()
+	deadline := time.Now().Add(45 * time.Second)
+	for {
+		for _, pid := range ProcessesMatching(marker) {
+			stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+			if i := strings.LastIndexByte(string(stat), ')'); err == nil && i > 0 && len(stat) > i+2 && ok(stat[i+2]) {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("process %q never reached the expected state", marker)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
