@@ -37,7 +37,11 @@ func TestMain(m *testing.M) {
 	if os.Getenv("NETCHECK_HELPER") == "1" {
 		os.Exit(helperMain())
 	}
-	os.Exit(m.Run())
+	code := m.Run()
+	if helperPath != "" {
+		os.RemoveAll(filepath.Dir(helperPath))
+	}
+	os.Exit(code)
 }
 
 type helperOpts struct {
