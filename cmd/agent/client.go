@@ -62,7 +62,7 @@ func (e *cliEnv) connectWorkspace(ctx context.Context, f *clientFlags, name stri
 	name = strings.TrimSuffix(name, ".agent")
 	return client.Connect(ctx, client.Config{
 		Coordinator: cfg,
-		Logger:      e.Logger(),
+		Logger:      e.ClientLogger(),
 		BlockDirect: f.blockDirect,
 	}, name)
 }

@@ -28,6 +28,9 @@ type cliEnv struct {
 
 	logFormat string
 	logLevel  string
+	// logLevelExplicit is set when the user chose a level; client commands
+	// otherwise log only warnings, so their own output stays readable.
+	logLevelExplicit bool
 }
 
 // Logger returns a logger writing to stderr in the format and at the level
@@ -37,6 +40,19 @@ func (e *cliEnv) Logger() *slog.Logger {
 	if err := level.UnmarshalText([]byte(e.logLevel)); err != nil {
 		level = slog.LevelInfo
 	}
+	return e.loggerAt(level)
+}
+
+// ClientLogger is Logger for commands a person runs interactively: warnings
+// and errors only, unless --log-level says otherwise.
+func (e *cliEnv) ClientLogger() *slog.Logger {
+	if e.logLevelExplicit {
+		return e.Logger()
+	}
+	return e.loggerAt(slog.LevelWarn)
+}
+
+func (e *cliEnv) loggerAt(level slog.Level) *slog.Logger {
 	opts := &slog.HandlerOptions{Level: level}
 	if strings.EqualFold(e.logFormat, "json") {
 		return slog.New(slog.NewJSONHandler(e.Stderr, opts))
@@ -63,6 +79,9 @@ func newRootCmd(env *cliEnv) *cobra.Command {
   agent dev          an embedded coordinator and an agent for this machine`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		PersistentPreRun: func(cmd *cobra.Command, _ []string) {
+			env.logLevelExplicit = cmd.Flags().Changed("log-level") || env.Getenv("AGENT_LOG_LEVEL") != ""
+		},
 	}
 	root.PersistentFlags().StringVar(&env.logFormat, "log-format", envOr(env, "AGENT_LOG_FORMAT", "text"), "log format: text or json (env AGENT_LOG_FORMAT)")
 	root.PersistentFlags().StringVar(&env.logLevel, "log-level", envOr(env, "AGENT_LOG_LEVEL", "info"), "log level: debug, info, warn or error (env AGENT_LOG_LEVEL)")
@@ -75,6 +94,7 @@ func newRootCmd(env *cliEnv) *cobra.Command {
 	root.AddCommand(newAdminCmd(env))
 	root.AddCommand(newCoordinatorCmd(env))
 	root.AddCommand(newLoginCmd(env))
+	root.AddCommand(newDevCmd(env))
 	root.AddCommand(newPingCmd(env))
 	root.AddCommand(newPortForwardCmd(env))
 	root.AddCommand(newPortsCmd(env))
