@@ -1,6 +1,7 @@
 package tailnet
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -13,8 +14,6 @@ import (
 	"time"
 
 	"go4.org/netipx"
-	"gvisor.dev/gvisor/pkg/tcpip"
-	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"tailscale.com/envknob"
 	"tailscale.com/ipn/ipnstate"
 	"tailscale.com/net/dns"
@@ -241,9 +240,6 @@ func (c *Conn) start() error {
 	// intercepted: netstack's default would forward it to the host.
 	ns.GetTCPHandlerForFlow = c.tcpFlow
 	ns.GetUDPHandlerForFlow = c.udpFlow
-	if err := c.tuneNetstack(); err != nil {
-		return err
-	}
 	c.sys.Tun.Get().Start()
 	c.sys.Set(ns)
 	if err := ns.Start(nil); err != nil {
@@ -257,12 +253,6 @@ func (c *Conn) start() error {
 		return c.ns.DialContextUDP(ctx, dst)
 	}
 
-	c.mc.SetNetInfoCallback(c.onNetInfo)
-	eng.SetStatusCallback(c.onStatus)
-	eng.SetPeerByIPPacketFunc(c.peerKeyForIP)
-	eng.SetPeerConfigFunc(c.peerAllowedIPs)
-	eng.SetPeerForIPFunc(c.peerForIP)
-
 	c.self = &tailcfg.Node{
 		ID:         tailcfg.NodeID(c.opts.NodeID),
 		StableID:   tailcfg.StableNodeID(fmt.Sprint(c.opts.NodeID)),
@@ -273,6 +263,12 @@ func (c *Conn) start() error {
 		Cap:        tailcfg.CurrentCapabilityVersion,
 		Hostinfo:   (&tailcfg.Hostinfo{}).View(),
 	}
+	c.mc.SetNetInfoCallback(c.onNetInfo)
+	eng.SetStatusCallback(c.onStatus)
+	eng.SetPeerByIPPacketFunc(c.peerKeyForIP)
+	eng.SetPeerConfigFunc(c.peerAllowedIPs)
+	eng.SetPeerForIPFunc(c.peerForIP)
+
 	eng.SetSelfNode(c.self.View())
 	c.configMu.Lock()
 	c.updateFilterLocked()
@@ -680,6 +676,9 @@ func (c *Conn) Listen(port uint16) (net.Listener, error) {
 	if port == 0 {
 		return nil, errors.New("tailnet: listen on port 0: choose a port")
 	}
+	if c.isClosed() {
+		return nil, net.ErrClosed
+	}
 	var lns []net.Listener
 	for _, a := range c.opts.Addresses {
 		network := "tcp6"
@@ -698,7 +697,16 @@ func (c *Conn) Listen(port uint16) (net.Listener, error) {
 	return newMultiListener(lns, netip.AddrPortFrom(c.opts.Addresses[0].Addr(), port)), nil
 }
 
+func (c *Conn) isClosed() bool {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.closed
+}
+
 func (c *Conn) checkDst(dst netip.AddrPort) error {
+	if c.isClosed() {
+		return net.ErrClosed
+	}
 	if !dst.IsValid() {
 		return fmt.Errorf("tailnet: %v is not a valid address and port", dst)
 	}
@@ -859,18 +867,8 @@ func (c *Conn) PeerStatus() []PeerStatus {
 		}
 		out = append(out, ps)
 	}
-	slices.SortFunc(out, func(a, b PeerStatus) int { return int64Cmp(int64(a.ID), int64(b.ID)) })
+	slices.SortFunc(out, func(a, b PeerStatus) int { return cmp.Compare(a.ID, b.ID) })
 	return out
-}
-
-func int64Cmp(a, b int64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // Close stops the engine. Open connections and listeners fail afterwards.
@@ -905,21 +903,4 @@ func (c *Conn) closeEngine() {
 	if c.sys != nil {
 		c.sys.Bus.Get().Close()
 	}
-}
-
-// tcpBufMax caps gVisor's per-connection TCP send and receive windows.
-const tcpBufMax = 8 << 20
-
-// tuneNetstack widens gVisor's TCP buffers beyond Tailscale's defaults so a
-// single flow can keep the WireGuard pipe full.
-func (c *Conn) tuneNetstack() error {
-	rx := tcpip.TCPReceiveBufferSizeRangeOption{Min: tcp.MinBufferSize, Default: tcp.DefaultReceiveBufferSize, Max: tcpBufMax}
-	if err := c.ns.SetTransportProtocolOption(tcp.ProtocolNumber, &rx); err != nil {
-		return fmt.Errorf("tailnet: set netstack receive buffer: %v", err)
-	}
-	tx := tcpip.TCPSendBufferSizeRangeOption{Min: tcp.MinBufferSize, Default: tcp.DefaultSendBufferSize, Max: tcpBufMax}
-	if err := c.ns.SetTransportProtocolOption(tcp.ProtocolNumber, &tx); err != nil {
-		return fmt.Errorf("tailnet: set netstack send buffer: %v", err)
-	}
-	return nil
 }

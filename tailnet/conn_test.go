@@ -3,6 +3,7 @@ package tailnet
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -346,5 +347,63 @@ func TestUpsertPeerRefusesBadNodes(t *testing.T) {
 	other.Key = "nodekey:" + strings.Repeat("11", 32)
 	if err := a.UpsertPeer(other); err == nil || !strings.Contains(err.Error(), "belongs to peer 2") {
 		t.Fatalf("peer claiming another peer's address: %v", err)
+	}
+}
+
+func TestTwoAddressesAndClose(t *testing.T) {
+	r := newTestRelay(t)
+	withV4 := func(id NodeID) connOpt {
+		return func(o *Options) {
+			o.Addresses = append(o.Addresses, netip.MustParsePrefix(fmt.Sprintf("100.64.0.%d/32", id)))
+		}
+	}
+	agent := newTestConn(t, r, 1, true, withV4(1))
+	client := newTestConn(t, r, 2, false, withV4(2))
+	link(t, agent, client)
+	awaitFast(t, client, addrOf(agent))
+
+	ln, err := agent.Listen(22)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte(c.LocalAddr().String()))
+			c.Close()
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, a := range agent.Addresses() {
+		dst := netip.AddrPortFrom(a.Addr(), 22)
+		c, err := client.DialContextTCP(ctx, dst)
+		if err != nil {
+			t.Fatalf("dial %v: %v", dst, err)
+		}
+		got, _ := io.ReadAll(c)
+		c.Close()
+		if string(got) != dst.String() {
+			t.Fatalf("dial %v reached %q", dst, got)
+		}
+	}
+
+	client.Close()
+	if _, err := client.DialContextTCP(ctx, netip.AddrPortFrom(addrOf(agent), 22)); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("dial after Close: %v", err)
+	}
+	if _, err := client.Listen(22); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("listen after Close: %v", err)
+	}
+	if err := client.UpsertPeer(agent.Node()); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("upsert after Close: %v", err)
+	}
+	client.RemovePeer(1)
+	if err := client.Close(); err != nil {
+		t.Fatal(err)
 	}
 }
