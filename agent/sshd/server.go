@@ -243,6 +243,9 @@ func (s *Server) handleConn(ctx context.Context, nc net.Conn) {
 	}
 	s.conns[c] = struct{}{}
 	s.mu.Unlock()
+	// Cancelling Serve's context drops its connections too.
+	stop := context.AfterFunc(cctx, func() { sconn.Close() })
+	defer stop()
 
 	start := time.Now()
 	c.logger.Info("ssh connection opened", "ssh_user", sconn.User())
