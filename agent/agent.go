@@ -18,6 +18,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/agentd/agent/agent/netcheck"
 	"github.com/agentd/agent/agent/portforward"
 	"github.com/agentd/agent/agent/sshd"
 	"github.com/agentd/agent/coordclient"
@@ -57,14 +58,10 @@ type Options struct {
 	ListenPort uint16
 	// Registry receives the agent's metrics; nil creates one.
 	Registry *metrics.Registry
-	// NetworkStatus, if set, is a source of the workspace's network verdict
-	// (netcheck) published on the health endpoint and the agent API.
-	NetworkStatus NetworkStatusFunc
+	// DisableNetcheck turns off the continuous network self-check whose
+	// verdict is published on the health endpoint and the agent API.
+	DisableNetcheck bool
 }
-
-// NetworkStatusFunc reports the latest network verdict: a status
-// ("healthy", "degraded", "broken") and a one-line summary.
-type NetworkStatusFunc func() (status, summary string)
 
 // Agent is a running workspace agent.
 type Agent struct {
@@ -85,6 +82,7 @@ type Agent struct {
 	peers      map[tailnet.NodeID]*peerInfo
 	byAddr     map[netip.Addr]*peerInfo
 	pendingOps []func(*tailnet.Conn) // peer changes that arrived before the tailnet was up
+	network    *netcheck.Brief
 }
 
 type peerInfo struct {
@@ -185,6 +183,9 @@ func (a *Agent) Run(ctx context.Context) error {
 
 	go a.followHellos(ctx, conn)
 	go a.trackPaths(ctx, conn)
+	if !a.opts.DisableNetcheck {
+		go a.watchNetwork(ctx, hello)
+	}
 
 	var runErr error
 	select {
@@ -346,6 +347,46 @@ func (a *Agent) trackPaths(ctx context.Context, conn *tailnet.Conn) {
 				a.metrics.SetPeerPath(name, metrics.PathDERP)
 			}
 		}
+	}
+}
+
+// watchNetwork runs netcheck continuously: netlink events plus a quick
+// active probe every second, a full report every minute. Inside a pod a
+// host-side teardown leaves every local signal looking fine; only the
+// probe notices.
+func (a *Agent) watchNetwork(ctx context.Context, hello protocol.Hello) {
+	var last netcheck.Status
+	err := netcheck.Watch(ctx, netcheck.Options{
+		Logger:         a.log.With("component", "netcheck"),
+		CoordinatorURL: a.opts.Coordinator.URL,
+		Fingerprint:    a.opts.Coordinator.Fingerprint,
+		DERPMap:        hello.DERPMap,
+	}, netcheck.WatchOptions{}, func(r *netcheck.Report) {
+		b := r.Brief()
+		a.mu.Lock()
+		a.network = &b
+		a.mu.Unlock()
+		switch b.Status {
+		case netcheck.StatusOK:
+			a.metrics.SetNetcheckStatus(metrics.NetcheckOK)
+		case netcheck.StatusDegraded:
+			a.metrics.SetNetcheckStatus(metrics.NetcheckWarning)
+		case netcheck.StatusBroken:
+			a.metrics.SetNetcheckStatus(metrics.NetcheckFailing)
+		}
+		if b.Status != last {
+			lvl := slog.LevelInfo
+			if b.Status == netcheck.StatusBroken {
+				lvl = slog.LevelError
+			} else if b.Status == netcheck.StatusDegraded {
+				lvl = slog.LevelWarn
+			}
+			a.log.Log(ctx, lvl, "workspace network", "status", b.Status, "summary", b.Summary, "codes", b.Codes)
+			last = b.Status
+		}
+	})
+	if err != nil && ctx.Err() == nil {
+		a.log.Warn("the network self-check stopped; run `agent netcheck` by hand", "err", err)
 	}
 }
 

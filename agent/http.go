@@ -57,9 +57,11 @@ func (a *Agent) Status() Status {
 		names[uint64(id)] = *p
 	}
 	a.mu.Unlock()
-	if a.opts.NetworkStatus != nil {
-		st.Network, st.NetworkSummary = a.opts.NetworkStatus()
+	a.mu.Lock()
+	if a.network != nil {
+		st.Network, st.NetworkSummary = string(a.network.Status), a.network.Summary
 	}
+	a.mu.Unlock()
 	if conn != nil {
 		for _, ps := range conn.PeerStatus() {
 			p := PeerStatus{Name: fmt.Sprint(ps.ID), Path: ps.Path, RxBytes: ps.RxBytes, TxBytes: ps.TxBytes, LastHandshake: ps.LastHandshake}

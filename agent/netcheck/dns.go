@@ -220,6 +220,19 @@ func dnsCheck(ctx context.Context, opts *Options, host string, budget time.Durat
 	switch {
 	case len(ok) > 0 && literal:
 		c.Summary = fmt.Sprintf("%d/%d nameservers answer (%.1f ms)", len(ok), len(answers), ms(ok[0].rtt))
+	case literal && len(nxdomain)+len(servfail)+len(other) > 0:
+		// Any answer proves the transport; the coordinator is addressed by
+		// IP, so what the resolver says about the root zone does not stop
+		// the agent. A resolver with no upstream (NXDOMAIN or SERVFAIL for
+		// ".") is still worth a word: programs in the workspace need it.
+		answered := append(append(append([]string{}, nxdomain...), servfail...), other...)
+		c.Summary = fmt.Sprintf("nameservers answer, but not for the root zone (%s)", answered[0])
+		c.fail(StatusDegraded, "dns.no_upstream", "the nameservers answer but cannot resolve the root zone: they have no working upstream", answered,
+			Remedy{Text: "the agent does not need DNS (the coordinator URL is an address), but programs in the workspace do: check the resolver's forwarders"})
+	case literal:
+		c.Summary = fmt.Sprintf("no nameserver answers (%v)", addrList(rc.nameservers))
+		c.fail(StatusDegraded, "dns.unreachable", fmt.Sprintf("no nameserver answers: %v", addrList(rc.nameservers)), timeouts,
+			Remedy{Text: "the agent does not need DNS (the coordinator URL is an address), but programs in the workspace do: check that UDP port 53 to the nameservers is allowed"})
 	case len(ok) > 0 && len(resolved) == 0:
 		c.Summary = fmt.Sprintf("%s has no address records", host)
 		c.fail(StatusBroken, "dns.no_records", fmt.Sprintf("the coordinator's name %s exists but has no A or AAAA records", host),

@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/agentd/agent/agent"
+	"github.com/agentd/agent/agent/reaper"
 	"github.com/agentd/agent/coordclient"
 )
 
@@ -33,6 +34,11 @@ AGENT_TOKEN, and is never passed to processes the agent starts.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log := env.Logger()
+			// As PID 1 in a container, stay PID 1 only to reap orphans and
+			// pass signals on, and run the agent itself as a child.
+			if err := reaper.ReapOrphansIfPID1(log); err != nil {
+				return err
+			}
 			tok, err := loadToken(token, tokenFile)
 			if err != nil {
 				return err
