@@ -340,4 +340,3 @@ func freePort(t *testing.T) uint16 {
 	ln.Close()
 	return uint16(p)
 }
-
