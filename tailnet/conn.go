@@ -496,12 +496,17 @@ func (c *Conn) UpsertPeer(n *Node) error {
 	}
 	old := c.peers[n.ID]
 	resetSession := false
+	filterChanged := old == nil || len(staleIDs) > 0 || !slices.Equal(old.node.Addresses, n.Addresses)
 	if old != nil {
 		if old.key != nk {
 			staleIDs = append(staleIDs, old.node.ID)
 			staleKeys = append(staleKeys, old.key)
 		} else if old.disco != dk {
+			// magicsock keeps the old path on a disco key change and
+			// trusts it for seconds; a restarted peer is not there any
+			// more, so its endpoint is rebuilt from scratch.
 			resetSession = true
+			staleIDs = append(staleIDs, old.node.ID)
 		}
 		c.removeLocked(old)
 	}
@@ -538,7 +543,9 @@ func (c *Conn) UpsertPeer(n *Node) error {
 		c.eng.ResetDevicePeer(nk)
 	}
 	c.eng.SyncDevicePeer(nk)
-	c.updateFilterLocked()
+	if filterChanged {
+		c.updateFilterLocked()
+	}
 	return nil
 }
 
