@@ -113,3 +113,31 @@ func TestNodeCallbackWaitsForHomeDERP(t *testing.T) {
 		t.Fatal("NewConn with a bad private key succeeded")
 	}
 }
+
+func TestSetDERPMapMovesHome(t *testing.T) {
+	r1, r2 := newTestRelay(t), newTestRelay(t)
+	c := newTestConn(t, r1, 1, true)
+	r2.admit(c.Node().Key)
+	if n := waitNode(t, c); n.HomeDERP != DefaultRegionID {
+		t.Fatalf("home DERP %d", n.HomeDERP)
+	}
+	m2 := r2.dm.Clone()
+	m2.Regions[0].ID = DefaultRegionID + 1
+	m2.Regions[0].Code = "coord2"
+
+	moved := make(chan int, 10)
+	c.SetNodeCallback(func(n *Node) { moved <- n.HomeDERP })
+	c.SetDERPMap(&DERPMap{}) // invalid: ignored
+	c.SetDERPMap(m2)
+	deadline := time.After(15 * time.Second)
+	for {
+		select {
+		case home := <-moved:
+			if home == DefaultRegionID+1 {
+				return
+			}
+		case <-deadline:
+			t.Fatal("home DERP never moved to the new map's region")
+		}
+	}
+}
