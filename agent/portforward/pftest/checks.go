@@ -517,7 +517,9 @@ func CheckIPv6Loopback(tb testing.TB, env Env) {
 
 // CheckUDPEcho sends datagrams of several sizes to a UDP echo server on
 // 127.0.0.1 in the workspace and checks each reply. Each datagram is retried
-// a few times, since UDP may drop.
+// a few times, since UDP may drop. The largest is 1200 bytes: the tailnet's
+// MTU of 1280 leaves 1232 bytes of UDP payload over IPv6, and larger
+// datagrams are not carried.
 func CheckUDPEcho(tb testing.TB, env Env) {
 	tb.Helper()
 	pc := env.listenPacket(tb, "udp4", "127.0.0.1:0")
@@ -539,7 +541,7 @@ func CheckUDPEcho(tb testing.TB, env Env) {
 	}
 	defer c.Close()
 	buf := make([]byte, 64<<10)
-	for i, size := range []int{1, 100, 512, 1200, 1400, 8000, 20, 1} {
+	for i, size := range []int{1, 100, 512, 1000, 1200, 20, 1} {
 		msg := pattern(uint64(500+i), size)
 		ok := false
 		for try := 0; try < 4 && !ok; try++ {
