@@ -1,0 +1,138 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/agentd/agent/client"
+	"github.com/agentd/agent/forwardclient"
+)
+
+func newPortForwardCmd(env *cliEnv) *cobra.Command {
+	var (
+		cf      clientFlags
+		tcp     []string
+		udp     []string
+		binds   []string
+		udpIdle time.Duration
+	)
+	cmd := &cobra.Command{
+		Use:   "port-forward WORKSPACE MAPPING... [--udp MAPPING]...",
+		Short: "Listen on local ports and carry connections to ports in a workspace",
+		Long: `Listen on local ports and carry each connection (or UDP flow) over the
+tailnet to the same or another port on the workspace's localhost, so a
+development server bound to 127.0.0.1 in the workspace is reachable here.
+
+A MAPPING is one of:
+  5432                    local 5432 to workspace 5432
+  8080:3000               local 8080 to workspace 3000
+  8000-8010               a range, same ports on both sides
+  18000-18010:8000-8010   a range onto another range of the same length
+  127.0.0.1:9000:9000     listen on this address only
+  [::1]:9000:9000         an IPv6 address, in brackets
+  0:3000                  any free local port (printed when listening)
+
+Positional mappings and --tcp are TCP; --udp mappings are UDP. Local ports
+listen on 127.0.0.1, and on ::1 too when this machine has IPv6 loopback,
+unless --bind or the mapping names an address. Workspace ports 1-9 belong
+to the agent and cannot be forwarded.`,
+		Example: `  agent port-forward ws1 8080:3000 5432 8000-8010 127.0.0.1:9000:9000 --udp 5353:53`,
+		Args:    cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			name := args[0]
+			tcpSpecs := append(append([]string{}, args[1:]...), tcp...)
+			mappings, err := forwardclient.ParseMappings("tcp", tcpSpecs)
+			if err != nil {
+				return err
+			}
+			udpMappings, err := forwardclient.ParseMappings("udp", udp)
+			if err != nil {
+				return err
+			}
+			mappings = append(mappings, udpMappings...)
+			if len(mappings) == 0 {
+				return fmt.Errorf("no ports given: name at least one mapping, for example `agent port-forward %s 8080:3000`", name)
+			}
+			bindAddrs, err := parseBinds(binds)
+			if err != nil {
+				return err
+			}
+
+			// Bind first, so a busy local port is reported before the
+			// (slower) tunnel is set up.
+			dialer := &workspaceDialer{}
+			stderr := cmd.ErrOrStderr()
+			fwd, err := forwardclient.Listen(forwardclient.Options{
+				Dialer:         dialer,
+				Logger:         env.Logger().With("component", "port-forward"),
+				Bind:           bindAddrs,
+				UDPIdleTimeout: udpIdle,
+				Notify:         func(msg string) { fmt.Fprintln(stderr, msg) },
+			}, mappings)
+			if err != nil {
+				return err
+			}
+			defer fwd.Close()
+
+			ws, err := env.connectWorkspace(ctx, &cf, name)
+			if err != nil {
+				return err
+			}
+			defer ws.Close()
+			dialer.ws = ws
+
+			out := cmd.OutOrStdout()
+			for _, a := range fwd.Active() {
+				fmt.Fprintf(out, "Forwarding %s\n", a)
+			}
+			if err := fwd.Serve(ctx); err != nil && !errors.Is(err, context.Canceled) {
+				return err
+			}
+			return nil
+		},
+	}
+	cf.register(cmd, env)
+	fs := cmd.Flags()
+	fs.StringArrayVar(&tcp, "tcp", nil, "a TCP mapping, like the positional ones (repeatable)")
+	fs.StringArrayVar(&udp, "udp", nil, "a UDP mapping, e.g. 5353:53 (repeatable)")
+	fs.StringSliceVar(&binds, "bind", nil, "local address to listen on (repeatable; default 127.0.0.1 and ::1 when available)")
+	fs.DurationVar(&udpIdle, "udp-idle", 60*time.Second, "end a UDP flow after this long without a datagram")
+	return cmd
+}
+
+func parseBinds(binds []string) ([]netip.Addr, error) {
+	var out []netip.Addr
+	for _, b := range binds {
+		b = strings.Trim(strings.TrimSpace(b), "[]")
+		if b == "localhost" {
+			out = append(out, netip.MustParseAddr("127.0.0.1"))
+			continue
+		}
+		a, err := netip.ParseAddr(b)
+		if err != nil {
+			return nil, fmt.Errorf("--bind %q is not an IP address: use for example 127.0.0.1, ::1 or 0.0.0.0", b)
+		}
+		out = append(out, a)
+	}
+	return out, nil
+}
+
+// workspaceDialer reaches the workspace once the tunnel is up; listeners are
+// bound before that, but nothing is accepted until Serve runs.
+type workspaceDialer struct{ ws *client.Workspace }
+
+func (d *workspaceDialer) DialTCP(ctx context.Context, port uint16) (net.Conn, error) {
+	return d.ws.DialTCP(ctx, port)
+}
+
+func (d *workspaceDialer) DialUDP(ctx context.Context, port uint16) (net.Conn, error) {
+	return d.ws.DialUDP(ctx, port)
+}
