@@ -120,6 +120,20 @@ func TestNodesFlowOnlyAlongTunnels(t *testing.T) {
 		t.Fatalf("bob got %+v", p)
 	}
 
+	// The metrics follow: two agents and two clients connected, two tunnels
+	// with both ends up, the two refusals counted.
+	for _, want := range []string{
+		`coordinator_peers_connected{role="agent"} 2`,
+		`coordinator_peers_connected{role="client"} 2`,
+		`coordinator_tunnels 2`,
+		`coordinator_messages_rejected_total{reason="forbidden"} 1`,
+		`coordinator_messages_rejected_total{reason="unknown_peer"} 1`,
+	} {
+		if got := scrape(t, f.tc); !strings.Contains(got, want+"\n") {
+			t.Errorf("metrics lack %q:\n%s", want, got)
+		}
+	}
+
 	// Graceful leave: ws1 is told "disconnected".
 	if err := alice.stop(); !errors.Is(err, context.Canceled) {
 		t.Fatalf("alice Run: %v", err)

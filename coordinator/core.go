@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/agentd/agent/coordinator/admin"
+	"github.com/agentd/agent/metrics"
 	"github.com/agentd/agent/protocol"
 	"github.com/agentd/agent/tailnet"
 )
@@ -45,10 +46,12 @@ type core struct {
 	evict     []*peer
 	closed    bool
 	onEvict   func(p *peer)
+	metrics   *metrics.Coordinator
 }
 
-func newCore() *core {
+func newCore(m *metrics.Coordinator) *core {
 	return &core{
+		metrics:   m,
 		peers:     map[tailnet.NodeID]*peer{},
 		keys:      map[string]tailnet.NodeID{},
 		clientsOf: map[tailnet.NodeID]map[tailnet.NodeID]*peer{},
@@ -138,6 +141,8 @@ func (c *core) setNode(p *peer, n *tailnet.Node) *protocol.Error {
 	}
 	c.keys[n.Key] = p.id
 	p.node = n.Clone()
+	start := time.Now()
+	defer func() { c.metrics.ObserveFanout(time.Since(start)) }()
 	m := peerMessage(p)
 	switch p.role {
 	case protocol.RoleAgent:
@@ -342,6 +347,7 @@ func (c *core) sendLocked(p *peer, m *protocol.ServerMessage) {
 // flushLocked evicts slow peers. Evicting one notifies its peers, which can
 // overflow further queues, so it loops until nothing is left.
 func (c *core) flushLocked() {
+	defer c.countTunnelsLocked()
 	for len(c.evict) > 0 {
 		p := c.evict[0]
 		c.evict = c.evict[1:]
@@ -355,6 +361,20 @@ func (c *core) flushLocked() {
 			c.onEvict(p)
 		}
 	}
+}
+
+// countTunnelsLocked publishes how many tunnels have both ends connected.
+func (c *core) countTunnelsLocked() {
+	if c.metrics == nil {
+		return
+	}
+	n := 0
+	for agentID, clients := range c.clientsOf {
+		if c.peers[agentID] != nil {
+			n += len(clients)
+		}
+	}
+	c.metrics.SetTunnels(n)
 }
 
 func peerMessage(p *peer) *protocol.ServerMessage {

@@ -47,7 +47,7 @@ func drain(p *peer) []*protocol.ServerMessage {
 // A client that stops reading is evicted when its queue is full; the agent
 // and the other clients go on, and the agent is told the slow one is lost.
 func TestSlowConsumerEvicted(t *testing.T) {
-	c := newCore()
+	c := newCore(nil)
 	agent, agentKilled := corePeer(1, protocol.RoleAgent, "ws1", 1024)
 	fast, fastKilled := corePeer(2, protocol.RoleClient, "fast", 1024)
 	slow, slowKilled := corePeer(3, protocol.RoleClient, "slow", 4)
@@ -100,7 +100,7 @@ func TestSlowConsumerEvicted(t *testing.T) {
 // Evicting a peer notifies others, which may overflow in turn: the cascade
 // terminates and leaves a consistent state.
 func TestEvictionCascade(t *testing.T) {
-	c := newCore()
+	c := newCore(nil)
 	agent, agentKilled := corePeer(1, protocol.RoleAgent, "ws1", 1)
 	client, clientKilled := corePeer(2, protocol.RoleClient, "c", 1)
 	c.register(agent)
@@ -123,7 +123,7 @@ func TestEvictionCascade(t *testing.T) {
 }
 
 func TestKeyInUse(t *testing.T) {
-	c := newCore()
+	c := newCore(nil)
 	a1, _ := corePeer(1, protocol.RoleAgent, "ws1", 16)
 	a2, _ := corePeer(2, protocol.RoleAgent, "ws2", 16)
 	c.register(a1)

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http/httptest"
 	"net/netip"
 	"os"
 	"sync"
@@ -16,6 +17,7 @@ import (
 	"github.com/agentd/agent/coordclient"
 	"github.com/agentd/agent/coordinator"
 	"github.com/agentd/agent/coordinator/admin"
+	"github.com/agentd/agent/metrics"
 	"github.com/agentd/agent/protocol"
 	"github.com/agentd/agent/tailnet"
 )
@@ -23,9 +25,10 @@ import (
 // testCoordinator is a coordinator serving on loopback for one test.
 type testCoordinator struct {
 	*coordinator.Server
-	dir    string
-	cancel context.CancelFunc
-	done   chan error
+	metrics *metrics.Registry
+	dir     string
+	cancel  context.CancelFunc
+	done    chan error
 }
 
 type coordOpts struct {
@@ -42,7 +45,9 @@ func testLogger(t *testing.T) *slog.Logger {
 
 func startCoordinator(t *testing.T, dir string, o coordOpts) *testCoordinator {
 	t.Helper()
+	reg := metrics.NewRegistry()
 	cfg := coordinator.Config{
+		Metrics:      reg,
 		DataDir:      dir,
 		Listen:       "127.0.0.1:0",
 		STUNAddr:     "127.0.0.1:0",
@@ -57,7 +62,7 @@ func startCoordinator(t *testing.T, dir string, o coordOpts) *testCoordinator {
 		t.Fatalf("starting coordinator: %v", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	tc := &testCoordinator{Server: srv, dir: dir, cancel: cancel, done: make(chan error, 1)}
+	tc := &testCoordinator{Server: srv, metrics: reg, dir: dir, cancel: cancel, done: make(chan error, 1)}
 	go func() { tc.done <- srv.Serve(ctx) }()
 	t.Cleanup(tc.stop)
 	return tc
@@ -79,6 +84,14 @@ func (tc *testCoordinator) admin(t *testing.T) admin.Ops {
 		t.Fatalf("admin socket: %v", err)
 	}
 	return c
+}
+
+// scrape returns the coordinator's metrics in the text format.
+func scrape(t *testing.T, tc *testCoordinator) string {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	tc.metrics.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	return rec.Body.String()
 }
 
 // must fails the test on err.

@@ -23,6 +23,7 @@ import (
 
 	"github.com/agentd/agent/coordinator/admin"
 	"github.com/agentd/agent/coordinator/store"
+	"github.com/agentd/agent/metrics"
 	"github.com/agentd/agent/protocol"
 	"github.com/agentd/agent/tailnet"
 )
@@ -56,6 +57,10 @@ type Config struct {
 	ReauthInterval time.Duration
 	// MaxTunnels bounds the tunnels one client session may hold (default 256).
 	MaxTunnels int
+
+	// Metrics, if set, receives the coordinator's metric set; serving it
+	// (on a private address) is the caller's job.
+	Metrics *metrics.Registry
 }
 
 func (c *Config) setDefaults() {
@@ -97,6 +102,7 @@ type Server struct {
 	adminLn     net.Listener
 	httpSrv     *http.Server
 	adminSrv    *http.Server
+	metrics     *metrics.Coordinator
 	fingerprint string
 	firstStart  bool
 	resume      resumeSigner
@@ -127,7 +133,11 @@ func New(cfg Config) (s *Server, err error) {
 	if err != nil {
 		return nil, err
 	}
-	s = &Server{cfg: cfg, logger: cfg.Logger, store: st, core: newCore(), reauthKick: make(chan struct{}, 1)}
+	var m *metrics.Coordinator
+	if cfg.Metrics != nil {
+		m = metrics.NewCoordinator(cfg.Metrics)
+	}
+	s = &Server{cfg: cfg, logger: cfg.Logger, store: st, core: newCore(m), metrics: m, reauthKick: make(chan struct{}, 1)}
 	defer func() {
 		if err != nil {
 			s.closeAll()

@@ -14,6 +14,7 @@ import (
 	"github.com/coder/websocket"
 
 	"github.com/agentd/agent/coordinator/store"
+	"github.com/agentd/agent/metrics"
 	"github.com/agentd/agent/protocol"
 	"github.com/agentd/agent/tailnet"
 )
@@ -30,6 +31,7 @@ func (e *lostError) Unwrap() error { return e.err }
 func (s *Server) handleCoordinate(w http.ResponseWriter, r *http.Request) {
 	principal, perr := s.authenticate(r)
 	if perr != nil {
+		s.metrics.MessageRejected(metrics.RejectUnauthorized)
 		s.logger.Info("refused a peer", "remote", r.RemoteAddr, "code", perr.Code)
 		writeHTTPError(w, http.StatusUnauthorized, perr)
 		return
@@ -132,6 +134,11 @@ func (ss *session) run() {
 
 	registered := ss.handshake(in)
 	if registered {
+		role := metrics.RoleClient
+		if ss.p.role == protocol.RoleAgent {
+			role = metrics.RoleAgent
+		}
+		defer s.metrics.PeerConnected(role)()
 		ss.logger.Info("peer connected", "node_id", ss.p.id)
 		go ss.pingLoop()
 		ss.readLoop(in)
@@ -272,6 +279,7 @@ func (ss *session) readLoop(in <-chan readResult) {
 func (ss *session) decode(rr readResult) (*protocol.PeerMessage, bool) {
 	if rr.err != nil {
 		if websocket.CloseStatus(rr.err) == websocket.StatusMessageTooBig {
+			ss.srv.metrics.MessageRejected(metrics.RejectTooLarge)
 			ss.logger.Info("peer sent a message over the size limit", "limit", protocol.MaxMessageSize)
 		}
 		ss.cancel(&lostError{rr.err})
@@ -350,6 +358,11 @@ func (ss *session) tunnel(agentName string) {
 			Message: fmt.Sprintf("this connection already has %d tunnels, the limit; remove some first", s.cfg.MaxTunnels)}
 	}
 	if refuse != nil {
+		if refuse.Code == protocol.CodeNoSuchAgent {
+			s.metrics.MessageRejected(metrics.RejectUnknownPeer)
+		} else {
+			s.metrics.MessageRejected(metrics.RejectForbidden)
+		}
 		ss.logger.Info("refused a tunnel", "agent", agentName, "code", refuse.Code)
 		s.core.send(p, &protocol.ServerMessage{Type: protocol.TypeError, Error: refuse})
 		return
@@ -359,6 +372,13 @@ func (ss *session) tunnel(agentName string) {
 
 // fail ends the session with a fatal error the peer is told about.
 func (ss *session) fail(e *protocol.Error) {
+	switch e.Code {
+	case protocol.CodeInternal:
+	case protocol.CodeMessageTooLarge:
+		ss.srv.metrics.MessageRejected(metrics.RejectTooLarge)
+	default:
+		ss.srv.metrics.MessageRejected(metrics.RejectMalformed)
+	}
 	ss.logger.Info("closing a peer's connection", "code", e.Code, "error", e.Message)
 	ss.cancel(e)
 }

@@ -3,13 +3,17 @@ package main
 import (
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"net/url"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/agentd/agent/coordinator"
 	"github.com/agentd/agent/coordinator/admin"
+	"github.com/agentd/agent/metrics"
 )
 
 // defaultCoordinatorDataDir is where a packaged coordinator keeps its state.
@@ -17,6 +21,7 @@ const defaultCoordinatorDataDir = "/var/lib/agent-coordinator"
 
 func newCoordinatorCmd(env *cliEnv) *cobra.Command {
 	var cfg coordinator.Config
+	var metricsAddr string
 	cmd := &cobra.Command{
 		Use:   "coordinator",
 		Short: "Run the coordinator: node exchange, auth, DERP relay and STUN",
@@ -34,11 +39,31 @@ data directory).`,
 				cfg.STUNAddr = ""
 			}
 			cfg.Logger = env.Logger()
+			var metricsLn net.Listener
+			if metricsAddr != "" {
+				cfg.Metrics = metrics.NewRegistry()
+				var err error
+				if metricsLn, err = net.Listen("tcp", metricsAddr); err != nil {
+					return fmt.Errorf("metrics listener: %w (use --metrics-addr, or \"\" to disable)", err)
+				}
+				defer metricsLn.Close()
+			}
 			srv, err := coordinator.New(cfg)
 			if err != nil {
 				return err
 			}
-			printCoordinatorBanner(env.Stdout, srv, cfg)
+			if metricsLn != nil {
+				mux := http.NewServeMux()
+				mux.Handle("/metrics", cfg.Metrics.Handler())
+				ms := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+				go ms.Serve(metricsLn)
+				defer ms.Close()
+			}
+			metricsURL := ""
+			if metricsLn != nil {
+				metricsURL = "http://" + metricsLn.Addr().String() + "/metrics"
+			}
+			printCoordinatorBanner(env.Stdout, srv, cfg, metricsURL)
 			return srv.Serve(cmd.Context())
 		},
 	}
@@ -47,11 +72,12 @@ data directory).`,
 	fs.StringVar(&cfg.Listen, "listen", ":8443", "HTTPS listen address")
 	fs.StringVar(&cfg.STUNAddr, "stun-addr", ":3478", `STUN UDP listen address ("off" to disable)`)
 	fs.BoolVar(&cfg.InsecureHTTP, "insecure-http", false, "serve plain HTTP instead of HTTPS (tests only: tokens travel in the clear)")
+	fs.StringVar(&metricsAddr, "metrics-addr", envOr(env, "AGENT_COORDINATOR_METRICS_ADDR", "127.0.0.1:2114"), `serve Prometheus /metrics here, plain HTTP ("" disables; env AGENT_COORDINATOR_METRICS_ADDR)`)
 	fs.StringVar(&cfg.AccessURL, "access-url", "", "URL peers use to reach this coordinator, e.g. https://coord.example.com:8443 (shown in instructions; added to the certificate's names on first start)")
 	return cmd
 }
 
-func printCoordinatorBanner(w io.Writer, srv *coordinator.Server, cfg coordinator.Config) {
+func printCoordinatorBanner(w io.Writer, srv *coordinator.Server, cfg coordinator.Config, metricsURL string) {
 	u := srv.URL()
 	fmt.Fprintf(w, "agent coordinator serving %s\n", u)
 	if fp := srv.Fingerprint(); fp != "" {
@@ -61,6 +87,9 @@ func printCoordinatorBanner(w io.Writer, srv *coordinator.Server, cfg coordinato
 	}
 	if a := srv.STUNAddr(); a != nil {
 		fmt.Fprintf(w, "  STUN: udp %s\n", a)
+	}
+	if metricsURL != "" {
+		fmt.Fprintf(w, "  metrics: %s\n", metricsURL)
 	}
 	fmt.Fprintf(w, "  data: %s (admin socket %s)\n", cfg.DataDir, admin.SocketPath(cfg.DataDir))
 	if !srv.FirstStart() {
