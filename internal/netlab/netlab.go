@@ -418,13 +418,23 @@ func (ns *Namespace) Masquerade(outIf string, mode NATMode) {
 	if mode == NATEndpointDependent {
 		action = "masquerade random"
 	}
+	// The input rule is a home router's firewall: unsolicited UDP to the
+	// public address is dropped before its conntrack entry is confirmed.
+	// Without it, a peer's first hole-punching packet leaves an entry that
+	// owns the public port, and masquerade then moves our own outbound flow
+	// to another port, so the mapping would no longer be endpoint
+	// independent.
 	ns.Nft(fmt.Sprintf(`table ip netlab_nat {
 	chain postrouting {
 		type nat hook postrouting priority srcnat; policy accept;
 		oifname %q %s
 	}
+	chain input {
+		type filter hook input priority filter; policy accept;
+		iifname %q meta l4proto udp ct state new drop
+	}
 }
-`, outIf, action))
+`, outIf, action, outIf))
 }
 
 // DropUDP drops UDP that the namespace forwards or sends, except to or from

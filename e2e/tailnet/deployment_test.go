@@ -1,0 +1,232 @@
+// Package tailnet_test runs the real agent binary, as a coordinator, a
+// workspace agent and a laptop client, in network namespaces of its own:
+// the coordinator on a "public" network, the agent and the client each
+// behind their own NAT router.
+package tailnet_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/agentd/agent/internal/netlab"
+)
+
+// agentBinary is built once per test binary run.
+var agentBinary struct {
+	once sync.Once
+	path string
+	err  error
+}
+
+func buildAgent(t *testing.T) string {
+	t.Helper()
+	agentBinary.once.Do(func() {
+		dir, err := os.MkdirTemp("", "agent-e2e-bin-")
+		if err != nil {
+			agentBinary.err = err
+			return
+		}
+		agentBinary.path = filepath.Join(dir, "agent")
+		out, err := exec.Command("go", "build", "-o", agentBinary.path, "github.com/agentd/agent/cmd/agent").CombinedOutput()
+		if err != nil {
+			agentBinary.err = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if agentBinary.err != nil {
+		t.Fatal(agentBinary.err)
+	}
+	return agentBinary.path
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if agentBinary.path != "" {
+		os.RemoveAll(filepath.Dir(agentBinary.path))
+	}
+	os.Exit(code)
+}
+
+const coordPort = "8443"
+
+// deployment is the whole product across the lab.
+type deployment struct {
+	t       *testing.T
+	bin     string
+	lab     *netlab.Lab
+	sites   *netlab.TwoSites
+	dataDir string
+	url, fp string
+
+	userToken  string
+	agentToken string
+
+	coord *exec.Cmd
+	agent *exec.Cmd
+	home  string // the client's HOME
+}
+
+func newDeployment(t *testing.T, mode netlab.NATMode) *deployment {
+	t.Helper()
+	lab := netlab.New(t)
+	bin := buildAgent(t)
+	d := &deployment{
+		t:       t,
+		bin:     bin,
+		lab:     lab,
+		sites:   lab.NewTwoSites(mode),
+		dataDir: t.TempDir(),
+		home:    t.TempDir(),
+	}
+	d.url = "https://" + d.sites.CoordinatorAddr.String() + ":" + coordPort
+	d.startCoordinator()
+
+	d.admin("user", "create", "alice")
+	d.admin("user", "create", "bob")
+	var created struct {
+		Secret string `json:"secret"`
+	}
+	d.adminJSON(&created, "agent", "create", "ws1", "--owner", "alice")
+	d.agentToken = created.Secret
+	d.adminJSON(&created, "token", "create", "--user", "alice")
+	d.userToken = created.Secret
+	d.startAgent()
+	return d
+}
+
+func (d *deployment) startCoordinator() {
+	d.t.Helper()
+	d.coord = d.sites.Coordinator.Start(d.bin, "coordinator",
+		"--data-dir", d.dataDir,
+		"--listen", d.sites.CoordinatorAddr.String()+":"+coordPort,
+		"--stun-addr", d.sites.CoordinatorAddr.String()+":3478")
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		var info struct {
+			Running     bool   `json:"running"`
+			Fingerprint string `json:"fingerprint"`
+		}
+		out, err := exec.Command(d.bin, "admin", "--data-dir", d.dataDir, "--json", "info").Output()
+		if err == nil && json.Unmarshal(out, &info) == nil && info.Running {
+			d.fp = info.Fingerprint
+			return
+		}
+		if time.Now().After(deadline) {
+			d.t.Fatalf("the coordinator did not come up within 20 s: %v %s", err, out)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func (d *deployment) stopCoordinator() {
+	d.t.Helper()
+	stopProcess(d.t, d.coord)
+}
+
+func (d *deployment) startAgent() {
+	d.t.Helper()
+	tokenFile := filepath.Join(d.t.TempDir(), "token")
+	if err := os.WriteFile(tokenFile, []byte(d.agentToken+"\n"), 0o600); err != nil {
+		d.t.Fatal(err)
+	}
+	d.agent = d.sites.Host1.Start(d.bin, "run",
+		"--coordinator-url", d.url,
+		"--token-file", tokenFile,
+		"--fingerprint", d.fp,
+		"--data-dir", filepath.Join(d.dataDir, "agent-state"),
+		"--health-addr", "")
+}
+
+func (d *deployment) stopAgent() {
+	d.t.Helper()
+	stopProcess(d.t, d.agent)
+}
+
+// stopProcess sends SIGTERM and requires an exit within 5 s.
+func stopProcess(t *testing.T, cmd *exec.Cmd) {
+	t.Helper()
+	if err := cmd.Process.Signal(os.Interrupt); err != nil {
+		t.Fatalf("signal %s: %v", cmd.Path, err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		cmd.Process.Kill()
+		t.Fatalf("%v did not exit within 5 s of SIGTERM", cmd.Args[:2])
+	}
+}
+
+func (d *deployment) admin(args ...string) string {
+	d.t.Helper()
+	full := append([]string{"admin", "--data-dir", d.dataDir}, args...)
+	out, err := exec.Command(d.bin, full...).CombinedOutput()
+	if err != nil {
+		d.t.Fatalf("agent %s: %v\n%s", strings.Join(full, " "), err, out)
+	}
+	return string(out)
+}
+
+func (d *deployment) adminJSON(v any, args ...string) {
+	d.t.Helper()
+	out := d.admin(append([]string{"--json"}, args...)...)
+	if err := json.Unmarshal([]byte(out), v); err != nil {
+		d.t.Fatalf("admin %v: %v in %s", args, err, out)
+	}
+}
+
+// clientEnv is the laptop's environment: the coordinator and alice's token.
+func (d *deployment) clientEnv(token string) []string {
+	return []string{
+		"HOME=" + d.home,
+		"PATH=" + os.Getenv("PATH"),
+		"AGENT_URL=" + d.url,
+		"AGENT_TOKEN=" + token,
+		"AGENT_FINGERPRINT=" + d.fp,
+	}
+}
+
+// client runs an agent client command on the laptop (Host2).
+func (d *deployment) client(ctx context.Context, token string, args ...string) (stdout, stderr string, err error) {
+	cmd := d.sites.Host2.CommandContext(ctx, d.bin, args...)
+	cmd.Env = d.clientEnv(token)
+	var o, e bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &o, &e
+	err = cmd.Run()
+	return o.String(), e.String(), err
+}
+
+// startClient starts a long-running client command on the laptop.
+func (d *deployment) startClient(args ...string) *exec.Cmd {
+	d.t.Helper()
+	cmd := d.sites.Host2.Command(d.bin, args...)
+	cmd.Env = d.clientEnv(d.userToken)
+	return cmd
+}
+
+// lockedBuffer collects a child's output from two pipes.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
