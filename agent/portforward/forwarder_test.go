@@ -176,8 +176,12 @@ func TestCloseEndsLongLivedFlows(t *testing.T) {
 	defer c.Close()
 	server := <-accepted
 	defer server.Close()
-	if s := f.Stats(); s.TCP != 1 {
-		t.Fatalf("stats %+v, want one TCP flow", s)
+	// The tunnel acknowledges the dial just before the handler starts.
+	for deadline := time.Now().Add(5 * time.Second); f.Stats().TCP != 1; {
+		if time.Now().After(deadline) {
+			t.Fatalf("stats %+v, want one TCP flow", f.Stats())
+		}
+		time.Sleep(time.Millisecond)
 	}
 	done := make(chan error, 1)
 	go func() {
