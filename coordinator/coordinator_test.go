@@ -280,7 +280,8 @@ func TestTokensRefused(t *testing.T) {
 	f := newFixture(t, coordOpts{})
 	a := f.tc.admin(t)
 
-	expiring := must[admin.TokenCreated](t)(a.CreateToken(store.KindUser, "alice", time.Now().Add(1500*time.Millisecond)))
+	expiresAt := time.Now().Add(3 * time.Second)
+	expiring := must[admin.TokenCreated](t)(a.CreateToken(store.KindUser, "alice", expiresAt))
 	revoked := must[admin.TokenCreated](t)(a.CreateToken(store.KindUser, "alice", time.Time{}))
 	must[store.Token](t)(a.RevokeToken(revoked.Token.ID))
 
@@ -312,7 +313,7 @@ func TestTokensRefused(t *testing.T) {
 	// The coordinator re-checks on its interval (30s default); revoke-style
 	// changes re-check at once, and an expiry is caught by the next check,
 	// so nudge it with an unrelated admin change.
-	time.Sleep(1600 * time.Millisecond)
+	time.Sleep(time.Until(expiresAt) + 100*time.Millisecond)
 	must[store.Token](t)(a.RevokeToken(revoked.Token.ID))
 	if err := pc.runResult(t); errCode(err) != protocol.CodeTokenExpired {
 		t.Fatalf("Run returned %v, want token_expired", err)
