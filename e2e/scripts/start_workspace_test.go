@@ -291,7 +291,7 @@ func TestStartWorkspaceWithoutDownloaderLeavesWaitingToAgent(t *testing.T) {
 	if r.code != 0 {
 		t.Fatalf("exit status %d, want 0 from `agent run --help`; stderr:\n%s", r.code, r.stderr)
 	}
-	if !strings.Contains(r.stderr, "no curl or wget in this image") {
+	if !strings.Contains(r.stderr, "no curl (or wget for this URL) in this image") {
 		t.Errorf("stderr lacks the note about not waiting:\n%s", r.stderr)
 	}
 }
@@ -401,5 +401,31 @@ func TestStartWorkspaceSelfSignedCoordinator(t *testing.T) {
 				t.Errorf("pinned self-signed: exit %d, stderr %q; want the coordinator reported up", r.code, r.stderr)
 			}
 		})
+	}
+}
+
+// TestStartWorkspaceBusyboxWgetOnlyForHTTP: BusyBox wget's TLS is not
+// trusted with an https:// coordinator; the script leaves waiting to the
+// agent instead of failing a healthy start.
+func TestStartWorkspaceBusyboxWgetOnlyForHTTP(t *testing.T) {
+	if !agentHasRun(t) {
+		t.Skip("this build of the agent has no `run` command yet")
+	}
+	bb, err := exec.LookPath("busybox")
+	if err != nil {
+		t.Skip("busybox not installed (apt-get install busybox-static)")
+	}
+	path := pathWith(t, baseTools...)
+	if err := os.Symlink(bb, filepath.Join(path, "wget")); err != nil {
+		t.Fatal(err)
+	}
+	dir := worldDir(t)
+	tok := tokenFile(t, dir)
+	r := runScript(t, []string{"/bin/sh"}, "start-workspace", []string{
+		"PATH=" + path, "AGENT_BIN=" + env.agent,
+		"AGENT_URL=https://" + closedPort(t), "AGENT_TOKEN_FILE=" + tok,
+	}, nil, "--help")
+	if r.code != 0 || !strings.Contains(r.stderr, "not waiting for the coordinator here") {
+		t.Errorf("https with busybox wget only: exit %d, stderr %q; want 0 and the not-waiting note", r.code, r.stderr)
 	}
 }
