@@ -139,7 +139,6 @@ type Conn struct {
 	nodeNotify chan struct{}
 	closeCh    chan struct{}
 	closeOnce  sync.Once
-	wg         sync.WaitGroup
 }
 
 // NewConn starts a node. It turns off Tailscale's socket marking
@@ -192,7 +191,6 @@ func NewConn(opts Options) (*Conn, error) {
 		c.closeEngine()
 		return nil, err
 	}
-	c.wg.Add(1)
 	go c.nodeLoop()
 	return c, nil
 }
@@ -318,7 +316,8 @@ func (c *Conn) Addresses() []netip.Prefix { return slices.Clone(c.opts.Addresses
 // SetNodeCallback sets the function told about our node whenever its
 // endpoints or home DERP change. It is first called once the home DERP is
 // known (a node without one cannot be reached), never while a lock is held,
-// and never concurrently with itself.
+// and never concurrently with itself. It may call Close; after Close it is
+// not called again.
 func (c *Conn) SetNodeCallback(fn func(*Node)) {
 	c.mu.Lock()
 	c.nodeCB = fn
@@ -336,7 +335,6 @@ func (c *Conn) notifyNode() {
 
 // nodeLoop delivers node changes to the callback from a single goroutine.
 func (c *Conn) nodeLoop() {
-	defer c.wg.Done()
 	var last *Node
 	lastGen := -1
 	for {
@@ -346,9 +344,12 @@ func (c *Conn) nodeLoop() {
 		case <-c.nodeNotify:
 		}
 		c.mu.RLock()
-		cb, gen := c.nodeCB, c.nodeCBGen
+		cb, gen, closed := c.nodeCB, c.nodeCBGen, c.closed
 		n := c.nodeLocked()
 		c.mu.RUnlock()
+		if closed {
+			return
+		}
 		if cb == nil || n.HomeDERP == 0 {
 			continue
 		}
@@ -886,8 +887,8 @@ func (c *Conn) Close() error {
 		c.closed = true
 		c.mu.Unlock()
 		c.configMu.Unlock()
+		// nodeLoop is not waited for: a callback may itself call Close.
 		close(c.closeCh)
-		c.wg.Wait()
 		c.closeEngine()
 	})
 	return nil

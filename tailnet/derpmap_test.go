@@ -106,6 +106,18 @@ func TestNodeCallbackWaitsForHomeDERP(t *testing.T) {
 		t.Fatal("new node callback not called with the current node")
 	}
 
+	// A callback may close its own conn.
+	closed := make(chan struct{})
+	c.SetNodeCallback(func(*Node) {
+		c.Close()
+		close(closed)
+	})
+	select {
+	case <-closed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Close from inside the node callback hung")
+	}
+
 	if _, err := NewConn(Options{NodeID: 1, DERPMap: r.dm}); err == nil {
 		t.Fatal("NewConn without addresses succeeded")
 	}
