@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/coder/websocket"
 	"tailscale.com/derp"
 	"tailscale.com/derp/derphttp"
 	"tailscale.com/net/netmon"
@@ -129,6 +130,27 @@ func TestDERPProbe(t *testing.T) {
 	res.Body.Close()
 	if res.StatusCode != http.StatusUpgradeRequired {
 		t.Fatalf("plain GET /derp: %s, want 426", res.Status)
+	}
+}
+
+func TestDERPOverWebSocket(t *testing.T) {
+	r := newTestRelay(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	u := "wss" + strings.TrimPrefix(r.srv.URL, "https") + "/derp"
+	c, _, err := websocket.Dial(ctx, u, &websocket.DialOptions{HTTPClient: r.srv.Client(), Subprotocols: []string{"derp"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.CloseNow()
+	typ, msg, err := c.Read(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The first DERP frame is the server key: a 5-byte frame header, then
+	// the magic.
+	if typ != websocket.MessageBinary || !bytes.Contains(msg, []byte(derp.Magic)) {
+		t.Fatalf("first WebSocket message (%v) %q does not carry the DERP server key", typ, msg)
 	}
 }
 
