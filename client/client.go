@@ -53,7 +53,15 @@ type Workspace struct {
 	refusedCh chan struct{}
 	helloCh   chan protocol.Hello
 	offline   bool
+	// reachedAt is when WireGuard to the agent last proved itself; dials
+	// within reachableFor of it skip the probe.
+	reachedAt time.Time
 }
+
+// reachableFor is how long a successful reachability probe is trusted. A
+// forwarded port opens many connections; probing before each would add a
+// round trip to every one.
+const reachableFor = 10 * time.Second
 
 // Connect asks the coordinator for a tunnel to the named workspace and waits
 // until the workspace's node is known. It fails at once when the coordinator
@@ -150,9 +158,18 @@ func (w *Workspace) Tailnet() *tailnet.Conn { return w.conn }
 
 // AwaitReachable waits until WireGuard to the workspace is up end to end.
 func (w *Workspace) AwaitReachable(ctx context.Context) error {
+	w.mu.Lock()
+	recent := time.Since(w.reachedAt) < reachableFor
+	w.mu.Unlock()
+	if recent {
+		return nil
+	}
 	if err := w.conn.AwaitReachable(ctx, w.Addr()); err != nil {
 		return fmt.Errorf("workspace %q is not reachable over the tailnet: %w", w.name, err)
 	}
+	w.mu.Lock()
+	w.reachedAt = time.Now()
+	w.mu.Unlock()
 	return nil
 }
 
@@ -262,6 +279,7 @@ func (h *handler) PeerUpdate(p protocol.Peer) {
 	first := w.agent == nil
 	pp := p
 	w.agent = &pp
+	w.reachedAt = time.Time{}
 	conn := w.conn
 	w.mu.Unlock()
 	if conn != nil {

@@ -19,8 +19,8 @@ type clientFlags struct {
 
 func (f *clientFlags) register(cmd *cobra.Command, env *cliEnv) {
 	fs := cmd.Flags()
-	fs.StringVar(&f.url, "url", "", "coordinator URL (env AGENT_URL; default: what `agent login` saved)")
-	fs.StringVar(&f.token, "token", "", "user token (env AGENT_TOKEN; default: what `agent login` saved)")
+	fs.StringVar(&f.url, "url", "", "coordinator URL (env AGENT_URL; default: what 'agent login' saved)")
+	fs.StringVar(&f.token, "token", "", "user token (env AGENT_TOKEN; default: what 'agent login' saved)")
 	fs.StringVar(&f.fingerprint, "fingerprint", "", "pinned coordinator certificate fingerprint (env AGENT_FINGERPRINT)")
 	fs.BoolVar(&f.blockDirect, "derp-only", false, "relay everything through the coordinator's DERP server (no direct UDP path)")
 }

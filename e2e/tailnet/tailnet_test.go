@@ -317,5 +317,9 @@ func TestOpenSSHThroughProxyCommand(t *testing.T) {
 		Host:        "ws1.agent",
 		Options:     []string{proxy},
 		BigFileSize: 32 << 20,
+		// The agent runs in the workspace namespace: servers next to it,
+		// and the port ssh -R opens there, live on that loopback.
+		WorkspaceListen: d.sites.Host1.Listen,
+		WorkspaceDial:   d.sites.Host1.DialContext,
 	})
 }

@@ -41,6 +41,11 @@ type Target struct {
 	BigFileSize int64
 	// MOTD, if set, is text the interactive login must show.
 	MOTD string
+	// WorkspaceListen and WorkspaceDial open sockets where the server runs,
+	// for the forwarding checks, when that is another network namespace
+	// than the test's. Default: this process's own (net.Listen, net.Dial).
+	WorkspaceListen func(network, address string) (net.Listener, error)
+	WorkspaceDial   func(ctx context.Context, network, address string) (net.Conn, error)
 }
 
 // RequireTools skips the test when an OpenSSH client tool is missing.
@@ -228,7 +233,12 @@ func FreePort(t testing.TB) int {
 // "echo:" followed by what it read, until the peer half-closes.
 func EchoServer(t testing.TB, network, address string) net.Listener {
 	t.Helper()
-	ln, err := net.Listen(network, address)
+	return echoServerOn(t, net.Listen, network, address)
+}
+
+func echoServerOn(t testing.TB, listen func(network, address string) (net.Listener, error), network, address string) net.Listener {
+	t.Helper()
+	ln, err := listen(network, address)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -253,9 +263,20 @@ func EchoServer(t testing.TB, network, address string) net.Listener {
 // up), sends msg, half-closes and returns the answer.
 func RoundTrip(t testing.TB, network, address, msg string) string {
 	t.Helper()
+	return roundTripVia(t, nil, network, address, msg)
+}
+
+func roundTripVia(t testing.TB, dial func(ctx context.Context, network, address string) (net.Conn, error), network, address, msg string) string {
+	t.Helper()
+	if dial == nil {
+		var d net.Dialer
+		dial = d.DialContext
+	}
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		c, err := net.DialTimeout(network, address, 5*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		c, err := dial(ctx, network, address)
+		cancel()
 		if err == nil {
 			_ = c.SetDeadline(time.Now().Add(20 * time.Second))
 			_, werr := c.Write([]byte(msg))
@@ -307,7 +328,11 @@ func (tg Target) Background(t testing.TB, clientArgs ...string) *exec.Cmd {
 
 // LocalForward: ssh -L carries data to a TCP service next to the server.
 func LocalForward(t *testing.T, tg Target) {
-	echo := EchoServer(t, "tcp", "127.0.0.1:0")
+	listen := tg.WorkspaceListen
+	if listen == nil {
+		listen = net.Listen
+	}
+	echo := echoServerOn(t, listen, "tcp", "127.0.0.1:0")
 	lport := FreePort(t)
 	tg.Background(t, "-L", fmt.Sprintf("127.0.0.1:%d:%s", lport, echo.Addr()))
 	msg := strings.Repeat("local-forward ", 10000)
@@ -323,7 +348,7 @@ func RemoteForward(t *testing.T, tg Target) {
 	rport := FreePort(t)
 	tg.Background(t, "-R", fmt.Sprintf("127.0.0.1:%d:%s", rport, echo.Addr()))
 	msg := strings.Repeat("remote-forward ", 10000)
-	if got := RoundTrip(t, "tcp", fmt.Sprintf("127.0.0.1:%d", rport), msg); got != "echo:"+msg {
+	if got := roundTripVia(t, tg.WorkspaceDial, "tcp", fmt.Sprintf("127.0.0.1:%d", rport), msg); got != "echo:"+msg {
 		t.Fatalf("-R answer has %d bytes, want %d", len(got), len(msg)+5)
 	}
 }
