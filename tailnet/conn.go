@@ -243,13 +243,6 @@ func (c *Conn) start() error {
 	if err := ns.Start(nil); err != nil {
 		return fmt.Errorf("tailnet: start netstack: %w", err)
 	}
-	c.dialer.UseNetstackForIP = c.isPeerIP
-	c.dialer.NetstackDialTCP = func(ctx context.Context, dst netip.AddrPort) (net.Conn, error) {
-		return c.ns.DialContextTCP(ctx, dst)
-	}
-	c.dialer.NetstackDialUDP = func(ctx context.Context, dst netip.AddrPort) (net.Conn, error) {
-		return c.ns.DialContextUDP(ctx, dst)
-	}
 
 	c.self = &tailcfg.Node{
 		ID:         tailcfg.NodeID(c.opts.NodeID),
