@@ -271,6 +271,9 @@ type RunOptions struct {
 	Mounts []string
 	// User overrides the image's user ("uid:gid").
 	User string
+	// DNS are nameserver addresses for the container's resolv.conf (by
+	// default podman copies the machine's, which a test namespace cannot reach).
+	DNS []string
 	// Entrypoint overrides the image's entrypoint; Args follow the image name.
 	Entrypoint string
 	Args       []string
@@ -288,8 +291,11 @@ type Container struct {
 // container is removed when the test ends; its logs are shown if it failed.
 func (p *Podman) Start(o RunOptions) *Container {
 	p.t.Helper()
-	args := []string{"run", "-d", "--name", o.Name,
+	args := []string{"run", "-d", "--pull=never", "--name", o.Name,
 		"--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"}
+	for _, d := range o.DNS {
+		args = append(args, "--dns", d)
+	}
 	for _, e := range o.Env {
 		args = append(args, "--env", e)
 	}
@@ -332,6 +338,13 @@ func (c *Container) Exec(ctx context.Context, args ...string) (string, error) {
 func (c *Container) Inspect(format string) string {
 	c.p.t.Helper()
 	return strings.TrimSpace(c.p.MustRun(30*time.Second, "inspect", "--format", format, c.Name))
+}
+
+// Gateway is the address of podman's default bridge network in the test
+// namespace: where containers reach the test's own servers.
+func (p *Podman) Gateway() string {
+	p.t.Helper()
+	return strings.TrimSpace(p.MustRun(30*time.Second, "network", "inspect", "podman", "--format", "{{range .Subnets}}{{.Gateway}}{{end}}"))
 }
 
 // IP is the container's address on podman's bridge.
