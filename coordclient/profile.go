@@ -1,6 +1,8 @@
 package coordclient
 
 import (
+	"github.com/agentd/agent/internal/atomicfile"
+
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -89,23 +91,7 @@ func SaveProfile(getenv func(string) string, p Profile) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".config-*")
-	if err != nil {
-		return "", err
-	}
-	defer os.Remove(tmp.Name())
-	if err := tmp.Chmod(0o600); err != nil {
-		tmp.Close()
-		return "", err
-	}
-	if _, err := tmp.Write(append(data, '\n')); err != nil {
-		tmp.Close()
-		return "", err
-	}
-	if err := tmp.Close(); err != nil {
-		return "", err
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
+	if err := atomicfile.Write(path, append(data, '\n'), 0o600); err != nil {
 		return "", fmt.Errorf("saving %s: %w", path, err)
 	}
 	return path, nil

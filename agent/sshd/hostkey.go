@@ -1,6 +1,8 @@
 package sshd
 
 import (
+	"github.com/agentd/agent/internal/atomicfile"
+
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/pem"
@@ -61,37 +63,10 @@ func loadOrCreateHostKey(path string, logger *slog.Logger) (gossh.Signer, error)
 // already appeared in the meantime (another agent process) wins: the link
 // fails and the caller reads the existing one on the next start.
 func writeFileAtomic(path string, data []byte, perm fs.FileMode) error {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return err
 	}
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if err := tmp.Chmod(perm); err != nil {
-		tmp.Close()
-		return err
-	}
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	// Link instead of rename: never overwrite a key another process wrote.
-	if err := os.Link(tmp.Name(), path); err != nil {
-		return err
-	}
-	if d, err := os.Open(dir); err == nil {
-		_ = d.Sync()
-		d.Close()
-	}
-	return nil
+	// WriteNew links instead of renaming: never overwrite a key another
+	// process wrote.
+	return atomicfile.WriteNew(path, data, perm)
 }

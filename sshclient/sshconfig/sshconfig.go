@@ -5,6 +5,8 @@
 package sshconfig
 
 import (
+	"github.com/agentd/agent/internal/atomicfile"
+
 	"bytes"
 	"errors"
 	"fmt"
@@ -177,27 +179,7 @@ func Update(path, block string, dryRun bool) (Result, error) {
 }
 
 func writeAtomic(path string, data []byte, mode fs.FileMode) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if err := tmp.Chmod(mode); err != nil {
-		tmp.Close()
-		return err
-	}
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
+	return atomicfile.Write(path, data, mode)
 }
 
 // Diff renders a line diff of old and new (unified-style, 2 lines of
