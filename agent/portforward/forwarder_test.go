@@ -34,6 +34,11 @@ func newPath(t *testing.T, opts portforward.Options, opaque bool) (*portforward.
 	if opts.Logger == nil {
 		opts.Logger = testLogger(t)
 	}
+	if opts.DialTimeout == 0 {
+		// 200 concurrent dials under -race on two busy cores can wait
+		// seconds for the scheduler; the default is for production.
+		opts.DialTimeout = 15 * time.Second
+	}
 	f := portforward.New(opts)
 	tun, err := pftest.NewTunnel(pftest.TunnelOptions{TCP: f.TCP, UDP: f.UDP, Opaque: opaque})
 	if err != nil {
