@@ -217,7 +217,8 @@ func TestWorkspaceContainer(t *testing.T) {
 		t.Fatal("agent admin printed no token secrets")
 	}
 	admin(t, bin, data, "grant", "alice", "ws1")
-	ns.Start(bin, "coordinator", "--data-dir", data, "--listen", "0.0.0.0:8443", "--stun-addr", "0.0.0.0:3478", "--access-url", url)
+	ns.Start(bin, "coordinator", "--data-dir", data, "--listen", "0.0.0.0:8443", "--stun-addr", "0.0.0.0:3478",
+		"--access-url", url, "--metrics-addr", "127.0.0.1:2114")
 	var fingerprint string
 	for deadline := time.Now().Add(30 * time.Second); fingerprint == ""; time.Sleep(200 * time.Millisecond) {
 		if time.Now().After(deadline) {
@@ -374,6 +375,13 @@ func TestWorkspaceContainer(t *testing.T) {
 	// the network verdict healthy.
 	checkMetrics(t, hc, health+"/metrics")
 
+	// A client with a wrong token is refused, and the coordinator counts it.
+	if out, err := ns.Run(ctx, "env", "HOME="+clientHome, bin, "ssh", "--url", url, "--token", "usr_not-a-real-token",
+		"--fingerprint", fingerprint, "ws1", "--", "true"); err == nil {
+		t.Errorf("agent ssh with a wrong token succeeded:\n%s", out)
+	}
+	checkCoordinatorMetrics(t, hc, "http://127.0.0.1:2114/metrics")
+
 	// Stop as a runtime does: SIGTERM must reach the agent (PID 1) and end
 	// it well inside the grace period, with a clean exit.
 	took, code := c.Stop(20 * time.Second)
@@ -471,4 +479,43 @@ func sample(families map[string]*dto.MetricFamily, name string, labels map[strin
 		}
 	}
 	return 0, false
+}
+
+// scrape fetches and parses a Prometheus endpoint.
+func scrape(t *testing.T, hc *http.Client, url string) map[string]*dto.MetricFamily {
+	t.Helper()
+	code, body, err := get(t, hc, url)
+	if err != nil || code != http.StatusOK {
+		t.Fatalf("GET %s: %d %v", url, code, err)
+	}
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := p.TextToMetricFamilies(strings.NewReader(string(body)))
+	if err != nil {
+		t.Fatalf("parse %s: %v", url, err)
+	}
+	return families
+}
+
+func checkCoordinatorMetrics(t *testing.T, hc *http.Client, url string) {
+	t.Helper()
+	f := scrape(t, hc, url)
+	if v, ok := sample(f, "coordinator_peers_connected", map[string]string{"role": "agent"}); !ok || v != 1 {
+		t.Errorf("coordinator_peers_connected{role=agent} = %v (present %v), want 1", v, ok)
+	}
+	if _, ok := sample(f, "coordinator_peers_connected", map[string]string{"role": "client"}); !ok {
+		t.Error("coordinator_peers_connected{role=client} missing")
+	}
+	if _, ok := sample(f, "coordinator_tunnels", nil); !ok {
+		t.Error("coordinator_tunnels missing")
+	}
+	if v, _ := sample(f, "coordinator_messages_rejected_total", map[string]string{"reason": "unauthorized"}); v < 1 {
+		t.Errorf("coordinator_messages_rejected_total{reason=unauthorized} = %v after a wrong token, want at least 1", v)
+	}
+	h := f["coordinator_node_update_fanout_seconds"]
+	if h == nil || len(h.GetMetric()) != 1 || h.GetMetric()[0].GetHistogram().GetSampleCount() == 0 {
+		t.Error("coordinator_node_update_fanout_seconds has no observations after agents and clients exchanged nodes")
+	} else {
+		hist := h.GetMetric()[0].GetHistogram()
+		t.Logf("coordinator node update fan-out: %d updates, mean %.3f ms", hist.GetSampleCount(), 1000*hist.GetSampleSum()/float64(hist.GetSampleCount()))
+	}
 }
