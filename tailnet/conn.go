@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -56,12 +57,20 @@ type Options struct {
 	// BlockDirect makes all traffic go through DERP. Tailscale only offers
 	// this as a process-wide switch (TS_DEBUG_ALWAYS_USE_DERP), so once one
 	// Conn in a process sets it, every Conn created afterwards in the
-	// process relays too; it is never switched off again.
+	// process relays too; it is never switched off again. It also raises
+	// the tailnet MTU of those Conns to derpOnlyMTU (TS_DEBUG_MTU, unless
+	// the environment sets it), which makes relayed transfers several
+	// times faster.
 	BlockDirect bool
 	// PrivateKey ("privkey:<hex>") keeps a node key across restarts; empty
 	// means a fresh key.
 	PrivateKey string
 }
+
+// derpOnlyMTU is the tailnet MTU when no direct UDP path can exist. It is
+// a jumbo frame rather than DERP's 64 KiB limit, to bound what the relay
+// queues per client (512 packets).
+const derpOnlyMTU = 9000
 
 // PingResult is the outcome of a disco ping.
 type PingResult struct {
@@ -174,6 +183,13 @@ func NewConn(opts Options) (*Conn, error) {
 	netns.SetEnabled(false)
 	if opts.BlockDirect {
 		envknob.Setenv("TS_DEBUG_ALWAYS_USE_DERP", "true")
+		// With no UDP path, packets only travel inside DERP's TCP stream,
+		// so the 1280-byte MTU kept for unknown UDP paths buys nothing, and
+		// DERP's cost is per packet. Peers still limit what they receive
+		// through TCP's MSS.
+		if _, ok := envknob.LookupInt("TS_DEBUG_MTU"); !ok {
+			envknob.Setenv("TS_DEBUG_MTU", strconv.Itoa(derpOnlyMTU))
+		}
 	}
 
 	c := &Conn{
