@@ -39,9 +39,9 @@ const (
 type NetcheckStatus int
 
 const (
-	NetcheckOK      NetcheckStatus = 0
-	NetcheckWarning NetcheckStatus = 1
-	NetcheckFailing NetcheckStatus = 2
+	NetcheckOK      NetcheckStatus = 0 // netcheck "ok"
+	NetcheckWarning NetcheckStatus = 1 // netcheck "degraded"
+	NetcheckFailing NetcheckStatus = 2 // netcheck "broken"
 )
 
 // Agent is the metric set of `agent run`.
@@ -54,7 +54,7 @@ const (
 //	sessions_active{kind}            gauge    sessions running now
 //	bytes_total{kind,direction}      counter  payload bytes relayed, direction in|out
 //	peer_path{peer,path}             gauge    1 for the path a peer uses now (direct|derp), 0 for the other
-//	netcheck_status                  gauge    0 ok, 1 warning, 2 failing
+//	netcheck_status                  gauge    0 ok, 1 degraded, 2 broken
 type Agent struct {
 	connections       *prometheus.CounterVec
 	connectionsActive *prometheus.GaugeVec
@@ -96,7 +96,7 @@ func NewAgent(r *Registry) *Agent {
 		}, []string{"peer", "path"}),
 		netcheck: prometheus.NewGauge(prometheus.GaugeOpts{
 			Namespace: "agent", Name: "netcheck_status",
-			Help: "Verdict of the last network self-check: 0 ok, 1 warning, 2 failing.",
+			Help: "Verdict of the last network self-check: 0 ok, 1 degraded, 2 broken.",
 		}),
 	}
 	r.mustRegister("agent", a.connections, a.connectionsActive, a.sessions, a.sessionsActive, a.bytes, a.peerPath, a.netcheck)
