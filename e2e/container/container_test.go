@@ -246,6 +246,7 @@ func TestWorkspaceContainer(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	started := time.Now()
 	c := pm.Start(podmantest.RunOptions{
 		Image: "localhost/e2e-workspace:1",
 		Name:  "ws1",
@@ -269,7 +270,6 @@ func TestWorkspaceContainer(t *testing.T) {
 		CoordinatorConnected bool   `json:"coordinator_connected"`
 		TailnetUp            bool   `json:"tailnet_up"`
 	}
-	started := time.Now()
 	for {
 		code, body, err := get(t, hc, health+"/readyz")
 		if err == nil && code == http.StatusOK && json.Unmarshal(body, &ready) == nil && ready.CoordinatorConnected && ready.TailnetUp {
@@ -280,7 +280,7 @@ func TestWorkspaceContainer(t *testing.T) {
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
-	t.Logf("container start to /readyz 200: %v", time.Since(started).Round(10*time.Millisecond))
+	t.Logf("podman run to /readyz 200: %v", time.Since(started).Round(10*time.Millisecond))
 	if ready.Name != "ws1" {
 		t.Errorf("/readyz name %q, want ws1", ready.Name)
 	}
@@ -440,6 +440,25 @@ func checkMetrics(t *testing.T, hc *http.Client, url string) {
 	if v, _ := sample(families, "agent_connections_total", map[string]string{"kind": "ssh"}); v < 2 {
 		t.Errorf("agent_connections_total{kind=ssh} = %v, want at least 2", v)
 	}
+	// What the SSH traffic of this test left in the other series, for the
+	// reader of the log (their wiring lives in the agent package).
+	var got []string
+	for _, s := range []struct {
+		name   string
+		labels map[string]string
+	}{
+		{"agent_connections_active", map[string]string{"kind": "ssh"}},
+		{"agent_sessions_total", map[string]string{"kind": "ssh"}},
+		{"agent_bytes_total", map[string]string{"kind": "ssh", "direction": "in"}},
+		{"agent_bytes_total", map[string]string{"kind": "ssh", "direction": "out"}},
+	} {
+		v, _ := sample(families, s.name, s.labels)
+		got = append(got, fmt.Sprintf("%s%v=%v", s.name, s.labels, v))
+	}
+	if pp, ok := families["agent_peer_path"]; ok {
+		got = append(got, fmt.Sprintf("agent_peer_path series=%d", len(pp.GetMetric())))
+	}
+	t.Logf("agent metrics after the SSH sessions: %s", strings.Join(got, " "))
 	for _, name := range []string{"go_goroutines", "process_resident_memory_bytes"} {
 		if _, ok := families[name]; !ok {
 			t.Errorf("/metrics lacks %s", name)
