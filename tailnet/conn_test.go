@@ -407,3 +407,45 @@ func TestTwoAddressesAndClose(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestLargeUDPOverIPv4 sends a datagram larger than the MTU, which IPv4
+// fragments and reassembles inside the tailnet. (Over IPv6 tailnet
+// addresses such datagrams are dropped by Tailscale's netstack in
+// v1.102.5: see docs/architecture.md.)
+func TestLargeUDPOverIPv4(t *testing.T) {
+	r := newTestRelay(t)
+	v4 := func(id NodeID) connOpt {
+		return func(o *Options) {
+			o.Addresses = []netip.Prefix{netip.MustParsePrefix(fmt.Sprintf("100.64.0.%d/32", id))}
+		}
+	}
+	agent := newTestConn(t, r, 1, true, v4(1))
+	client := newTestConn(t, r, 2, false, v4(2))
+	link(t, agent, client)
+	awaitFast(t, client, addrOf(agent))
+	agent.SetUDPFallback(func(src, dst netip.AddrPort) (func(net.Conn), bool) {
+		return func(c net.Conn) {
+			defer c.Close()
+			buf := make([]byte, 65535)
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if n, err := c.Read(buf); err == nil {
+				c.Write(buf[:n])
+			}
+		}, true
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	u, err := client.DialContextUDP(ctx, netip.AddrPortFrom(addrOf(agent), 9))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	dgram := []byte(strings.Repeat("0123456789", 400))
+	u.Write(dgram)
+	u.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 65535)
+	n, err := u.Read(buf)
+	if err != nil || string(buf[:n]) != string(dgram) {
+		t.Fatalf("4000-byte datagram echo: %d bytes, %v", n, err)
+	}
+}
