@@ -359,12 +359,13 @@ func TestWorkspaceContainer(t *testing.T) {
 	// and the container's veth. Its file tree is an empty root: the
 	// machine's own CNI and networkd files describe another network.
 	hostRoot := t.TempDir()
-	out, err = ns.Run(ctx, bin, "netcheck", "--host", "--root", hostRoot, "--bridge", "podman0", "--json")
+	bridge := pm.Bridge()
+	out, err = ns.Run(ctx, bin, "netcheck", "--host", "--root", hostRoot, "--bridge", bridge, "--json")
 	hrep := parseReport(t, "netcheck --host", jsonPart(out))
 	if err != nil || hrep.Status != "ok" {
 		t.Errorf("netcheck --host: status %q (%v): %s\n%s", hrep.Status, err, hrep.Summary, out)
 	}
-	if st, sum := hrep.check("bridges"); st != "ok" || !strings.Contains(sum, "podman0") {
+	if st, sum := hrep.check("bridges"); st != "ok" || !strings.Contains(sum, bridge) {
 		t.Errorf("netcheck --host bridges: %q %s", st, sum)
 	}
 	if st, sum := hrep.check("veths"); st != "ok" || !strings.Contains(sum, "1 in a bridge") {

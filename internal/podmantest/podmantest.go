@@ -347,6 +347,13 @@ func (p *Podman) Gateway() string {
 	return strings.TrimSpace(p.MustRun(30*time.Second, "network", "inspect", "podman", "--format", "{{range .Subnets}}{{.Gateway}}{{end}}"))
 }
 
+// Bridge is the name of the default network's bridge in the test namespace
+// (podman0 with netavark, cni-podman0 with the CNI plugins).
+func (p *Podman) Bridge() string {
+	p.t.Helper()
+	return strings.TrimSpace(p.MustRun(30*time.Second, "network", "inspect", "podman", "--format", "{{.NetworkInterface}}"))
+}
+
 // IP is the container's address on podman's bridge.
 func (c *Container) IP() string {
 	c.p.t.Helper()

@@ -37,9 +37,13 @@ func TestContainerNetworkStaysInTestNamespace(t *testing.T) {
 	// The container reaches the bridge's gateway: the path is real.
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	gw := ns.IP("-4", "-o", "addr", "show", "podman0")
+	bridge := p.Bridge()
+	gw := ns.IP("-4", "-o", "addr", "show", bridge)
 	if !strings.Contains(gw, "inet ") {
-		t.Fatalf("podman0 has no IPv4 address in the test namespace:\n%s", gw)
+		t.Fatalf("%s has no IPv4 address in the test namespace:\n%s", bridge, gw)
+	}
+	if want := p.Gateway(); !strings.Contains(gw, "inet "+want+"/") {
+		t.Errorf("Gateway() = %s, but %s has %s", want, bridge, gw)
 	}
 	addr := strings.Split(strings.Fields(gw[strings.Index(gw, "inet "):])[1], "/")[0]
 	l, err := ns.Listen("tcp", net.JoinHostPort(addr, "0"))
