@@ -376,6 +376,17 @@ func (c *Conn) onNetInfo(ni *tailcfg.NetInfo) {
 		return
 	}
 	c.mu.Lock()
+	if c.derpMap.regionCode(ni.PreferredDERP) == "" {
+		// A network check that started before SetDERPMap can report a
+		// region the map no longer has; magicsock keeps it until its next
+		// periodic check. Measure again now instead of publishing it.
+		closed := c.closed
+		c.mu.Unlock()
+		if !closed {
+			go c.mc.ReSTUN("home-derp-not-in-map")
+		}
+		return
+	}
 	changed := c.homeDERP != ni.PreferredDERP
 	if changed {
 		c.homeDERP = ni.PreferredDERP
@@ -638,9 +649,34 @@ func (c *Conn) SetDERPMap(m *DERPMap) {
 	c.mu.Lock()
 	c.derpMap = m.Clone()
 	closed := c.closed
+	homeGone := m.regionCode(c.homeDERP) == ""
 	c.mu.Unlock()
-	if !closed {
-		c.mc.SetDERPMap(m.toTailcfg())
+	if closed {
+		return
+	}
+	c.mc.SetDERPMap(m.toTailcfg())
+	if homeGone {
+		go c.recheckHome()
+	}
+}
+
+// recheckHome re-measures while our home region is missing from the DERP
+// map: a network check racing SetDERPMap can leave magicsock on the old
+// region until its next periodic check, tens of seconds later.
+func (c *Conn) recheckHome() {
+	for _, wait := range []time.Duration{time.Second, 3 * time.Second, 10 * time.Second} {
+		select {
+		case <-time.After(wait):
+		case <-c.closeCh:
+			return
+		}
+		c.mu.RLock()
+		ok := c.derpMap.regionCode(c.homeDERP) != ""
+		c.mu.RUnlock()
+		if ok {
+			return
+		}
+		c.mc.ReSTUN("home-derp-not-in-map")
 	}
 }
 
