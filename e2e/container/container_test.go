@@ -16,6 +16,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
+	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -454,7 +456,12 @@ func checkMetrics(t *testing.T, hc *http.Client, url string) {
 		{"agent_bytes_total", map[string]string{"kind": "ssh", "direction": "out"}},
 	} {
 		v, _ := sample(families, s.name, s.labels)
-		got = append(got, fmt.Sprintf("%s%v=%v", s.name, s.labels, v))
+		var ls []string
+		for k, val := range s.labels {
+			ls = append(ls, k+"="+val)
+		}
+		sort.Strings(ls)
+		got = append(got, fmt.Sprintf("%s{%s}=%v", s.name, strings.Join(ls, ","), v))
 	}
 	if pp, ok := families["agent_peer_path"]; ok {
 		got = append(got, fmt.Sprintf("agent_peer_path series=%d", len(pp.GetMetric())))
@@ -538,4 +545,66 @@ func checkCoordinatorMetrics(t *testing.T, hc *http.Client, url string) {
 		hist := h.GetMetric()[0].GetHistogram()
 		t.Logf("coordinator node update fan-out: %d updates, mean %.3f ms", hist.GetSampleCount(), 1000*hist.GetSampleSum()/float64(hist.GetSampleCount()))
 	}
+}
+
+// TestDockerfileBuildsFromSource builds the default target (the workspace
+// with the agent compiled in the Go build stage) and the minimal agent
+// target from the repository, with a local stand-in for the golang image:
+// the busybox base plus this machine's Go toolchain and caches.
+func TestDockerfileBuildsFromSource(t *testing.T) {
+	if testing.Short() {
+		t.Skip("compiles the agent inside an image build; skipped in -short mode")
+	}
+	lab := netlab.New(t)
+	ns := lab.Namespace("src")
+	pm := podmantest.New(t, ns.Path())
+	root := repoRoot(t)
+	pm.BusyboxBase("localhost/src-base:1")
+	pm.LocalGoImage("localhost/src-go:1")
+	args := map[string]string{
+		"BASE_IMAGE": "localhost/src-base:1",
+		"GO_IMAGE":   "localhost/src-go:1",
+		"TARGETARCH": runtime.GOARCH,
+	}
+	start := time.Now()
+	pm.Build(podmantest.BuildOptions{RepoRoot: root, Tag: "localhost/src-workspace:1", BuildArgs: args, Volumes: pm.GoBuildVolumes()})
+	pm.Build(podmantest.BuildOptions{RepoRoot: root, Target: "agent", Tag: "localhost/src-agent:1", BuildArgs: args, Volumes: pm.GoBuildVolumes()})
+	t.Logf("workspace and agent images built from source in %v", time.Since(start).Round(100*time.Millisecond))
+
+	run := []string{"run", "--rm", "--pull=never", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"}
+	for _, c := range []struct {
+		image string
+		argv  []string
+		user  string
+	}{
+		{"localhost/src-agent:1", []string{"version", "--json"}, "65534"},
+		{"localhost/src-workspace:1", []string{"--entrypoint", "/usr/local/bin/agent", "localhost/src-workspace:1", "version", "--json"}, "1000"},
+	} {
+		argv := append(append([]string{}, run...), c.argv...)
+		if c.argv[0] != "--entrypoint" {
+			argv = append(append(append([]string{}, run...), c.image), c.argv...)
+		}
+		out := pm.MustRun(time.Minute, argv...)
+		var info struct {
+			GoVersion        string `json:"go_version"`
+			Platform         string `json:"platform"`
+			TailscaleVersion string `json:"tailscale_version"`
+		}
+		if err := json.Unmarshal([]byte(out), &info); err != nil {
+			t.Fatalf("%s: agent version --json: %v\n%s", c.image, err, out)
+		}
+		if info.Platform != "linux/"+runtime.GOARCH || info.TailscaleVersion == "" {
+			t.Errorf("%s: agent version reports %+v", c.image, info)
+		}
+		if user := pm.MustRun(time.Minute, "image", "inspect", "--format", "{{.Config.User}}", c.image); !strings.HasPrefix(strings.TrimSpace(user), c.user) {
+			t.Errorf("%s runs as %q, want uid %s", c.image, strings.TrimSpace(user), c.user)
+		}
+	}
+	// Static: the binary runs in the scratch image above, which has no C
+	// library; stripped: no symbol table.
+	out := pm.MustRun(time.Minute, "run", "--rm", "--pull=never", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
+		"--entrypoint", "/bin/sh", "localhost/src-workspace:1", "-c", "wc -c < /usr/local/bin/agent")
+	var size int64
+	fmt.Sscan(strings.TrimSpace(out), &size)
+	t.Logf("agent binary in the image: %.1f MiB", float64(size)/(1<<20))
 }

@@ -137,6 +137,43 @@ func (p *Podman) MustRun(timeout time.Duration, args ...string) string {
 // busybox-static is not installed.
 func (p *Podman) BusyboxBase(ref string) {
 	p.t.Helper()
+	p.importBusybox(ref, nil)
+}
+
+// LocalGoImage makes an image that stands in for the golang image in
+// Dockerfile.agent's build stage: the busybox base with Go's environment.
+// The toolchain, module cache and build cache are this machine's, mounted
+// into the build with GoBuildVolumes; modules come only from that cache
+// (GOPROXY=off), since no proxy is reachable from a test namespace.
+func (p *Podman) LocalGoImage(ref string) {
+	p.t.Helper()
+	p.importBusybox(ref, []string{
+		"ENV PATH=/usr/local/go/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+		"ENV GOPATH=/go",
+		"ENV GOCACHE=/root/.cache/go-build",
+		"ENV GOPROXY=off",
+		"ENV GOTOOLCHAIN=local",
+	})
+}
+
+// GoBuildVolumes are the podman build --volume specs that LocalGoImage
+// expects: this machine's GOROOT (read-only), module cache (read-only) and
+// build cache (writable, so the build inside reuses earlier compilations).
+func (p *Podman) GoBuildVolumes() []string {
+	p.t.Helper()
+	out, err := exec.Command("go", "env", "GOROOT", "GOMODCACHE", "GOCACHE").Output()
+	if err != nil {
+		p.t.Fatalf("go env: %v", err)
+	}
+	f := strings.Fields(string(out))
+	if len(f) != 3 {
+		p.t.Fatalf("go env GOROOT GOMODCACHE GOCACHE printed %q", out)
+	}
+	return []string{f[0] + ":/usr/local/go:ro", f[1] + ":/go/pkg/mod:ro", f[2] + ":/root/.cache/go-build"}
+}
+
+func (p *Podman) importBusybox(ref string, changes []string) {
+	p.t.Helper()
 	bb, err := exec.LookPath("busybox")
 	if err != nil {
 		p.t.Skip("podmantest: busybox not found (apt-get install busybox-static)")
@@ -144,7 +181,14 @@ func (p *Podman) BusyboxBase(ref string) {
 	if out, err := exec.Command("ldd", bb).CombinedOutput(); err == nil && !bytes.Contains(out, []byte("not a dynamic executable")) {
 		p.t.Skipf("podmantest: %s is dynamically linked; the image needs busybox-static", bb)
 	}
-	rootfs := filepath.Join(p.dir, "base-rootfs")
+	rootfs, err := os.MkdirTemp(p.dir, "rootfs-")
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	// The image's / (MkdirTemp makes it 0700, which locks out every user but root).
+	if err := os.Chmod(rootfs, 0o755); err != nil {
+		p.t.Fatal(err)
+	}
 	for _, d := range []string{"bin", "etc", "tmp", "root", "home", "var/lib", "usr/local/bin", "proc", "sys", "dev"} {
 		if err := os.MkdirAll(filepath.Join(rootfs, d), 0o755); err != nil {
 			p.t.Fatal(err)
@@ -188,7 +232,11 @@ func (p *Podman) BusyboxBase(ref string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	tar := exec.CommandContext(ctx, "tar", "-C", rootfs, "-c", ".")
-	imp := p.Command(ctx, "import", "-", ref)
+	importArgs := []string{"import"}
+	for _, c := range changes {
+		importArgs = append(importArgs, "--change", c)
+	}
+	imp := p.Command(ctx, append(importArgs, "-", ref)...)
 	pipe, err := tar.StdoutPipe()
 	if err != nil {
 		p.t.Fatal(err)
@@ -214,8 +262,11 @@ func (p *Podman) BusyboxBase(ref string) {
 type BuildOptions struct {
 	// RepoRoot is the repository checkout (holds Dockerfile.agent and scripts/).
 	RepoRoot string
-	// AgentBinary is a static agent binary to bake in (the *-from-binary targets).
+	// AgentBinary is a static agent binary to bake in (the *-from-binary
+	// targets). Empty means a build from source: the context is RepoRoot.
 	AgentBinary string
+	// Volumes are --volume specs for the build's RUN steps.
+	Volumes []string
 	// Target is the Dockerfile stage, e.g. "workspace-from-binary".
 	Target string
 	// Tag names the image.
@@ -224,21 +275,31 @@ type BuildOptions struct {
 	BuildArgs map[string]string
 }
 
-// Build builds an image from Dockerfile.agent. The build context is a fresh
-// directory holding only the agent binary and scripts/start-workspace, as the
-// documented prebuilt-binary build expects.
+// Build builds an image from Dockerfile.agent. With a prebuilt binary the
+// build context is a fresh directory holding only the binary and
+// scripts/start-workspace, as the documented prebuilt-binary build expects;
+// without one it is the repository.
 func (p *Podman) Build(o BuildOptions) {
 	p.t.Helper()
-	ctxDir, err := os.MkdirTemp(p.dir, "context-")
-	if err != nil {
-		p.t.Fatal(err)
+	ctxDir := o.RepoRoot
+	if o.AgentBinary != "" {
+		var err error
+		if ctxDir, err = os.MkdirTemp(p.dir, "context-"); err != nil {
+			p.t.Fatal(err)
+		}
+		copyFile(p.t, o.AgentBinary, filepath.Join(ctxDir, "agent"), 0o755)
+		copyFile(p.t, filepath.Join(o.RepoRoot, "scripts", "start-workspace"), filepath.Join(ctxDir, "scripts", "start-workspace"), 0o755)
 	}
-	copyFile(p.t, o.AgentBinary, filepath.Join(ctxDir, "agent"), 0o755)
-	copyFile(p.t, filepath.Join(o.RepoRoot, "scripts", "start-workspace"), filepath.Join(ctxDir, "scripts", "start-workspace"), 0o755)
 	args := []string{"build", "--isolation", "chroot", "--pull=never",
-		"-f", filepath.Join(o.RepoRoot, "Dockerfile.agent"), "--target", o.Target, "-t", o.Tag}
+		"-f", filepath.Join(o.RepoRoot, "Dockerfile.agent"), "-t", o.Tag}
+	if o.Target != "" {
+		args = append(args, "--target", o.Target)
+	}
 	for k, v := range o.BuildArgs {
 		args = append(args, "--build-arg", k+"="+v)
+	}
+	for _, v := range o.Volumes {
+		args = append(args, "--volume", v)
 	}
 	args = append(args, ctxDir)
 	p.MustRun(5*time.Minute, args...)
