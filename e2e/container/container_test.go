@@ -374,6 +374,31 @@ func TestWorkspaceContainer(t *testing.T) {
 		t.Errorf("netcheck --host veths: %q %s", st, sum)
 	}
 
+	// The node check as the DaemonSet runs it (deploy/kubernetes/
+	// netcheck-daemonset.yaml): minimal image, the node's network, user
+	// 65534, read-only root, no capabilities, node directories mounted
+	// read-only under /host (empty here: the machine's describe another
+	// network).
+	nodeDirs := t.TempDir()
+	dsArgs := []string{"run", "--rm", "--pull=never", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
+		"--network", "host", "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--user", "65534:65534"}
+	for _, d := range []string{"/etc/systemd", "/run/systemd", "/usr/lib/systemd", "/lib/systemd", "/etc/cni/net.d"} {
+		src := filepath.Join(nodeDirs, d)
+		if err := os.MkdirAll(src, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		dsArgs = append(dsArgs, "--volume", src+":/host"+d+":ro")
+	}
+	dsArgs = append(dsArgs, "localhost/e2e-agent:1", "netcheck", "--host", "--root", "/host", "--bridge", bridge, "--json")
+	out, err = pm.Run(ctx, dsArgs...)
+	drep := parseReport(t, "netcheck --host in the DaemonSet's container", jsonPart(out))
+	if err != nil || drep.Status != "ok" {
+		t.Errorf("netcheck --host as the DaemonSet runs it: status %q (%v): %s\n%s", drep.Status, err, drep.Summary, out)
+	}
+	if st, sum := drep.check("veths"); st != "ok" || !strings.Contains(sum, "1 in a bridge") {
+		t.Errorf("netcheck --host in the DaemonSet's container, veths: %q %s", st, sum)
+	}
+
 	// Metrics: every series of the agent set, the SSH connections counted,
 	// the network verdict healthy.
 	checkMetrics(t, hc, health+"/metrics")
