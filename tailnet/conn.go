@@ -138,6 +138,7 @@ type Conn struct {
 	derpMap     *DERPMap
 	endpoints   []netip.AddrPort
 	homeDERP    int
+	homeDERPAt  time.Time
 	asOf        time.Time
 	nodeCB      func(*Node)
 	nodeCBGen   int
@@ -324,7 +325,8 @@ func (c *Conn) Addresses() []netip.Prefix { return slices.Clone(c.opts.Addresses
 
 // SetNodeCallback sets the function told about our node whenever its
 // endpoints or home DERP change. It is first called once the home DERP is
-// known (a node without one cannot be reached), never while a lock is held,
+// known (a node without one cannot be reached) and its relay has admitted
+// us (or 2 s have passed), never while a lock is held,
 // and never concurrently with itself. It may call Close; after Close it is
 // not called again.
 func (c *Conn) SetNodeCallback(fn func(*Node)) {
@@ -355,11 +357,20 @@ func (c *Conn) nodeLoop() {
 		c.mu.RLock()
 		cb, gen, closed := c.nodeCB, c.nodeCBGen, c.closed
 		n := c.nodeLocked()
+		homeAge := time.Since(c.homeDERPAt)
 		c.mu.RUnlock()
 		if closed {
 			return
 		}
 		if cb == nil || n.HomeDERP == 0 {
+			continue
+		}
+		// Hold the first report until the relay has admitted us (or a
+		// while has passed): a peer's first handshake sent through DERP
+		// before then is dropped, and WireGuard would retry it only after
+		// 5 s.
+		if last == nil && !c.derpConnected(n.HomeDERP) && homeAge < homeDERPGrace {
+			time.AfterFunc(20*time.Millisecond, c.notifyNode)
 			continue
 		}
 		// A new callback gets the current node even if it did not change.
@@ -369,6 +380,17 @@ func (c *Conn) nodeLoop() {
 		cb(n)
 		last, lastGen = n, gen
 	}
+}
+
+// homeDERPGrace bounds how long the first node report waits for the home
+// relay connection; after it the node is reported anyway (direct paths may
+// still work).
+const homeDERPGrace = 2 * time.Second
+
+// derpConnected reports whether a frame has arrived from the region's
+// relay, which happens only once it has admitted us.
+func (c *Conn) derpConnected(region int) bool {
+	return !c.sys.HealthTracker.Get().GetDERPRegionReceivedTime(region).IsZero()
 }
 
 func (c *Conn) onNetInfo(ni *tailcfg.NetInfo) {
@@ -390,7 +412,8 @@ func (c *Conn) onNetInfo(ni *tailcfg.NetInfo) {
 	changed := c.homeDERP != ni.PreferredDERP
 	if changed {
 		c.homeDERP = ni.PreferredDERP
-		c.asOf = time.Now()
+		c.homeDERPAt = time.Now()
+		c.asOf = c.homeDERPAt
 	}
 	c.mu.Unlock()
 	if changed {
