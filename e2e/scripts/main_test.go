@@ -45,11 +45,12 @@ func setup() (*testEnv, error) {
 	if prebuilt := os.Getenv("AGENT_TEST_BINARY"); prebuilt != "" {
 		// A binary built beforehand (for example by CI for several test packages).
 		b, err := os.ReadFile(prebuilt)
-		if err != nil {
-			return nil, fmt.Errorf("AGENT_TEST_BINARY: %w", err)
+		if err == nil {
+			err = os.WriteFile(agent, b, 0o755)
 		}
-		if err := os.WriteFile(agent, b, 0o755); err != nil {
-			return nil, err
+		if err != nil {
+			os.RemoveAll(dir)
+			return nil, fmt.Errorf("AGENT_TEST_BINARY: %w", err)
 		}
 		return &testEnv{root: root, agent: agent, dir: dir}, nil
 	}
@@ -57,6 +58,7 @@ func setup() (*testEnv, error) {
 	build.Dir = root
 	build.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := build.CombinedOutput(); err != nil {
+		os.RemoveAll(dir)
 		return nil, fmt.Errorf("build the agent: %w\n%s", err, out)
 	}
 	return &testEnv{root: root, agent: agent, dir: dir}, nil
