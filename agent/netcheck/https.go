@@ -99,13 +99,10 @@ func firstEnv(getenv func(string) string, names ...string) string {
 // redactURL hides a password in a proxy URL.
 func redactURL(s string) string {
 	u, err := url.Parse(s)
-	if err != nil || u.User == nil {
+	if err != nil {
 		return s
 	}
-	if _, has := u.User.Password(); has {
-		u.User = url.UserPassword(u.User.Username(), "xxxxx")
-	}
-	return u.String()
+	return u.Redacted()
 }
 
 // httpsCheck fetches the coordinator URL and times each phase; it verifies
