@@ -80,8 +80,10 @@ Exit status: 0 healthy, 1 degraded, 2 broken. See docs/netcheck.md.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&opts.CoordinatorURL, "coordinator-url", env.Getenv("AGENT_COORDINATOR_URL"), "coordinator base URL, https://HOST[:PORT] (env AGENT_COORDINATOR_URL)")
-	f.StringVar(&opts.Fingerprint, "fingerprint", env.Getenv("AGENT_COORDINATOR_FINGERPRINT"), "pin the coordinator's certificate: hex SHA-256 of its DER form (env AGENT_COORDINATOR_FINGERPRINT)")
+	// In a workspace the agent's own AGENT_URL and AGENT_FINGERPRINT are
+	// already set, so a person debugging there needs no flags at all.
+	f.StringVar(&opts.CoordinatorURL, "coordinator-url", envOr(env, "AGENT_COORDINATOR_URL", env.Getenv("AGENT_URL")), "coordinator base URL, https://HOST[:PORT] (env AGENT_COORDINATOR_URL, else AGENT_URL)")
+	f.StringVar(&opts.Fingerprint, "fingerprint", envOr(env, "AGENT_COORDINATOR_FINGERPRINT", env.Getenv("AGENT_FINGERPRINT")), "pin the coordinator's certificate: hex SHA-256 of its DER form (env AGENT_COORDINATOR_FINGERPRINT, else AGENT_FINGERPRINT)")
 	f.IntVar(&opts.STUNPort, "stun-port", 3478, "the coordinator's STUN (UDP) port")
 	f.StringVar(&opts.Interface, "interface", "", "interface to check (default: the default route's)")
 	f.DurationVar(&opts.Timeout, "timeout", 1800*time.Millisecond, "time limit for the active probes of one run")
