@@ -37,6 +37,28 @@ type expectedBridge struct {
 	// gateway is the address it should carry, if known.
 	gateway netip.Prefix
 	source  string
+	// onDemand bridges (CNI's bridge plugin) are created with the first
+	// container that uses them, so their absence alone proves nothing.
+	onDemand bool
+	// leaseDir is where host-local IPAM records the addresses it handed
+	// out on this bridge's network: leases there mean containers use it.
+	leaseDir string
+}
+
+// leases lists the addresses host-local IPAM still holds for containers on
+// this bridge's network.
+func (e expectedBridge) leases() []string {
+	if e.leaseDir == "" {
+		return nil
+	}
+	entries, _ := os.ReadDir(e.leaseDir)
+	var out []string
+	for _, f := range entries {
+		if _, err := netip.ParseAddr(f.Name()); err == nil {
+			out = append(out, f.Name())
+		}
+	}
+	return out
 }
 
 // inventory is the node's container networking as found in netlink and
@@ -150,15 +172,18 @@ func expectedBridges(o *Options, inv *inventory) []expectedBridge {
 		}
 		for _, b := range cniBridges(data) {
 			b.source = "/etc/cni/net.d/" + e.Name()
+			if b.leaseDir != "" {
+				b.leaseDir = filepath.Join(o.Root, b.leaseDir)
+			}
 			addB(b)
 		}
 	}
-	dockerUsed := false
-	for _, p := range []string{"var/lib/docker", "run/docker.sock", "etc/docker/daemon.json"} {
-		if _, err := os.Stat(filepath.Join(o.Root, p)); err == nil {
-			dockerUsed = true
-		}
-	}
+	// dockerd creates its bridge when it starts, with or without
+	// containers, and /run is emptied at boot: a socket there means a
+	// running daemon whose bridge must exist. An installed but stopped
+	// Docker expects nothing.
+	_, err := os.Stat(filepath.Join(o.Root, "run/docker.sock"))
+	dockerUsed := err == nil
 	if dockerUsed {
 		b := expectedBridge{name: "docker0", gateway: netip.MustParsePrefix("172.17.0.1/16"), source: "docker (default bridge)"}
 		if data, err := os.ReadFile(filepath.Join(o.Root, "etc/docker/daemon.json")); err == nil {
@@ -188,6 +213,8 @@ func expectedBridges(o *Options, inv *inventory) []expectedBridge {
 // cniBridges extracts bridge plugin settings from a .conf or .conflist.
 func cniBridges(data []byte) []expectedBridge {
 	type ipam struct {
+		Type    string `json:"type"`
+		DataDir string `json:"dataDir"`
 		Subnet  string `json:"subnet"`
 		Gateway string `json:"gateway"`
 		Ranges  [][]struct {
@@ -203,6 +230,7 @@ func cniBridges(data []byte) []expectedBridge {
 	}
 	var conf struct {
 		plugin
+		Name    string   `json:"name"`
 		Plugins []plugin `json:"plugins"`
 	}
 	if json.Unmarshal(data, &conf) != nil {
@@ -214,9 +242,16 @@ func cniBridges(data []byte) []expectedBridge {
 		if p.Type != "bridge" {
 			continue
 		}
-		b := expectedBridge{name: p.Bridge}
+		b := expectedBridge{name: p.Bridge, onDemand: true}
 		if b.name == "" {
 			b.name = "cni0"
+		}
+		if p.IPAM.Type == "host-local" && conf.Name != "" && !strings.ContainsAny(conf.Name, "/\\") {
+			dir := "/var/lib/cni/networks"
+			if p.IPAM.DataDir != "" {
+				dir = p.IPAM.DataDir
+			}
+			b.leaseDir = filepath.Join(dir, conf.Name)
 		}
 		subnet, gw := p.IPAM.Subnet, p.IPAM.Gateway
 		if subnet == "" && len(p.IPAM.Ranges) > 0 && len(p.IPAM.Ranges[0]) > 0 {
@@ -303,23 +338,38 @@ func guardRemedy(o *Options, text string) Remedy {
 func bridgesCheck(inv *inventory) *check {
 	c := newCheck("bridges", "Container bridges exist, are up and addressed")
 	st := inv.st
-	var names []string
+	var names, unused []string
 	checked := map[string]bool{}
 	for _, e := range inv.expected {
 		checked[e.name] = true
-		names = append(names, e.name)
 		l := linkByName(st, e.name)
 		if l == nil {
+			orphans := vethsWithoutMaster(st, inv.protected)
+			leases := e.leases()
+			if e.onDemand && len(orphans) == 0 && len(leases) == 0 {
+				// A stale or unused CNI configuration (podman moved to
+				// netavark, say): nothing is attached, nothing lost.
+				unused = append(unused, fmt.Sprintf("%s (%s): not present, and no container holds an address on it or lacks its bridge; the bridge plugin creates it with the first container", e.name, e.source))
+				continue
+			}
 			ev := []string{fmt.Sprintf("%s is configured by %s but does not exist", e.name, e.source)}
-			if n := vethsWithoutMaster(st, inv.protected); len(n) > 0 {
-				ev = append(ev, fmt.Sprintf("veths without a bridge: %s", strings.Join(n, ", ")))
+			if len(orphans) > 0 {
+				ev = append(ev, fmt.Sprintf("veths without a bridge: %s", strings.Join(orphans, ", ")))
+			}
+			if len(leases) > 0 {
+				ev = append(ev, fmt.Sprintf("host-local IPAM in %s still holds %s for containers on it", e.leaseDir, strings.Join(leases, ", ")))
 			}
 			c.fail(StatusBroken, "bridge.missing", fmt.Sprintf("bridge %s is gone: every container on it has lost its network", e.name), ev,
 				Remedy{Text: "something deleted the bridge (systemd-networkd managing it does this); recreate it by restarting the container runtime or the pods, and install the networkd guard so it does not happen again",
 					Commands: recreateBridgeCommands(e)})
+			names = append(names, e.name)
 			continue
 		}
+		names = append(names, e.name)
 		checkBridge(c, st, l, e.gateway, e.source, true)
+	}
+	if len(unused) > 0 {
+		c.detail("unused", unused)
 	}
 	for _, l := range inv.container {
 		if l.Type() == "bridge" && !checked[l.Attrs().Name] {
@@ -329,6 +379,10 @@ func bridgesCheck(inv *inventory) *check {
 	}
 	c.detail("bridges", names)
 	if len(names) == 0 {
+		if len(unused) > 0 {
+			c.skip("no container bridge in use; configured but not created yet: " + strings.Join(unused, "; "))
+			return c.done()
+		}
 		c.skip("no container bridges configured or present")
 		return c.done()
 	}

@@ -12,6 +12,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"math/big"
 	"net"
@@ -507,5 +508,30 @@ func TestWatchHelper(t *testing.T) {
 	})
 	if err != nil && !errors.Is(err, context.Canceled) {
 		t.Fatal(err)
+	}
+}
+
+// TestHostStaleCNIConfig: a CNI configuration whose bridge nobody uses (a
+// podman that moved to netavark leaves cni-podman0's file behind) is not a
+// missing bridge; once host-local IPAM holds an address on it, it is.
+func TestHostStaleCNIConfig(t *testing.T) {
+	pl := newPodLab(t)
+	writeFile(t, pl.root, "etc/cni/net.d/87-podman-bridge.conflist", `{"cniVersion":"0.4.0","name":"podman","plugins":[{"type":"bridge","bridge":"cni-podman0","isGateway":true,"ipam":{"type":"host-local","ranges":[[{"subnet":"10.89.0.0/16","gateway":"10.89.0.1"}]]}}]}`)
+	writeFile(t, pl.root, "var/lib/cni/networks/podman/lock", "")
+	writeFile(t, pl.root, "var/lib/cni/networks/podman/last_reserved_ip.0", "10.89.0.4")
+
+	h := runIn(t, pl.node, pl.hostOpts(), false)
+	if h.Status != StatusOK {
+		t.Fatalf("an unused CNI configuration made the node %s:\n%s", h.Status, describe(h))
+	}
+	if unused, _ := h.Check("bridges").Details["unused"].([]any); len(unused) != 1 || !strings.Contains(fmt.Sprint(unused[0]), "cni-podman0") {
+		t.Errorf("bridges check should note cni-podman0 as not in use, details %v", h.Check("bridges").Details)
+	}
+
+	writeFile(t, pl.root, "var/lib/cni/networks/podman/10.89.0.5", "container-id\neth0")
+	h = runIn(t, pl.node, pl.hostOpts(), false)
+	f := wantFinding(t, h, "bridge.missing", StatusBroken)
+	if !strings.Contains(strings.Join(f.Evidence, "\n"), "10.89.0.5") {
+		t.Errorf("evidence should name the lease that proves the bridge is in use: %q", f.Evidence)
 	}
 }
