@@ -143,6 +143,13 @@ type Client struct {
 	sentTunnels map[string]uint64
 	resumeToken string
 	kick        chan struct{}
+
+	// network is the agent's latest network verdict and networkVersion
+	// counts ReportNetwork calls; networkHistory holds the verdicts before
+	// it, oldest first, bounded by protocol.MaxNetworkHistory.
+	network        *protocol.NetworkVerdict
+	networkVersion uint64
+	networkHistory []protocol.NetworkVerdict
 }
 
 // New returns a client; Run connects it.
@@ -175,6 +182,26 @@ func (c *Client) UpdateNode(n *tailnet.Node) {
 	c.mu.Lock()
 	c.node = n.Clone()
 	c.nodeVersion++
+	c.mu.Unlock()
+	c.wake()
+}
+
+// ReportNetwork publishes the agent's network verdict (agents only; sent
+// only to coordinators speaking protocol version 2). Call it when the
+// verdict changes; the latest one is sent again after every reconnect,
+// together with the earlier ones kept here, so that a verdict reached while
+// the coordinator was unreachable still gets there.
+func (c *Client) ReportNetwork(v protocol.NetworkVerdict) {
+	v = v.Fit()
+	c.mu.Lock()
+	if c.network != nil {
+		c.networkHistory = append(c.networkHistory, *c.network)
+		if n := len(c.networkHistory) - protocol.MaxNetworkHistory; n > 0 {
+			c.networkHistory = slices.Delete(c.networkHistory, 0, n)
+		}
+	}
+	c.network = &v
+	c.networkVersion++
 	c.mu.Unlock()
 	c.wake()
 }
@@ -288,17 +315,18 @@ func (c *Client) session(ctx context.Context, wsURL string, hc *http.Client) (he
 	conn, resp, err := websocket.Dial(dialCtx, wsURL, &websocket.DialOptions{
 		HTTPClient:   hc,
 		HTTPHeader:   http.Header{"Authorization": {"Bearer " + c.cfg.Token}},
-		Subprotocols: []string{protocol.Subprotocol},
+		Subprotocols: protocol.Subprotocols(),
 	})
 	cancelDial()
 	if err != nil {
 		return false, dialError(err, resp)
 	}
 	defer conn.CloseNow()
-	if conn.Subprotocol() != protocol.Subprotocol {
+	version := protocol.VersionOf(strings.ToLower(conn.Subprotocol()))
+	if version == 0 {
 		conn.Close(websocket.StatusProtocolError, "no subprotocol")
 		return false, &PermanentError{Err: &protocol.Error{Code: protocol.CodeUnsupportedVer,
-			Message: fmt.Sprintf("the coordinator did not accept protocol %q; upgrade it", protocol.Subprotocol)}}
+			Message: fmt.Sprintf("the coordinator accepted none of the protocols %s; upgrade it", strings.Join(protocol.Subprotocols(), ", "))}}
 	}
 	conn.SetReadLimit(protocol.MaxMessageSize)
 
@@ -308,14 +336,14 @@ func (c *Client) session(ctx context.Context, wsURL string, hc *http.Client) (he
 	c.mu.Lock()
 	resume := c.resumeToken
 	c.mu.Unlock()
-	if err := c.write(conn, &protocol.PeerMessage{Type: protocol.TypeHello,
+	if err := c.write(conn, version, &protocol.PeerMessage{Type: protocol.TypeHello,
 		Hello: &protocol.PeerHello{Software: c.cfg.Software, ResumeToken: resume}}); err != nil {
 		return false, fmt.Errorf("sending hello: %w", err)
 	}
 
 	// Our reader: the first message must be hello.
 	helloCtx, cancelHello := context.WithTimeout(sctx, 30*time.Second)
-	m, err := c.read(helloCtx, conn) // a timeout here may close the connection: fine, it failed
+	m, err := c.read(helloCtx, conn, version) // a timeout here may close the connection: fine, it failed
 	cancelHello()
 	if err != nil {
 		return false, c.sessionEnd(ctx, err)
@@ -333,14 +361,14 @@ func (c *Client) session(ctx context.Context, wsURL string, hc *http.Client) (he
 		c.resumeToken = hello.ResumeToken
 	}
 	c.mu.Unlock()
-	c.logger.Info("connected to the coordinator", "url", c.cfg.URL, "role", hello.Role, "name", hello.Name, "node_id", hello.NodeID, "addresses", hello.Addresses)
+	c.logger.Info("connected to the coordinator", "url", c.cfg.URL, "protocol", version, "role", hello.Role, "name", hello.Name, "node_id", hello.NodeID, "addresses", hello.Addresses)
 	c.h.Hello(hello)
 
 	var wg sync.WaitGroup
 	wg.Add(3)
 	go func() {
 		defer wg.Done()
-		if err := c.writeLoop(sctx, conn, hello); err != nil {
+		if err := c.writeLoop(sctx, conn, version, hello); err != nil {
 			cancel(err)
 		}
 	}()
@@ -356,13 +384,13 @@ func (c *Client) session(ctx context.Context, wsURL string, hc *http.Client) (he
 		<-sctx.Done()
 		if ctx.Err() != nil {
 			// Leaving on purpose: say goodbye so peers forget us at once.
-			c.write(conn, &protocol.PeerMessage{Type: protocol.TypeDisconnect, Disconnect: &protocol.Disconnect{}})
+			c.write(conn, version, &protocol.PeerMessage{Type: protocol.TypeDisconnect, Disconnect: &protocol.Disconnect{}})
 			conn.Close(websocket.StatusNormalClosure, "goodbye")
 			return
 		}
 		conn.CloseNow()
 	}()
-	err = c.readLoop(conn)
+	err = c.readLoop(conn, version)
 	cancel(err)
 	wg.Wait()
 	if cause := context.Cause(sctx); cause != nil && !errors.Is(cause, context.Canceled) {
@@ -397,9 +425,9 @@ func (c *Client) gotError(e *protocol.Error) error {
 	return nil
 }
 
-func (c *Client) readLoop(conn *websocket.Conn) error {
+func (c *Client) readLoop(conn *websocket.Conn, version int) error {
 	for {
-		m, err := c.read(context.Background(), conn)
+		m, err := c.read(context.Background(), conn, version)
 		if err != nil {
 			return err
 		}
@@ -425,7 +453,7 @@ func (c *Client) readLoop(conn *websocket.Conn) error {
 	}
 }
 
-func (c *Client) read(ctx context.Context, conn *websocket.Conn) (*protocol.ServerMessage, error) {
+func (c *Client) read(ctx context.Context, conn *websocket.Conn, version int) (*protocol.ServerMessage, error) {
 	typ, data, err := conn.Read(ctx)
 	if err != nil {
 		return nil, err
@@ -434,7 +462,7 @@ func (c *Client) read(ctx context.Context, conn *websocket.Conn) (*protocol.Serv
 		conn.Close(websocket.StatusUnsupportedData, "binary frame")
 		return nil, errors.New("the coordinator sent a binary frame")
 	}
-	m, e := protocol.DecodeServer(data)
+	m, e := protocol.DecodeServer(version, data)
 	if e != nil {
 		conn.Close(websocket.StatusPolicyViolation, string(e.Code))
 		return nil, fmt.Errorf("bad message from the coordinator: %w", e)
@@ -444,8 +472,8 @@ func (c *Client) read(ctx context.Context, conn *websocket.Conn) (*protocol.Serv
 
 // write sends one message. Its timeout does not follow any session
 // context, for the same reason reads don't (see session).
-func (c *Client) write(conn *websocket.Conn, m *protocol.PeerMessage) error {
-	data, err := protocol.EncodePeer(m)
+func (c *Client) write(conn *websocket.Conn, version int, m *protocol.PeerMessage) error {
+	data, err := protocol.EncodePeer(version, m)
 	if err != nil {
 		return err
 	}
@@ -454,10 +482,11 @@ func (c *Client) write(conn *websocket.Conn, m *protocol.PeerMessage) error {
 	return conn.Write(wctx, websocket.MessageText, data)
 }
 
-// writeLoop sends the latest node and the wanted tunnels, now and whenever
-// they change.
-func (c *Client) writeLoop(ctx context.Context, conn *websocket.Conn, hello protocol.Hello) error {
-	var sentVersion uint64
+// writeLoop sends the latest node, the wanted tunnels and the network
+// verdict, now and whenever they change.
+func (c *Client) writeLoop(ctx context.Context, conn *websocket.Conn, version int, hello protocol.Hello) error {
+	var sentVersion, sentNetwork uint64
+	historySent := false
 	sentTunnels := map[string]uint64{}
 	c.mu.Lock()
 	c.sentTunnels = sentTunnels
@@ -465,22 +494,36 @@ func (c *Client) writeLoop(ctx context.Context, conn *websocket.Conn, hello prot
 	warnedMismatch := uint64(0)
 	for {
 		c.mu.Lock()
-		node, version := c.node.Clone(), c.nodeVersion
+		node, nodeVersion := c.node.Clone(), c.nodeVersion
 		wanted := maps.Clone(c.tunnels)
+		var ns *protocol.NetworkStatus
+		networkVersion := c.networkVersion
+		if c.network != nil && networkVersion != sentNetwork && version >= 2 {
+			ns = &protocol.NetworkStatus{Verdict: *c.network}
+			if !historySent {
+				ns.History = slices.Clone(c.networkHistory)
+			}
+		}
 		c.mu.Unlock()
 
-		if node != nil && version != sentVersion {
+		if node != nil && nodeVersion != sentVersion {
 			if err := nodeMatches(node, hello); err != nil {
-				if warnedMismatch != version {
+				if warnedMismatch != nodeVersion {
 					c.logger.Debug("holding back a node that does not match the assigned identity", "err", err)
-					warnedMismatch = version
+					warnedMismatch = nodeVersion
 				}
 			} else {
-				if err := c.write(conn, &protocol.PeerMessage{Type: protocol.TypeNode, Node: &protocol.NodeUpdate{Node: *node}}); err != nil {
+				if err := c.write(conn, version, &protocol.PeerMessage{Type: protocol.TypeNode, Node: &protocol.NodeUpdate{Node: *node}}); err != nil {
 					return fmt.Errorf("sending node: %w", err)
 				}
-				sentVersion = version
+				sentVersion = nodeVersion
 			}
+		}
+		if ns != nil {
+			if err := c.write(conn, version, &protocol.PeerMessage{Type: protocol.TypeNetworkStatus, NetworkStatus: ns}); err != nil {
+				return fmt.Errorf("sending network status: %w", err)
+			}
+			sentNetwork, historySent = networkVersion, true
 		}
 		for _, a := range slices.Sorted(maps.Keys(wanted)) {
 			if sentTunnels[a] == wanted[a] {
@@ -490,7 +533,7 @@ func (c *Client) writeLoop(ctx context.Context, conn *websocket.Conn, hello prot
 			c.mu.Lock()
 			sentTunnels[a] = wanted[a]
 			c.mu.Unlock()
-			if err := c.write(conn, &protocol.PeerMessage{Type: protocol.TypeTunnel, Tunnel: &protocol.TunnelRequest{Agent: a}}); err != nil {
+			if err := c.write(conn, version, &protocol.PeerMessage{Type: protocol.TypeTunnel, Tunnel: &protocol.TunnelRequest{Agent: a}}); err != nil {
 				return fmt.Errorf("requesting tunnel to %s: %w", a, err)
 			}
 		}
@@ -501,7 +544,7 @@ func (c *Client) writeLoop(ctx context.Context, conn *websocket.Conn, hello prot
 			c.mu.Lock()
 			delete(sentTunnels, a)
 			c.mu.Unlock()
-			if err := c.write(conn, &protocol.PeerMessage{Type: protocol.TypeUntunnel, Untunnel: &protocol.TunnelRequest{Agent: a}}); err != nil {
+			if err := c.write(conn, version, &protocol.PeerMessage{Type: protocol.TypeUntunnel, Untunnel: &protocol.TunnelRequest{Agent: a}}); err != nil {
 				return fmt.Errorf("removing tunnel to %s: %w", a, err)
 			}
 		}

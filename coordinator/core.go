@@ -14,6 +14,8 @@ import (
 
 // peer is one connected session as the core sees it.
 type peer struct {
+	// version is the protocol version of the session.
+	version int
 	id      tailnet.NodeID
 	role    protocol.Role
 	name    string // agent name, or user name for a client
@@ -43,10 +45,15 @@ type core struct {
 	// clientsOf lists, per agent ID, the clients with a tunnel to it, whether
 	// or not the agent is online.
 	clientsOf map[tailnet.NodeID]map[tailnet.NodeID]*peer
-	evict     []*peer
-	closed    bool
-	onEvict   func(p *peer)
-	metrics   *metrics.Coordinator
+	// agents remembers, per agent ID, what clients are told about an agent
+	// beyond its node: its network verdict and when it went offline. It
+	// outlives the agent's session, so a client asking after the agent was
+	// lost learns the last thing it said.
+	agents  map[tailnet.NodeID]*agentState
+	evict   []*peer
+	closed  bool
+	onEvict func(p *peer)
+	metrics *metrics.Coordinator
 }
 
 func newCore(m *metrics.Coordinator) *core {
@@ -55,7 +62,80 @@ func newCore(m *metrics.Coordinator) *core {
 		peers:     map[tailnet.NodeID]*peer{},
 		keys:      map[string]tailnet.NodeID{},
 		clientsOf: map[tailnet.NodeID]map[tailnet.NodeID]*peer{},
+		agents:    map[tailnet.NodeID]*agentState{},
 	}
+}
+
+// agentState is what the core keeps about an agent across its sessions.
+type agentState struct {
+	verdict       *protocol.NetworkVerdict
+	offlineSince  time.Time
+	offlineReason protocol.GoneReason
+}
+
+func (c *core) agentLocked(id tailnet.NodeID) *agentState {
+	st := c.agents[id]
+	if st == nil {
+		st = &agentState{}
+		c.agents[id] = st
+	}
+	return st
+}
+
+// tunnelStatusLocked describes agent agentID to a client.
+func (c *core) tunnelStatusLocked(agentID tailnet.NodeID, name string) *protocol.ServerMessage {
+	ts := &protocol.TunnelStatus{
+		Agent:     name,
+		NodeID:    agentID,
+		Addresses: []netip.Prefix{protocol.AgentAddress(agentID)},
+		Online:    c.peers[agentID] != nil,
+	}
+	if st := c.agents[agentID]; st != nil {
+		if st.verdict != nil {
+			v := *st.verdict
+			v.Codes = slices.Clone(v.Codes)
+			ts.Network = &v
+		}
+		if !ts.Online {
+			ts.OfflineSince, ts.OfflineReason = st.offlineSince, st.offlineReason
+		}
+	}
+	return &protocol.ServerMessage{Type: protocol.TypeTunnelStatus, TunnelStatus: ts}
+}
+
+// agentChangedLocked sends the agent's new tunnel_status to the clients
+// tunneled to it that speak version 2 (version 1 has it only as the answer
+// to a tunnel request).
+func (c *core) agentChangedLocked(agentID tailnet.NodeID) {
+	for _, cl := range c.clientsOf[agentID] {
+		if cl.version >= 2 {
+			c.sendLocked(cl, c.tunnelStatusLocked(agentID, cl.tunnels[agentID]))
+		}
+	}
+}
+
+// setNetwork records an agent's network verdict and tells its clients. It
+// returns the history entries newer than the verdict the core had: the ones
+// the agent could not deliver when they happened.
+func (c *core) setNetwork(p *peer, ns *protocol.NetworkStatus) []protocol.NetworkVerdict {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	defer c.flushLocked()
+	if c.peers[p.id] != p {
+		return nil
+	}
+	st := c.agentLocked(p.id)
+	var late []protocol.NetworkVerdict
+	for _, h := range ns.History {
+		if (st.verdict == nil || h.At.After(st.verdict.At)) && h.At.Before(ns.Verdict.At) {
+			late = append(late, h)
+		}
+	}
+	v := ns.Verdict
+	v.Codes = slices.Clone(v.Codes)
+	st.verdict = &v
+	c.agentChangedLocked(p.id)
+	return late
 }
 
 // register adds a connected peer. A session already holding the same node
@@ -77,6 +157,9 @@ func (c *core) register(p *peer) bool {
 	p.tunnels = map[tailnet.NodeID]string{}
 	c.peers[p.id] = p
 	if p.role == protocol.RoleAgent {
+		st := c.agentLocked(p.id)
+		st.offlineSince, st.offlineReason = time.Time{}, ""
+		c.agentChangedLocked(p.id)
 		for _, cl := range c.clientsOf[p.id] {
 			if cl.node != nil {
 				c.sendLocked(p, peerMessage(cl))
@@ -115,6 +198,11 @@ func (c *core) dropLocked(p *peer, reason protocol.GoneReason) {
 			for _, cl := range c.clientsOf[p.id] {
 				c.sendLocked(cl, goneMessage(p, reason))
 			}
+		}
+		if reason == protocol.GoneLost || reason == protocol.GoneDisconnected {
+			st := c.agentLocked(p.id)
+			st.offlineSince, st.offlineReason = time.Now(), reason
+			c.agentChangedLocked(p.id)
 		}
 	case protocol.RoleClient:
 		for agentID := range p.tunnels {
@@ -173,12 +261,7 @@ func (c *core) addTunnel(cl *peer, agentID tailnet.NodeID, agentName string) {
 	}
 	c.clientsOf[agentID][cl.id] = cl
 	a := c.peers[agentID]
-	c.sendLocked(cl, &protocol.ServerMessage{Type: protocol.TypeTunnelStatus, TunnelStatus: &protocol.TunnelStatus{
-		Agent:     agentName,
-		NodeID:    agentID,
-		Addresses: []netip.Prefix{protocol.AgentAddress(agentID)},
-		Online:    a != nil,
-	}})
+	c.sendLocked(cl, c.tunnelStatusLocked(agentID, agentName))
 	if a == nil {
 		return
 	}

@@ -17,10 +17,17 @@ import (
 
 // rawPeer speaks the protocol by hand, so tests can misbehave.
 type rawPeer struct {
-	conn *websocket.Conn
+	conn    *websocket.Conn
+	version int
 }
 
 func dialRaw(t *testing.T, tc *testCoordinator, token string) *rawPeer {
+	t.Helper()
+	return dialRawVersion(t, tc, token, protocol.Version)
+}
+
+// dialRawVersion connects offering only protocol version v.
+func dialRawVersion(t *testing.T, tc *testCoordinator, token string, v int) *rawPeer {
 	t.Helper()
 	tlsCfg, err := coordclient.TLSConfig(tc.Fingerprint())
 	if err != nil {
@@ -31,14 +38,17 @@ func dialRaw(t *testing.T, tc *testCoordinator, token string) *rawPeer {
 	conn, _, err := websocket.Dial(ctx, tc.URL()+protocol.CoordinatePath, &websocket.DialOptions{
 		HTTPClient:   &http.Client{Transport: &http.Transport{TLSClientConfig: tlsCfg.Clone()}},
 		HTTPHeader:   http.Header{"Authorization": {"Bearer " + token}},
-		Subprotocols: []string{protocol.Subprotocol},
+		Subprotocols: []string{protocol.SubprotocolFor(v)},
 	})
 	if err != nil {
 		t.Fatalf("dial: %v", err)
 	}
+	if got := conn.Subprotocol(); got != protocol.SubprotocolFor(v) {
+		t.Fatalf("coordinator chose subprotocol %q, want %q", got, protocol.SubprotocolFor(v))
+	}
 	conn.SetReadLimit(1 << 20)
 	t.Cleanup(func() { conn.CloseNow() })
-	return &rawPeer{conn: conn}
+	return &rawPeer{conn: conn, version: v}
 }
 
 func (r *rawPeer) sendRaw(t *testing.T, data []byte) {
@@ -52,7 +62,7 @@ func (r *rawPeer) sendRaw(t *testing.T, data []byte) {
 
 func (r *rawPeer) send(t *testing.T, m *protocol.PeerMessage) {
 	t.Helper()
-	data, err := protocol.EncodePeer(m)
+	data, err := protocol.EncodePeer(r.version, m)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -67,7 +77,7 @@ func (r *rawPeer) read(t *testing.T) (*protocol.ServerMessage, error) {
 	if err != nil {
 		return nil, err
 	}
-	m, e := protocol.DecodeServer(data)
+	m, e := protocol.DecodeServer(r.version, data)
 	if e != nil {
 		t.Fatalf("coordinator sent an invalid message: %v: %s", e, data)
 	}
@@ -136,14 +146,14 @@ func TestMisbehavingPeersAreClosedOthersKeepWorking(t *testing.T) {
 		}, protocol.CodeBadMessage},
 		{"unknown type", f.bobToken, func(t *testing.T, r *rawPeer) {
 			r.hello(t)
-			r.sendRaw(t, []byte(`{"v":1,"type":"teleport","teleport":{}}`))
+			r.sendRaw(t, []byte(`{"v":2,"type":"teleport","teleport":{}}`))
 		}, protocol.CodeBadMessage},
 		{"unknown field", f.bobToken, func(t *testing.T, r *rawPeer) {
 			r.hello(t)
-			r.sendRaw(t, []byte(`{"v":1,"type":"tunnel","tunnel":{"agent":"ws1","sneaky":true}}`))
+			r.sendRaw(t, []byte(`{"v":2,"type":"tunnel","tunnel":{"agent":"ws1","sneaky":true}}`))
 		}, protocol.CodeBadMessage},
 		{"wrong version", f.bobToken, func(t *testing.T, r *rawPeer) {
-			r.sendRaw(t, []byte(`{"v":2,"type":"hello","hello":{}}`))
+			r.sendRaw(t, []byte(`{"v":3,"type":"hello","hello":{}}`))
 		}, protocol.CodeUnsupportedVer},
 		{"tunnel before hello", f.bobToken, func(t *testing.T, r *rawPeer) {
 			r.send(t, &protocol.PeerMessage{Type: protocol.TypeTunnel, Tunnel: &protocol.TunnelRequest{Agent: "ws2"}})
@@ -173,7 +183,7 @@ func TestMisbehavingPeersAreClosedOthersKeepWorking(t *testing.T) {
 			h := r.hello(t)
 			n := fakeNode(t, h)
 			n.DiscoKey = "discokey:00"
-			data, _ := json.Marshal(&protocol.PeerMessage{V: 1, Type: protocol.TypeNode, Node: &protocol.NodeUpdate{Node: *n}})
+			data, _ := json.Marshal(&protocol.PeerMessage{V: protocol.Version, Type: protocol.TypeNode, Node: &protocol.NodeUpdate{Node: *n}})
 			r.sendRaw(t, data)
 		}, protocol.CodeNodeRejected},
 		{"another agent's key", f.ws2Token, func(t *testing.T, r *rawPeer) {
@@ -186,10 +196,34 @@ func TestMisbehavingPeersAreClosedOthersKeepWorking(t *testing.T) {
 			r.hello(t)
 			r.send(t, &protocol.PeerMessage{Type: protocol.TypeTunnel, Tunnel: &protocol.TunnelRequest{Agent: "ws1"}})
 		}, protocol.CodeUnexpectedMessage},
+		{"client reports a network status", f.bobToken, func(t *testing.T, r *rawPeer) {
+			r.hello(t)
+			r.send(t, &protocol.PeerMessage{Type: protocol.TypeNetworkStatus, NetworkStatus: &protocol.NetworkStatus{Verdict: brokenVerdict()}})
+		}, protocol.CodeUnexpectedMessage},
+		{"network status with an unknown status", f.ws2Token, func(t *testing.T, r *rawPeer) {
+			r.hello(t)
+			r.sendRaw(t, []byte(`{"v":2,"type":"network_status","network_status":{"verdict":{"status":"sideways","summary":"x","at":"2026-01-02T03:04:05Z","since":"2026-01-02T03:04:05Z"}}}`))
+		}, protocol.CodeBadMessage},
+		{"network status with an oversized summary", f.ws2Token, func(t *testing.T, r *rawPeer) {
+			r.hello(t)
+			v := brokenVerdict()
+			v.Summary = strings.Repeat("x", protocol.MaxNetworkSummary+1)
+			data, _ := json.Marshal(&protocol.PeerMessage{V: 2, Type: protocol.TypeNetworkStatus, NetworkStatus: &protocol.NetworkStatus{Verdict: v}})
+			r.sendRaw(t, data)
+		}, protocol.CodeBadMessage},
+		{"network status on a version 1 connection", f.ws2Token, func(t *testing.T, r *rawPeer) {
+			r.version = 1
+			r.hello(t)
+			data, _ := json.Marshal(&protocol.PeerMessage{V: 1, Type: protocol.TypeNetworkStatus, NetworkStatus: &protocol.NetworkStatus{Verdict: brokenVerdict()}})
+			r.sendRaw(t, data)
+		}, protocol.CodeBadMessage},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			r := dialRaw(t, f.tc, c.token)
+			if strings.Contains(c.name, "version 1") {
+				r = dialRawVersion(t, f.tc, c.token, 1)
+			}
 			c.run(t, r)
 			r.expectClosedWith(t, c.code)
 		})
@@ -198,7 +232,7 @@ func TestMisbehavingPeersAreClosedOthersKeepWorking(t *testing.T) {
 	t.Run("oversized", func(t *testing.T) {
 		r := dialRaw(t, f.tc, f.bobToken)
 		r.hello(t)
-		big := `{"v":1,"type":"hello","hello":{"software":"` + strings.Repeat("x", protocol.MaxMessageSize) + `"}}`
+		big := `{"v":2,"type":"hello","hello":{"software":"` + strings.Repeat("x", protocol.MaxMessageSize) + `"}}`
 		r.sendRaw(t, []byte(big))
 		for {
 			_, err := r.read(t)

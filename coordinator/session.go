@@ -36,16 +36,18 @@ func (s *Server) handleCoordinate(w http.ResponseWriter, r *http.Request) {
 		writeHTTPError(w, http.StatusUnauthorized, perr)
 		return
 	}
-	if strings.EqualFold(r.Header.Get("Upgrade"), "websocket") && !offersSubprotocol(r, protocol.Subprotocol) {
+	if strings.EqualFold(r.Header.Get("Upgrade"), "websocket") && !offersSubprotocol(r) {
 		writeHTTPError(w, http.StatusBadRequest, &protocol.Error{Code: protocol.CodeUnsupportedVer, Fatal: true,
-			Message: fmt.Sprintf("offer WebSocket subprotocol %q: this coordinator speaks protocol version %d; upgrade the older side", protocol.Subprotocol, protocol.Version)})
+			Message: fmt.Sprintf("offer one of the WebSocket subprotocols %s: this coordinator speaks protocol versions %d to %d; upgrade the older side",
+				strings.Join(protocol.Subprotocols(), ", "), protocol.MinVersion, protocol.Version)})
 		return
 	}
 	if s.stopping.Load() {
 		writeHTTPError(w, http.StatusServiceUnavailable, &protocol.Error{Code: protocol.CodeInternal, Message: "coordinator is shutting down; retry shortly"})
 		return
 	}
-	conn, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{protocol.Subprotocol}})
+	// Newest first: the first one the peer also offers wins.
+	conn, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: protocol.Subprotocols()})
 	if err != nil {
 		s.logger.Info("WebSocket upgrade failed", "remote", r.RemoteAddr, "err", err)
 		return
@@ -53,14 +55,16 @@ func (s *Server) handleCoordinate(w http.ResponseWriter, r *http.Request) {
 	s.sessions.Add(1)
 	defer s.sessions.Done()
 	conn.SetReadLimit(protocol.MaxMessageSize)
-	sess := &session{srv: s, conn: conn, principal: principal, host: r.Host, remote: r.RemoteAddr}
+	version := protocol.VersionOf(strings.ToLower(conn.Subprotocol()))
+	sess := &session{srv: s, conn: conn, principal: principal, host: r.Host, remote: r.RemoteAddr, version: version}
 	sess.run()
 }
 
-func offersSubprotocol(r *http.Request, want string) bool {
+// offersSubprotocol reports whether the request offers a version we speak.
+func offersSubprotocol(r *http.Request) bool {
 	for _, h := range r.Header.Values("Sec-WebSocket-Protocol") {
 		for _, p := range strings.Split(h, ",") {
-			if strings.TrimSpace(p) == want {
+			if protocol.VersionOf(strings.ToLower(strings.TrimSpace(p))) != 0 {
 				return true
 			}
 		}
@@ -75,7 +79,9 @@ type session struct {
 	principal store.Principal
 	host      string
 	remote    string
-	logger    *slog.Logger
+	// version is the protocol version agreed in the WebSocket handshake.
+	version int
+	logger  *slog.Logger
 
 	ctx    context.Context
 	cancel context.CancelCauseFunc
@@ -96,8 +102,9 @@ func (ss *session) run() {
 	if ss.principal.Agent != nil {
 		role, name = protocol.RoleAgent, ss.principal.Agent.Name
 	}
-	ss.logger = s.logger.With("role", role, "name", name, "remote", ss.remote)
+	ss.logger = s.logger.With("role", role, "name", name, "remote", ss.remote, "protocol", ss.version)
 	ss.p = &peer{
+		version: ss.version,
 		role:    role,
 		name:    name,
 		user:    ss.principal.User.Name,
@@ -289,7 +296,7 @@ func (ss *session) decode(rr readResult) (*protocol.PeerMessage, bool) {
 		ss.fail(&protocol.Error{Code: protocol.CodeBadMessage, Fatal: true, Message: "binary frame; send JSON text frames"})
 		return nil, false
 	}
-	m, e := protocol.DecodePeer(rr.data)
+	m, e := protocol.DecodePeer(ss.version, rr.data)
 	if e != nil {
 		ss.fail(e)
 		return nil, false
@@ -336,8 +343,32 @@ func (ss *session) handle(m *protocol.PeerMessage) bool {
 	case protocol.TypeDisconnect:
 		ss.cancel(errGraceful)
 		return false
+	case protocol.TypeNetworkStatus:
+		if p.role != protocol.RoleAgent {
+			ss.fail(&protocol.Error{Code: protocol.CodeUnexpectedMessage, Fatal: true,
+				Message: "only agents report a network status; clients (user tokens) do not"})
+			return false
+		}
+		ss.networkStatus(m.NetworkStatus)
 	}
 	return true
+}
+
+// networkStatus records the agent's verdict, tells the clients tunneled to
+// it, and logs the earlier verdicts the coordinator had not received (the
+// agent could not deliver them while its network was down).
+func (ss *session) networkStatus(ns *protocol.NetworkStatus) {
+	v := ns.Verdict
+	late := ss.srv.core.setNetwork(ss.p, ns)
+	for _, h := range late {
+		ss.logger.Info("agent network verdict it could not deliver at the time",
+			"status", h.Status, "summary", h.Summary, "codes", h.Codes, "at", h.At, "since", h.Since)
+	}
+	lvl := slog.LevelInfo
+	if v.Status == protocol.NetworkBroken {
+		lvl = slog.LevelWarn
+	}
+	ss.logger.Log(ss.ctx, lvl, "agent network verdict", "status", v.Status, "summary", v.Summary, "codes", v.Codes, "at", v.At, "since", v.Since)
 }
 
 func (ss *session) tunnel(agentName string) {
@@ -423,7 +454,7 @@ func (ss *session) writeLoop() {
 }
 
 func (ss *session) write(m *protocol.ServerMessage, timeout time.Duration) error {
-	data, err := protocol.EncodeServer(m)
+	data, err := protocol.EncodeServer(ss.version, m.ForVersion(ss.version))
 	if err != nil {
 		ss.logger.Error("not sending an invalid message", "err", err)
 		return nil

@@ -12,33 +12,37 @@ import (
 	"unicode/utf8"
 )
 
-// EncodePeer encodes a peer's message, stamping the version.
-func EncodePeer(m *PeerMessage) ([]byte, error) {
-	m.V = Version
+// EncodePeer encodes a peer's message for a connection speaking version v,
+// stamping the version.
+func EncodePeer(v int, m *PeerMessage) ([]byte, error) {
+	m.V = v
 	if _, err := validatePeer(m); err != nil {
 		return nil, fmt.Errorf("refusing to send invalid %q message: %w", m.Type, err)
 	}
 	return json.Marshal(m)
 }
 
-// EncodeServer encodes a coordinator's message, stamping the version.
-func EncodeServer(m *ServerMessage) ([]byte, error) {
-	m.V = Version
+// EncodeServer encodes a coordinator's message for a connection speaking
+// version v, stamping the version. Fields newer than v must already be left
+// out (ServerMessage.ForVersion).
+func EncodeServer(v int, m *ServerMessage) ([]byte, error) {
+	m.V = v
 	if _, err := validateServer(m); err != nil {
 		return nil, fmt.Errorf("refusing to send invalid %q message: %w", m.Type, err)
 	}
 	return json.Marshal(m)
 }
 
-// DecodePeer strictly decodes a message a peer sent: size limit, no unknown
-// fields, no trailing data, the right version, a known type with exactly its
-// own body, and a valid body. The error is ready to send back.
-func DecodePeer(data []byte) (*PeerMessage, *Error) {
+// DecodePeer strictly decodes a message a peer sent on a connection
+// speaking version v: size limit, no unknown fields, no trailing data, the
+// connection's version, a type that version knows with exactly its own
+// body, and a valid body. The error is ready to send back.
+func DecodePeer(v int, data []byte) (*PeerMessage, *Error) {
 	var m PeerMessage
 	if e := strictUnmarshal(data, &m); e != nil {
 		return nil, e
 	}
-	if e := checkVersion(m.V); e != nil {
+	if e := checkVersion(m.V, v); e != nil {
 		return nil, e
 	}
 	if e, err := validatePeer(&m); err != nil {
@@ -47,14 +51,14 @@ func DecodePeer(data []byte) (*PeerMessage, *Error) {
 	return &m, nil
 }
 
-// DecodeServer strictly decodes a message the coordinator sent, with the
-// same rules as DecodePeer.
-func DecodeServer(data []byte) (*ServerMessage, *Error) {
+// DecodeServer strictly decodes a message the coordinator sent on a
+// connection speaking version v, with the same rules as DecodePeer.
+func DecodeServer(v int, data []byte) (*ServerMessage, *Error) {
 	var m ServerMessage
 	if e := strictUnmarshal(data, &m); e != nil {
 		return nil, e
 	}
-	if e := checkVersion(m.V); e != nil {
+	if e := checkVersion(m.V, v); e != nil {
 		return nil, e
 	}
 	if e, err := validateServer(&m); err != nil {
@@ -79,10 +83,11 @@ func strictUnmarshal(data []byte, v any) *Error {
 	return nil
 }
 
-func checkVersion(v int) *Error {
-	if v != Version {
+// checkVersion refuses a message whose version is not the connection's.
+func checkVersion(got, conn int) *Error {
+	if got != conn {
 		return &Error{Code: CodeUnsupportedVer, Fatal: true,
-			Message: fmt.Sprintf("protocol version %d is not supported, this side speaks %d; upgrade the older side", v, Version)}
+			Message: fmt.Sprintf("message of protocol version %d on a connection that agreed on version %d; upgrade the older side", got, conn)}
 	}
 	return nil
 }
@@ -99,7 +104,7 @@ func bodies(ptrs ...bool) int {
 }
 
 func validatePeer(m *PeerMessage) (ErrorCode, error) {
-	n := bodies(m.Hello != nil, m.Node != nil, m.Tunnel != nil, m.Untunnel != nil, m.Disconnect != nil)
+	n := bodies(m.Hello != nil, m.Node != nil, m.Tunnel != nil, m.Untunnel != nil, m.Disconnect != nil, m.NetworkStatus != nil)
 	var present bool
 	var err error
 	switch m.Type {
@@ -125,6 +130,14 @@ func validatePeer(m *PeerMessage) (ErrorCode, error) {
 		}
 	case TypeDisconnect:
 		present = m.Disconnect != nil
+	case TypeNetworkStatus:
+		if m.V < 2 {
+			return CodeBadMessage, fmt.Errorf("message type %q needs protocol version 2, this connection speaks %d", m.Type, m.V)
+		}
+		present = m.NetworkStatus != nil
+		if present {
+			err = m.NetworkStatus.validate()
+		}
 	default:
 		return CodeBadMessage, fmt.Errorf("unknown message type %q from a peer", m.Type)
 	}
@@ -164,6 +177,9 @@ func validateServer(m *ServerMessage) (ErrorCode, error) {
 		present = m.TunnelStatus != nil
 		if present {
 			err = m.TunnelStatus.validate()
+		}
+		if err == nil && present {
+			err = checkServerFields(m, m.V)
 		}
 	case TypeError:
 		present = m.Error != nil
@@ -261,7 +277,10 @@ func (t *TunnelStatus) validate() error {
 	if t.NodeID == 0 {
 		return errors.New("node id is zero")
 	}
-	return validAddresses(t.Addresses)
+	if err := validAddresses(t.Addresses); err != nil {
+		return err
+	}
+	return t.validateNetwork()
 }
 
 func (e *Error) validate() error {

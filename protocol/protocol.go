@@ -7,21 +7,58 @@ package protocol
 
 import (
 	"net/netip"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/agentd/agent/tailnet"
 )
 
-// Version is the protocol version this package speaks. Every message carries
-// it in "v". Any change a peer of the previous version could not decode (a new
-// message type, a new or renamed field) needs a new version, and with it a
-// new WebSocket subprotocol name.
-const Version = 1
+// Version is the newest protocol version this package speaks. Every message
+// carries its connection's version in "v". Any change a peer of the previous
+// version could not decode (a new message type, a new or renamed field) needs
+// a new version, and with it a new WebSocket subprotocol name.
+//
+// Version 2 added the agent's network verdict: the network_status message and
+// the network and offline fields of tunnel_status.
+const Version = 2
 
-// Subprotocol is the WebSocket subprotocol naming this version. A peer offers
-// it when dialing; the coordinator refuses a connection that offers none it
-// speaks.
-const Subprotocol = "agentd-coordinate.v1"
+// MinVersion is the oldest version this package still speaks, so that
+// agents and clients of the previous release keep working with a newer
+// coordinator and the other way round.
+const MinVersion = 1
+
+// Subprotocol is the WebSocket subprotocol naming the newest version.
+const Subprotocol = subprotocolPrefix + "2"
+
+const subprotocolPrefix = "agentd-coordinate.v"
+
+// Subprotocols lists the subprotocols of every version spoken, newest
+// first: what a peer offers when dialing and what the coordinator accepts.
+func Subprotocols() []string {
+	out := make([]string, 0, Version-MinVersion+1)
+	for v := Version; v >= MinVersion; v-- {
+		out = append(out, SubprotocolFor(v))
+	}
+	return out
+}
+
+// SubprotocolFor names version v's subprotocol.
+func SubprotocolFor(v int) string { return subprotocolPrefix + strconv.Itoa(v) }
+
+// VersionOf returns the version a subprotocol names, or 0 when it names
+// none this package speaks.
+func VersionOf(subprotocol string) int {
+	n, ok := strings.CutPrefix(subprotocol, subprotocolPrefix)
+	if !ok {
+		return 0
+	}
+	v, err := strconv.Atoi(n)
+	if err != nil || v < MinVersion || v > Version || SubprotocolFor(v) != subprotocol {
+		return 0
+	}
+	return v
+}
 
 // CoordinatePath is the HTTP path of the coordination WebSocket.
 const CoordinatePath = "/api/v1/coordinate"
@@ -60,6 +97,9 @@ const (
 	// TypeDisconnect announces a graceful departure: peers are told
 	// "disconnected" instead of "lost".
 	TypeDisconnect Type = "disconnect"
+	// TypeNetworkStatus reports the agent's network self-check verdict
+	// (agents only, version 2).
+	TypeNetworkStatus Type = "network_status"
 )
 
 // Messages the coordinator sends to a peer (TypeHello as well).
@@ -140,6 +180,19 @@ type TunnelStatus struct {
 	Addresses []netip.Prefix `json:"addresses"`
 	// Online says whether the agent is connected to the coordinator now.
 	Online bool `json:"online"`
+
+	// Version 2 only. In version 2 tunnel_status is sent again whenever
+	// the agent connects, goes offline or reports a new network verdict.
+
+	// Network is the agent's latest network verdict, kept after the agent
+	// goes offline: the last thing it said before it was lost.
+	Network *NetworkVerdict `json:"network,omitempty"`
+	// OfflineSince is when the agent's connection ended; zero while it is
+	// online, or when it has not connected since the coordinator started.
+	OfflineSince time.Time `json:"offline_since,omitzero"`
+	// OfflineReason is how it ended: GoneLost (the connection broke) or
+	// GoneDisconnected (the agent stopped on purpose).
+	OfflineReason GoneReason `json:"offline_reason,omitempty"`
 }
 
 // Peer is another peer's node, with who it is.
@@ -241,6 +294,8 @@ type PeerMessage struct {
 	Tunnel     *TunnelRequest `json:"tunnel,omitempty"`
 	Untunnel   *TunnelRequest `json:"untunnel,omitempty"`
 	Disconnect *Disconnect    `json:"disconnect,omitempty"`
+	// NetworkStatus: version 2 only.
+	NetworkStatus *NetworkStatus `json:"network_status,omitempty"`
 }
 
 // ServerMessage is a message from the coordinator to a peer. Exactly the

@@ -44,10 +44,11 @@ func peerSeeds(t testing.TB) [][]byte {
 		{Type: TypeTunnel, Tunnel: &TunnelRequest{Agent: "ws1"}},
 		{Type: TypeUntunnel, Untunnel: &TunnelRequest{Agent: "ws1"}},
 		{Type: TypeDisconnect, Disconnect: &Disconnect{}},
+		{Type: TypeNetworkStatus, NetworkStatus: &NetworkStatus{Verdict: testVerdict(), History: []NetworkVerdict{testOKVerdict()}}},
 	}
 	var out [][]byte
 	for _, m := range msgs {
-		data, err := EncodePeer(m)
+		data, err := EncodePeer(Version, m)
 		if err != nil {
 			t.Fatalf("encoding %s: %v", m.Type, err)
 		}
@@ -64,11 +65,13 @@ func serverSeeds(t testing.TB) [][]byte {
 		{Type: TypePeer, Peer: &Peer{Node: n, Role: RoleAgent, Name: "ws1", User: "jane.doe"}},
 		{Type: TypePeerGone, PeerGone: &PeerGone{NodeID: 42, Name: "ws1", Reason: GoneLost}},
 		{Type: TypeTunnelStatus, TunnelStatus: &TunnelStatus{Agent: "ws1", NodeID: 42, Addresses: []netip.Prefix{AgentAddress(42)}, Online: true}},
+		{Type: TypeTunnelStatus, TunnelStatus: &TunnelStatus{Agent: "ws1", NodeID: 42, Addresses: []netip.Prefix{AgentAddress(42)},
+			Network: new(testVerdict()), OfflineSince: time.Date(2026, 1, 2, 3, 5, 0, 0, time.UTC), OfflineReason: GoneLost}},
 		{Type: TypeError, Error: &Error{Code: CodeForbidden, Message: "no grant", Agent: "ws1"}},
 	}
 	var out [][]byte
 	for _, m := range msgs {
-		data, err := EncodeServer(m)
+		data, err := EncodeServer(Version, m)
 		if err != nil {
 			t.Fatalf("encoding %s: %v", m.Type, err)
 		}
@@ -79,21 +82,21 @@ func serverSeeds(t testing.TB) [][]byte {
 
 func TestRoundTrip(t *testing.T) {
 	for _, data := range peerSeeds(t) {
-		m, e := DecodePeer(data)
+		m, e := DecodePeer(Version, data)
 		if e != nil {
 			t.Fatalf("decoding %s: %v", data, e)
 		}
-		again, err := EncodePeer(m)
+		again, err := EncodePeer(Version, m)
 		if err != nil || string(again) != string(data) {
 			t.Fatalf("round trip changed %s into %s (%v)", data, again, err)
 		}
 	}
 	for _, data := range serverSeeds(t) {
-		m, e := DecodeServer(data)
+		m, e := DecodeServer(Version, data)
 		if e != nil {
 			t.Fatalf("decoding %s: %v", data, e)
 		}
-		again, err := EncodeServer(m)
+		again, err := EncodeServer(Version, m)
 		if err != nil || string(again) != string(data) {
 			t.Fatalf("round trip changed %s into %s (%v)", data, again, err)
 		}
@@ -131,7 +134,7 @@ func TestDecodeRejects(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			m, e := DecodePeer([]byte(c.in))
+			m, e := DecodePeer(1, []byte(c.in))
 			if e == nil {
 				t.Fatalf("accepted %s as %+v", c.in, m)
 			}
@@ -152,17 +155,17 @@ func TestDecodeServerRejectsPeerTypes(t *testing.T) {
 		if probe.Type == TypeHello {
 			continue // hello exists in both directions, with different bodies
 		}
-		if _, e := DecodeServer(data); e == nil {
+		if _, e := DecodeServer(Version, data); e == nil {
 			t.Fatalf("server decoder accepted a peer message: %s", data)
 		}
 	}
 }
 
 func TestEncodeRefusesInvalid(t *testing.T) {
-	if _, err := EncodePeer(&PeerMessage{Type: TypeTunnel}); err == nil {
+	if _, err := EncodePeer(Version, &PeerMessage{Type: TypeTunnel}); err == nil {
 		t.Fatal("encoded a tunnel without a body")
 	}
-	if _, err := EncodeServer(&ServerMessage{Type: TypeError, Error: &Error{Code: "x", Message: "two\nlines"}}); err == nil {
+	if _, err := EncodeServer(Version, &ServerMessage{Type: TypeError, Error: &Error{Code: "x", Message: "two\nlines"}}); err == nil {
 		t.Fatal("encoded an error text with a newline")
 	}
 }
@@ -235,26 +238,28 @@ func FuzzDecode(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		if m, e := DecodePeer(data); e != nil {
-			checkError(t, e)
-		} else {
-			again, err := EncodePeer(m)
-			if err != nil {
-				t.Fatalf("accepted %q but cannot encode it: %v", data, err)
+		for v := MinVersion; v <= Version; v++ {
+			if m, e := DecodePeer(v, data); e != nil {
+				checkError(t, e)
+			} else {
+				again, err := EncodePeer(v, m)
+				if err != nil {
+					t.Fatalf("accepted %q but cannot encode it: %v", data, err)
+				}
+				if _, e := DecodePeer(v, again); e != nil {
+					t.Fatalf("re-encoded %q is refused: %v", again, e)
+				}
 			}
-			if _, e := DecodePeer(again); e != nil {
-				t.Fatalf("re-encoded %q is refused: %v", again, e)
-			}
-		}
-		if m, e := DecodeServer(data); e != nil {
-			checkError(t, e)
-		} else {
-			again, err := EncodeServer(m)
-			if err != nil {
-				t.Fatalf("accepted %q but cannot encode it: %v", data, err)
-			}
-			if _, e := DecodeServer(again); e != nil {
-				t.Fatalf("re-encoded %q is refused: %v", again, e)
+			if m, e := DecodeServer(v, data); e != nil {
+				checkError(t, e)
+			} else {
+				again, err := EncodeServer(v, m)
+				if err != nil {
+					t.Fatalf("accepted %q but cannot encode it: %v", data, err)
+				}
+				if _, e := DecodeServer(v, again); e != nil {
+					t.Fatalf("re-encoded %q is refused: %v", again, e)
+				}
 			}
 		}
 	})
