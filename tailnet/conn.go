@@ -244,6 +244,14 @@ func (c *Conn) start() error {
 	c.eng = eng
 	c.sys.Set(eng)
 	c.mc = c.sys.MagicSock.Get()
+	if envknob.Bool("TS_DEBUG_ALWAYS_USE_DERP") {
+		// Set by BlockDirect, here or in an earlier Conn of the process.
+		// Without UDP, the network check would wait 3 s for STUN answers
+		// before measuring the relays over HTTPS, and the node has no home
+		// relay (so no peer can reach it) until then. Measure over HTTPS
+		// only, at once.
+		c.mc.SetOnlyTCP443(true)
+	}
 
 	ns, err := netstack.Create(logf, c.sys.Tun.Get(), eng, c.mc, c.dialer, c.sys.DNSManager.Get(), c.sys.ProxyMapper())
 	if err != nil {

@@ -54,9 +54,17 @@ func awaitFast(t *testing.T, c *Conn, ip netip.Addr) time.Duration {
 
 func testPath(t *testing.T, wantDirect bool) {
 	r := newTestRelay(t)
+	start := time.Now()
 	agent := newTestConn(t, r, 1, true)
 	client := newTestConn(t, r, 2, false)
 	link(t, agent, client)
+	// Both nodes have a home relay that admitted them. Without UDP, a
+	// network check that waited for STUN answers took over 3 s here.
+	ready := time.Since(start)
+	t.Logf("both nodes reported their home relay after %v", ready)
+	if ready > 2*time.Second {
+		t.Fatalf("nodes took %v to report a home relay; the network check stalled", ready)
+	}
 
 	d := awaitFast(t, client, addrOf(agent))
 	t.Logf("first TSMP pong after %v", d)
