@@ -177,7 +177,7 @@ func New(cfg Config) (s *Server, err error) {
 	}
 	s.derp.SetAdmitFunc(s.core.admits)
 	if cfg.STUNAddr != "" {
-		s.stun, err = tailnet.ListenSTUN(context.Background(), cfg.STUNAddr)
+		s.stun, err = tailnet.ListenSTUN(context.Background(), cfg.STUNAddr, cfg.Logger.With("component", "stun"))
 		if err != nil {
 			return nil, fmt.Errorf("%w (use --stun-addr to pick another UDP port)", err)
 		}

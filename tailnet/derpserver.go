@@ -15,7 +15,6 @@ import (
 
 	"tailscale.com/derp/derpserver"
 	"tailscale.com/envknob"
-	"tailscale.com/net/stunserver"
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
 )
@@ -120,39 +119,4 @@ func (d *DERPServer) Close() error {
 		}
 	})
 	return err
-}
-
-// STUNServer answers STUN binding requests, so nodes learn their public
-// UDP address.
-type STUNServer struct {
-	srv    *stunserver.STUNServer
-	cancel context.CancelFunc
-	done   chan struct{}
-}
-
-// ListenSTUN listens on addr ("host:port", UDP) and serves until ctx ends
-// or Close.
-func ListenSTUN(ctx context.Context, addr string) (*STUNServer, error) {
-	ctx, cancel := context.WithCancel(ctx)
-	srv := stunserver.New(ctx)
-	if err := srv.Listen(addr); err != nil {
-		cancel()
-		return nil, fmt.Errorf("tailnet: STUN listen on %s: %w", addr, err)
-	}
-	s := &STUNServer{srv: srv, cancel: cancel, done: make(chan struct{})}
-	go func() {
-		defer close(s.done)
-		srv.Serve()
-	}()
-	return s, nil
-}
-
-// LocalAddr is the UDP address the server listens on.
-func (s *STUNServer) LocalAddr() net.Addr { return s.srv.LocalAddr() }
-
-// Close stops the server and waits for it.
-func (s *STUNServer) Close() error {
-	s.cancel()
-	<-s.done
-	return nil
 }

@@ -62,7 +62,7 @@ func newTestRelay(t testing.TB) *testRelay {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	r.stun, err = ListenSTUN(ctx, "127.0.0.1:0")
+	r.stun, err = ListenSTUN(ctx, "127.0.0.1:0", testLogger(t))
 	if err != nil {
 		t.Fatal(err)
 	}

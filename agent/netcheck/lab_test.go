@@ -248,7 +248,7 @@ func (pl *podLab) startCoordinator(t testing.TB) {
 		if err != nil {
 			return err
 		}
-		stun, err = tailnet.ListenSTUN(ctx, coordIP+":3478")
+		stun, err = tailnet.ListenSTUN(ctx, coordIP+":3478", nil)
 		return err
 	})
 	if err != nil {

@@ -46,7 +46,7 @@ func newTailnetPair(tb testing.TB) *tailnetPair {
 	tb.Cleanup(srv.Close)
 	ctx, cancel := context.WithCancel(context.Background())
 	tb.Cleanup(cancel)
-	stun, err := tailnet.ListenSTUN(ctx, "127.0.0.1:0")
+	stun, err := tailnet.ListenSTUN(ctx, "127.0.0.1:0", nil)
 	if err != nil {
 		tb.Fatal(err)
 	}
