@@ -15,6 +15,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -356,6 +357,7 @@ func (a *Agent) trackPaths(ctx context.Context, conn *tailnet.Conn) {
 // probe notices.
 func (a *Agent) watchNetwork(ctx context.Context, hello protocol.Hello) {
 	var last netcheck.Status
+	var reported *protocol.NetworkVerdict
 	err := netcheck.Watch(ctx, netcheck.Options{
 		Logger:         a.log.With("component", "netcheck"),
 		CoordinatorURL: a.opts.Coordinator.URL,
@@ -384,10 +386,29 @@ func (a *Agent) watchNetwork(ctx context.Context, hello protocol.Hello) {
 			a.log.Log(ctx, lvl, "workspace network", "status", b.Status, "summary", b.Summary, "codes", b.Codes)
 			last = b.Status
 		}
+		reported = a.reportNetwork(b, reported)
 	})
 	if err != nil && ctx.Err() == nil {
 		a.log.Warn("the network self-check stopped; run `agent netcheck` by hand", "err", err)
 	}
+}
+
+// reportNetwork tells the coordinator the verdict b when it differs from
+// the one reported before (prev), so that a person connecting to this
+// workspace learns why it cannot be reached. The full report every minute
+// repeats an unchanged verdict; that is not sent again.
+func (a *Agent) reportNetwork(b netcheck.Brief, prev *protocol.NetworkVerdict) *protocol.NetworkVerdict {
+	v := protocol.NetworkVerdict{Status: protocol.NetworkHealth(b.Status), Summary: b.Summary, Codes: b.Codes, At: b.At, Since: b.At}.Fit()
+	if prev != nil {
+		if prev.Status == v.Status {
+			v.Since = prev.Since
+		}
+		if prev.Status == v.Status && prev.Summary == v.Summary && slices.Equal(prev.Codes, v.Codes) {
+			return prev
+		}
+	}
+	a.coord.ReportNetwork(v)
+	return &v
 }
 
 // withConn runs op on the tailnet now, or once it is up.

@@ -34,7 +34,14 @@ type Config struct {
 	// BlockDirect relays everything through DERP (process-wide; see
 	// tailnet.Options.BlockDirect).
 	BlockDirect bool
+	// UnhealthyWait is how long Connect and the dials keep waiting for a
+	// workspace that the coordinator reports offline, or whose agent
+	// reports its network broken, before failing with that reason
+	// (default 30 s; negative: until the context ends).
+	UnhealthyWait time.Duration
 }
+
+const defaultUnhealthyWait = 30 * time.Second
 
 // Workspace is an open tunnel to one workspace's agent.
 type Workspace struct {
@@ -52,10 +59,17 @@ type Workspace struct {
 	refused   error
 	refusedCh chan struct{}
 	helloCh   chan protocol.Hello
-	offline   bool
 	// reachedAt is when WireGuard to the agent last proved itself; dials
 	// within reachableFor of it skip the probe.
 	reachedAt time.Time
+	// status is what the coordinator last said about the agent, nil
+	// before its first tunnel_status; changed is closed and replaced
+	// whenever it changes.
+	status  *protocol.TunnelStatus
+	changed chan struct{}
+	// warned is the state last warned about, so each is said once.
+	warned        string
+	unhealthyWait time.Duration
 }
 
 // reachableFor is how long a successful reachability probe is trusted. A
@@ -65,8 +79,11 @@ const reachableFor = 10 * time.Second
 
 // Connect asks the coordinator for a tunnel to the named workspace and waits
 // until the workspace's node is known. It fails at once when the coordinator
-// refuses (bad token, no such workspace, no grant); while the workspace is
-// offline it keeps waiting until ctx is done, saying so in the log.
+// refuses (bad token, no such workspace, no grant). While the workspace is
+// offline it says so in the log (with since when, and the agent's last
+// network verdict) and keeps waiting, for Config.UnhealthyWait or until ctx
+// is done, then fails with that reason. A workspace whose agent reports its
+// network degraded or broken gets one warning in the log.
 func Connect(ctx context.Context, cfg Config, workspace string) (*Workspace, error) {
 	if err := protocol.ValidAgentName(workspace); err != nil {
 		return nil, fmt.Errorf("workspace name %q: %w", workspace, err)
@@ -77,13 +94,18 @@ func Connect(ctx context.Context, cfg Config, workspace string) (*Workspace, err
 	}
 	runCtx, cancel := context.WithCancel(context.Background())
 	w := &Workspace{
-		name:      workspace,
-		log:       log,
-		cancel:    cancel,
-		coordDone: make(chan error, 1),
-		agentCh:   make(chan struct{}),
-		refusedCh: make(chan struct{}),
-		helloCh:   make(chan protocol.Hello, 1),
+		name:          workspace,
+		log:           log,
+		cancel:        cancel,
+		coordDone:     make(chan error, 1),
+		agentCh:       make(chan struct{}),
+		refusedCh:     make(chan struct{}),
+		helloCh:       make(chan protocol.Hello, 1),
+		changed:       make(chan struct{}),
+		unhealthyWait: cfg.UnhealthyWait,
+	}
+	if w.unhealthyWait == 0 {
+		w.unhealthyWait = defaultUnhealthyWait
 	}
 	cc := cfg.Coordinator
 	cc.Logger = log.With("component", "coordination")
@@ -127,9 +149,19 @@ func Connect(ctx context.Context, cfg Config, workspace string) (*Workspace, err
 	w.coord.AddTunnel(workspace)
 	go w.followHellos(runCtx)
 
+	waitCtx, stopWaiting := context.WithCancel(ctx)
+	defer stopWaiting()
+	gaveUp := make(chan string, 1)
+	go w.giveUpWhenUnhealthy(waitCtx, func(problem string) { gaveUp <- problem })
+
 	select {
 	case <-ctx.Done():
+		if problem := w.problem(); problem != "" {
+			return fail(fmt.Errorf("workspace %q did not come online: %s: %w", workspace, problem, context.Cause(ctx)))
+		}
 		return fail(fmt.Errorf("waiting for workspace %q to come online: %w", workspace, context.Cause(ctx)))
+	case problem := <-gaveUp:
+		return fail(fmt.Errorf("workspace %q did not come online (waited %s): %s", workspace, w.unhealthyWait, problem))
 	case <-w.refusedCh:
 		return fail(w.refused)
 	case err := <-w.coordDone:
@@ -157,6 +189,8 @@ func (w *Workspace) Addr() netip.Addr {
 func (w *Workspace) Tailnet() *tailnet.Conn { return w.conn }
 
 // AwaitReachable waits until WireGuard to the workspace is up end to end.
+// When the coordinator reports the workspace offline or its network broken,
+// it gives up after Config.UnhealthyWait and the error says why.
 func (w *Workspace) AwaitReachable(ctx context.Context) error {
 	w.mu.Lock()
 	recent := time.Since(w.reachedAt) < reachableFor
@@ -164,7 +198,24 @@ func (w *Workspace) AwaitReachable(ctx context.Context) error {
 	if recent {
 		return nil
 	}
-	if err := w.conn.AwaitReachable(ctx, w.Addr()); err != nil {
+	actx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var gaveUp error
+	go w.giveUpWhenUnhealthy(actx, func(problem string) {
+		w.mu.Lock()
+		gaveUp = fmt.Errorf("workspace %q is not reachable over the tailnet (waited %s): %s", w.name, w.unhealthyWait, problem)
+		w.mu.Unlock()
+		cancel()
+	})
+	if err := w.conn.AwaitReachable(actx, w.Addr()); err != nil {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		if gaveUp != nil {
+			return gaveUp
+		}
+		if problem := w.problemLocked(); problem != "" {
+			return fmt.Errorf("workspace %q is not reachable over the tailnet: %s: %w", w.name, problem, err)
+		}
 		return fmt.Errorf("workspace %q is not reachable over the tailnet: %w", w.name, err)
 	}
 	w.mu.Lock()
@@ -203,7 +254,25 @@ func (w *Workspace) DialUDP(ctx context.Context, port uint16) (net.Conn, error) 
 
 // Ping sends one disco ping to the workspace and reports the path it took.
 func (w *Workspace) Ping(ctx context.Context) (tailnet.PingResult, error) {
-	return w.conn.Ping(ctx, w.Addr())
+	res, err := w.conn.Ping(ctx, w.Addr())
+	if err != nil {
+		if problem := w.problem(); problem != "" {
+			return res, fmt.Errorf("%s: %w", problem, err)
+		}
+	}
+	return res, err
+}
+
+// Network is the agent's latest network verdict as the coordinator passed
+// it on (nil when it has none, or speaks protocol version 1).
+func (w *Workspace) Network() *protocol.NetworkVerdict {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.status == nil || w.status.Network == nil {
+		return nil
+	}
+	v := *w.status.Network
+	return &v
 }
 
 // HTTPClient reaches the agent API on tailnet port 2 as http://agent/.
@@ -288,6 +357,16 @@ func (h *handler) PeerUpdate(p protocol.Peer) {
 	if first {
 		close(w.agentCh)
 	}
+	// The coordinator relays an agent's node only while it is connected;
+	// a version 1 coordinator sends no tunnel_status to say so.
+	w.setStatus(func(cur *protocol.TunnelStatus) *protocol.TunnelStatus {
+		if cur == nil || cur.Online {
+			return nil
+		}
+		next := *cur
+		next.Online, next.OfflineSince, next.OfflineReason = true, time.Time{}, ""
+		return &next
+	})
 }
 
 func (h *handler) PeerGone(g protocol.PeerGone) {
@@ -298,6 +377,18 @@ func (h *handler) PeerGone(g protocol.PeerGone) {
 	w.mu.Unlock()
 	if agent == nil || agent.Node.ID != g.NodeID || conn == nil {
 		return
+	}
+	if g.Reason == protocol.GoneLost || g.Reason == protocol.GoneDisconnected {
+		// Version 2 coordinators follow with a tunnel_status saying the
+		// same; version 1 ones do not.
+		w.setStatus(func(cur *protocol.TunnelStatus) *protocol.TunnelStatus {
+			if cur == nil || !cur.Online {
+				return nil
+			}
+			next := *cur
+			next.Online, next.OfflineSince, next.OfflineReason = false, time.Now(), g.Reason
+			return &next
+		})
 	}
 	if g.Reason == protocol.GoneLost {
 		// The data plane does not need the coordinator: keep the tunnel.
@@ -313,12 +404,28 @@ func (h *handler) TunnelStatus(s protocol.TunnelStatus) {
 	if s.Agent != w.name {
 		return
 	}
+	w.setStatus(func(*protocol.TunnelStatus) *protocol.TunnelStatus { return &s })
+}
+
+// setStatus replaces the agent's status with what update returns (given
+// the current one, possibly nil), wakes whoever waits on it, and warns
+// once about each new unhealthy state.
+func (w *Workspace) setStatus(update func(*protocol.TunnelStatus) *protocol.TunnelStatus) {
 	w.mu.Lock()
-	was := w.offline
-	w.offline = !s.Online
+	next := update(w.status)
+	if next == nil {
+		w.mu.Unlock()
+		return
+	}
+	w.status = next
+	close(w.changed)
+	w.changed = make(chan struct{})
+	warning, key := w.warningLocked()
+	say := warning != "" && key != w.warned
+	w.warned = key
 	w.mu.Unlock()
-	if !s.Online && !was {
-		w.log.Warn("workspace is offline: its agent is not connected to the coordinator; waiting for it", "workspace", w.name)
+	if say {
+		w.log.Warn(warning)
 	}
 }
 

@@ -187,12 +187,19 @@ func (c *Client) UpdateNode(n *tailnet.Node) {
 }
 
 // ReportNetwork publishes the agent's network verdict (agents only; sent
-// only to coordinators speaking protocol version 2). Call it when the
+// only to coordinators speaking protocol version 2); an invalid one is
+// logged and dropped. Call it when the
 // verdict changes; the latest one is sent again after every reconnect,
 // together with the earlier ones kept here, so that a verdict reached while
 // the coordinator was unreachable still gets there.
 func (c *Client) ReportNetwork(v protocol.NetworkVerdict) {
 	v = v.Fit()
+	if err := v.Validate(); err != nil {
+		// Sending it would cost the connection; the verdict is lost, not
+		// the session.
+		c.logger.Warn("not reporting an invalid network verdict", "err", err)
+		return
+	}
 	c.mu.Lock()
 	if c.network != nil {
 		c.networkHistory = append(c.networkHistory, *c.network)

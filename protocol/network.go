@@ -70,6 +70,9 @@ func (s *NetworkStatus) validate() error {
 	return nil
 }
 
+// Validate checks v against the protocol's rules.
+func (v *NetworkVerdict) Validate() error { return v.validate() }
+
 func (v *NetworkVerdict) validate() error {
 	switch v.Status {
 	case NetworkOK, NetworkDegraded, NetworkBroken:
