@@ -1,0 +1,417 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/agentd/agent/internal/benchtable"
+)
+
+// The deployment measurements run the built binary as a real deployment:
+// `agent coordinator`, `agent run` against it, and `agent ssh` as the
+// laptop, all on loopback inside a private network namespace (so nothing
+// reaches the machine's own interfaces), in a child of this program.
+
+const (
+	deploymentChildArg = "deployment-child"
+	sshRuns            = 7
+	loadBytes          = 512 << 20
+	rssTargetMB        = 40
+)
+
+// deploymentResult is what the child measured; the parent turns it into rows.
+type deploymentResult struct {
+	SSHTrueMS     []float64 `json:"ssh_true_ms"`
+	OpenSSHTrueMS []float64 `json:"openssh_true_ms,omitempty"`
+	OpenSSHNote   string    `json:"openssh_note,omitempty"`
+	IdleRSSKiB    int64     `json:"idle_rss_kib"`
+	IdleHWMKiB    int64     `json:"idle_hwm_kib"`
+	LoadRSSKiB    int64     `json:"load_rss_kib"` // highest VmRSS sampled during the transfer
+	LoadHWMKiB    int64     `json:"load_hwm_kib"`
+	LoadMBps      float64   `json:"load_mb_s"`
+}
+
+var deploymentRowNames = []string{
+	"agent ssh WORKSPACE true (end to end)",
+	"agent run RSS, idle after a client connected",
+	"agent run RSS, during an SSH transfer",
+}
+
+// measureDeployment runs the child in a new network namespace: as root
+// without a user namespace (OpenSSH's sshd, the reference, needs real
+// root), otherwise in a user namespace, where the reference cannot run.
+func measureDeployment(ctx context.Context, log io.Writer, bin string) []benchtable.Row {
+	self, err := os.Executable()
+	if err != nil {
+		return failRows(deploymentRowNames, err)
+	}
+	if _, err := exec.LookPath("unshare"); err != nil {
+		return skipRows(deploymentRowNames, "needs unshare (util-linux) for a private network namespace")
+	}
+	nsArgs := []string{"--net"}
+	if os.Geteuid() != 0 {
+		nsArgs = []string{"--user", "--map-root-user", "--net"}
+	}
+	ctx, cancel := context.WithTimeout(ctx, 4*time.Minute)
+	defer cancel()
+	var stdout bytes.Buffer
+	cmd := exec.CommandContext(ctx, "unshare", append(nsArgs, "--", self, deploymentChildArg, bin, strconv.Itoa(os.Geteuid()))...)
+	cmd.Stdout = &stdout
+	cmd.Stderr = log
+	// unshare executes the child in its place: an interrupt lets the child
+	// stop what it started.
+	cmd.Cancel = func() error { return cmd.Process.Signal(os.Interrupt) }
+	cmd.WaitDelay = 15 * time.Second
+	fmt.Fprintf(log, "\n$ unshare %s -- benchrun %s %s\n", strings.Join(nsArgs, " "), deploymentChildArg, bin)
+	if err := cmd.Run(); err != nil {
+		if stdout.Len() == 0 && strings.Contains(err.Error(), "exit status 1") && os.Geteuid() != 0 {
+			return skipRows(deploymentRowNames, "needs root or user namespaces for a private network namespace")
+		}
+		return failRows(deploymentRowNames, fmt.Errorf("deployment measurements: %w (see the log)", err))
+	}
+	var res deploymentResult
+	if err := json.Unmarshal(stdout.Bytes(), &res); err != nil {
+		return failRows(deploymentRowNames, fmt.Errorf("deployment measurements printed %q: %w", stdout.String(), err))
+	}
+	return res.rows()
+}
+
+func (r deploymentResult) rows() []benchtable.Row {
+	ssh := benchtable.Reference{Name: "ssh to OpenSSH sshd on loopback", Note: r.OpenSSHNote}
+	if len(r.OpenSSHTrueMS) > 0 {
+		ssh.Value = &benchtable.Value{Value: median(r.OpenSSHTrueMS), Unit: "ms"}
+	}
+	target := benchtable.Reference{Name: "target", Value: &benchtable.Value{Value: rssTargetMB, Unit: "MB"}}
+	mb := func(kib int64) benchtable.Value {
+		return benchtable.Value{Value: float64(kib) * 1024 / 1e6, Unit: "MB"}
+	}
+	return []benchtable.Row{
+		benchtable.Measured(deploymentRowNames[0], benchtable.Value{Value: median(r.SSHTrueMS), Unit: "ms"}, ssh,
+			fmt.Sprintf("median of %d (min %.0f, max %.0f): new tailnet node, coordinator, DERP, SSH", len(r.SSHTrueMS), slices.Min(r.SSHTrueMS), slices.Max(r.SSHTrueMS))),
+		benchtable.Measured(deploymentRowNames[1], mb(r.IdleRSSKiB), target, fmt.Sprintf("VmHWM %s", mb(r.IdleHWMKiB))),
+		benchtable.Measured(deploymentRowNames[2], mb(r.LoadRSSKiB), target,
+			fmt.Sprintf("highest VmRSS sampled; VmHWM %s; %d MiB at %.0f MB/s", mb(r.LoadHWMKiB), loadBytes>>20, r.LoadMBps)),
+	}
+}
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+// deploymentChild runs inside the new network namespace and prints a
+// deploymentResult as JSON. uid is the caller's real user ID (0: root, so
+// OpenSSH's sshd can serve as the reference).
+func deploymentChild(ctx context.Context, bin string, uid int) error {
+	// Loopback, and a veth pair with a documentation address: with no
+	// interface but loopback, Tailscale's engine takes the network for down
+	// and never dials its relay.
+	for _, args := range [][]string{
+		{"link", "set", "lo", "up"},
+		{"link", "add", "bench0", "type", "veth", "peer", "name", "bench1"},
+		{"addr", "add", "198.51.100.1/24", "dev", "bench0"},
+		{"link", "set", "bench0", "up"},
+		{"link", "set", "bench1", "up"},
+	} {
+		if out, err := exec.CommandContext(ctx, "ip", args...).CombinedOutput(); err != nil {
+			return fmt.Errorf("ip %s in the bench namespace: %w: %s", strings.Join(args, " "), err, out)
+		}
+	}
+	dir, err := os.MkdirTemp("", "agent-bench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	d := &deployment{bin: bin, dir: dir}
+	defer d.stop()
+	if err := d.start(ctx); err != nil {
+		return err
+	}
+	var res deploymentResult
+	// The first connection also brings the agent's side up; it is timed
+	// like the others but kept out of the median's runs.
+	if _, err := d.sshTrue(ctx); err != nil {
+		return err
+	}
+	for range sshRuns {
+		ms, err := d.sshTrue(ctx)
+		if err != nil {
+			return err
+		}
+		res.SSHTrueMS = append(res.SSHTrueMS, ms)
+	}
+	time.Sleep(3 * time.Second) // idle: no session open
+	if res.IdleRSSKiB, res.IdleHWMKiB, err = procMemory(d.agent.Process.Pid); err != nil {
+		return err
+	}
+	if err := d.loaded(ctx, &res); err != nil {
+		return err
+	}
+	if uid != 0 {
+		res.OpenSSHNote = "needs root to run sshd"
+	} else if ms, err := openSSHTrue(ctx, dir); err != nil {
+		res.OpenSSHNote = err.Error()
+	} else {
+		res.OpenSSHTrueMS = ms
+	}
+	return json.NewEncoder(os.Stdout).Encode(res)
+}
+
+type deployment struct {
+	bin, dir    string
+	url, fp     string
+	userToken   string
+	coord       *exec.Cmd
+	agent       *exec.Cmd
+	clientEnv   []string
+	processLogs *os.File
+}
+
+func (d *deployment) start(ctx context.Context) error {
+	logs, err := os.Create(filepath.Join(d.dir, "processes.log"))
+	if err != nil {
+		return err
+	}
+	d.processLogs = logs
+	port, err := freePort()
+	if err != nil {
+		return err
+	}
+	coordDir := filepath.Join(d.dir, "coordinator")
+	d.url = "https://127.0.0.1:" + strconv.Itoa(port)
+	d.coord = d.process(ctx, "coordinator", "--data-dir", coordDir, "--listen", "127.0.0.1:"+strconv.Itoa(port),
+		"--stun-addr", "127.0.0.1:3478", "--metrics-addr", "")
+	if err := d.coord.Start(); err != nil {
+		return fmt.Errorf("start agent coordinator: %w", err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var info struct {
+			Running     bool   `json:"running"`
+			Fingerprint string `json:"fingerprint"`
+		}
+		out, err := exec.CommandContext(ctx, d.bin, "admin", "--data-dir", coordDir, "--json", "info").Output()
+		if err == nil && json.Unmarshal(out, &info) == nil && info.Running {
+			d.fp = info.Fingerprint
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("agent coordinator did not come up within 30 s: %v %s", err, out)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	admin := func(v any, args ...string) error {
+		out, err := exec.CommandContext(ctx, d.bin, append([]string{"admin", "--data-dir", coordDir, "--json"}, args...)...).Output()
+		if err != nil {
+			return fmt.Errorf("agent admin %s: %w", strings.Join(args, " "), err)
+		}
+		if v == nil {
+			return nil
+		}
+		return json.Unmarshal(out, v)
+	}
+	var agentCreated, tokenCreated struct {
+		Secret string `json:"secret"`
+	}
+	if err := admin(nil, "user", "create", "bench"); err != nil {
+		return err
+	}
+	if err := admin(&agentCreated, "agent", "create", "ws", "--owner", "bench"); err != nil {
+		return err
+	}
+	tokenFile := filepath.Join(d.dir, "agent-token")
+	if err := os.WriteFile(tokenFile, []byte(agentCreated.Secret+"\n"), 0o600); err != nil {
+		return err
+	}
+	if err := admin(&tokenCreated, "token", "create", "--user", "bench"); err != nil {
+		return err
+	}
+	d.userToken = tokenCreated.Secret
+	d.agent = d.process(ctx, "run", "--coordinator-url", d.url, "--token-file", tokenFile, "--fingerprint", d.fp,
+		"--data-dir", filepath.Join(d.dir, "agent"), "--health-addr", "")
+	if err := d.agent.Start(); err != nil {
+		return fmt.Errorf("start agent run: %w", err)
+	}
+	home := filepath.Join(d.dir, "home")
+	if err := os.MkdirAll(home, 0o700); err != nil {
+		return err
+	}
+	d.clientEnv = append(os.Environ(), "HOME="+home, "AGENT_URL="+d.url, "AGENT_TOKEN="+d.userToken, "AGENT_FINGERPRINT="+d.fp)
+	return nil
+}
+
+func (d *deployment) process(ctx context.Context, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, d.bin, args...)
+	cmd.Stdout, cmd.Stderr = d.processLogs, d.processLogs
+	cmd.Cancel = func() error { return cmd.Process.Signal(os.Interrupt) }
+	cmd.WaitDelay = 5 * time.Second
+	// If this process dies, so do the ones it started.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	return cmd
+}
+
+// stop ends the agent, then the coordinator, each by its own PID.
+func (d *deployment) stop() {
+	for _, cmd := range []*exec.Cmd{d.agent, d.coord} {
+		if cmd == nil || cmd.Process == nil {
+			continue
+		}
+		cmd.Process.Signal(os.Interrupt)
+		done := make(chan struct{})
+		go func() { cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+	}
+	if d.processLogs != nil {
+		d.processLogs.Close()
+	}
+}
+
+// sshTrue times `agent ssh ws true` from start to exit; the first try may
+// wait for the agent to finish joining.
+func (d *deployment) sshTrue(ctx context.Context) (float64, error) {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		runCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		cmd := exec.CommandContext(runCtx, d.bin, "ssh", "ws", "--", "true")
+		cmd.Env = d.clientEnv
+		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		start := time.Now()
+		err := cmd.Run()
+		elapsed := time.Since(start)
+		cancel()
+		if err == nil {
+			return float64(elapsed.Microseconds()) / 1000, nil
+		}
+		if time.Now().After(deadline) {
+			return 0, fmt.Errorf("agent ssh ws true: %w: %s (processes' log: %s)", err, strings.TrimSpace(stderr.String()), d.tailLog())
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}
+
+func (d *deployment) tailLog() string {
+	data, _ := os.ReadFile(d.processLogs.Name())
+	return lastLines(string(data), 5)
+}
+
+// loaded streams loadBytes from the workspace over `agent ssh` and samples
+// the agent's RSS meanwhile.
+func (d *deployment) loaded(ctx context.Context, res *deploymentResult) error {
+	cmd := exec.CommandContext(ctx, d.bin, "ssh", "ws", "--", fmt.Sprintf("head -c %d /dev/zero", loadBytes))
+	cmd.Env = d.clientEnv
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	counter := &countingWriter{}
+	cmd.Stdout = counter
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	start := time.Now()
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case err := <-done:
+			if err != nil {
+				return fmt.Errorf("agent ssh ws head -c: %w: %s", err, strings.TrimSpace(stderr.String()))
+			}
+			if counter.n != loadBytes {
+				return fmt.Errorf("agent ssh ws head -c %d delivered %d bytes", loadBytes, counter.n)
+			}
+			res.LoadMBps = float64(loadBytes) / 1e6 / time.Since(start).Seconds()
+			_, hwm, err := procMemory(d.agent.Process.Pid)
+			res.LoadHWMKiB = hwm
+			return err
+		case <-tick.C:
+			rss, _, err := procMemory(d.agent.Process.Pid)
+			if err != nil {
+				return err
+			}
+			res.LoadRSSKiB = max(res.LoadRSSKiB, rss)
+		}
+	}
+}
+
+type countingWriter struct{ n int64 }
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	c.n += int64(len(p))
+	return len(p), nil
+}
+
+// procMemory reads VmRSS and VmHWM (KiB) of a process.
+func procMemory(pid int) (rss, hwm int64, err error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, 0, fmt.Errorf("read the agent's memory: %w", err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		name, value, ok := strings.Cut(line, ":")
+		if !ok {
+			continue
+		}
+		kib, perr := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(value), " kB"), 10, 64)
+		switch name {
+		case "VmRSS":
+			rss, err = kib, perr
+		case "VmHWM":
+			hwm = kib
+		}
+	}
+	if rss == 0 && err == nil {
+		err = errors.New("no VmRSS in /proc status")
+	}
+	return rss, hwm, err
+}
+
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+func skipRows(names []string, reason string) []benchtable.Row {
+	var rows []benchtable.Row
+	for _, n := range names {
+		rows = append(rows, benchtable.Skipped(n, reason))
+	}
+	return rows
+}
+
+func failRows(names []string, err error) []benchtable.Row {
+	var rows []benchtable.Row
+	for _, n := range names {
+		rows = append(rows, benchtable.Failed(n, err))
+	}
+	return rows
+}
