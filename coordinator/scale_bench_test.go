@@ -507,6 +507,23 @@ func (w *scaleWorld) current() (atClients, atAgents *arrivals) {
 	return w.atClients, w.atAgents
 }
 
+// storm has every sender publish its round-2 node at once and returns,
+// sorted, the time from each receiver's sender publishing to the receiver
+// having the node. dst is the arrivals the receivers' handlers record into.
+func (w *scaleWorld) storm(b *testing.B, what string, dst **arrivals, senders []*scalePeer, senderOf func(slot int) int) []time.Duration {
+	fresh := newArrivals(len(w.agentSlot), 2)
+	w.mu.Lock()
+	*dst = fresh
+	w.mu.Unlock()
+	sent := make([]time.Time, len(senders))
+	for i, p := range senders {
+		sent[i] = time.Now()
+		p.publish(2)
+	}
+	fresh.wait(b, what)
+	return fresh.latencies(func(slot int) time.Time { return sent[senderOf(slot)] })
+}
+
 func runCoordinatorScale(b *testing.B, n int) {
 	clients := n / scaleAgentsPerClient
 	dir := b.TempDir()
@@ -594,31 +611,12 @@ func runCoordinatorScale(b *testing.B, n int) {
 	atAgents.wait(b, "clients' nodes at their agents")
 	after := child.memory(b)
 
-	// Every agent publishes a new node at once.
-	sentAgent := make([]time.Time, n)
-	w.mu.Lock()
-	w.atClients = newArrivals(n, 2)
-	w.mu.Unlock()
-	for i, p := range agentPeers {
-		sentAgent[i] = time.Now()
-		p.publish(2)
-	}
-	atClients, _ = w.current()
-	atClients.wait(b, "agents' updated nodes at their clients")
-	agentLat := atClients.latencies(func(slot int) time.Time { return sentAgent[slot] })
-
-	// Every client publishes a new node at once: fan-out to its agents.
-	sentClient := make([]time.Time, clients)
-	w.mu.Lock()
-	w.atAgents = newArrivals(n, 2)
-	w.mu.Unlock()
-	for u, c := range clientPeers {
-		sentClient[u] = time.Now()
-		c.publish(2)
-	}
-	_, atAgents = w.current()
-	atAgents.wait(b, "clients' updated nodes at their agents")
-	fanLat := atAgents.latencies(func(slot int) time.Time { return sentClient[slot/scaleAgentsPerClient] })
+	// Every agent publishes a new node at once, then every client does
+	// (fan-out to its agents).
+	agentLat := w.storm(b, "agents' updated nodes at their clients", &w.atClients, agentPeers,
+		func(slot int) int { return slot })
+	fanLat := w.storm(b, "clients' updated nodes at their agents", &w.atAgents, clientPeers,
+		func(slot int) int { return slot / scaleAgentsPerClient })
 
 	b.ReportMetric(registration.Seconds(), "reg-total-s")
 	b.ReportMetric(float64(registration.Microseconds())/1000/float64(n), "reg-per-agent-ms")
