@@ -51,7 +51,9 @@ func (w *Workspace) warningLocked() (text, key string) {
 	// to note, and a version 2 one then says it again more exactly.
 	key = fmt.Sprint(s.Online, s.OfflineReason)
 	if s.Network != nil {
-		key += fmt.Sprint(s.Network.Status, s.Network.At.UnixNano(), s.Network.Summary)
+		// Not At: the agent's quick probe and the full report after it
+		// say the same thing a moment apart.
+		key += fmt.Sprint(s.Network.Status, s.Network.Summary)
 	}
 	subject := fmt.Sprintf("workspace %q", w.name)
 	switch {
