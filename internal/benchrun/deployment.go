@@ -65,22 +65,23 @@ func measureDeployment(ctx context.Context, log io.Writer, bin string) []benchta
 	if os.Geteuid() != 0 {
 		nsArgs = []string{"--user", "--map-root-user", "--net"}
 	}
+	if out, err := exec.CommandContext(ctx, "unshare", append(nsArgs, "true")...).CombinedOutput(); err != nil {
+		return skipRows(deploymentRowNames, fmt.Sprintf("no private network namespace here (unshare %s: %s)",
+			strings.Join(nsArgs, " "), strings.TrimSpace(string(out))))
+	}
 	ctx, cancel := context.WithTimeout(ctx, 4*time.Minute)
 	defer cancel()
-	var stdout bytes.Buffer
+	var stdout, stderr bytes.Buffer
 	cmd := exec.CommandContext(ctx, "unshare", append(nsArgs, "--", self, deploymentChildArg, bin, strconv.Itoa(os.Geteuid()))...)
 	cmd.Stdout = &stdout
-	cmd.Stderr = log
+	cmd.Stderr = io.MultiWriter(log, &stderr)
 	// unshare executes the child in its place: an interrupt lets the child
 	// stop what it started.
 	cmd.Cancel = func() error { return cmd.Process.Signal(os.Interrupt) }
 	cmd.WaitDelay = 15 * time.Second
 	fmt.Fprintf(log, "\n$ unshare %s -- benchrun %s %s\n", strings.Join(nsArgs, " "), deploymentChildArg, bin)
 	if err := cmd.Run(); err != nil {
-		if stdout.Len() == 0 && strings.Contains(err.Error(), "exit status 1") && os.Geteuid() != 0 {
-			return skipRows(deploymentRowNames, "needs root or user namespaces for a private network namespace")
-		}
-		return failRows(deploymentRowNames, fmt.Errorf("deployment measurements: %w (see the log)", err))
+		return failRows(deploymentRowNames, fmt.Errorf("deployment measurements: %w: %s", err, lastLines(stderr.String(), 1)))
 	}
 	var res deploymentResult
 	if err := json.Unmarshal(stdout.Bytes(), &res); err != nil {

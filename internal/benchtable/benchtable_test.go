@@ -160,13 +160,18 @@ func TestRender(t *testing.T) {
 	for _, want := range []string{
 		"# Benchmarks 2026-11-22 abc1234\n",
 		"- load average: 1.41 1.73 4.32\n",
-		`| agent RSS \| idle | 21.5 MB | target: 40.0 MB | 0.54 |  |`,
+		`| agent RSS \| idle | 21.5 MB | target: 40.0 MB | 0.536 |  |`,
 		"| netcheck report | skipped |  |  | skipped: needs root |",
 		"| coordinator | failed |  |  | failed: child exited with status 2 |",
 		"| ssh true | 312 ms | OpenSSH: n/a (sshd not installed) |  | median of 5 |",
 	} {
 		if !strings.Contains(md, want) {
 			t.Errorf("markdown lacks %q:\n%s", want, md)
+		}
+	}
+	for v, want := range map[float64]string{1133.4: "1133", 60.34: "60.3", 5: "5.00", 0.9: "0.900", 0.0531: "0.0531", 0: "0"} {
+		if got := formatNumber(v); got != want {
+			t.Errorf("formatNumber(%v) = %q, want %q", v, got, want)
 		}
 	}
 	data, err := tab.JSON()

@@ -203,20 +203,15 @@ func (t Table) JSON() ([]byte, error) {
 	return append(data, '\n'), nil
 }
 
-// formatNumber shows three significant digits or whole numbers, which is
-// as much as a shared machine's measurements can tell.
+// formatNumber shows three significant digits (whole numbers from 100
+// up), which is as much as a shared machine's measurements can tell.
 func formatNumber(v float64) string {
 	a := math.Abs(v)
-	switch {
-	case a >= 100:
+	if a == 0 || math.IsInf(v, 0) || math.IsNaN(v) {
 		return strconv.FormatFloat(v, 'f', 0, 64)
-	case a >= 10:
-		return strconv.FormatFloat(v, 'f', 1, 64)
-	case a >= 1 || a == 0:
-		return strconv.FormatFloat(v, 'f', 2, 64)
-	default:
-		return strconv.FormatFloat(v, 'g', 2, 64)
 	}
+	digits := max(0, 2-int(math.Floor(math.Log10(a))))
+	return strconv.FormatFloat(v, 'f', digits, 64)
 }
 
 func escape(s string) string { return strings.ReplaceAll(oneLine(s), "|", `\|`) }
