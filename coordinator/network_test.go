@@ -160,7 +160,7 @@ func TestUndeliveredVerdictsAreLogged(t *testing.T) {
 	}
 	var late []string
 	for _, line := range strings.Split(logs.String(), "\n") {
-		if strings.Contains(line, "could not deliver") {
+		if strings.Contains(line, "not received when it happened") {
 			late = append(late, line)
 		}
 	}
@@ -196,7 +196,7 @@ func TestClientSendsHistoryAfterConnecting(t *testing.T) {
 		t.Fatalf("current verdict %+v", s.Network)
 	}
 	deadline := time.Now().Add(waitFor)
-	for strings.Count(logs.String(), "could not deliver") < 2 {
+	for strings.Count(logs.String(), "not received when it happened") < 2 {
 		if time.Now().After(deadline) {
 			t.Fatalf("the two earlier verdicts were not logged as undelivered:\n%s", logs.String())
 		}

@@ -361,7 +361,7 @@ func (ss *session) networkStatus(ns *protocol.NetworkStatus) {
 	v := ns.Verdict
 	late := ss.srv.core.setNetwork(ss.p, ns)
 	for _, h := range late {
-		ss.logger.Info("agent network verdict it could not deliver at the time",
+		ss.logger.Info("earlier agent network verdict, not received when it happened",
 			"status", h.Status, "summary", h.Summary, "codes", h.Codes, "at", h.At, "since", h.Since)
 	}
 	lvl := slog.LevelInfo
