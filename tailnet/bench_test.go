@@ -3,6 +3,8 @@ package tailnet
 import (
 	"bufio"
 	"context"
+	"encoding/json"
+	"expvar"
 	"fmt"
 	"io"
 	"net"
@@ -12,6 +14,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"tailscale.com/util/clientmetric"
 )
 
 // Benchmarks. Each transfer prints its MB/s next to plain loopback TCP
@@ -86,9 +90,35 @@ func loopbackMBps(b *testing.B, n int64) float64 {
 	return mbps(n, d)
 }
 
+// transferResult is one timed tailnet transfer.
+type transferResult struct {
+	MBps float64
+	Path string
+	// DERPDrops counts packets magicsock dropped because its DERP write
+	// queue was full; Retransmits counts the sender's TCP retransmissions.
+	// Each drop costs a retransmission and halves the congestion window.
+	DERPDrops, Retransmits int64
+}
+
+// lossCounters reads magicsock's DERP queue drops (a process-wide counter)
+// and c's TCP retransmissions.
+func lossCounters(c *Conn) (derpDrops, retransmits int64) {
+	for _, m := range clientmetric.Metrics() {
+		if m.Name() == "magicsock_send_derp_dropped" {
+			derpDrops = m.Value()
+		}
+	}
+	if set, ok := c.ns.ExpVar().(interface{ Get(string) expvar.Var }); ok {
+		if f, ok := set.Get("counter_tcp_retransmits").(expvar.Func); ok {
+			retransmits, _ = f.Value().(int64)
+		}
+	}
+	return derpDrops, retransmits
+}
+
 // tailnetTransfer sets up a relay and two linked conns and times n bytes
 // from the client to the agent.
-func tailnetTransfer(b *testing.B, n int64) (tailnetMBps float64, path string) {
+func tailnetTransfer(b *testing.B, n int64) transferResult {
 	r := newTestRelay(b)
 	agent := newTestConn(b, r, 1, true)
 	client := newTestConn(b, r, 2, false)
@@ -117,13 +147,20 @@ func tailnetTransfer(b *testing.B, n int64) (tailnetMBps float64, path string) {
 		b.Fatal(err)
 	}
 	defer ln.Close()
+	drops0, retrans0 := lossCounters(client)
 	d, err := timeTransfer(ln, func() (net.Conn, error) {
 		return client.DialContextTCP(context.Background(), netip.AddrPortFrom(addrOf(agent), 5001))
 	}, n)
 	if err != nil {
 		b.Fatal(err)
 	}
-	return mbps(n, d), client.PeerStatus()[0].Path
+	drops, retrans := lossCounters(client)
+	return transferResult{
+		MBps:        mbps(n, d),
+		Path:        client.PeerStatus()[0].Path,
+		DERPDrops:   drops - drops0,
+		Retransmits: retrans - retrans0,
+	}
 }
 
 func BenchmarkTransferDirect(b *testing.B) {
@@ -133,11 +170,18 @@ func BenchmarkTransferDirect(b *testing.B) {
 	n := benchBytes()
 	for b.Loop() {
 		ref := loopbackMBps(b, n)
-		got, path := tailnetTransfer(b, n)
-		b.ReportMetric(got, "tailnet-MB/s")
+		got := tailnetTransfer(b, n)
+		b.ReportMetric(got.MBps, "tailnet-MB/s")
 		b.ReportMetric(ref, "loopback-MB/s")
-		b.Logf("%d MiB direct (%s): tailnet %.1f MB/s, plain loopback TCP %.1f MB/s", n>>20, path, got, ref)
+		b.Logf("%d MiB direct (%s): tailnet %.1f MB/s, plain loopback TCP %.1f MB/s; %d TCP retransmissions",
+			n>>20, got.Path, got.MBps, ref, got.Retransmits)
 	}
+}
+
+// derpChildResult is what the DERP benchmark's child process reports.
+type derpChildResult struct {
+	transferResult
+	LoopbackMBps float64
 }
 
 // BenchmarkTransferDERP runs the transfer in a child process with direct
@@ -147,8 +191,9 @@ func BenchmarkTransferDERP(b *testing.B) {
 	n := benchBytes()
 	if os.Getenv(derpOnlyEnv) == "1" {
 		ref := loopbackMBps(b, n)
-		got, path := tailnetTransfer(b, n)
-		fmt.Printf("RESULT tailnet=%f loopback=%f path=%q\n", got, ref, path)
+		got := tailnetTransfer(b, n)
+		js, _ := json.Marshal(derpChildResult{transferResult: got, LoopbackMBps: ref})
+		fmt.Printf("RESULT %s\n", js)
 		return
 	}
 	for b.Loop() {
@@ -159,20 +204,22 @@ func BenchmarkTransferDERP(b *testing.B) {
 		if err != nil {
 			b.Fatalf("DERP child: %v\n%s", err, out)
 		}
-		var got, ref float64
-		var path string
+		var res derpChildResult
 		sc := bufio.NewScanner(strings.NewReader(string(out)))
 		for sc.Scan() {
-			if _, err := fmt.Sscanf(sc.Text(), "RESULT tailnet=%f loopback=%f path=%q", &got, &ref, &path); err == nil {
-				break
+			if js, ok := strings.CutPrefix(sc.Text(), "RESULT "); ok {
+				if err := json.Unmarshal([]byte(js), &res); err != nil {
+					b.Fatalf("DERP child result %q: %v", js, err)
+				}
 			}
 		}
-		if got == 0 {
+		if res.MBps == 0 {
 			b.Fatalf("DERP child printed no result:\n%s", out)
 		}
-		b.ReportMetric(got, "tailnet-MB/s")
-		b.ReportMetric(ref, "loopback-MB/s")
-		b.Logf("%d MiB via DERP (%s): tailnet %.1f MB/s, plain loopback TCP %.1f MB/s", n>>20, path, got, ref)
+		b.ReportMetric(res.MBps, "tailnet-MB/s")
+		b.ReportMetric(res.LoopbackMBps, "loopback-MB/s")
+		b.Logf("%d MiB via DERP (%s): tailnet %.1f MB/s, plain loopback TCP %.1f MB/s; %d packets dropped at the DERP write queue, %d TCP retransmissions",
+			n>>20, res.Path, res.MBps, res.LoopbackMBps, res.DERPDrops, res.Retransmits)
 	}
 }
 
