@@ -13,24 +13,28 @@ import (
 )
 
 // EncodePeer encodes a peer's message for a connection speaking version v,
-// stamping the version.
+// stamping the version on a copy: one message may go out on several
+// connections at once.
 func EncodePeer(v int, m *PeerMessage) ([]byte, error) {
-	m.V = v
-	if _, err := validatePeer(m); err != nil {
-		return nil, fmt.Errorf("refusing to send invalid %q message: %w", m.Type, err)
+	c := *m
+	c.V = v
+	if _, err := validatePeer(&c); err != nil {
+		return nil, fmt.Errorf("refusing to send invalid %q message: %w", c.Type, err)
 	}
-	return json.Marshal(m)
+	return json.Marshal(&c)
 }
 
 // EncodeServer encodes a coordinator's message for a connection speaking
 // version v, stamping the version. Fields newer than v must already be left
-// out (ServerMessage.ForVersion).
+// out (ServerMessage.ForVersion). The version is stamped on a copy: the
+// coordinator fans one message out to many sessions concurrently.
 func EncodeServer(v int, m *ServerMessage) ([]byte, error) {
-	m.V = v
-	if _, err := validateServer(m); err != nil {
-		return nil, fmt.Errorf("refusing to send invalid %q message: %w", m.Type, err)
+	c := *m
+	c.V = v
+	if _, err := validateServer(&c); err != nil {
+		return nil, fmt.Errorf("refusing to send invalid %q message: %w", c.Type, err)
 	}
-	return json.Marshal(m)
+	return json.Marshal(&c)
 }
 
 // DecodePeer strictly decodes a message a peer sent on a connection
