@@ -1,10 +1,10 @@
 package client_test
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"log/slog"
 	"strings"
 	"sync"
@@ -20,22 +20,44 @@ import (
 	"github.com/agentd/agent/tailnet"
 )
 
-// syncBuffer collects log output from several goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
+// warnings is a slog.Handler keeping the messages of warnings, which is
+// what a person running a client command sees on stderr.
+type warnings struct {
+	mu   sync.Mutex
+	msgs []string
 }
 
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
+func (w *warnings) Enabled(_ context.Context, l slog.Level) bool { return l >= slog.LevelWarn }
+func (w *warnings) WithAttrs([]slog.Attr) slog.Handler           { return w }
+func (w *warnings) WithGroup(string) slog.Handler                { return w }
+
+func (w *warnings) Handle(_ context.Context, r slog.Record) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.msgs = append(w.msgs, r.Message)
+	return nil
 }
 
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
+// only returns the one warning given, failing the test if there were more
+// or none.
+func (w *warnings) only(t *testing.T) string {
+	t.Helper()
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if len(w.msgs) != 1 {
+		t.Fatalf("want exactly one warning, got %q", w.msgs)
+	}
+	return w.msgs[0]
+}
+
+// wantAll reports each of wants missing from got.
+func wantAll(t *testing.T, what, got string, wants ...string) {
+	t.Helper()
+	for _, want := range wants {
+		if !strings.Contains(got, want) {
+			t.Errorf("%s %q does not contain %q", what, got, want)
+		}
+	}
 }
 
 // env is a coordinator on loopback with user alice owning agent ws1.
@@ -63,16 +85,11 @@ func startEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := adm.CreateUser("alice"); err != nil {
-		t.Fatal(err)
-	}
-	ag, err := adm.CreateAgent("ws1", "alice")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ut, err := adm.CreateToken(store.KindUser, "alice", time.Time{})
-	if err != nil {
-		t.Fatal(err)
+	_, errUser := adm.CreateUser("alice")
+	ag, errAgent := adm.CreateAgent("ws1", "alice")
+	ut, errToken := adm.CreateToken(store.KindUser, "alice", time.Time{})
+	if err := errors.Join(errUser, errAgent, errToken); err != nil {
+		t.Fatalf("provisioning alice and ws1: %v", err)
 	}
 	return &env{url: srv.URL(), fp: srv.Fingerprint(), userToken: ut.Secret, agentToken: ag.Secret}
 }
@@ -121,49 +138,55 @@ func randHex(t *testing.T) string {
 	return hex.EncodeToString(b)
 }
 
-func (e *env) connect(ctx context.Context, logs *syncBuffer) (*client.Workspace, error) {
+func (e *env) connect(ctx context.Context, warned *warnings) (*client.Workspace, error) {
 	return client.Connect(ctx, client.Config{
 		Coordinator:   coordclient.Config{URL: e.url, Token: e.userToken, Fingerprint: e.fp},
-		Logger:        slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		Logger:        slog.New(warned),
 		UnhealthyWait: 2 * time.Second,
 	}, "ws1")
+}
+
+// workspaceSaying starts a coordinator and an agent peer whose network
+// verdict is status since at.
+func workspaceSaying(t *testing.T, status protocol.NetworkHealth, summary, code string, at time.Time) (*env, *agentPeer) {
+	t.Helper()
+	e := startEnv(t)
+	return e, startAgentPeer(t, e, protocol.NetworkVerdict{Status: status, Summary: summary, Codes: []string{code}, At: at, Since: at})
+}
+
+// mustConnect connects to ws1, recording the warnings given.
+func (e *env) mustConnect(t *testing.T, ctx context.Context) (*client.Workspace, *warnings) {
+	t.Helper()
+	warned := &warnings{}
+	ws, err := e.connect(ctx, warned)
+	if err != nil {
+		t.Fatalf("connect: %v", err)
+	}
+	return ws, warned
 }
 
 const brokenSummary = "workspace network broken past eth0: the gateway 10.9.0.1 does not answer"
 
 func TestBrokenWorkspaceErrorsNameTheVerdict(t *testing.T) {
-	e := startEnv(t)
 	at := time.Now().Add(-time.Minute).UTC().Truncate(time.Second)
-	agent := startAgentPeer(t, e, protocol.NetworkVerdict{Status: protocol.NetworkBroken, Summary: brokenSummary,
-		Codes: []string{"gateway.unreachable"}, At: at, Since: at})
+	e, agent := workspaceSaying(t, protocol.NetworkBroken, brokenSummary, "gateway.unreachable", at)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 
 	// Online but broken: Connect warns, and a dial gives up with the cause
 	// instead of waiting for ever.
-	var logs syncBuffer
-	ws, err := e.connect(ctx, &logs)
-	if err != nil {
-		t.Fatalf("connect: %v", err)
-	}
+	ws, warned := e.mustConnect(t, ctx)
 	if v := ws.Network(); v == nil || v.Status != protocol.NetworkBroken || v.Summary != brokenSummary {
 		t.Fatalf("Network() = %+v", v)
 	}
-	if got := logs.String(); strings.Count(got, "level=WARN") != 1 || !strings.Contains(got, `workspace \"ws1\" reports its network broken`) ||
-		!strings.Contains(got, brokenSummary) {
-		t.Fatalf("want one warning naming the verdict before connecting, got:\n%s", got)
-	}
+	wantAll(t, "the warning before connecting", warned.only(t), `workspace "ws1" reports its network broken`, brokenSummary)
 	start := time.Now()
-	_, err = ws.DialTCP(ctx, client.PortSSH)
+	_, err := ws.DialTCP(ctx, client.PortSSH)
 	if err == nil {
 		t.Fatal("dialled a workspace whose node never answers")
 	}
-	for _, want := range []string{`workspace "ws1" is not reachable over the tailnet (waited 2s)`, "reports its network broken",
-		"agent netcheck at " + at.Local().Format("15:04:05"), brokenSummary, `run "agent netcheck --host" on its node`} {
-		if !strings.Contains(err.Error(), want) {
-			t.Errorf("dial error %q does not contain %q", err, want)
-		}
-	}
+	wantAll(t, "dial error", err.Error(), `workspace "ws1" is not reachable over the tailnet (waited 2s)`, "reports its network broken",
+		"agent netcheck at "+at.Local().Format("15:04:05"), brokenSummary, `run "agent netcheck --host" on its node`)
 	if waited := time.Since(start); waited > 10*time.Second {
 		t.Errorf("the dial gave up after %v, want about 2 s", waited)
 	}
@@ -179,43 +202,27 @@ func TestBrokenWorkspaceErrorsNameTheVerdict(t *testing.T) {
 	// and the last verdict.
 	stopped := time.Now()
 	agent.stop()
-	var logs2 syncBuffer
-	_, err = e.connect(ctx, &logs2)
+	var warned2 warnings
+	_, err = e.connect(ctx, &warned2)
 	if err == nil {
 		t.Fatal("connected to an offline workspace")
 	}
-	for _, want := range []string{`workspace "ws1" did not come online (waited 2s)`, "it is offline: its agent disconnected at " + stopped.Format("15:04"),
-		"its last network verdict was broken", brokenSummary, `run "agent netcheck --host" on its node`} {
-		if !strings.Contains(err.Error(), want) {
-			t.Errorf("connect error %q does not contain %q", err, want)
-		}
-	}
-	if got := logs2.String(); strings.Count(got, "level=WARN") != 1 || !strings.Contains(got, "is offline") {
-		t.Errorf("want one offline warning, got:\n%s", got)
-	}
+	wantAll(t, "connect error", err.Error(), `workspace "ws1" did not come online (waited 2s)`, "it is offline: its agent disconnected at "+stopped.Format("15:04"),
+		"its last network verdict was broken", brokenSummary, `run "agent netcheck --host" on its node`)
+	wantAll(t, "the offline warning", warned2.only(t), `workspace "ws1" is offline`, brokenSummary)
 }
 
 func TestDegradedWorkspaceWarnsOnce(t *testing.T) {
-	e := startEnv(t)
-	at := time.Now().UTC().Truncate(time.Second)
-	startAgentPeer(t, e, protocol.NetworkVerdict{Status: protocol.NetworkDegraded, Summary: "DNS answers slowly (900 ms)",
-		Codes: []string{"dns.slow"}, At: at, Since: at})
+	e, _ := workspaceSaying(t, protocol.NetworkDegraded, "DNS answers slowly (900 ms)", "dns.slow", time.Now().UTC().Truncate(time.Second))
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	var logs syncBuffer
-	ws, err := e.connect(ctx, &logs)
-	if err != nil {
-		t.Fatalf("connect: %v", err)
-	}
+	ws, warned := e.mustConnect(t, ctx)
 	defer ws.Close()
-	got := logs.String()
-	if strings.Count(got, "level=WARN") != 1 || !strings.Contains(got, `reports its network degraded`) || !strings.Contains(got, "DNS answers slowly") {
-		t.Fatalf("want one degraded warning, got:\n%s", got)
-	}
+	wantAll(t, "the warning before connecting", warned.only(t), `workspace "ws1" reports its network degraded`, "DNS answers slowly")
 	// Degraded is no reason to give up: the dial waits for the context.
 	dctx, dcancel := context.WithTimeout(ctx, 3*time.Second)
 	defer dcancel()
-	_, err = ws.DialTCP(dctx, client.PortSSH)
+	_, err := ws.DialTCP(dctx, client.PortSSH)
 	if err == nil || strings.Contains(err.Error(), "waited") || !strings.Contains(err.Error(), "deadline exceeded") {
 		t.Fatalf("dial error %v: want the context's deadline, not a give-up", err)
 	}
@@ -225,8 +232,7 @@ func TestNeverConnectedWorkspaceIsOffline(t *testing.T) {
 	e := startEnv(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	var logs syncBuffer
-	_, err := e.connect(ctx, &logs)
+	_, err := e.connect(ctx, &warnings{})
 	if err == nil || !strings.Contains(err.Error(), "it is offline: its agent is not connected to the coordinator") {
 		t.Fatalf("connect error %v", err)
 	}

@@ -51,15 +51,20 @@ func newSameBridgeDeployment(t *testing.T) (*deployment, *netlab.Namespace) {
 	d.url = "https://" + coordAddr.String() + ":" + coordPort
 	d.startCoordinator()
 	d.admin("user", "create", "alice")
+	d.agentToken = d.createSecret("agent", "create", "ws1", "--owner", "alice")
+	d.userToken = d.createSecret("token", "create", "--user", "alice")
+	d.startAgent()
+	return d, node
+}
+
+// createSecret runs an admin command that creates a token and returns it.
+func (d *deployment) createSecret(args ...string) string {
+	d.t.Helper()
 	var created struct {
 		Secret string `json:"secret"`
 	}
-	d.adminJSON(&created, "agent", "create", "ws1", "--owner", "alice")
-	d.agentToken = created.Secret
-	d.adminJSON(&created, "token", "create", "--user", "alice")
-	d.userToken = created.Secret
-	d.startAgent()
-	return d, node
+	d.adminJSON(&created, args...)
+	return created.Secret
 }
 
 const brokenPastEth0 = "network broken past eth0"
