@@ -358,6 +358,11 @@ func (c *core) snapshot() []admin.PeerInfo {
 			pi.HomeDERP = p.node.HomeDERP
 			pi.Endpoints = len(p.node.Endpoints)
 		}
+		if st := c.agents[p.id]; st != nil && st.verdict != nil && p.role == protocol.RoleAgent {
+			v := *st.verdict
+			v.Codes = slices.Clone(v.Codes)
+			pi.Network = &v
+		}
 		for _, name := range p.tunnels {
 			pi.Tunnels = append(pi.Tunnels, name)
 		}

@@ -1,11 +1,11 @@
 package coordinator_test
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -60,6 +60,21 @@ func TestNetworkVerdictReachesClients(t *testing.T) {
 		t.Fatalf("tunnel_status %+v (network %+v)", s, s.Network)
 	}
 
+	// The admin listing shows it too.
+	info, err := f.tc.admin(t).Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	listed := false
+	for _, p := range info.Peers {
+		if p.Name == "ws1" && p.Network != nil && p.Network.Summary == broken.Summary {
+			listed = true
+		}
+	}
+	if !listed {
+		t.Fatalf("admin info does not show ws1's verdict: %+v", info.Peers)
+	}
+
 	// A new verdict while the tunnel is open is passed on at once.
 	ws1.ReportNetwork(okVerdict(broken.At.Add(time.Second)))
 	tunnelStatusWhere(t, alice.rec, "the ok verdict", func(s protocol.TunnelStatus) bool {
@@ -110,29 +125,24 @@ func TestLostAgentKeepsItsLastVerdict(t *testing.T) {
 	}
 }
 
-// syncBuffer is a bytes.Buffer safe for a logger and a test to share.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
+// logTo returns a coordinator logger writing to a file the test reads back
+// (slog's handler serialises the writes), and the reader.
+func logTo(t *testing.T) (*slog.Logger, func() string) {
+	t.Helper()
+	f, err := os.Create(filepath.Join(t.TempDir(), "coordinator.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return slog.New(slog.NewTextHandler(f, nil)), func() string {
+		b, _ := os.ReadFile(f.Name())
+		return string(b)
+	}
 }
 
 func TestUndeliveredVerdictsAreLogged(t *testing.T) {
-	var logs syncBuffer
-	f := newFixture(t, coordOpts{tweak: func(c *coordinator.Config) {
-		c.Logger = slog.New(slog.NewTextHandler(&logs, nil))
-	}})
+	logger, logged := logTo(t)
+	f := newFixture(t, coordOpts{tweak: func(c *coordinator.Config) { c.Logger = logger }})
 	t0 := time.Now().UTC().Truncate(time.Second).Add(-time.Minute)
 	broken := brokenVerdict()
 	broken.At, broken.Since = t0.Add(10*time.Second), t0.Add(10*time.Second)
@@ -152,30 +162,28 @@ func TestUndeliveredVerdictsAreLogged(t *testing.T) {
 		Verdict: recovered, History: []protocol.NetworkVerdict{okVerdict(t0), broken},
 	}})
 	deadline := time.Now().Add(waitFor)
-	for !strings.Contains(logs.String(), "summary=\"workspace network ok\" codes=[] at="+recovered.At.Format("2006-01-02T15:04:05.000Z07:00")) {
+	for !strings.Contains(logged(), "summary=\"workspace network ok\" codes=[] at="+recovered.At.Format("2006-01-02T15:04:05.000Z07:00")) {
 		if time.Now().After(deadline) {
-			t.Fatalf("the current verdict was not logged:\n%s", logs.String())
+			t.Fatalf("the current verdict was not logged:\n%s", logged())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 	var late []string
-	for _, line := range strings.Split(logs.String(), "\n") {
+	for _, line := range strings.Split(logged(), "\n") {
 		if strings.Contains(line, "not received when it happened") {
 			late = append(late, line)
 		}
 	}
 	if len(late) != 1 || !strings.Contains(late[0], "undelivered") || !strings.Contains(late[0], "status=broken") {
-		t.Fatalf("want exactly the broken verdict logged as undelivered, got %q\nall logs:\n%s", late, logs.String())
+		t.Fatalf("want exactly the broken verdict logged as undelivered, got %q\nall logs:\n%s", late, logged())
 	}
 }
 
 // coordclient sends the verdicts reported before it could connect as
 // history with its first network_status.
 func TestClientSendsHistoryAfterConnecting(t *testing.T) {
-	var logs syncBuffer
-	f := newFixture(t, coordOpts{tweak: func(c *coordinator.Config) {
-		c.Logger = slog.New(slog.NewTextHandler(&logs, nil))
-	}})
+	logger, logged := logTo(t)
+	f := newFixture(t, coordOpts{tweak: func(c *coordinator.Config) { c.Logger = logger }})
 	bob := startClient(t, f.tc, f.bobToken)
 	recv(t, bob.rec.hellos, "bob hello")
 	bob.AddTunnel("ws2")
@@ -196,14 +204,14 @@ func TestClientSendsHistoryAfterConnecting(t *testing.T) {
 		t.Fatalf("current verdict %+v", s.Network)
 	}
 	deadline := time.Now().Add(waitFor)
-	for strings.Count(logs.String(), "not received when it happened") < 2 {
+	for strings.Count(logged(), "not received when it happened") < 2 {
 		if time.Now().After(deadline) {
-			t.Fatalf("the two earlier verdicts were not logged as undelivered:\n%s", logs.String())
+			t.Fatalf("the two earlier verdicts were not logged as undelivered:\n%s", logged())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	if !strings.Contains(logs.String(), "status=broken summary=\"workspace network broken past eth0") {
-		t.Fatalf("the broken verdict is missing from the log:\n%s", logs.String())
+	if !strings.Contains(logged(), "status=broken summary=\"workspace network broken past eth0") {
+		t.Fatalf("the broken verdict is missing from the log:\n%s", logged())
 	}
 }
 

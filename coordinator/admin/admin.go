@@ -74,6 +74,8 @@ type PeerInfo struct {
 	HomeDERP  int            `json:"home_derp,omitempty"`
 	Endpoints int            `json:"endpoints,omitempty"`
 	Tunnels   []string       `json:"tunnels,omitempty"`
+	// Network is an agent's latest network self-check verdict.
+	Network *protocol.NetworkVerdict `json:"network,omitempty"`
 }
 
 // Local runs the operations on an open store. Changed, if set, is called
