@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/signal"
 	"os/user"
+	"time"
 
 	gossh "golang.org/x/crypto/ssh"
 	"golang.org/x/crypto/ssh/agent"
@@ -235,17 +236,37 @@ func cutEnv(kv string) (string, string, bool) {
 	return "", "", false
 }
 
+// serverCloseGrace bounds how long ProxyStdio waits for the server to close
+// the connection once the OpenSSH client is gone (stdin at EOF and stdout
+// closed), so a server that never answers cannot keep the process alive.
+const serverCloseGrace = 10 * time.Second
+
 // ProxyStdio copies raw SSH bytes between stdin/stdout and conn, for
 // OpenSSH's ProxyCommand. When stdin ends, conn's write side is closed
 // (half-close), so the server sees EOF and can finish cleanly while its last
 // bytes still flow back; ProxyStdio returns when the server closes its side
-// or ctx is cancelled. The stdin reader may still be blocked in Read after
-// the return; in a ProxyCommand process that exits, that does not matter.
+// or ctx is cancelled.
+//
+// It never returns before the server has seen the end of the stream (or
+// serverCloseGrace passed): conn usually runs on a userspace network stack
+// inside this process, so a FIN that is still queued when the process exits
+// is never sent, and the server would keep the session (and a remote
+// `cat > file`) running. For the same reason a closed stdout (the ssh client
+// was killed) must not kill the process with SIGPIPE: writes to it fail with
+// EPIPE instead, and the server's remaining bytes are read and dropped until
+// it closes. The stdin reader may still be blocked in Read after the return;
+// in a ProxyCommand process that exits, that does not matter.
 func ProxyStdio(ctx context.Context, conn net.Conn, stdin io.Reader, stdout io.Writer) error {
+	sigpipe := make(chan os.Signal, 1)
+	signal.Notify(sigpipe, unix.SIGPIPE)
+	defer signal.Stop(sigpipe)
+
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
 	defer conn.Close()
+	stdinDone := make(chan struct{})
 	go func() {
+		defer close(stdinDone)
 		_, _ = io.Copy(conn, stdin)
 		if cw, ok := conn.(interface{ CloseWrite() error }); ok {
 			_ = cw.CloseWrite()
@@ -253,7 +274,28 @@ func ProxyStdio(ctx context.Context, conn net.Conn, stdin io.Reader, stdout io.W
 			conn.Close()
 		}
 	}()
-	_, err := io.Copy(stdout, conn)
+	out := &clientOutput{w: stdout, gone: make(chan struct{})}
+	copied := make(chan struct{})
+	defer close(copied)
+	// Once the client is gone both ways, give the server a bounded time to
+	// see our EOF and close.
+	go func() {
+		for _, wait := range []<-chan struct{}{out.gone, stdinDone} {
+			select {
+			case <-wait:
+			case <-copied:
+				return
+			}
+		}
+		t := time.NewTimer(serverCloseGrace)
+		defer t.Stop()
+		select {
+		case <-t.C:
+			conn.Close()
+		case <-copied:
+		}
+	}()
+	_, err := io.Copy(out, conn)
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
@@ -261,4 +303,24 @@ func ProxyStdio(ctx context.Context, conn net.Conn, stdin io.Reader, stdout io.W
 		return fmt.Errorf("SSH connection to the workspace: %w", err)
 	}
 	return nil
+}
+
+// clientOutput writes to the OpenSSH client until that fails (the client
+// went away); from then on it drops what it gets, so the copy from the
+// server goes on until the server closes.
+type clientOutput struct {
+	w      io.Writer
+	failed bool
+	gone   chan struct{}
+}
+
+func (o *clientOutput) Write(p []byte) (int, error) {
+	if o.failed {
+		return len(p), nil
+	}
+	if _, err := o.w.Write(p); err != nil {
+		o.failed = true
+		close(o.gone)
+	}
+	return len(p), nil
 }

@@ -24,7 +24,9 @@ import (
 
 // TestMain doubles as a ProxyCommand: "sshclient.test proxy-helper ADDR"
 // dials ADDR and runs ProxyStdio on stdin/stdout, the way
-// `agent ssh --stdio` does over the tailnet.
+// `agent ssh --stdio` does over the tailnet. The connection is passed on as
+// the tailnet's are: without the kernel socket's ReadFrom/WriteTo, so
+// copies to stdout are plain writes (no splice), as in the real command.
 func TestMain(m *testing.M) {
 	if len(os.Args) == 3 && os.Args[1] == "proxy-helper" {
 		conn, err := net.Dial("tcp", os.Args[2])
@@ -32,7 +34,11 @@ func TestMain(m *testing.M) {
 			fmt.Fprintln(os.Stderr, "proxy-helper:", err)
 			os.Exit(1)
 		}
-		if err := sshclient.ProxyStdio(context.Background(), conn, os.Stdin, os.Stdout); err != nil {
+		tcp := conn.(*net.TCPConn)
+		// A small receive buffer, so that the kernel cannot absorb what
+		// the server sends on the proxy's behalf.
+		_ = tcp.SetReadBuffer(64 << 10)
+		if err := sshclient.ProxyStdio(context.Background(), userspaceConn{tcp}, os.Stdin, os.Stdout); err != nil {
 			fmt.Fprintln(os.Stderr, "proxy-helper:", err)
 			os.Exit(1)
 		}
@@ -40,6 +46,20 @@ func TestMain(m *testing.M) {
 	}
 	os.Exit(m.Run())
 }
+
+// userspaceConn has the method set of a tailnet (gVisor) TCP connection:
+// net.Conn plus CloseWrite.
+type userspaceConn struct{ tcp *net.TCPConn }
+
+func (c userspaceConn) Read(p []byte) (int, error)         { return c.tcp.Read(p) }
+func (c userspaceConn) Write(p []byte) (int, error)        { return c.tcp.Write(p) }
+func (c userspaceConn) Close() error                       { return c.tcp.Close() }
+func (c userspaceConn) CloseWrite() error                  { return c.tcp.CloseWrite() }
+func (c userspaceConn) LocalAddr() net.Addr                { return c.tcp.LocalAddr() }
+func (c userspaceConn) RemoteAddr() net.Addr               { return c.tcp.RemoteAddr() }
+func (c userspaceConn) SetDeadline(t time.Time) error      { return c.tcp.SetDeadline(t) }
+func (c userspaceConn) SetReadDeadline(t time.Time) error  { return c.tcp.SetReadDeadline(t) }
+func (c userspaceConn) SetWriteDeadline(t time.Time) error { return c.tcp.SetWriteDeadline(t) }
 
 func startServer(t testing.TB) string {
 	t.Helper()
@@ -227,4 +247,99 @@ func (b *safeBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
+}
+
+// TestProxyStdioClientKilled: when the OpenSSH client dies (its ends of
+// both pipes close) and the server still sends, the ProxyCommand must not die
+// of SIGPIPE on its stdout: it passes the end of the upload on to the server
+// and exits only after the server closed. Over the tailnet the connection
+// lives in the process's own network stack, so dying first would leave the
+// server's session running.
+func TestProxyStdioClientKilled(t *testing.T) {
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	// More than the kernel buffers between the server and the proxy hold
+	// (both are kept small), so the proxy must read, and write to its closed
+	// stdout, before the server gets all of it out.
+	const afterDeath = 4 << 20
+	clientGone := make(chan struct{})
+	type serverResult struct {
+		sendErr  error
+		received int64
+	}
+	result := make(chan serverResult, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			result <- serverResult{sendErr: err}
+			return
+		}
+		defer c.Close()
+		_ = c.(*net.TCPConn).SetWriteBuffer(64 << 10)
+		<-clientGone
+		var res serverResult
+		chunk := make([]byte, 32<<10)
+		for sent := 0; sent < afterDeath && res.sendErr == nil; sent += len(chunk) {
+			_, res.sendErr = c.Write(chunk)
+		}
+		res.received, _ = io.Copy(io.Discard, c)
+		result <- res
+	}()
+
+	cmd := exec.Command(exe, "proxy-helper", ln.Addr().String())
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr safeBuffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var waitErr error
+	exited := make(chan struct{})
+	go func() { waitErr = cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-exited
+	})
+	// An upload the pipe holds whole, then the client dies.
+	upload := bytes.Repeat([]byte("u"), 32<<10)
+	if _, err := stdin.Write(upload); err != nil {
+		t.Fatal(err)
+	}
+	stdout.Close()
+	stdin.Close()
+	close(clientGone)
+
+	select {
+	case <-exited:
+	case <-time.After(2 * time.Minute):
+		t.Fatalf("the proxy still runs two minutes after its client went away (stderr %q)", stderr.String())
+	}
+	if waitErr != nil {
+		t.Fatalf("the proxy exited with %v after its client went away, want a clean exit (stderr %q)", waitErr, stderr.String())
+	}
+	select {
+	case res := <-result:
+		if res.sendErr != nil {
+			t.Fatalf("the server could not send while the proxy ran: %v", res.sendErr)
+		}
+		if res.received != int64(len(upload)) {
+			t.Fatalf("the server received %d bytes and EOF, want the %d the client wrote", res.received, len(upload))
+		}
+	default:
+		t.Fatal("the proxy exited before the server saw the end of the stream")
+	}
 }
