@@ -243,6 +243,7 @@ func (a *Agent) startServices(ctx context.Context, conn *tailnet.Conn) (*service
 		Logger:       a.log.With("component", "ssh"),
 		HostKeyPath:  filepath.Join(a.opts.DataDir, "ssh_host_ed25519_key"),
 		PeerIdentity: a.peerIdentity,
+		Metrics:      a.metrics,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("start the SSH server: %w", err)
@@ -261,7 +262,6 @@ func (a *Agent) startServices(ctx context.Context, conn *tailnet.Conn) (*service
 	fwd := portforward.New(portforward.Options{Logger: a.log.With("component", "port-forward")})
 	conn.SetTCPFallback(a.counted(metrics.KindPortForwardTCP, fwd.TCP))
 	conn.SetUDPFallback(a.counted(metrics.KindPortForwardUDP, fwd.UDP))
-	sshLn = &countingListener{Listener: sshLn, opened: func() func() { return a.metrics.ConnectionOpened(metrics.KindSSH) }}
 
 	s := &services{ssh: ssh, forward: fwd, api: &http.Server{
 		Handler:           a.apiHandler(),

@@ -1,6 +1,8 @@
 package metrics
 
 import (
+	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -302,4 +304,54 @@ func TestNilSetsDoNothing(t *testing.T) {
 	c.SetTunnels(1)
 	c.ObserveFanout(time.Second)
 	c.MessageRejected(RejectMalformed)
+}
+
+func TestAgentSSHSessionsAndCountedBytes(t *testing.T) {
+	r := NewRegistry()
+	a := NewAgent(r)
+	endShell := a.SSHSessionStarted(SSHShell)
+	a.SSHSessionStarted(SSHPortForward)
+	endShell()
+	endShell() // a second end must not drive the gauges down again
+
+	server, client := net.Pipe()
+	defer client.Close()
+	counted := a.CountBytes(KindSSH, server)
+	go func() {
+		_, _ = client.Write([]byte("hello"))
+		_, _ = io.ReadFull(client, make([]byte, 3))
+	}()
+	if _, err := io.ReadFull(counted, make([]byte, 5)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := counted.Write([]byte("abc")); err != nil {
+		t.Fatal(err)
+	}
+	// Before the connection closes: bytes count as they flow.
+	f := scrape(t, r)
+	for _, c := range []struct {
+		name   string
+		labels map[string]string
+		want   float64
+	}{
+		{"agent_ssh_sessions_total", map[string]string{"type": "shell"}, 1},
+		{"agent_ssh_sessions_active", map[string]string{"type": "shell"}, 0},
+		{"agent_ssh_sessions_active", map[string]string{"type": "port_forward"}, 1},
+		{"agent_ssh_sessions_total", map[string]string{"type": "sftp"}, 0},
+		{"agent_sessions_total", map[string]string{"kind": "ssh"}, 2},
+		{"agent_sessions_active", map[string]string{"kind": "ssh"}, 1},
+		{"agent_bytes_total", map[string]string{"kind": "ssh", "direction": "in"}, 5},
+		{"agent_bytes_total", map[string]string{"kind": "ssh", "direction": "out"}, 3},
+	} {
+		if got := value(t, f, c.name, c.labels); got != c.want {
+			t.Errorf("%s%v = %v, want %v", c.name, c.labels, got, c.want)
+		}
+	}
+	counted.Close()
+
+	var none *Agent
+	if c := none.CountBytes(KindSSH, client); c != client {
+		t.Error("CountBytes on a nil Agent must return the connection itself")
+	}
+	none.SSHSessionStarted(SSHExec)()
 }

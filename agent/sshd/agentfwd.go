@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 
 	gossh "golang.org/x/crypto/ssh"
+
+	"github.com/agentd/agent/metrics"
 )
 
 // agentForward is the SSH_AUTH_SOCK of one session: a Unix socket in a
@@ -46,7 +48,7 @@ func (c *serverConn) startAgentForward() (*agentForward, error) {
 					return
 				}
 				go gossh.DiscardRequests(reqs)
-				pipe(c.ctx, ch, conn)
+				c.pipe(ch, conn, metrics.SSHAgentForward)
 			}()
 		}
 	}()

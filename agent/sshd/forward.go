@@ -11,6 +11,8 @@ import (
 	"sync"
 
 	gossh "golang.org/x/crypto/ssh"
+
+	"github.com/agentd/agent/metrics"
 )
 
 // Payloads from RFC 4254 §7 and OpenSSH's PROTOCOL (streamlocal).
@@ -101,7 +103,7 @@ func (c *serverConn) pipeChannel(nch gossh.NewChannel, target net.Conn) {
 		return
 	}
 	go gossh.DiscardRequests(reqs)
-	pipe(c.ctx, ch, target)
+	c.pipe(ch, target, metrics.SSHPortForward)
 }
 
 // halfCloser is a connection whose write side can be closed alone.
@@ -111,11 +113,13 @@ type halfCloser interface {
 
 // pipe copies both ways, passing EOF on as a half-close so protocols that
 // finish one direction first (HTTP/1.0, rsync, git) work, and closes both
-// when both directions are done.
+// when both directions are done. It counts as one session of the given type.
 // The connection is closed outright when the SSH connection ends, so a
 // peer that never closes its side cannot hold the goroutines.
-func pipe(ctx context.Context, ch gossh.Channel, conn net.Conn) {
-	stop := context.AfterFunc(ctx, func() { conn.Close() })
+func (c *serverConn) pipe(ch gossh.Channel, conn net.Conn, kind metrics.SSHSession) {
+	ended := c.srv.opts.Metrics.SSHSessionStarted(kind)
+	defer ended()
+	stop := context.AfterFunc(c.ctx, func() { conn.Close() })
 	defer stop()
 	var wg sync.WaitGroup
 	wg.Add(2)
@@ -264,7 +268,7 @@ func (c *serverConn) acceptForwarded(ln net.Listener, describe func(net.Conn) (s
 				return
 			}
 			go gossh.DiscardRequests(reqs)
-			pipe(c.ctx, ch, conn)
+			c.pipe(ch, conn, metrics.SSHPortForward)
 		}()
 	}
 }

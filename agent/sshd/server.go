@@ -19,6 +19,8 @@ import (
 	"time"
 
 	gossh "golang.org/x/crypto/ssh"
+
+	"github.com/agentd/agent/metrics"
 )
 
 // Options configure a Server.
@@ -51,6 +53,9 @@ type Options struct {
 	// PasswdPath is the passwd database to read the login shell from;
 	// default /etc/passwd.
 	PasswdPath string
+	// Metrics, if set, counts connections (kind ssh), the bytes they carry
+	// and their sessions by type. Nil counts nothing.
+	Metrics *metrics.Agent
 }
 
 // Server serves SSH connections. Create it with New.
@@ -167,9 +172,14 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 			return fmt.Errorf("sshd: accept: %w", err)
 		}
 		backoff = 0
+		closed := s.opts.Metrics.ConnectionOpened(metrics.KindSSH)
+		nc = s.opts.Metrics.CountBytes(metrics.KindSSH, nc)
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
+			// Counted as open until its handler is done with it, sessions
+			// and forwards included.
+			defer closed()
 			s.handleConn(ctx, nc)
 		}()
 	}

@@ -20,6 +20,8 @@ import (
 	"github.com/pkg/sftp"
 	gossh "golang.org/x/crypto/ssh"
 	"golang.org/x/sys/unix"
+
+	"github.com/agentd/agent/metrics"
 )
 
 // killGrace is how long a session's processes get after SIGHUP (client
@@ -40,6 +42,7 @@ type session struct {
 	wantAgent bool
 	started   bool
 	start     time.Time
+	ended     func() // ends the session in the metrics; set when it starts
 
 	// Set once the process has started; read by the request loop and hangup.
 	mu       sync.Mutex
@@ -64,6 +67,7 @@ func (c *serverConn) handleSession(nch gossh.NewChannel) {
 	s.hangup()
 	if s.started {
 		<-s.finished
+		s.ended()
 	}
 	if s.agent != nil {
 		s.agent.close()
@@ -109,6 +113,11 @@ func (s *session) serveRequests(reqs <-chan *gossh.Request) {
 			}
 			if !s.started {
 				s.started = true
+				kind := metrics.SSHExec
+				if req.Type == "shell" {
+					kind = metrics.SSHShell
+				}
+				s.ended = s.c.srv.opts.Metrics.SSHSessionStarted(kind)
 				s.begin(req.Type, cmd.Command)
 				ok = true
 			}
@@ -116,6 +125,7 @@ func (s *session) serveRequests(reqs <-chan *gossh.Request) {
 			var sub struct{ Name string }
 			if gossh.Unmarshal(req.Payload, &sub) == nil && !s.started && sub.Name == "sftp" {
 				s.started = true
+				s.ended = s.c.srv.opts.Metrics.SSHSessionStarted(metrics.SSHSFTP)
 				go s.runSFTP()
 				ok = true
 			}

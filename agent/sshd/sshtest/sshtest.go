@@ -22,6 +22,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -558,7 +559,9 @@ func FileTransfer(t *testing.T, tg Target) {
 	check("rsync download", down)
 }
 
-// ProcessesMatching lists PIDs whose command line contains marker.
+// ProcessesMatching lists PIDs whose command line contains marker, leaving
+// out OpenSSH clients: their command line carries the remote command, and
+// only the processes the server started count.
 func ProcessesMatching(marker string) []int {
 	entries, _ := os.ReadDir("/proc")
 	var pids []int
@@ -571,15 +574,20 @@ func ProcessesMatching(marker string) []int {
 		if err != nil {
 			continue
 		}
-		if bytes.Contains(bytes.ReplaceAll(cmdline, []byte{0}, []byte{' '}), []byte(marker)) {
-			pids = append(pids, pid)
+		if !bytes.Contains(bytes.ReplaceAll(cmdline, []byte{0}, []byte{' '}), []byte(marker)) {
+			continue
 		}
+		if comm, err := os.ReadFile(filepath.Join("/proc", e.Name(), "comm")); err == nil && strings.TrimSpace(string(comm)) == "ssh" {
+			continue
+		}
+		pids = append(pids, pid)
 	}
 	return pids
 }
 
 // WaitNoProcess waits until no process (other than ssh clients) carries
-// marker, failing after timeout.
+// marker, failing after timeout. Give it a generous timeout: it returns as
+// soon as the processes are gone.
 func WaitNoProcess(t testing.TB, marker string, timeout time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
@@ -632,17 +640,19 @@ func KilledClient(t *testing.T, tg Target) {
 			done := make(chan struct{})
 			go func() { _ = cmd.Wait(); close(done) }()
 			defer func() { _ = cmd.Process.Kill(); <-done }()
-			WaitProcess(t, "sleep 2"+marker, 20*time.Second)
-			WaitProcess(t, "sleep 3"+marker, 20*time.Second)
+			WaitProcess(t, "sleep 2"+marker, time.Minute)
+			WaitProcess(t, "sleep 3"+marker, time.Minute)
 			_ = cmd.Process.Kill()
 			<-done
-			WaitNoProcess(t, marker, 15*time.Second)
+			WaitNoProcess(t, marker, time.Minute)
 		})
 	}
 }
 
 // DisconnectMidTransfer: a client that goes away during an upload and a
-// download leaves a healthy server and no process behind.
+// download leaves a healthy server and no process behind. The client is
+// killed once the transfer has moved a mebibyte, so the remote command is
+// certainly running and data is in flight both ways.
 func DisconnectMidTransfer(t *testing.T, tg Target) {
 	dir := t.TempDir()
 	for _, dirn := range []string{"upload", "download"} {
@@ -650,31 +660,59 @@ func DisconnectMidTransfer(t *testing.T, tg Target) {
 			marker := fmt.Sprintf("mid-%s-%d", dirn, time.Now().UnixNano())
 			var remote string
 			var stdin io.Reader
+			var received countingWriter
+			var moved func() int64
 			if dirn == "upload" {
-				remote = fmt.Sprintf("cat > %s/%s", dir, marker)
+				path := filepath.Join(dir, marker)
+				remote = "cat > " + path
 				stdin = endless{}
+				moved = func() int64 {
+					fi, err := os.Stat(path)
+					if err != nil {
+						return 0
+					}
+					return fi.Size()
+				}
 			} else {
 				remote = fmt.Sprintf("cat /dev/zero # %s", marker)
+				moved = received.Load
 			}
 			cmd := exec.Command("ssh", append(tg.SSHArgs(), tg.Host, remote)...)
 			cmd.Stdin = stdin
-			cmd.Stdout = io.Discard
+			cmd.Stdout = &received
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)
 			}
 			done := make(chan struct{})
 			go func() { _ = cmd.Wait(); close(done) }()
-			WaitProcess(t, marker, 20*time.Second)
-			time.Sleep(300 * time.Millisecond)
+			defer func() { _ = cmd.Process.Kill(); <-done }()
+			WaitProcess(t, marker, time.Minute)
+			deadline := time.Now().Add(time.Minute)
+			for moved() < 1<<20 {
+				if time.Now().After(deadline) {
+					t.Fatalf("the %s moved only %d bytes in a minute", dirn, moved())
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
 			_ = cmd.Process.Kill()
 			<-done
-			WaitNoProcess(t, marker, 15*time.Second)
+			WaitNoProcess(t, marker, time.Minute)
 			if r := tg.SSH(t, nil, nil, "echo still-serving"); r.Stdout != "still-serving\n" {
 				t.Fatalf("after a dropped transfer: %+v", r)
 			}
 		})
 	}
 }
+
+// countingWriter drops what it gets and counts it.
+type countingWriter struct{ n atomic.Int64 }
+
+func (w *countingWriter) Write(p []byte) (int, error) {
+	w.n.Add(int64(len(p)))
+	return len(p), nil
+}
+
+func (w *countingWriter) Load() int64 { return w.n.Load() }
 
 // endless is an infinite stdin.
 type endless struct{}
