@@ -14,8 +14,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"tailscale.com/util/clientmetric"
 )
 
 // Benchmarks. Each transfer prints its MB/s next to plain loopback TCP
@@ -103,11 +101,7 @@ type transferResult struct {
 // lossCounters reads magicsock's DERP queue drops (a process-wide counter)
 // and c's TCP retransmissions.
 func lossCounters(c *Conn) (derpDrops, retransmits int64) {
-	for _, m := range clientmetric.Metrics() {
-		if m.Name() == "magicsock_send_derp_dropped" {
-			derpDrops = m.Value()
-		}
-	}
+	derpDrops = clientMetric("magicsock_send_derp_dropped")
 	if set, ok := c.ns.ExpVar().(interface{ Get(string) expvar.Var }); ok {
 		if f, ok := set.Get("counter_tcp_retransmits").(expvar.Func); ok {
 			retransmits, _ = f.Value().(int64)

@@ -59,11 +59,17 @@ func testPath(t *testing.T, wantDirect bool) {
 	client := newTestConn(t, r, 2, false)
 	link(t, agent, client)
 	// Both nodes have a home relay that admitted them. Without UDP, a
-	// network check that waited for STUN answers took over 3 s here.
-	ready := time.Since(start)
-	t.Logf("both nodes reported their home relay after %v", ready)
-	if ready > 2*time.Second {
-		t.Fatalf("nodes took %v to report a home relay; the network check stalled", ready)
+	// network check that waits for STUN answers takes over 3 s to get
+	// here (about 0.07 s when it measures over HTTPS at once; -race and a
+	// loaded machine stretch both, so the figure is only logged).
+	t.Logf("both nodes reported their home relay after %v", time.Since(start))
+	if !wantDirect {
+		if n := clientMetric("netcheck_stun_send_ipv4") + clientMetric("netcheck_stun_send_ipv6"); n != 0 {
+			t.Fatalf("with direct paths blocked, the network check sent %d STUN probes and waited for answers that cannot come", n)
+		}
+		if clientMetric("netcheck_https_measure") == 0 {
+			t.Fatal("with direct paths blocked, the relays were never measured over HTTPS")
+		}
 	}
 
 	d := awaitFast(t, client, addrOf(agent))

@@ -18,6 +18,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"tailscale.com/util/clientmetric"
 )
 
 // testRelay is the coordinator's relay part on loopback: DERP over TLS with
@@ -213,4 +215,14 @@ func envInt(name string, def int) int {
 		return v
 	}
 	return def
+}
+
+// clientMetric reads one of Tailscale's process-wide client metrics.
+func clientMetric(name string) int64 {
+	for _, m := range clientmetric.Metrics() {
+		if m.Name() == name {
+			return m.Value()
+		}
+	}
+	return 0
 }
