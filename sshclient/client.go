@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/signal"
 	"os/user"
+	"sync"
 	"time"
 
 	gossh "golang.org/x/crypto/ssh"
@@ -237,8 +238,8 @@ func cutEnv(kv string) (string, string, bool) {
 }
 
 // serverCloseGrace bounds how long ProxyStdio waits for the server to close
-// the connection once the OpenSSH client is gone (stdin at EOF and stdout
-// closed), so a server that never answers cannot keep the process alive.
+// the connection once the OpenSSH client is gone, so a server that never
+// answers cannot keep the process alive.
 const serverCloseGrace = 10 * time.Second
 
 // ProxyStdio copies raw SSH bytes between stdin/stdout and conn, for
@@ -247,46 +248,71 @@ const serverCloseGrace = 10 * time.Second
 // bytes still flow back; ProxyStdio returns when the server closes its side
 // or ctx is cancelled.
 //
-// It never returns before the server has seen the end of the stream (or
-// serverCloseGrace passed): conn usually runs on a userspace network stack
-// inside this process, so a FIN that is still queued when the process exits
-// is never sent, and the server would keep the session (and a remote
-// `cat > file`) running. For the same reason a closed stdout (the ssh client
-// was killed) must not kill the process with SIGPIPE: writes to it fail with
-// EPIPE instead, and the server's remaining bytes are read and dropped until
-// it closes. The stdin reader may still be blocked in Read after the return;
-// in a ProxyCommand process that exits, that does not matter.
+// It does not return before the server has closed the connection (or
+// serverCloseGrace passed since the client left): conn usually runs on a
+// userspace network stack inside this process, so a FIN still queued when
+// the process exits is never sent, and the server would keep the session
+// (say a remote `cat > file`) running until its keepalive gives up. So while
+// it runs, ProxyStdio takes over two signals that would otherwise end the
+// process at once:
+//   - SIGHUP, which ssh sends its ProxyCommand when it exits: the stream is
+//     half-closed and ProxyStdio waits for the server to close;
+//   - SIGPIPE on a closed stdout (the ssh client was killed): writes fail with
+//     EPIPE instead, and what the server still sends is read and dropped.
+//
+// The stdin reader may still be blocked in Read after the return; in a
+// ProxyCommand process that exits, that does not matter.
 func ProxyStdio(ctx context.Context, conn net.Conn, stdin io.Reader, stdout io.Writer) error {
 	sigpipe := make(chan os.Signal, 1)
 	signal.Notify(sigpipe, unix.SIGPIPE)
 	defer signal.Stop(sigpipe)
+	hangup := make(chan os.Signal, 1)
+	signal.Notify(hangup, unix.SIGHUP)
+	defer signal.Stop(hangup)
 
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
 	defer conn.Close()
+
+	var closeWriteOnce sync.Once
+	closeWrite := func() {
+		closeWriteOnce.Do(func() {
+			if cw, ok := conn.(interface{ CloseWrite() error }); ok {
+				_ = cw.CloseWrite()
+			} else {
+				conn.Close()
+			}
+		})
+	}
 	stdinDone := make(chan struct{})
 	go func() {
 		defer close(stdinDone)
 		_, _ = io.Copy(conn, stdin)
-		if cw, ok := conn.(interface{ CloseWrite() error }); ok {
-			_ = cw.CloseWrite()
-		} else {
-			conn.Close()
-		}
+		closeWrite()
 	}()
-	out := &clientOutput{w: stdout, gone: make(chan struct{})}
+
+	outputFailed := make(chan struct{})
+	clientGone := make(chan struct{})
 	copied := make(chan struct{})
 	defer close(copied)
-	// Once the client is gone both ways, give the server a bounded time to
-	// see our EOF and close.
 	go func() {
-		for _, wait := range []<-chan struct{}{out.gone, stdinDone} {
+		// The client is gone once it hung us up, or once both its pipes
+		// ended (stdin at EOF, stdout closed).
+		failed, eof := (<-chan struct{})(outputFailed), (<-chan struct{})(stdinDone)
+		for failed != nil || eof != nil {
 			select {
-			case <-wait:
+			case <-failed:
+				failed = nil
+			case <-eof:
+				eof = nil
+			case <-hangup:
+				failed, eof = nil, nil
 			case <-copied:
 				return
 			}
 		}
+		close(clientGone)
+		closeWrite()
 		t := time.NewTimer(serverCloseGrace)
 		defer t.Stop()
 		select {
@@ -295,7 +321,7 @@ func ProxyStdio(ctx context.Context, conn net.Conn, stdin io.Reader, stdout io.W
 		case <-copied:
 		}
 	}()
-	_, err := io.Copy(out, conn)
+	err := copyToClient(conn, stdout, clientGone, outputFailed)
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
@@ -305,22 +331,43 @@ func ProxyStdio(ctx context.Context, conn net.Conn, stdin io.Reader, stdout io.W
 	return nil
 }
 
-// clientOutput writes to the OpenSSH client until that fails (the client
-// went away); from then on it drops what it gets, so the copy from the
-// server goes on until the server closes.
-type clientOutput struct {
-	w      io.Writer
-	failed bool
-	gone   chan struct{}
-}
-
-func (o *clientOutput) Write(p []byte) (int, error) {
-	if o.failed {
-		return len(p), nil
+// copyToClient copies what the server sends to the OpenSSH client until the
+// server closes. Once a write to the client fails (outputFailed is closed
+// then) or the client is gone, the rest is read and dropped. The writes run
+// on a goroutine of their own, so a write blocked on a client that is gone
+// cannot keep us from reading on to the server's close.
+func copyToClient(conn net.Conn, stdout io.Writer, clientGone <-chan struct{}, outputFailed chan<- struct{}) error {
+	chunks := make(chan []byte)
+	defer close(chunks)
+	written := make(chan error, 1)
+	go func() {
+		for p := range chunks {
+			_, err := stdout.Write(p)
+			written <- err
+		}
+	}()
+	buf := make([]byte, 32<<10)
+	writing := true
+	for {
+		n, err := conn.Read(buf)
+		if n > 0 && writing {
+			chunks <- buf[:n]
+			select {
+			case werr := <-written:
+				if werr != nil {
+					writing = false
+					close(outputFailed)
+				}
+			case <-clientGone:
+				writing = false
+				buf = make([]byte, len(buf)) // the blocked write still holds the old one
+			}
+		}
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
 	}
-	if _, err := o.w.Write(p); err != nil {
-		o.failed = true
-		close(o.gone)
-	}
-	return len(p), nil
 }

@@ -249,13 +249,34 @@ func (b *safeBuffer) String() string {
 	return b.buf.String()
 }
 
-// TestProxyStdioClientKilled: when the OpenSSH client dies (its ends of
-// both pipes close) and the server still sends, the ProxyCommand must not die
-// of SIGPIPE on its stdout: it passes the end of the upload on to the server
-// and exits only after the server closed. Over the tailnet the connection
-// lives in the process's own network stack, so dying first would leave the
-// server's session running.
-func TestProxyStdioClientKilled(t *testing.T) {
+// TestProxyStdioClientGone: when the OpenSSH client goes away while the
+// server still sends, the ProxyCommand must pass the end of the stream on to
+// the server and exit cleanly only after the server closed. The client goes
+// either by being killed (its ends of both pipes close: the next write to
+// stdout would raise SIGPIPE) or by exiting (ssh sends its ProxyCommand
+// SIGHUP). Over the tailnet the connection lives in the process's own
+// network stack, so dying of either signal first would leave the server's
+// session running.
+func TestProxyStdioClientGone(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		gone func(t *testing.T, cmd *exec.Cmd, stdin, stdout io.Closer)
+	}{
+		{"killed", func(t *testing.T, _ *exec.Cmd, stdin, stdout io.Closer) {
+			stdout.Close()
+			stdin.Close()
+		}},
+		{"hangup", func(t *testing.T, cmd *exec.Cmd, _, _ io.Closer) {
+			if err := cmd.Process.Signal(unix.SIGHUP); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) { checkProxyClientGone(t, tc.gone) })
+	}
+}
+
+func checkProxyClientGone(t *testing.T, gone func(t *testing.T, cmd *exec.Cmd, stdin, stdout io.Closer)) {
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
@@ -265,32 +286,43 @@ func TestProxyStdioClientKilled(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
+	upload := bytes.Repeat([]byte("u"), 32<<10)
 	// More than the kernel buffers between the server and the proxy hold
-	// (both are kept small), so the proxy must read, and write to its closed
+	// (both are kept small), so the proxy must read, and write to its
 	// stdout, before the server gets all of it out.
-	const afterDeath = 4 << 20
+	const afterGone = 4 << 20
 	clientGone := make(chan struct{})
 	type serverResult struct {
-		sendErr  error
+		err      error
 		received int64
 	}
 	result := make(chan serverResult, 1)
 	go func() {
+		var res serverResult
+		defer func() { result <- res }()
 		c, err := ln.Accept()
 		if err != nil {
-			result <- serverResult{sendErr: err}
+			res.err = err
 			return
 		}
 		defer c.Close()
 		_ = c.(*net.TCPConn).SetWriteBuffer(64 << 10)
-		<-clientGone
-		var res serverResult
-		chunk := make([]byte, 32<<10)
-		for sent := 0; sent < afterDeath && res.sendErr == nil; sent += len(chunk) {
-			_, res.sendErr = c.Write(chunk)
+		// The upload arrives, then a greeting tells the test the proxy
+		// is copying (and has its signal handling in place).
+		if _, res.err = io.ReadFull(c, make([]byte, len(upload))); res.err != nil {
+			return
 		}
-		res.received, _ = io.Copy(io.Discard, c)
-		result <- res
+		res.received = int64(len(upload))
+		if _, res.err = c.Write([]byte("hello")); res.err != nil {
+			return
+		}
+		<-clientGone
+		chunk := make([]byte, 32<<10)
+		for sent := 0; sent < afterGone && res.err == nil; sent += len(chunk) {
+			_, res.err = c.Write(chunk)
+		}
+		n, _ := io.Copy(io.Discard, c)
+		res.received += n
 	}()
 
 	cmd := exec.Command(exe, "proxy-helper", ln.Addr().String())
@@ -314,13 +346,14 @@ func TestProxyStdioClientKilled(t *testing.T) {
 		_ = cmd.Process.Kill()
 		<-exited
 	})
-	// An upload the pipe holds whole, then the client dies.
-	upload := bytes.Repeat([]byte("u"), 32<<10)
 	if _, err := stdin.Write(upload); err != nil {
 		t.Fatal(err)
 	}
-	stdout.Close()
-	stdin.Close()
+	hello := make([]byte, 5)
+	if _, err := io.ReadFull(stdout, hello); err != nil || string(hello) != "hello" {
+		t.Fatalf("greeting through the proxy: %q, %v (stderr %q)", hello, err, stderr.String())
+	}
+	gone(t, cmd, stdin, stdout)
 	close(clientGone)
 
 	select {
@@ -333,8 +366,8 @@ func TestProxyStdioClientKilled(t *testing.T) {
 	}
 	select {
 	case res := <-result:
-		if res.sendErr != nil {
-			t.Fatalf("the server could not send while the proxy ran: %v", res.sendErr)
+		if res.err != nil {
+			t.Fatalf("server side: %v", res.err)
 		}
 		if res.received != int64(len(upload)) {
 			t.Fatalf("the server received %d bytes and EOF, want the %d the client wrote", res.received, len(upload))

@@ -674,7 +674,9 @@ func DisconnectMidTransfer(t *testing.T, tg Target) {
 					return fi.Size()
 				}
 			} else {
-				remote = fmt.Sprintf("cat /dev/zero # %s", marker)
+				// cat never gets to the second (missing) file; it only
+				// puts the marker on the remote process's command line.
+				remote = "cat /dev/zero " + filepath.Join(dir, marker)
 				moved = received.Load
 			}
 			cmd := exec.Command("ssh", append(tg.SSHArgs(), tg.Host, remote)...)
