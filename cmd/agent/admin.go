@@ -312,13 +312,18 @@ func printInfo(out io.Writer, i admin.Info) {
 		return
 	}
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ROLE\tNAME\tUSER\tNODE\tDERP\tSINCE\tREMOTE\tTUNNELS")
+	fmt.Fprintln(tw, "ROLE\tNAME\tUSER\tNODE\tDERP\tNETWORK\tSINCE\tREMOTE\tTUNNELS")
 	for _, p := range i.Peers {
 		node := "no node yet"
 		if p.HasNode {
 			node = fmt.Sprintf("%d endpoints", p.Endpoints)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", p.Role, p.Name, p.User, node, p.HomeDERP,
+		// Agents report their network self-check; clients do not.
+		network := "-"
+		if p.Network != nil {
+			network = string(p.Network.Status)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", p.Role, p.Name, p.User, node, p.HomeDERP, network,
 			p.Since.Local().Format(time.DateTime), p.Remote, strings.Join(p.Tunnels, ","))
 	}
 	tw.Flush()

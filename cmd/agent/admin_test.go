@@ -13,6 +13,7 @@ import (
 	"github.com/agentd/agent/coordclient"
 	"github.com/agentd/agent/coordinator"
 	"github.com/agentd/agent/coordinator/admin"
+	"github.com/agentd/agent/protocol"
 )
 
 // runCLI runs one agent command line in-process.
@@ -125,5 +126,30 @@ func TestParseExpiry(t *testing.T) {
 		if _, err := parseExpiry(bad, now); err == nil {
 			t.Errorf("%q accepted", bad)
 		}
+	}
+}
+
+func TestPrintInfoShowsAgentNetwork(t *testing.T) {
+	var out strings.Builder
+	printInfo(&out, admin.Info{Running: true, DataDir: "/d", Peers: []admin.PeerInfo{
+		{Role: protocol.RoleAgent, Name: "ws1", User: "alice", HasNode: true, Endpoints: 2,
+			Network: &protocol.NetworkVerdict{Status: protocol.NetworkBroken, Summary: "gone"}},
+		{Role: protocol.RoleClient, Name: "ws1", User: "alice"},
+	}})
+	lines := strings.Split(out.String(), "\n")
+	var agentLine, clientLine string
+	for _, l := range lines {
+		switch {
+		case strings.HasPrefix(l, "agent "):
+			agentLine = l
+		case strings.HasPrefix(l, "client "):
+			clientLine = l
+		}
+	}
+	if !strings.Contains(out.String(), "NETWORK") || !strings.Contains(agentLine, " broken ") {
+		t.Errorf("the agent's verdict is missing:\n%s", out.String())
+	}
+	if !strings.Contains(clientLine, " - ") {
+		t.Errorf("a client has no verdict and should show -:\n%s", out.String())
 	}
 }
