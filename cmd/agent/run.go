@@ -17,7 +17,7 @@ import (
 func newRunCmd(env *cliEnv) *cobra.Command {
 	var (
 		url, token, tokenFile, fingerprint string
-		dataDir, healthAddr                string
+		dataDir, healthAddr, memoryLimit   string
 		listenPort                         uint16
 	)
 	cmd := &cobra.Command{
@@ -38,6 +38,13 @@ AGENT_TOKEN, and is never passed to processes the agent starts.`,
 			// pass signals on, and run the agent itself as a child.
 			if err := reaper.ReapOrphansIfPID1(log); err != nil {
 				return err
+			}
+			limit, err := applyMemoryLimit(env, memoryLimit)
+			if err != nil {
+				return err
+			}
+			if limit > 0 {
+				log.Debug("soft memory limit", "bytes", limit)
 			}
 			tok, err := loadToken(token, tokenFile)
 			if err != nil {
@@ -72,6 +79,7 @@ AGENT_TOKEN, and is never passed to processes the agent starts.`,
 	f.StringVar(&fingerprint, "fingerprint", env.Getenv("AGENT_FINGERPRINT"), "SHA-256 fingerprint of the coordinator's self-signed certificate to pin (env AGENT_FINGERPRINT)")
 	f.StringVar(&dataDir, "data-dir", env.Getenv("AGENT_DATA_DIR"), "directory for state kept across restarts, e.g. the SSH host key (env AGENT_DATA_DIR; default ~/.local/state/agent)")
 	f.StringVar(&healthAddr, "health-addr", envOr(env, "AGENT_HEALTH_ADDR", "127.0.0.1:2113"), "serve /healthz, /readyz and /metrics here; empty disables (env AGENT_HEALTH_ADDR)")
+	f.StringVar(&memoryLimit, "memory-limit", envOr(env, "AGENT_MEMORY_LIMIT", defaultMemoryLimit), "soft limit for the agent's heap, e.g. 96MiB; the garbage collector works harder near it; 0 for none; GOMEMLIMIT, if set, wins (env AGENT_MEMORY_LIMIT)")
 	f.Uint16Var(&listenPort, "listen-port", 0, "UDP port for WireGuard (0 picks one; set it when the host publishes a fixed UDP port)")
 	return cmd
 }

@@ -1,0 +1,61 @@
+package main
+
+import (
+	"fmt"
+	"math"
+	"runtime/debug"
+	"strconv"
+	"strings"
+)
+
+// defaultMemoryLimit bounds the agent's heap under load. WireGuard-go takes
+// a 64 KiB buffer for every packet in flight and pools them; with Go's
+// default GC pacing a single large download lifted the agent from 34 MB to
+// about 290 MB RSS, while a 96 MiB soft limit held it near 90 MB at the same
+// throughput (docs/bench.md). A workspace pod's memory limit is shared with
+// the developer's own processes, so the agent should not take that much.
+const defaultMemoryLimit = "96MiB"
+
+// parseSize reads a byte count such as 96MiB, 128MB, 1GiB or 100000000.
+// Zero means no limit.
+func parseSize(s string) (int64, error) {
+	s = strings.TrimSpace(s)
+	units := []struct {
+		suffix string
+		mult   float64
+	}{
+		{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30},
+		{"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"B", 1},
+	}
+	mult := 1.0
+	for _, u := range units {
+		if num, ok := strings.CutSuffix(s, u.suffix); ok {
+			s, mult = strings.TrimSpace(num), u.mult
+			break
+		}
+	}
+	n, err := strconv.ParseFloat(s, 64)
+	if err != nil || n < 0 || math.IsInf(n, 0) || n*mult > math.MaxInt64 {
+		return 0, fmt.Errorf("%q is not a size: use bytes or a number with KiB, MiB, GiB, KB, MB or GB", s)
+	}
+	return int64(n * mult), nil
+}
+
+// applyMemoryLimit sets the Go runtime's soft memory limit unless the
+// operator set GOMEMLIMIT, which the runtime has already applied and which
+// wins. It returns the limit in force, or 0 for none.
+func applyMemoryLimit(env *cliEnv, flag string) (int64, error) {
+	if env.Getenv("GOMEMLIMIT") != "" {
+		return debug.SetMemoryLimit(-1), nil
+	}
+	n, err := parseSize(flag)
+	if err != nil {
+		return 0, fmt.Errorf("--memory-limit: %w (0 turns the limit off)", err)
+	}
+	if n == 0 {
+		debug.SetMemoryLimit(math.MaxInt64)
+		return 0, nil
+	}
+	debug.SetMemoryLimit(n)
+	return n, nil
+}

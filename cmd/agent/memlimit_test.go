@@ -1,0 +1,49 @@
+package main
+
+import (
+	"io"
+	"math"
+	"runtime/debug"
+	"strings"
+	"testing"
+)
+
+func TestParseSize(t *testing.T) {
+	good := map[string]int64{
+		"96MiB": 96 << 20, "128MB": 128e6, "1GiB": 1 << 30, "1.5GiB": 3 << 29,
+		"100000000": 1e8, "0": 0, " 64 MiB ": 64 << 20, "512KiB": 512 << 10, "10B": 10,
+	}
+	for in, want := range good {
+		if got, err := parseSize(in); err != nil || got != want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "lots", "-1MiB", "12XB", "MiB", "1e400"} {
+		if got, err := parseSize(in); err == nil {
+			t.Errorf("parseSize(%q) = %d, want an error", in, got)
+		}
+	}
+}
+
+func TestApplyMemoryLimit(t *testing.T) {
+	before := debug.SetMemoryLimit(-1)
+	t.Cleanup(func() { debug.SetMemoryLimit(before) })
+	env := func(vars map[string]string) *cliEnv {
+		return &cliEnv{Stdin: strings.NewReader(""), Stdout: io.Discard, Stderr: io.Discard, Getenv: func(k string) string { return vars[k] }}
+	}
+
+	if got, err := applyMemoryLimit(env(nil), defaultMemoryLimit); err != nil || got != 96<<20 || debug.SetMemoryLimit(-1) != 96<<20 {
+		t.Errorf("default: limit %d, %v; runtime has %d", got, err, debug.SetMemoryLimit(-1))
+	}
+	if got, err := applyMemoryLimit(env(nil), "0"); err != nil || got != 0 || debug.SetMemoryLimit(-1) != math.MaxInt64 {
+		t.Errorf("0 should lift the limit: %d, %v; runtime has %d", got, err, debug.SetMemoryLimit(-1))
+	}
+	// The runtime applied GOMEMLIMIT at start; the flag must not replace it.
+	debug.SetMemoryLimit(200 << 20)
+	if got, err := applyMemoryLimit(env(map[string]string{"GOMEMLIMIT": "200MiB"}), "96MiB"); err != nil || got != 200<<20 {
+		t.Errorf("with GOMEMLIMIT set: %d, %v; want the runtime's 200 MiB kept", got, err)
+	}
+	if _, err := applyMemoryLimit(env(nil), "plenty"); err == nil || !strings.Contains(err.Error(), "--memory-limit") {
+		t.Errorf("a bad size should name the flag: %v", err)
+	}
+}
