@@ -3,6 +3,7 @@ package scripts
 import (
 	"bytes"
 	"context"
+	"github.com/agentd/agent/internal/syncbuf"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -10,7 +11,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -308,7 +308,7 @@ func TestStartWorkspaceStopsPromptlyOnSIGTERM(t *testing.T) {
 			cmd := exec.Command(sh[0], argv...)
 			cmd.Env = []string{"PATH=" + hostPath(), "AGENT_BIN=" + env.agent, "AGENT_URL=http://" + closedPort(t),
 				"AGENT_TOKEN_FILE=" + tok, "AGENT_WAIT_ATTEMPTS=100", "AGENT_WAIT_INTERVAL=60"}
-			stderr := &syncBuffer{}
+			stderr := &syncbuf.Buffer{}
 			cmd.Stderr = stderr
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)
@@ -353,24 +353,6 @@ func agentHasRun(t *testing.T) bool {
 	t.Helper()
 	out, err := exec.Command(env.agent, "run", "--help").CombinedOutput()
 	return err == nil && strings.Contains(string(out), "--coordinator-url")
-}
-
-// syncBuffer is a bytes.Buffer safe for a writer goroutine and a reader.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 // TestStartWorkspaceSelfSignedCoordinator: with a pinned fingerprint the

@@ -22,6 +22,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"github.com/agentd/agent/internal/syncbuf"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -271,7 +272,7 @@ func (ns *Namespace) MustRun(args ...string) string {
 func (ns *Namespace) Start(name string, args ...string) *exec.Cmd {
 	ns.lab.t.Helper()
 	cmd := ns.Command(name, args...)
-	out := &lockedBuffer{}
+	out := &syncbuf.Buffer{}
 	cmd.Stdout = out
 	cmd.Stderr = out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
@@ -304,23 +305,6 @@ func (ns *Namespace) stopProcesses() {
 		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 		_ = cmd.Wait()
 	}
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
 
 // Route adds a route, written as after `ip route add`, e.g.
