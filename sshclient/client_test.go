@@ -11,12 +11,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/agentd/agent/agent/sshd"
 	"github.com/agentd/agent/agent/sshd/sshtest"
+	"github.com/agentd/agent/internal/syncbuf"
 	"github.com/agentd/agent/sshclient"
 	"github.com/creack/pty"
 	"golang.org/x/sys/unix"
@@ -122,7 +122,7 @@ func TestRunInteractive(t *testing.T) {
 	if err := pty.Setsize(tty, &pty.Winsize{Rows: 33, Cols: 111}); err != nil {
 		t.Fatal(err)
 	}
-	var screen safeBuffer
+	var screen syncbuf.Buffer
 	go func() { _, _ = io.Copy(&screen, master) }()
 
 	type result struct {
@@ -232,23 +232,6 @@ func TestProxyStdioWithOpenSSH(t *testing.T) {
 	sshtest.RunAll(t, tg)
 }
 
-type safeBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *safeBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *safeBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // TestProxyStdioClientGone: when the OpenSSH client goes away while the
 // server still sends, the ProxyCommand must pass the end of the stream on to
 // the server and exit cleanly only after the server closed. The client goes
@@ -334,7 +317,7 @@ func checkProxyClientGone(t *testing.T, gone func(t *testing.T, cmd *exec.Cmd, s
 	if err != nil {
 		t.Fatal(err)
 	}
-	var stderr safeBuffer
+	var stderr syncbuf.Buffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
