@@ -245,15 +245,15 @@ const serverCloseGrace = 10 * time.Second
 // ProxyStdio copies raw SSH bytes between stdin/stdout and conn, for
 // OpenSSH's ProxyCommand. When stdin ends, conn's write side is closed
 // (half-close), so the server sees EOF and can finish cleanly while its last
-// bytes still flow back; ProxyStdio returns when the server closes its side
-// or ctx is cancelled.
+// bytes still flow back; ProxyStdio returns when the server closes its side.
 //
-// It does not return before the server has closed the connection (or
-// serverCloseGrace passed since the client left): conn usually runs on a
-// userspace network stack inside this process, so a FIN still queued when
-// the process exits is never sent, and the server would keep the session
-// (say a remote `cat > file`) running until its keepalive gives up. So while
-// it runs, ProxyStdio takes over two signals that would otherwise end the
+// It does not return before the server has closed the connection, or
+// serverCloseGrace after the client left: conn usually runs on a userspace
+// network stack inside this process, so a FIN still queued when the process
+// exits is never sent, and the server would keep the session (say a remote
+// `cat > file`) running until its keepalive gives up. A cancelled ctx ends
+// the stream the same way (ProxyStdio then returns ctx's error). While it
+// runs, ProxyStdio takes over two signals that would otherwise end the
 // process at once:
 //   - SIGHUP, which ssh sends its ProxyCommand when it exits: the stream is
 //     half-closed and ProxyStdio waits for the server to close;
@@ -270,8 +270,6 @@ func ProxyStdio(ctx context.Context, conn net.Conn, stdin io.Reader, stdout io.W
 	signal.Notify(hangup, unix.SIGHUP)
 	defer signal.Stop(hangup)
 
-	stop := context.AfterFunc(ctx, func() { conn.Close() })
-	defer stop()
 	defer conn.Close()
 
 	var closeWriteOnce sync.Once
@@ -297,7 +295,8 @@ func ProxyStdio(ctx context.Context, conn net.Conn, stdin io.Reader, stdout io.W
 	defer close(copied)
 	go func() {
 		// The client is gone once it hung us up, or once both its pipes
-		// ended (stdin at EOF, stdout closed).
+		// ended (stdin at EOF, stdout closed); a cancelled ctx ends the
+		// stream the same way.
 		failed, eof := (<-chan struct{})(outputFailed), (<-chan struct{})(stdinDone)
 		for failed != nil || eof != nil {
 			select {
@@ -306,6 +305,8 @@ func ProxyStdio(ctx context.Context, conn net.Conn, stdin io.Reader, stdout io.W
 			case <-eof:
 				eof = nil
 			case <-hangup:
+				failed, eof = nil, nil
+			case <-ctx.Done():
 				failed, eof = nil, nil
 			case <-copied:
 				return

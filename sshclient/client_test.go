@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -38,7 +39,10 @@ func TestMain(m *testing.M) {
 		// A small receive buffer, so that the kernel cannot absorb what
 		// the server sends on the proxy's behalf.
 		_ = tcp.SetReadBuffer(64 << 10)
-		if err := sshclient.ProxyStdio(context.Background(), userspaceConn{tcp}, os.Stdin, os.Stdout); err != nil {
+		// Interrupted like the agent command: SIGINT cancels the context.
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+		defer stop()
+		if err := sshclient.ProxyStdio(ctx, userspaceConn{tcp}, os.Stdin, os.Stdout); err != nil {
 			fmt.Fprintln(os.Stderr, "proxy-helper:", err)
 			os.Exit(1)
 		}
@@ -254,12 +258,21 @@ func TestProxyStdioClientGone(t *testing.T) {
 				t.Fatal(err)
 			}
 		}},
+		// Ctrl-C reaches ssh and its ProxyCommand together.
+		{"interrupted", func(t *testing.T, cmd *exec.Cmd, _, _ io.Closer) {
+			if err := cmd.Process.Signal(os.Interrupt); err != nil {
+				t.Fatal(err)
+			}
+		}},
 	} {
-		t.Run(tc.name, func(t *testing.T) { checkProxyClientGone(t, tc.gone) })
+		t.Run(tc.name, func(t *testing.T) { checkProxyClientGone(t, tc.name == "interrupted", tc.gone) })
 	}
 }
 
-func checkProxyClientGone(t *testing.T, gone func(t *testing.T, cmd *exec.Cmd, stdin, stdout io.Closer)) {
+// checkProxyClientGone runs the proxy helper against a server of its own,
+// lets gone end the client, and checks that the proxy exits cleanly (with an
+// error exit when it was interrupted) and only after the server saw EOF.
+func checkProxyClientGone(t *testing.T, interrupted bool, gone func(t *testing.T, cmd *exec.Cmd, stdin, stdout io.Closer)) {
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
@@ -344,7 +357,10 @@ func checkProxyClientGone(t *testing.T, gone func(t *testing.T, cmd *exec.Cmd, s
 	case <-time.After(2 * time.Minute):
 		t.Fatalf("the proxy still runs two minutes after its client went away (stderr %q)", stderr.String())
 	}
-	if waitErr != nil {
+	switch ee, _ := waitErr.(*exec.ExitError); {
+	case interrupted && (ee == nil || ee.ExitCode() != 1 || !strings.Contains(stderr.String(), "context canceled")):
+		t.Fatalf("the interrupted proxy exited with %v (stderr %q), want exit status 1 and the cancellation", waitErr, stderr.String())
+	case !interrupted && waitErr != nil:
 		t.Fatalf("the proxy exited with %v after its client went away, want a clean exit (stderr %q)", waitErr, stderr.String())
 	}
 	select {
