@@ -468,8 +468,19 @@ func checkMetrics(t *testing.T, hc *http.Client, url string) {
 	if v, _ := sample(families, "agent_connections_total", map[string]string{"kind": "ssh"}); v < 2 {
 		t.Errorf("agent_connections_total{kind=ssh} = %v, want at least 2", v)
 	}
-	// What the SSH traffic of this test left in the other series, for the
-	// reader of the log (their wiring lives in the agent package).
+	// The SSH sessions of this test are counted by session and in bytes
+	// both ways (the exact counts are checked in agent/sshd).
+	if v, _ := sample(families, "agent_sessions_total", map[string]string{"kind": "ssh"}); v < 2 {
+		t.Errorf("agent_sessions_total{kind=ssh} = %v, want at least 2", v)
+	}
+	if v, _ := sample(families, "agent_ssh_sessions_total", map[string]string{"type": "exec"}); v < 1 {
+		t.Errorf("agent_ssh_sessions_total{type=exec} = %v, want at least 1", v)
+	}
+	for _, dir := range []string{"in", "out"} {
+		if v, _ := sample(families, "agent_bytes_total", map[string]string{"kind": "ssh", "direction": dir}); v <= 0 {
+			t.Errorf("agent_bytes_total{kind=ssh,direction=%s} = %v, want more than 0", dir, v)
+		}
+	}
 	var got []string
 	for _, s := range []struct {
 		name   string
