@@ -142,6 +142,14 @@ func TestNodesFlowOnlyAlongTunnels(t *testing.T) {
 	if g.NodeID != ha.NodeID || g.Reason != protocol.GoneDisconnected {
 		t.Fatalf("gone %+v", g)
 	}
+	// The tunnel gauge is recounted when tunnels change, not on every
+	// message: alice's leaving must still take hers off, and a node update
+	// afterwards must leave it alone.
+	ws1.UpdateNode(fakeNode(t, h1))
+	recv(t, bob.rec.peers, "ws1's new node at bob")
+	if got := scrape(t, f.tc); !strings.Contains(got, "coordinator_tunnels 1\n") {
+		t.Errorf("after alice left, metrics lack coordinator_tunnels 1:\n%s", got)
+	}
 }
 
 func TestLostPeerAndReconnectKeepsAgentAddress(t *testing.T) {

@@ -49,11 +49,15 @@ type core struct {
 	// beyond its node: its network verdict and when it went offline. It
 	// outlives the agent's session, so a client asking after the agent was
 	// lost learns the last thing it said.
-	agents  map[tailnet.NodeID]*agentState
-	evict   []*peer
-	closed  bool
-	onEvict func(p *peer)
-	metrics *metrics.Coordinator
+	agents map[tailnet.NodeID]*agentState
+	evict  []*peer
+	// tunnelsChanged says the tunnel gauge needs recounting. Counting walks
+	// every agent, so doing it on each node update made an update storm
+	// from N agents cost N² under the lock.
+	tunnelsChanged bool
+	closed         bool
+	onEvict        func(p *peer)
+	metrics        *metrics.Coordinator
 }
 
 func newCore(m *metrics.Coordinator) *core {
@@ -146,6 +150,7 @@ func (c *core) register(p *peer) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	defer c.flushLocked()
+	c.tunnelsChanged = true
 	if c.closed {
 		return false
 	}
@@ -188,6 +193,7 @@ func (c *core) unregister(p *peer, reason protocol.GoneReason) {
 
 // dropLocked removes p; a non-empty reason is announced to its peers.
 func (c *core) dropLocked(p *peer, reason protocol.GoneReason) {
+	c.tunnelsChanged = true
 	delete(c.peers, p.id)
 	if p.node != nil && c.keys[p.node.Key] == p.id {
 		delete(c.keys, p.node.Key)
@@ -255,6 +261,7 @@ func (c *core) addTunnel(cl *peer, agentID tailnet.NodeID, agentName string) {
 	if c.peers[cl.id] != cl {
 		return
 	}
+	c.tunnelsChanged = true
 	cl.tunnels[agentID] = agentName
 	if c.clientsOf[agentID] == nil {
 		c.clientsOf[agentID] = map[tailnet.NodeID]*peer{}
@@ -288,6 +295,7 @@ func (c *core) removeTunnel(cl *peer, agentName string) {
 // untunnelLocked removes the tunnel cl -> agentID; a non-empty reason tells
 // the agent the client is gone.
 func (c *core) untunnelLocked(cl *peer, agentID tailnet.NodeID, reason protocol.GoneReason) {
+	c.tunnelsChanged = true
 	delete(cl.tunnels, agentID)
 	if m := c.clientsOf[agentID]; m != nil {
 		delete(m, cl.id)
@@ -435,7 +443,12 @@ func (c *core) sendLocked(p *peer, m *protocol.ServerMessage) {
 // flushLocked evicts slow peers. Evicting one notifies its peers, which can
 // overflow further queues, so it loops until nothing is left.
 func (c *core) flushLocked() {
-	defer c.countTunnelsLocked()
+	defer func() {
+		if c.tunnelsChanged {
+			c.tunnelsChanged = false
+			c.countTunnelsLocked()
+		}
+	}()
 	for len(c.evict) > 0 {
 		p := c.evict[0]
 		c.evict = c.evict[1:]
