@@ -181,7 +181,11 @@ func TestAgentOverTailnetDERP(t *testing.T) {
 		args = append(args, "-test.v")
 	}
 	cmd := exec.Command(os.Args[0], args...)
-	cmd.Env = append(os.Environ(), "AGENT_TEST_DERP_ONLY=1")
+	// Tailscale's knobs behind BlockDirect are set from the environment at
+	// start: the agent here is a normal Conn, and the client flipping them
+	// while the agent's engine starts would be a data race (and leave the
+	// agent's MTU to chance).
+	cmd.Env = append(os.Environ(), "AGENT_TEST_DERP_ONLY=1", "TS_DEBUG_ALWAYS_USE_DERP=true", "TS_DEBUG_MTU=9000")
 	out, err := cmd.CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "PASS") {
 		t.Fatalf("DERP-only run failed: %v\n%s", err, out)

@@ -151,6 +151,25 @@ type Conn struct {
 	closeOnce  sync.Once
 }
 
+// blockDirectOnce guards Tailscale's process-wide knobs behind BlockDirect.
+// They are package state of Tailscale's, read without a lock by every
+// running Conn, so they may be written only once, before the first Conn
+// that needs them, and never concurrently with another NewConn.
+var blockDirectOnce sync.Once
+
+func blockDirectForProcess() {
+	if envknob.String("TS_DEBUG_ALWAYS_USE_DERP") != "true" {
+		envknob.Setenv("TS_DEBUG_ALWAYS_USE_DERP", "true")
+	}
+	// With no UDP path, packets only travel inside DERP's TCP stream, so
+	// the 1280-byte MTU kept for unknown UDP paths buys nothing, and DERP's
+	// cost is per packet. Peers still limit what they receive through
+	// TCP's MSS.
+	if _, ok := envknob.LookupInt("TS_DEBUG_MTU"); !ok {
+		envknob.Setenv("TS_DEBUG_MTU", strconv.Itoa(derpOnlyMTU))
+	}
+}
+
 // NewConn starts a node. It turns off Tailscale's socket marking
 // (netns.SetEnabled(false)) for the whole process: we install no routes, so
 // there is no routing loop to prevent, and inside containers without
@@ -183,14 +202,7 @@ func NewConn(opts Options) (*Conn, error) {
 
 	netns.SetEnabled(false)
 	if opts.BlockDirect {
-		envknob.Setenv("TS_DEBUG_ALWAYS_USE_DERP", "true")
-		// With no UDP path, packets only travel inside DERP's TCP stream,
-		// so the 1280-byte MTU kept for unknown UDP paths buys nothing, and
-		// DERP's cost is per packet. Peers still limit what they receive
-		// through TCP's MSS.
-		if _, ok := envknob.LookupInt("TS_DEBUG_MTU"); !ok {
-			envknob.Setenv("TS_DEBUG_MTU", strconv.Itoa(derpOnlyMTU))
-		}
+		blockDirectOnce.Do(blockDirectForProcess)
 	}
 
 	c := &Conn{
