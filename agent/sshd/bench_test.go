@@ -161,53 +161,15 @@ func benchServer(b *testing.B) sshtest.Target {
 	return target(ln.Addr().String())
 }
 
-// startOpenSSHD runs the system's sshd in the foreground on a free loopback
-// port with a throwaway config, host key and authorized key.
+// startOpenSSHD runs the system's sshd with a throwaway host key, as the
+// reference.
 func startOpenSSHD(b *testing.B, dir, pubKey string) sshtest.Target {
 	hostKey := filepath.Join(dir, "sshd_host_key")
 	sshtest.Run(b, nil, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", hostKey)
-	port := sshtest.FreePort(b)
-	cfg := filepath.Join(dir, "sshd_config")
-	conf := fmt.Sprintf(`Port %d
-ListenAddress 127.0.0.1
-HostKey %s
-AuthorizedKeysFile %s
-PidFile none
-UsePAM no
-StrictModes no
-PermitRootLogin yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UseDNS no
-PrintMotd no
-Subsystem sftp internal-sftp
-LogLevel ERROR
-`, port, hostKey, pubKey)
-	if err := os.WriteFile(cfg, []byte(conf), 0o600); err != nil {
+	addr, stop, err := sshtest.StartOpenSSHD(context.Background(), dir, hostKey, pubKey, os.Stderr)
+	if err != nil {
 		b.Fatal(err)
 	}
-	// Debian's sshd refuses to start without its privilege separation directory.
-	if err := os.MkdirAll("/run/sshd", 0o755); err != nil {
-		b.Fatal(err)
-	}
-	cmd := exec.Command("/usr/sbin/sshd", "-D", "-e", "-f", cfg)
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		c, err := net.Dial("tcp", addr)
-		if err == nil {
-			c.Close()
-			break
-		}
-		if time.Now().After(deadline) {
-			b.Fatalf("sshd did not listen on %s: %v", addr, err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	b.Cleanup(stop)
 	return target(addr)
 }
