@@ -66,9 +66,14 @@ func Watch(ctx context.Context, opts Options, wopts WatchOptions, fn func(*Repor
 		return ctx.Err()
 	}
 	fn(last)
-	// The quick probe's own status, tracked separately: a quick report
-	// leaves out checks, so it is compared only with earlier quick ones.
-	lastQuick := quick().Status
+	// The quick probe's status, tracked separately: a quick report leaves
+	// out checks, so it is compared only with what a quick probe would say.
+	// The baseline is read off the full report's quick checks, not taken
+	// from a probe of its own: a first probe that failed by chance (a slow
+	// answer under load) would otherwise become the baseline, and a real
+	// fault that gives the same status would never count as a change.
+	quickIDs := checkIDs(quick())
+	lastQuick := quickStatus(last, quickIDs)
 	tick := time.NewTicker(w.Interval)
 	defer tick.Stop()
 	fullTick := time.NewTicker(w.FullInterval)
@@ -79,6 +84,7 @@ func Watch(ctx context.Context, opts Options, wopts WatchOptions, fn func(*Repor
 			return ctx.Err()
 		case <-fullTick.C:
 			last = full()
+			lastQuick = quickStatus(last, quickIDs)
 			fn(last)
 			continue
 		case <-events:
@@ -105,6 +111,31 @@ func Watch(ctx context.Context, opts Options, wopts WatchOptions, fn func(*Repor
 			fn(last)
 		}
 	}
+}
+
+func checkIDs(r *Report) map[string]bool {
+	ids := map[string]bool{}
+	for _, c := range r.Checks {
+		ids[c.ID] = true
+	}
+	return ids
+}
+
+// quickStatus is the status a quick probe would give, read off a full
+// report: the worst of the checks named in ids and their findings.
+func quickStatus(r *Report, ids map[string]bool) Status {
+	s := StatusOK
+	for _, c := range r.Checks {
+		if ids[c.ID] && (c.Status == StatusBroken || c.Status == StatusDegraded) {
+			s = worse(s, c.Status)
+		}
+	}
+	for _, f := range r.Findings {
+		if ids[f.Check] {
+			s = worse(s, f.Severity)
+		}
+	}
+	return s
 }
 
 func drain(ch chan struct{}) {
