@@ -1,123 +1,93 @@
 package sshd
 
 import (
-	"context"
 	"log/slog"
+	"net"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/gliderlabs/ssh"
 	gossh "golang.org/x/crypto/ssh"
 )
 
-// serverConn is one client connection: its channels, its global requests
-// and the listeners it opened for remote forwarding.
+// connKey finds a connection's serverConn in its gliderlabs context.
+var connKey = &struct{ name string }{"agentd-sshd-conn"}
+
+func connOf(ctx ssh.Context) *serverConn {
+	c, _ := ctx.Value(connKey).(*serverConn)
+	return c
+}
+
+// serverConn is one client connection: its sessions and forwards, and the
+// listeners it opened for remote forwarding.
 type serverConn struct {
 	srv    *Server
-	sconn  *gossh.ServerConn
-	ctx    context.Context
-	cancel context.CancelFunc
+	ctx    ssh.Context // cancelled by gliderlabs when the connection closes
+	nc     net.Conn
 	peer   string
 	logger *slog.Logger
+	start  time.Time
 
 	noMoreSessions atomic.Bool
 
 	mu       sync.Mutex
+	ending   bool                      // no new work may start
 	forwards map[string]*remoteForward // by "tcp:addr:port" or "unix:path"
-	wg       sync.WaitGroup
+	wg       sync.WaitGroup            // channel handlers and forwarded connections
 }
 
-func (c *serverConn) close() {
-	c.cancel()
-	c.sconn.Close()
+// sconn is the SSH connection, nil until the handshake is done.
+func (c *serverConn) sconn() *gossh.ServerConn {
+	sc, _ := c.ctx.Value(ssh.ContextKeyConn).(*gossh.ServerConn)
+	return sc
 }
 
-func (c *serverConn) serve(chans <-chan gossh.NewChannel, reqs <-chan *gossh.Request) {
-	defer c.wg.Wait()
-	defer c.closeForwards()
-	defer c.close()
+// authenticated runs when the client asks for "none" authentication, the
+// last step of the handshake here.
+func (c *serverConn) authenticated(cm gossh.ConnMetadata) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.start.IsZero() {
+		return
+	}
+	c.start = time.Now()
+	c.logger.Info("ssh connection opened", "ssh_user", cm.User(), "client", string(cm.ClientVersion()))
+}
 
+// track registers one piece of work (a channel handler, a forwarded
+// connection) that the connection must wait for; false once it is ending.
+func (c *serverConn) track() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.ending {
+		return false
+	}
 	c.wg.Add(1)
-	go func() {
-		defer c.wg.Done()
-		c.handleGlobalRequests(reqs)
-	}()
-	if c.srv.opts.KeepaliveInterval > 0 {
-		c.wg.Add(1)
-		go func() {
-			defer c.wg.Done()
-			c.keepalive()
-		}()
-	}
-	// Wait for the whole connection to end before closing: the channel
-	// loop ends first only when the transport is gone.
-	done := make(chan struct{})
-	go func() {
-		_ = c.sconn.Wait()
-		close(done)
-	}()
-
-	for nch := range chans {
-		c.handleChannel(nch)
-	}
-	c.close()
-	<-done
+	return true
 }
 
-func (c *serverConn) handleChannel(nch gossh.NewChannel) {
-	switch nch.ChannelType() {
-	case "session":
-		if c.noMoreSessions.Load() {
-			_ = nch.Reject(gossh.Prohibited, "no-more-sessions was requested on this connection")
-			return
-		}
-		c.wg.Add(1)
-		go func() {
-			defer c.wg.Done()
-			c.handleSession(nch)
-		}()
-	case "direct-tcpip":
-		c.wg.Add(1)
-		go func() {
-			defer c.wg.Done()
-			c.handleDirectTCPIP(nch)
-		}()
-	case "direct-streamlocal@openssh.com":
-		c.wg.Add(1)
-		go func() {
-			defer c.wg.Done()
-			c.handleDirectStreamLocal(nch)
-		}()
-	default:
-		c.logger.Debug("refused unknown channel type", "type", nch.ChannelType())
-		_ = nch.Reject(gossh.UnknownChannelType, "unknown channel type "+nch.ChannelType())
+// finish runs once the connection is closed: it closes the remote forward
+// listeners and waits for every session and forwarded connection to end.
+func (c *serverConn) finish() {
+	c.mu.Lock()
+	c.ending = true
+	fs := c.forwards
+	c.forwards = nil
+	start := c.start
+	c.mu.Unlock()
+	for _, f := range fs {
+		f.close()
+	}
+	c.wg.Wait()
+	if !start.IsZero() {
+		c.logger.Info("ssh connection closed", "duration", time.Since(start).Round(time.Millisecond).String())
 	}
 }
 
-func (c *serverConn) handleGlobalRequests(reqs <-chan *gossh.Request) {
-	for req := range reqs {
-		switch req.Type {
-		case "tcpip-forward":
-			c.handleTCPIPForward(req)
-		case "cancel-tcpip-forward":
-			c.handleCancelTCPIPForward(req)
-		case "streamlocal-forward@openssh.com":
-			c.handleStreamLocalForward(req)
-		case "cancel-streamlocal-forward@openssh.com":
-			c.handleCancelStreamLocalForward(req)
-		case "no-more-sessions@openssh.com":
-			c.noMoreSessions.Store(true)
-			if req.WantReply {
-				_ = req.Reply(true, nil)
-			}
-		default:
-			// keepalive@openssh.com and anything unknown: a failure reply is
-			// the correct answer and keeps the connection healthy.
-			if req.WantReply {
-				_ = req.Reply(false, nil)
-			}
-		}
-	}
+func (c *serverConn) handleNoMoreSessions(*gossh.Request) (bool, []byte) {
+	c.noMoreSessions.Store(true)
+	return true, nil
 }
 
 // keepalive asks the client for a reply every interval and drops the
@@ -138,18 +108,22 @@ func (c *serverConn) keepalive() {
 		case <-answered:
 			missed = 0
 		case <-t.C:
+			sconn := c.sconn()
+			if sconn == nil {
+				continue // still in the handshake, which has its own timeout
+			}
 			if inflight.Load() {
 				missed++
 				if missed >= maxMissed {
 					c.logger.Warn("ssh client stopped answering keepalives; closing connection", "missed", missed)
-					c.close()
+					c.nc.Close()
 					return
 				}
 				continue
 			}
 			inflight.Store(true)
 			go func() {
-				_, _, err := c.sconn.SendRequest("keepalive@openssh.com", true, nil)
+				_, _, err := sconn.SendRequest("keepalive@openssh.com", true, nil)
 				inflight.Store(false)
 				if err == nil {
 					select {

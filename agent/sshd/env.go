@@ -4,21 +4,36 @@ import (
 	"strings"
 )
 
-// secretEnv reports whether an environment variable of the agent must never
-// reach a session: the agent's own settings (AGENT_*, which include its
-// token) and anything that names a token or secret of the agent's runtime.
-func secretEnv(name string) bool {
+// agentInternalEnv reports whether a variable of the agent's own
+// environment must never reach a session: it configures the agent, not the
+// workspace. AGENT_* carry the agent's settings and token; TS_* are
+// Tailscale's knobs, some set by the agent itself at run time; SHLVL would
+// make a session's bash believe it is nested and skip ~/.bashrc; GOMEMLIMIT
+// is the agent's own memory limit, wrong for the user's Go programs; the
+// systemd hand-over variables describe the agent's process.
+func agentInternalEnv(name string) bool {
 	upper := strings.ToUpper(name)
 	switch {
-	case strings.HasPrefix(upper, "AGENT_"):
+	case strings.HasPrefix(upper, "AGENT_"), strings.Contains(upper, "AGENT_TOKEN"):
 		return true
-	case strings.Contains(upper, "AGENT_TOKEN"):
+	case strings.HasPrefix(upper, "TS_"):
+		return true
+	case upper == "SHLVL", upper == "GOMEMLIMIT":
 		return true
 	case upper == "NOTIFY_SOCKET", upper == "LISTEN_FDS", upper == "LISTEN_PID", upper == "LISTEN_FDNAMES":
-		// systemd hand-over variables describe the agent's process, not the session's.
 		return true
 	}
 	return false
+}
+
+// sessionBaseEnv is the environment every session starts from: the
+// workspace's variables as the agent received them (PATH, LANG, the image's
+// own settings) and then Options.Env, without the agent's internals.
+func sessionBaseEnv(agentEnv, extra []string) []string {
+	env := newEnvList()
+	env.AddAll(agentEnv, agentInternalEnv)
+	env.AddAll(extra, agentInternalEnv)
+	return env.Environ()
 }
 
 // envList is an ordered environment in which a later Set replaces an

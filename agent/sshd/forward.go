@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 
 	gossh "golang.org/x/crypto/ssh"
@@ -61,7 +63,7 @@ type remoteForward struct {
 }
 
 // handleDirectTCPIP serves ssh -L: connect to host:port from the workspace.
-func (c *serverConn) handleDirectTCPIP(nch gossh.NewChannel) {
+func (c *serverConn) handleDirectTCPIP(sconn *gossh.ServerConn, nch gossh.NewChannel) {
 	var msg directTCPIPMsg
 	if err := gossh.Unmarshal(nch.ExtraData(), &msg); err != nil {
 		_ = nch.Reject(gossh.ConnectionFailed, "malformed direct-tcpip request")
@@ -80,7 +82,7 @@ func (c *serverConn) handleDirectTCPIP(nch gossh.NewChannel) {
 }
 
 // handleDirectStreamLocal serves ssh -L with a Unix socket target.
-func (c *serverConn) handleDirectStreamLocal(nch gossh.NewChannel) {
+func (c *serverConn) handleDirectStreamLocal(sconn *gossh.ServerConn, nch gossh.NewChannel) {
 	var msg directStreamLocalMsg
 	if err := gossh.Unmarshal(nch.ExtraData(), &msg); err != nil {
 		_ = nch.Reject(gossh.ConnectionFailed, "malformed direct-streamlocal request")
@@ -142,32 +144,29 @@ func (c *serverConn) pipe(ch gossh.Channel, conn net.Conn, kind metrics.SSHSessi
 	conn.Close()
 }
 
-// forwardBindHost maps the client's bind address to what the workspace
-// listens on: the empty address and "localhost" mean loopback, as with
-// OpenSSH's default GatewayPorts=no. Other ports of the tailnet address are
-// forwarded to the workspace's loopback anyway.
+// forwardBindHost is where the workspace listens for a remote forward:
+// always loopback, as with OpenSSH's default GatewayPorts=no, whatever bind
+// address the client asked for ("", "localhost", "*", 0.0.0.0 or one of the
+// workspace's other addresses). Only the workspace's own processes can
+// reach it; other hosts on the workspace's network cannot. An IPv6 request
+// listens on ::1.
 func forwardBindHost(addr string) string {
-	switch addr {
-	case "", "localhost", "*", "0.0.0.0":
-		return "127.0.0.1"
-	case "::":
+	if ip, err := netip.ParseAddr(strings.Trim(addr, "[]")); err == nil && ip.Is6() && !ip.Is4In6() {
 		return "::1"
 	}
-	return addr
+	return "127.0.0.1"
 }
 
-func (c *serverConn) handleTCPIPForward(req *gossh.Request) {
+func (c *serverConn) handleTCPIPForward(req *gossh.Request) (bool, []byte) {
 	var msg tcpipForwardMsg
 	if err := gossh.Unmarshal(req.Payload, &msg); err != nil || msg.BindPort > 65535 {
-		_ = req.Reply(false, nil)
-		return
+		return false, nil
 	}
 	host := forwardBindHost(msg.BindAddr)
 	ln, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(int(msg.BindPort))))
 	if err != nil {
 		c.logger.Info("remote forward refused", "bind", msg.BindAddr, "port", msg.BindPort, "err", err)
-		_ = req.Reply(false, nil)
-		return
+		return false, nil
 	}
 	port := uint32(ln.Addr().(*net.TCPAddr).Port)
 	// Keyed by what the client asked for: cancel-tcpip-forward repeats it.
@@ -177,98 +176,105 @@ func (c *serverConn) handleTCPIPForward(req *gossh.Request) {
 	}
 	if !c.addForward(key, &remoteForward{ln: ln}) {
 		ln.Close()
-		_ = req.Reply(false, nil)
-		return
+		return false, nil
 	}
-	var reply []byte
-	if msg.BindPort == 0 {
-		reply = gossh.Marshal(tcpipForwardReply{Port: port})
+	switch msg.BindAddr {
+	case "", "localhost", "127.0.0.1", "::1":
+		c.logger.Debug("remote forward", "listen", ln.Addr().String())
+	default:
+		c.logger.Info("remote forward listens on loopback only, not on the address the client asked for",
+			"asked", msg.BindAddr, "listen", ln.Addr().String())
 	}
-	_ = req.Reply(true, reply)
-	c.logger.Debug("remote forward", "listen", ln.Addr().String())
-
-	c.wg.Add(1)
-	go func() {
-		defer c.wg.Done()
-		c.acceptForwarded(ln, func(conn net.Conn) (string, []byte) {
-			origin, originPort := splitAddr(conn.RemoteAddr())
-			return "forwarded-tcpip", gossh.Marshal(forwardedTCPIPMsg{
-				BindAddr: msg.BindAddr, BindPort: port,
-				OriginAddr: origin, OriginPort: originPort,
-			})
+	c.startAccepting(ln, func(conn net.Conn) (string, []byte) {
+		origin, originPort := splitAddr(conn.RemoteAddr())
+		return "forwarded-tcpip", gossh.Marshal(forwardedTCPIPMsg{
+			BindAddr: msg.BindAddr, BindPort: port,
+			OriginAddr: origin, OriginPort: originPort,
 		})
-	}()
+	})
+	if msg.BindPort == 0 {
+		return true, gossh.Marshal(tcpipForwardReply{Port: port})
+	}
+	return true, nil
 }
 
-func (c *serverConn) handleCancelTCPIPForward(req *gossh.Request) {
+func (c *serverConn) handleCancelTCPIPForward(req *gossh.Request) (bool, []byte) {
 	var msg tcpipForwardMsg
 	if err := gossh.Unmarshal(req.Payload, &msg); err != nil {
-		_ = req.Reply(false, nil)
-		return
+		return false, nil
 	}
-	ok := c.removeForward(fmt.Sprintf("tcp:%s:%d", msg.BindAddr, msg.BindPort))
-	_ = req.Reply(ok, nil)
+	return c.removeForward(fmt.Sprintf("tcp:%s:%d", msg.BindAddr, msg.BindPort)), nil
 }
 
-func (c *serverConn) handleStreamLocalForward(req *gossh.Request) {
+func (c *serverConn) handleStreamLocalForward(req *gossh.Request) (bool, []byte) {
 	var msg streamLocalForwardMsg
 	if err := gossh.Unmarshal(req.Payload, &msg); err != nil || msg.SocketPath == "" {
-		_ = req.Reply(false, nil)
-		return
+		return false, nil
 	}
 	ln, err := net.Listen("unix", msg.SocketPath)
 	if err != nil {
 		c.logger.Info("remote socket forward refused", "path", msg.SocketPath, "err", err)
-		_ = req.Reply(false, nil)
-		return
+		return false, nil
 	}
 	// We remove the socket file ourselves when the forward ends.
 	ln.(*net.UnixListener).SetUnlinkOnClose(false)
 	if !c.addForward("unix:"+msg.SocketPath, &remoteForward{ln: ln, path: msg.SocketPath}) {
 		ln.Close()
-		_ = req.Reply(false, nil)
+		return false, nil
+	}
+	c.logger.Debug("remote socket forward", "path", msg.SocketPath)
+	c.startAccepting(ln, func(net.Conn) (string, []byte) {
+		return "forwarded-streamlocal@openssh.com", gossh.Marshal(forwardedStreamLocalMsg{SocketPath: msg.SocketPath})
+	})
+	return true, nil
+}
+
+func (c *serverConn) handleCancelStreamLocalForward(req *gossh.Request) (bool, []byte) {
+	var msg streamLocalForwardMsg
+	if err := gossh.Unmarshal(req.Payload, &msg); err != nil {
+		return false, nil
+	}
+	return c.removeForward("unix:" + msg.SocketPath), nil
+}
+
+// startAccepting opens one channel back to the client per connection
+// accepted on ln (a remote forward or the agent socket) until ln closes.
+func (c *serverConn) startAccepting(ln net.Listener, describe func(net.Conn) (string, []byte)) {
+	if !c.track() {
+		ln.Close()
 		return
 	}
-	_ = req.Reply(true, nil)
-	c.logger.Debug("remote socket forward", "path", msg.SocketPath)
-
-	c.wg.Add(1)
 	go func() {
 		defer c.wg.Done()
-		c.acceptForwarded(ln, func(net.Conn) (string, []byte) {
-			return "forwarded-streamlocal@openssh.com", gossh.Marshal(forwardedStreamLocalMsg{SocketPath: msg.SocketPath})
-		})
+		c.acceptForwarded(ln, describe)
 	}()
 }
 
-func (c *serverConn) handleCancelStreamLocalForward(req *gossh.Request) {
-	var msg streamLocalForwardMsg
-	if err := gossh.Unmarshal(req.Payload, &msg); err != nil {
-		_ = req.Reply(false, nil)
-		return
-	}
-	_ = req.Reply(c.removeForward("unix:"+msg.SocketPath), nil)
-}
-
-// acceptForwarded opens one channel back to the client per accepted
-// connection until the listener closes.
 func (c *serverConn) acceptForwarded(ln net.Listener, describe func(net.Conn) (string, []byte)) {
+	sconn := c.sconn()
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
 			return
 		}
-		c.wg.Add(1)
+		if !c.track() {
+			conn.Close()
+			return
+		}
 		go func() {
 			defer c.wg.Done()
 			chType, payload := describe(conn)
-			ch, reqs, err := c.sconn.OpenChannel(chType, payload)
+			ch, reqs, err := sconn.OpenChannel(chType, payload)
 			if err != nil {
 				conn.Close()
 				return
 			}
 			go gossh.DiscardRequests(reqs)
-			c.pipe(ch, conn, metrics.SSHPortForward)
+			kind := metrics.SSHPortForward
+			if chType == agentChannelType {
+				kind = metrics.SSHAgentForward
+			}
+			c.pipe(ch, conn, kind)
 		}()
 	}
 }
@@ -276,7 +282,7 @@ func (c *serverConn) acceptForwarded(ln net.Listener, describe func(net.Conn) (s
 func (c *serverConn) addForward(key string, f *remoteForward) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.ctx.Err() != nil {
+	if c.ending {
 		return false
 	}
 	if c.forwards == nil {
@@ -298,16 +304,6 @@ func (c *serverConn) removeForward(key string) bool {
 		f.close()
 	}
 	return ok
-}
-
-func (c *serverConn) closeForwards() {
-	c.mu.Lock()
-	fs := c.forwards
-	c.forwards = nil
-	c.mu.Unlock()
-	for _, f := range fs {
-		f.close()
-	}
 }
 
 func (f *remoteForward) close() {

@@ -1,6 +1,8 @@
 // Package sshd is the workspace's SSH server: shells with and without a PTY,
 // sftp, scp/rsync/git over exec, TCP and Unix-socket forwarding in both
-// directions, and agent forwarding.
+// directions, and agent forwarding. It is built on gliderlabs/ssh (its
+// Server, Session, channel, request and subsystem handlers), creack/pty and
+// pkg/sftp.
 //
 // It has no password or key authentication of its own: only peers that the
 // coordinator authorized can reach it over the tailnet (WireGuard rejects every
@@ -18,10 +20,15 @@ import (
 	"sync"
 	"time"
 
+	"github.com/gliderlabs/ssh"
 	gossh "golang.org/x/crypto/ssh"
 
 	"github.com/agentd/agent/metrics"
 )
+
+// handshakeTimeout bounds how long a client may take to finish the SSH
+// handshake, so one that never does cannot hold a goroutine.
+const handshakeTimeout = 30 * time.Second
 
 // Options configure a Server.
 type Options struct {
@@ -38,8 +45,9 @@ type Options struct {
 	// Shell overrides the login shell from the passwd database.
 	Shell string
 	// Env is extra environment (KEY=VALUE) for sessions, applied over the
-	// agent's own environment. The agent's own settings (AGENT_*, which carry
-	// its token) are removed from both and never reach a session.
+	// agent's own environment. The agent's internals (AGENT_*, which carry
+	// its token, TS_*, SHLVL, GOMEMLIMIT) are removed from both and never
+	// reach a session.
 	Env []string
 	// KeepaliveInterval is how often an idle client is asked to answer;
 	// after KeepaliveCountMax unanswered requests the connection is dropped.
@@ -62,7 +70,7 @@ type Options struct {
 type Server struct {
 	opts    Options
 	logger  *slog.Logger
-	config  *gossh.ServerConfig
+	srv     *ssh.Server
 	hostKey gossh.Signer
 	account account
 	baseEnv []string
@@ -71,7 +79,7 @@ type Server struct {
 	closed    bool
 	listeners map[net.Listener]struct{}
 	conns     map[*serverConn]struct{}
-	wg        sync.WaitGroup
+	wg        sync.WaitGroup // one per connection, until all its work is done
 }
 
 // New loads (or creates) the host key and prepares a server.
@@ -104,41 +112,75 @@ func New(opts Options) (*Server, error) {
 		acct.Shell = opts.Shell
 	}
 
-	env := newEnvList()
-	env.AddAll(os.Environ(), secretEnv)
-	env.AddAll(opts.Env, secretEnv)
-
 	s := &Server{
 		opts:      opts,
 		logger:    logger,
 		hostKey:   signer,
 		account:   acct,
-		baseEnv:   env.Environ(),
+		baseEnv:   sessionBaseEnv(os.Environ(), opts.Env),
 		listeners: map[net.Listener]struct{}{},
 		conns:     map[*serverConn]struct{}{},
 	}
-	cfg := &gossh.ServerConfig{
-		// The tailnet already authenticated and authorized the peer.
-		NoClientAuth:  true,
-		ServerVersion: "SSH-2.0-agentd",
+	s.srv = &ssh.Server{
+		Version:                  "agentd",
+		HostSigners:              []ssh.Signer{signer},
+		ConnCallback:             s.connOpened,
+		ServerConfigCallback:     s.serverConfig,
+		ConnectionFailedCallback: s.handshakeFailed,
+		ChannelHandlers: map[string]ssh.ChannelHandler{
+			"session":                        channelHandler((*serverConn).handleSession),
+			"direct-tcpip":                   channelHandler((*serverConn).handleDirectTCPIP),
+			"direct-streamlocal@openssh.com": channelHandler((*serverConn).handleDirectStreamLocal),
+			"default":                        rejectUnknownChannel,
+		},
+		RequestHandlers: map[string]ssh.RequestHandler{
+			"tcpip-forward":                          requestHandler((*serverConn).handleTCPIPForward),
+			"cancel-tcpip-forward":                   requestHandler((*serverConn).handleCancelTCPIPForward),
+			"streamlocal-forward@openssh.com":        requestHandler((*serverConn).handleStreamLocalForward),
+			"cancel-streamlocal-forward@openssh.com": requestHandler((*serverConn).handleCancelStreamLocalForward),
+			"no-more-sessions@openssh.com":           requestHandler((*serverConn).handleNoMoreSessions),
+		},
+		// Sessions are served by handleSession, which hands each one its own
+		// handlers; the server-wide ones are never used.
+		SubsystemHandlers: map[string]ssh.SubsystemHandler{},
 	}
-	// AES-GCM first: it runs on AES-NI/ARMv8 instructions and is the fastest
-	// cipher here; chacha20-poly1305 stays for clients without AES hardware.
-	cfg.Ciphers = []string{
-		"aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
-		"chacha20-poly1305@openssh.com",
-		"aes128-ctr", "aes192-ctr", "aes256-ctr",
-	}
-	cfg.AddHostKey(signer)
-	s.config = cfg
 	return s, nil
+}
+
+// serverConfig is the x/crypto configuration of one connection; gliderlabs
+// adds the host key and "none" authentication to it.
+func (s *Server) serverConfig(ctx ssh.Context) *gossh.ServerConfig {
+	cfg := &gossh.ServerConfig{
+		// AES-GCM first: it runs on AES-NI/ARMv8 instructions and is the
+		// fastest cipher here; chacha20-poly1305 stays for clients without
+		// AES hardware.
+		Config: gossh.Config{Ciphers: []string{
+			"aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+			"chacha20-poly1305@openssh.com",
+			"aes128-ctr", "aes192-ctr", "aes256-ctr",
+		}},
+		// The tailnet already authenticated and authorized the peer; this
+		// only notes who connected.
+		NoClientAuthCallback: func(cm gossh.ConnMetadata) (*gossh.Permissions, error) {
+			if c := connOf(ctx); c != nil {
+				c.authenticated(cm)
+			}
+			return nil, nil
+		},
+	}
+	return cfg
+}
+
+func (s *Server) handshakeFailed(nc net.Conn, err error) {
+	s.logger.Debug("ssh handshake failed", "remote", nc.RemoteAddr().String(), "err", err)
 }
 
 // HostKey is the server's public host key (for known_hosts entries).
 func (s *Server) HostKey() gossh.PublicKey { return s.hostKey.PublicKey() }
 
 // Serve accepts connections on ln until ctx is cancelled, Close is called or
-// ln fails. It returns nil after a cancel or Close.
+// ln fails. It returns nil after a cancel or Close. Cancelling ctx also drops
+// the connections accepted here.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	s.mu.Lock()
 	if s.closed {
@@ -155,34 +197,31 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
-
-	var backoff time.Duration
-	for {
-		nc, err := ln.Accept()
-		if err != nil {
-			if ctx.Err() != nil || s.isClosed() {
-				return nil
-			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-				time.Sleep(backoff)
-				continue
-			}
-			return fmt.Errorf("sshd: accept: %w", err)
-		}
-		backoff = 0
-		closed := s.opts.Metrics.ConnectionOpened(metrics.KindSSH)
-		nc = s.opts.Metrics.CountBytes(metrics.KindSSH, nc)
-		s.wg.Add(1)
-		go func() {
-			defer s.wg.Done()
-			// Counted as open until its handler is done with it, sessions
-			// and forwards included.
-			defer closed()
-			s.handleConn(ctx, nc)
-		}()
+	err := s.srv.Serve(servedListener{Listener: ln, ctx: ctx})
+	if errors.Is(err, ssh.ErrServerClosed) || ctx.Err() != nil || s.isClosed() {
+		return nil
 	}
+	return fmt.Errorf("sshd: accept: %w", err)
+}
+
+// servedListener tags each accepted connection with the context of the
+// Serve call that accepted it.
+type servedListener struct {
+	net.Listener
+	ctx context.Context
+}
+
+type servedConn struct {
+	net.Conn
+	ctx context.Context
+}
+
+func (l servedListener) Accept() (net.Conn, error) {
+	nc, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return servedConn{Conn: nc, ctx: l.ctx}, nil
 }
 
 func (s *Server) isClosed() bool {
@@ -192,7 +231,8 @@ func (s *Server) isClosed() bool {
 }
 
 // Close stops all listeners and drops every connection; the sessions'
-// process groups get SIGHUP. It waits for the connection handlers to end.
+// process groups get SIGHUP. It waits until every connection's sessions and
+// forwards have ended.
 func (s *Server) Close() error {
 	s.mu.Lock()
 	if s.closed {
@@ -203,10 +243,13 @@ func (s *Server) Close() error {
 	for ln := range s.listeners {
 		ln.Close()
 	}
+	// Ours, not only gliderlabs' list: that one holds a connection only
+	// once its handshake is done.
 	for c := range s.conns {
-		c.close()
+		c.nc.Close()
 	}
 	s.mu.Unlock()
+	s.srv.Close()
 	s.wg.Wait()
 	return nil
 }
@@ -221,48 +264,87 @@ func (s *Server) peerIdentity(addr net.Addr) string {
 	return "unknown"
 }
 
-func (s *Server) handleConn(ctx context.Context, nc net.Conn) {
-	peer := s.peerIdentity(nc.RemoteAddr())
-	logger := s.logger.With("peer", peer, "remote", nc.RemoteAddr().String())
-
-	// A client that never finishes the handshake must not hold a goroutine.
-	_ = nc.SetDeadline(time.Now().Add(30 * time.Second))
-	sconn, chans, reqs, err := gossh.NewServerConn(nc, s.config)
-	if err != nil {
-		nc.Close()
-		logger.Debug("ssh handshake failed", "err", err)
-		return
+// connOpened runs for every accepted connection before its handshake: it
+// counts it, ties it to its Serve context and starts the goroutine that
+// cleans up after it.
+func (s *Server) connOpened(ctx ssh.Context, nc net.Conn) net.Conn {
+	serveCtx := context.Background()
+	if sc, ok := nc.(servedConn); ok {
+		nc, serveCtx = sc.Conn, sc.ctx
 	}
-	_ = nc.SetDeadline(time.Time{})
-
-	cctx, cancel := context.WithCancel(ctx)
+	peer := s.peerIdentity(nc.RemoteAddr())
 	c := &serverConn{
 		srv:    s,
-		sconn:  sconn,
-		ctx:    cctx,
-		cancel: cancel,
+		ctx:    ctx,
 		peer:   peer,
-		logger: logger.With("client", string(sconn.ClientVersion())),
+		logger: s.logger.With("peer", peer, "remote", nc.RemoteAddr().String()),
 	}
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
-		sconn.Close()
-		cancel()
-		return
+		return nil // gliderlabs closes it
 	}
+	closed := s.opts.Metrics.ConnectionOpened(metrics.KindSSH)
+	c.nc = s.opts.Metrics.CountBytes(metrics.KindSSH, nc)
 	s.conns[c] = struct{}{}
+	s.wg.Add(1)
 	s.mu.Unlock()
-	// Cancelling Serve's context drops its connections too.
-	stop := context.AfterFunc(cctx, func() { sconn.Close() })
-	defer stop()
+	ctx.SetValue(connKey, c)
 
-	start := time.Now()
-	c.logger.Info("ssh connection opened", "ssh_user", sconn.User())
-	c.serve(chans, reqs)
-	c.logger.Info("ssh connection closed", "duration", time.Since(start).Round(time.Millisecond).String())
+	stopServe := context.AfterFunc(serveCtx, func() { c.nc.Close() })
+	handshake := time.AfterFunc(handshakeTimeout, func() {
+		if c.sconn() == nil {
+			c.logger.Debug("ssh handshake timed out")
+			c.nc.Close()
+		}
+	})
+	go func() {
+		defer s.wg.Done()
+		// gliderlabs cancels the context when the connection closes, for
+		// whatever reason.
+		<-ctx.Done()
+		stopServe()
+		handshake.Stop()
+		c.finish()
+		s.mu.Lock()
+		delete(s.conns, c)
+		s.mu.Unlock()
+		// Counted as open until its sessions and forwards are done.
+		closed()
+	}()
+	if s.opts.KeepaliveInterval > 0 {
+		go c.keepalive()
+	}
+	return c.nc
+}
 
-	s.mu.Lock()
-	delete(s.conns, c)
-	s.mu.Unlock()
+// channelHandler adapts a serverConn method to gliderlabs' ChannelHandler.
+func channelHandler(h func(*serverConn, *gossh.ServerConn, gossh.NewChannel)) ssh.ChannelHandler {
+	return func(_ *ssh.Server, sconn *gossh.ServerConn, nch gossh.NewChannel, ctx ssh.Context) {
+		c := connOf(ctx)
+		if c == nil || !c.track() {
+			_ = nch.Reject(gossh.ResourceShortage, "the connection is closing")
+			return
+		}
+		defer c.wg.Done()
+		h(c, sconn, nch)
+	}
+}
+
+// requestHandler adapts a serverConn method to gliderlabs' RequestHandler.
+func requestHandler(h func(*serverConn, *gossh.Request) (bool, []byte)) ssh.RequestHandler {
+	return func(ctx ssh.Context, _ *ssh.Server, req *gossh.Request) (bool, []byte) {
+		c := connOf(ctx)
+		if c == nil {
+			return false, nil
+		}
+		return h(c, req)
+	}
+}
+
+func rejectUnknownChannel(_ *ssh.Server, _ *gossh.ServerConn, nch gossh.NewChannel, ctx ssh.Context) {
+	if c := connOf(ctx); c != nil {
+		c.logger.Debug("refused unknown channel type", "type", nch.ChannelType())
+	}
+	_ = nch.Reject(gossh.UnknownChannelType, "unknown channel type "+nch.ChannelType())
 }

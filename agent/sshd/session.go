@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/creack/pty"
+	"github.com/gliderlabs/ssh"
 	"github.com/pkg/sftp"
 	gossh "golang.org/x/crypto/ssh"
 	"golang.org/x/sys/unix"
@@ -34,39 +35,76 @@ const killGrace = 5 * time.Second
 const drainAfterExit = time.Second
 
 type session struct {
-	c         *serverConn
-	ch        gossh.Channel
-	logger    *slog.Logger
-	clientEnv []string
-	pty       *ptyRequest
-	wantAgent bool
-	started   bool
-	start     time.Time
-	ended     func() // ends the session in the metrics; set when it starts
+	c      *serverConn
+	logger *slog.Logger
+	// ch is the session's channel itself. Output goes to it directly:
+	// gliderlabs' Session.Write turns every \n into \r\n once a PTY was
+	// requested, which would corrupt raw-mode terminal output, and the exit
+	// status must precede EOF.
+	ch gossh.Channel
+
+	// Written by watch, before gliderlabs sees the request, and read after
+	// the session started.
+	modes      string        // the pty-req's terminal modes
+	sawPty     bool          // a pty-req was seen
+	pendingWin *windowChange // the latest window-change before the start
+	wantAgent  bool
+
+	// Written by allow in gliderlabs' request loop before the handler
+	// starts; decided is closed once the first shell, exec or subsystem
+	// request was accepted or refused.
+	decided  chan struct{}
+	accepted bool
+	kind     string // shell, exec or subsystem
+	pty      ssh.Pty
+	isPty    bool
+	winch    <-chan ssh.Window
+
+	// Set by the handler; read by handleSession after handlerDone.
+	handlerDone chan struct{}
+	start       time.Time
+	ended       func() // ends the session in the metrics
+	agent       *agentForward
 
 	// Set once the process has started; read by the request loop and hangup.
 	mu       sync.Mutex
+	gone     bool // the channel closed: nothing may start any more
 	cmd      *exec.Cmd
-	master   *os.File   // PTY master, nil without a PTY
-	outputs  []*os.File // pipe read ends without a PTY
-	agent    *agentForward
+	master   *os.File    // PTY master, nil without a PTY
+	outputs  []*os.File  // pipe read ends without a PTY
 	exited   atomic.Bool // the session's leader has been reaped
 	drained  atomic.Bool // all output was copied to the client
 	finished chan struct{}
 }
 
-func (c *serverConn) handleSession(nch gossh.NewChannel) {
-	ch, reqs, err := nch.Accept()
-	if err != nil {
+// handleSession serves one "session" channel with gliderlabs' session
+// handler, giving it handlers bound to this session.
+func (c *serverConn) handleSession(sconn *gossh.ServerConn, nch gossh.NewChannel) {
+	if c.noMoreSessions.Load() {
+		_ = nch.Reject(gossh.Prohibited, "no-more-sessions was requested on this connection")
 		return
 	}
-	s := &session{c: c, ch: ch, logger: c.logger, finished: make(chan struct{})}
-	s.serveRequests(reqs)
-	// The channel is closed: by us after the process finished, or because
-	// the client went away. In the second case the processes must go too.
+	s := &session{
+		c:           c,
+		logger:      c.logger,
+		decided:     make(chan struct{}),
+		handlerDone: make(chan struct{}),
+		finished:    make(chan struct{}),
+	}
+	// A Server value per session, carrying only what DefaultSessionHandler
+	// reads (its handlers), so that they know their session.
+	per := &ssh.Server{
+		Handler:                s.run,
+		SubsystemHandlers:      map[string]ssh.SubsystemHandler{"sftp": s.runSFTP},
+		SessionRequestCallback: s.allow,
+	}
+	// It returns when the channel is closed: by us after the process
+	// finished, or because the client went away.
+	ssh.DefaultSessionHandler(per, sconn, watchedChannel{NewChannel: nch, s: s}, c.ctx)
+	// In the second case the processes must go too.
 	s.hangup()
-	if s.started {
-		<-s.finished
+	if s.accepted {
+		<-s.handlerDone
 		s.ended()
 	}
 	if s.agent != nil {
@@ -74,90 +112,156 @@ func (c *serverConn) handleSession(nch gossh.NewChannel) {
 	}
 }
 
-func (s *session) serveRequests(reqs <-chan *gossh.Request) {
-	for req := range reqs {
-		ok := false
+// watchedChannel hands gliderlabs the session's channel and its requests,
+// passed through watch.
+type watchedChannel struct {
+	gossh.NewChannel
+	s *session
+}
+
+func (w watchedChannel) Accept() (gossh.Channel, <-chan *gossh.Request, error) {
+	ch, in, err := w.NewChannel.Accept()
+	if err != nil {
+		return nil, nil, err
+	}
+	w.s.ch = ch
+	out := make(chan *gossh.Request)
+	go w.s.watch(in, out)
+	return ch, out, nil
+}
+
+// watch passes the session's requests on to gliderlabs, noting what it
+// does not keep: the terminal modes of a pty-req and whether this session
+// (not just the connection) asked for agent forwarding. Window changes
+// before the start are answered here: gliderlabs queues them for a handler
+// that does not run yet, which would block its request loop.
+func (s *session) watch(in <-chan *gossh.Request, out chan<- *gossh.Request) {
+	defer close(out)
+	started := false
+	for req := range in {
 		switch req.Type {
-		case "env":
-			var kv struct{ Name, Value string }
-			if gossh.Unmarshal(req.Payload, &kv) == nil && !s.started {
-				s.clientEnv = append(s.clientEnv, kv.Name+"="+kv.Value)
-				ok = true
-			}
 		case "pty-req":
 			var p ptyRequest
-			if gossh.Unmarshal(req.Payload, &p) == nil && !s.started && s.pty == nil {
-				s.pty = &p
-				ok = true
+			if !started && !s.sawPty && gossh.Unmarshal(req.Payload, &p) == nil {
+				s.sawPty, s.modes = true, p.Modes
+			}
+		case "auth-agent-req@openssh.com":
+			if !started {
+				s.wantAgent = true
 			}
 		case "window-change":
 			var w windowChange
-			if gossh.Unmarshal(req.Payload, &w) == nil && s.pty != nil {
-				s.resize(w)
-				ok = true
-			}
-		case "auth-agent-req@openssh.com":
-			if !s.started {
-				s.wantAgent = true
-				ok = true
-			}
-		case "signal":
-			var sig struct{ Name string }
-			if gossh.Unmarshal(req.Payload, &sig) == nil {
-				ok = s.signal(sig.Name)
-			}
-		case "shell", "exec":
-			var cmd struct{ Command string }
-			if req.Type == "exec" && gossh.Unmarshal(req.Payload, &cmd) != nil {
-				break
-			}
-			if !s.started {
-				s.started = true
-				kind := metrics.SSHExec
-				if req.Type == "shell" {
-					kind = metrics.SSHShell
+			if !started {
+				ok := s.sawPty && gossh.Unmarshal(req.Payload, &w) == nil
+				if ok {
+					s.pendingWin = &w
 				}
-				s.ended = s.c.srv.opts.Metrics.SSHSessionStarted(kind)
-				s.begin(req.Type, cmd.Command)
-				ok = true
+				_ = req.Reply(ok, nil)
+				continue
 			}
-		case "subsystem":
-			var sub struct{ Name string }
-			if gossh.Unmarshal(req.Payload, &sub) == nil && !s.started && sub.Name == "sftp" {
-				s.started = true
-				s.ended = s.c.srv.opts.Metrics.SSHSessionStarted(metrics.SSHSFTP)
-				go s.runSFTP()
-				ok = true
+			<-s.decided
+			if !s.accepted {
+				_ = req.Reply(false, nil)
+				continue
 			}
-		default:
-			// x11-req, break and anything unknown: refused, the session goes on.
-			s.logger.Debug("refused session request", "type", req.Type)
+		case "shell", "exec", "subsystem":
+			started = true
 		}
-		if req.WantReply {
-			_ = req.Reply(ok, nil)
+		out <- req
+	}
+}
+
+// allow runs in gliderlabs' request loop for a shell, exec or subsystem
+// request, before the reply and the handler.
+func (s *session) allow(sess ssh.Session, reqType string) bool {
+	defer close(s.decided)
+	if reqType == "subsystem" && sess.Subsystem() != "sftp" {
+		s.logger.Debug("refused subsystem", "name", sess.Subsystem())
+		return false
+	}
+	s.kind = reqType
+	s.pty, s.winch, s.isPty = sess.Pty()
+	s.accepted = true
+	return true
+}
+
+// run is the gliderlabs handler of a shell or exec session. The request was
+// answered before it runs, so the reply always precedes the exit status.
+func (s *session) run(sess ssh.Session) {
+	defer close(s.handlerDone)
+	kind := metrics.SSHExec
+	if s.kind == "shell" {
+		kind = metrics.SSHShell
+	}
+	s.ended = s.c.srv.opts.Metrics.SSHSessionStarted(kind)
+	if s.isPty {
+		go s.followWindow()
+	}
+	stopSignals := s.forwardSignals(sess)
+	defer stopSignals()
+	started, err := s.begin(sess.RawCommand(), sess.Environ())
+	if err != nil {
+		shell := s.c.srv.account.Shell
+		s.logger.Warn("ssh session could not start", "shell", shell, "err", err)
+		fmt.Fprintf(s.ch.Stderr(), "agent: cannot start %s: %v\r\n", shell, err)
+		s.finish(127, "")
+		return
+	}
+	if started {
+		<-s.finished
+	}
+}
+
+// followWindow resizes the terminal on every window change until the
+// channel closes.
+func (s *session) followWindow() {
+	<-s.winch // the pty-req's own size, which the terminal starts with
+	for w := range s.winch {
+		s.resize(windowChange{Cols: uint32(w.Width), Rows: uint32(w.Height)})
+	}
+}
+
+// forwardSignals delivers the client's "signal" requests to the process.
+func (s *session) forwardSignals(sess ssh.Session) (stop func()) {
+	sigs := make(chan ssh.Signal, 8)
+	done := make(chan struct{})
+	sess.Signals(sigs)
+	go func() {
+		for {
+			select {
+			case sig := <-sigs:
+				s.signal(string(sig))
+			case <-done:
+				return
+			}
 		}
+	}()
+	return func() {
+		// Unregister first: gliderlabs sends while holding the session's
+		// lock, so the loop must keep receiving until then.
+		sess.Signals(nil)
+		close(done)
 	}
 }
 
 func (s *session) resize(w windowChange) {
-	s.pty.Cols, s.pty.Rows, s.pty.WidthPx, s.pty.HeightPx = w.Cols, w.Rows, w.WidthPx, w.HeightPx
 	s.mu.Lock()
 	master := s.master
 	s.mu.Unlock()
 	if master != nil {
-		_ = setWinsize(master, s.pty)
+		_ = setWinsize(master, w)
 	}
 }
 
 // setWinsize resizes the terminal; the kernel sends SIGWINCH to its
 // foreground job. It goes through SyscallConn rather than Fd, which would
 // switch the master to blocking mode and race with Close.
-func setWinsize(f *os.File, p *ptyRequest) error {
+func setWinsize(f *os.File, w windowChange) error {
 	rc, err := f.SyscallConn()
 	if err != nil {
 		return err
 	}
-	ws := &unix.Winsize{Row: uint16(p.Rows), Col: uint16(p.Cols), Xpixel: uint16(p.WidthPx), Ypixel: uint16(p.HeightPx)}
+	ws := &unix.Winsize{Row: uint16(w.Rows), Col: uint16(w.Cols), Xpixel: uint16(w.WidthPx), Ypixel: uint16(w.HeightPx)}
 	var ioErr error
 	if err := rc.Control(func(fd uintptr) { ioErr = unix.IoctlSetWinsize(int(fd), unix.TIOCSWINSZ, ws) }); err != nil {
 		return err
@@ -181,12 +285,14 @@ func (s *session) signal(name string) bool {
 	return cmd.Process.Signal(sig) == nil
 }
 
-// hangup runs when the channel is gone. If the session's processes are still
-// running (the client disconnected), their process group gets SIGHUP and
-// SIGCONT (stopped jobs must wake up to die), the PTY and pipes are closed,
-// and after killGrace whatever ignored SIGHUP is killed.
+// hangup runs when the channel is gone. Nothing starts after it. If the
+// session's processes are still running (the client disconnected), their
+// process group gets SIGHUP and SIGCONT (stopped jobs must wake up to die),
+// the PTY and pipes are closed, and after killGrace whatever ignored SIGHUP
+// is killed.
 func (s *session) hangup() {
 	s.mu.Lock()
+	s.gone = true
 	cmd, master, outputs := s.cmd, s.master, s.outputs
 	s.mu.Unlock()
 	if cmd == nil {
@@ -219,7 +325,7 @@ func (s *session) hangup() {
 	}()
 }
 
-func (s *session) environment() []string {
+func (s *session) environment(clientEnv []string) []string {
 	acct := s.c.srv.account
 	env := newEnvList()
 	env.AddAll(s.c.srv.baseEnv, func(k string) bool { return k == "TERM" || k == "SSH_AUTH_SOCK" })
@@ -228,12 +334,12 @@ func (s *session) environment() []string {
 	env.Set("LOGNAME", acct.Name)
 	env.Set("SHELL", acct.Shell)
 	env.SetDefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-	env.AddAll(s.clientEnv, nil)
-	rh, rp := splitAddr(s.c.sconn.RemoteAddr())
-	lh, lp := splitAddr(s.c.sconn.LocalAddr())
+	env.AddAll(clientEnv, nil)
+	rh, rp := splitAddr(s.c.nc.RemoteAddr())
+	lh, lp := splitAddr(s.c.nc.LocalAddr())
 	env.Set("SSH_CLIENT", fmt.Sprintf("%s %d %d", rh, rp, lp))
 	env.Set("SSH_CONNECTION", fmt.Sprintf("%s %d %s %d", rh, rp, lh, lp))
-	if s.pty != nil {
+	if s.isPty {
 		term := s.pty.Term
 		if term == "" {
 			term = "xterm-256color"
@@ -254,11 +360,13 @@ func (s *session) workDir() string {
 	return "/"
 }
 
-// begin starts the shell or command and a goroutine that runs it to the end.
-func (s *session) begin(kind, command string) {
+// begin starts the shell or command and a goroutine that runs it to the
+// end, closing finished. It starts nothing, and returns false, once the
+// client has gone.
+func (s *session) begin(command string, clientEnv []string) (bool, error) {
 	s.start = time.Now()
 	shell := s.c.srv.account.Shell
-	s.logger = s.logger.With("session", kind, "pty", s.pty != nil)
+	s.logger = s.logger.With("session", s.kind, "pty", s.isPty)
 	if s.wantAgent {
 		af, err := s.c.startAgentForward()
 		if err != nil {
@@ -268,8 +376,8 @@ func (s *session) begin(kind, command string) {
 		}
 	}
 
-	cmd := &exec.Cmd{Path: shell, Dir: s.workDir(), Env: s.environment()}
-	if kind == "shell" {
+	cmd := &exec.Cmd{Path: shell, Dir: s.workDir(), Env: s.environment(clientEnv)}
+	if s.kind == "shell" {
 		// A leading dash makes it a login shell, which reads the profile.
 		cmd.Args = []string{"-" + filepath.Base(shell)}
 	} else {
@@ -277,33 +385,38 @@ func (s *session) begin(kind, command string) {
 		s.logger.Debug("ssh exec", "command", command)
 	}
 
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.gone {
+		return false, nil
+	}
 	var err error
-	if s.pty != nil {
-		err = s.startPTY(cmd, kind == "shell")
+	if s.isPty {
+		err = s.startPTY(cmd, s.kind == "shell")
 	} else {
 		err = s.startPipes(cmd)
 	}
 	if err != nil {
-		s.logger.Warn("ssh session could not start", "shell", shell, "err", err)
-		fmt.Fprintf(s.ch.Stderr(), "agent: cannot start %s: %v\r\n", shell, err)
-		go func() {
-			defer close(s.finished)
-			s.finish(127, "")
-		}()
-		return
+		return false, err
 	}
 	s.logger.Info("ssh session started", "pid", cmd.Process.Pid)
+	return true, nil
 }
 
+// startPTY runs cmd on a new terminal; s.mu is held.
 func (s *session) startPTY(cmd *exec.Cmd, login bool) error {
 	master, tty, err := pty.Open()
 	if err != nil {
 		return fmt.Errorf("open a pseudo-terminal: %w", err)
 	}
-	if err := setWinsize(tty, s.pty); err != nil {
+	size := windowChange{Cols: uint32(s.pty.Window.Width), Rows: uint32(s.pty.Window.Height)}
+	if s.pendingWin != nil {
+		size = *s.pendingWin
+	}
+	if err := setWinsize(tty, size); err != nil {
 		s.logger.Debug("set PTY size", "err", err)
 	}
-	if err := applyTerminalModes(tty, []byte(s.pty.Modes)); err != nil {
+	if err := applyTerminalModes(tty, []byte(s.modes)); err != nil {
 		s.logger.Debug("apply terminal modes", "err", err)
 	}
 	if login {
@@ -319,9 +432,7 @@ func (s *session) startPTY(cmd *exec.Cmd, login bool) error {
 		master.Close()
 		return err
 	}
-	s.mu.Lock()
 	s.cmd, s.master = cmd, master
-	s.mu.Unlock()
 
 	output := make(chan struct{})
 	go func() {
@@ -348,6 +459,7 @@ func (s *session) startPTY(cmd *exec.Cmd, login bool) error {
 	return nil
 }
 
+// startPipes runs cmd with pipes for stdin, stdout and stderr; s.mu is held.
 func (s *session) startPipes(cmd *exec.Cmd) error {
 	inR, inW, err := os.Pipe()
 	if err != nil {
@@ -379,9 +491,7 @@ func (s *session) startPipes(cmd *exec.Cmd) error {
 		errR.Close()
 		return err
 	}
-	s.mu.Lock()
 	s.cmd, s.outputs = cmd, []*os.File{outR, errR}
-	s.mu.Unlock()
 
 	go func() {
 		// EOF from the client reaches the command as EOF on its stdin.
@@ -481,11 +591,14 @@ func (s *session) showMOTD() {
 	_, _ = s.ch.Write(motd)
 }
 
-func (s *session) runSFTP() {
+// runSFTP is the gliderlabs handler of the sftp subsystem: pkg/sftp's
+// server in process, on the channel itself.
+func (s *session) runSFTP(ssh.Session) {
+	defer close(s.handlerDone)
+	s.ended = s.c.srv.opts.Metrics.SSHSessionStarted(metrics.SSHSFTP)
 	s.start = time.Now()
 	s.logger = s.logger.With("session", "sftp")
 	s.logger.Info("ssh session started")
-	defer close(s.finished)
 	srv, err := sftp.NewServer(keepOpen{s.ch}, sftp.WithServerWorkingDirectory(s.workDir()))
 	if err != nil {
 		s.finish(1, "")
