@@ -122,6 +122,9 @@ func New(opts Options) (*Server, error) {
 		conns:     map[*serverConn]struct{}{},
 	}
 	s.srv = &ssh.Server{
+		// Never called: session channels go to handleSession, which gives
+		// each session its own handlers. Set so that Serve leaves it alone.
+		Handler:                  func(ssh.Session) {},
 		Version:                  "agentd",
 		HostSigners:              []ssh.Signer{signer},
 		ConnCallback:             s.connOpened,
@@ -140,9 +143,7 @@ func New(opts Options) (*Server, error) {
 			"cancel-streamlocal-forward@openssh.com": requestHandler((*serverConn).handleCancelStreamLocalForward),
 			"no-more-sessions@openssh.com":           requestHandler((*serverConn).handleNoMoreSessions),
 		},
-		// Sessions are served by handleSession, which hands each one its own
-		// handlers; the server-wide ones are never used.
-		SubsystemHandlers: map[string]ssh.SubsystemHandler{},
+		SubsystemHandlers: map[string]ssh.SubsystemHandler{}, // per session too
 	}
 	return s, nil
 }

@@ -53,12 +53,13 @@ type session struct {
 	// Written by allow in gliderlabs' request loop before the handler
 	// starts; decided is closed once the first shell, exec or subsystem
 	// request was accepted or refused.
-	decided  chan struct{}
-	accepted bool
-	kind     string // shell, exec or subsystem
-	pty      ssh.Pty
-	isPty    bool
-	winch    <-chan ssh.Window
+	decided     chan struct{}
+	decidedOnce sync.Once
+	accepted    atomic.Bool
+	kind        string // shell, exec or subsystem
+	pty         ssh.Pty
+	isPty       bool
+	winch       <-chan ssh.Window
 
 	// Set by the handler; read by handleSession after handlerDone.
 	handlerDone chan struct{}
@@ -103,7 +104,7 @@ func (c *serverConn) handleSession(sconn *gossh.ServerConn, nch gossh.NewChannel
 	ssh.DefaultSessionHandler(per, sconn, watchedChannel{NewChannel: nch, s: s}, c.ctx)
 	// In the second case the processes must go too.
 	s.hangup()
-	if s.accepted {
+	if s.accepted.Load() {
 		<-s.handlerDone
 		s.ended()
 	}
@@ -160,7 +161,7 @@ func (s *session) watch(in <-chan *gossh.Request, out chan<- *gossh.Request) {
 				continue
 			}
 			<-s.decided
-			if !s.accepted {
+			if !s.accepted.Load() {
 				_ = req.Reply(false, nil)
 				continue
 			}
@@ -174,14 +175,14 @@ func (s *session) watch(in <-chan *gossh.Request, out chan<- *gossh.Request) {
 // allow runs in gliderlabs' request loop for a shell, exec or subsystem
 // request, before the reply and the handler.
 func (s *session) allow(sess ssh.Session, reqType string) bool {
-	defer close(s.decided)
+	defer s.decidedOnce.Do(func() { close(s.decided) })
 	if reqType == "subsystem" && sess.Subsystem() != "sftp" {
 		s.logger.Debug("refused subsystem", "name", sess.Subsystem())
 		return false
 	}
 	s.kind = reqType
 	s.pty, s.winch, s.isPty = sess.Pty()
-	s.accepted = true
+	s.accepted.Store(true)
 	return true
 }
 

@@ -381,3 +381,44 @@ func dialGoErr(addr string) (*gossh.Client, error) {
 // quietLogger drops logs: tests with hundreds of sessions would bury the
 // test log.
 func quietLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
+// TestWindowChangeBeforeStart: a window change between pty-req and the
+// command is applied to the new terminal and does not stall the session
+// (gliderlabs alone would block its request loop on it); a refused
+// subsystem leaves the session usable for a command.
+func TestWindowChangeBeforeStart(t *testing.T) {
+	_, addr := startServer(t, sshd.Options{Shell: "/bin/sh"})
+	client := dialGo(t, addr)
+	defer client.Close()
+
+	sess := mustSession(t, client)
+	if err := sess.RequestPty("xterm", 24, 80, gossh.TerminalModes{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := sess.WindowChange(41, 101); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	var out []byte
+	var err error
+	go func() {
+		defer close(done)
+		out, err = sess.Output("stty size")
+	}()
+	select {
+	case <-done:
+	case <-time.After(time.Minute):
+		t.Fatal("session with an early window change never finished")
+	}
+	if err != nil || strings.TrimSpace(string(out)) != "41 101" {
+		t.Fatalf("stty size after an early window change: %q %v, want \"41 101\"", out, err)
+	}
+
+	sess = mustSession(t, client)
+	if err := sess.RequestSubsystem("no-such-subsystem"); err == nil {
+		t.Fatal("unknown subsystem accepted")
+	}
+	if out, err := sess.Output("echo after-refusal"); err != nil || string(out) != "after-refusal\n" {
+		t.Fatalf("exec after a refused subsystem: %q %v", out, err)
+	}
+}
