@@ -15,7 +15,7 @@ import (
 	"time"
 
 	"github.com/agentd/agent/agent/sshd"
-	"github.com/agentd/agent/agent/sshd/sshtest"
+	"github.com/agentd/agent/internal/testkit/sshtest"
 )
 
 // BenchmarkVsOpenSSH measures our server next to OpenSSH's sshd, in the same

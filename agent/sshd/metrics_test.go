@@ -14,7 +14,7 @@ import (
 	"time"
 
 	"github.com/agentd/agent/agent/sshd"
-	"github.com/agentd/agent/agent/sshd/sshtest"
+	"github.com/agentd/agent/internal/testkit/sshtest"
 	"github.com/agentd/agent/metrics"
 )
 

@@ -19,7 +19,7 @@ import (
 	gossh "golang.org/x/crypto/ssh"
 
 	"github.com/agentd/agent/agent/sshd"
-	"github.com/agentd/agent/agent/sshd/sshtest"
+	"github.com/agentd/agent/internal/testkit/sshtest"
 	"github.com/agentd/agent/metrics"
 )
 

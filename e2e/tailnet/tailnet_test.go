@@ -15,8 +15,8 @@ import (
 	"time"
 
 	"github.com/agentd/agent/agent/portforward/pftest"
-	"github.com/agentd/agent/agent/sshd/sshtest"
 	"github.com/agentd/agent/internal/netlab"
+	"github.com/agentd/agent/internal/testkit/sshtest"
 )
 
 // (a) Endpoint-independent NAT on both sides ends on a direct path, through

@@ -10,7 +10,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/agentd/agent/agent/sshd/sshtest"
+	"github.com/agentd/agent/internal/testkit/sshtest"
 )
 
 // openSSHTrue times `ssh root@127.0.0.1 true` against OpenSSH's sshd on
