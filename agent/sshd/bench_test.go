@@ -25,6 +25,10 @@ import (
 //	scp:    scp (SFTP mode) of a SIZE file into the server
 //	setup:  ssh host true (connection setup to first exit status)
 //
+// Both servers start the same shell the same way: our sessions do not
+// inherit the agent's SHLVL, so bash reads ~/.bashrc for a command under
+// either server, and "setup" includes whatever that file does.
+//
 // Each iteration runs every measurement once per server, alternating; the
 // best of the iterations is reported (the machine is shared, and the best run
 // is the one least disturbed). SSHD_BENCH_BYTES sets SIZE (default 1 GiB).
