@@ -69,7 +69,8 @@ type session struct {
 
 	// Set once the process has started; read by the request loop and hangup.
 	mu       sync.Mutex
-	gone     bool // the channel closed: nothing may start any more
+	gone     bool          // the channel closed: nothing may start any more
+	lastWin  *windowChange // the latest window change after the start
 	cmd      *exec.Cmd
 	master   *os.File    // PTY master, nil without a PTY
 	outputs  []*os.File  // pipe read ends without a PTY
@@ -182,6 +183,11 @@ func (s *session) allow(sess ssh.Session, reqType string) bool {
 	}
 	s.kind = reqType
 	s.pty, s.winch, s.isPty = sess.Pty()
+	if s.isPty {
+		// Whatever runs (sftp too), window changes must be taken off
+		// gliderlabs' queue or its request loop blocks.
+		go s.followWindow()
+	}
 	s.accepted.Store(true)
 	return true
 }
@@ -195,9 +201,6 @@ func (s *session) run(sess ssh.Session) {
 		kind = metrics.SSHShell
 	}
 	s.ended = s.c.srv.opts.Metrics.SSHSessionStarted(kind)
-	if s.isPty {
-		go s.followWindow()
-	}
 	stopSignals := s.forwardSignals(sess)
 	defer stopSignals()
 	started, err := s.begin(sess.RawCommand(), sess.Environ())
@@ -247,6 +250,7 @@ func (s *session) forwardSignals(sess ssh.Session) (stop func()) {
 
 func (s *session) resize(w windowChange) {
 	s.mu.Lock()
+	s.lastWin = &w // for a terminal still being opened
 	master := s.master
 	s.mu.Unlock()
 	if master != nil {
@@ -411,7 +415,9 @@ func (s *session) startPTY(cmd *exec.Cmd, login bool) error {
 		return fmt.Errorf("open a pseudo-terminal: %w", err)
 	}
 	size := windowChange{Cols: uint32(s.pty.Window.Width), Rows: uint32(s.pty.Window.Height)}
-	if s.pendingWin != nil {
+	if s.lastWin != nil {
+		size = *s.lastWin
+	} else if s.pendingWin != nil {
 		size = *s.pendingWin
 	}
 	if err := setWinsize(tty, size); err != nil {

@@ -414,6 +414,35 @@ func TestWindowChangeBeforeStart(t *testing.T) {
 		t.Fatalf("stty size after an early window change: %q %v, want \"41 101\"", out, err)
 	}
 
+	// sftp on a session that asked for a terminal: window changes must
+	// not block the session's requests either.
+	sess = mustSession(t, client)
+	if err := sess.RequestPty("xterm", 24, 80, gossh.TerminalModes{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := sess.RequestSubsystem("sftp"); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		if err := sess.WindowChange(30+i, 90); err != nil {
+			t.Fatal(err)
+		}
+	}
+	replied := make(chan error, 1)
+	go func() {
+		_, err := sess.SendRequest("x-ping@example.com", true, nil)
+		replied <- err
+	}()
+	select {
+	case err := <-replied:
+		if err != nil {
+			t.Fatalf("request after window changes on an sftp session: %v", err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("an sftp session with a terminal stopped answering after window changes")
+	}
+	sess.Close()
+
 	sess = mustSession(t, client)
 	if err := sess.RequestSubsystem("no-such-subsystem"); err == nil {
 		t.Fatal("unknown subsystem accepted")
