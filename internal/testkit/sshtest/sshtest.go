@@ -159,6 +159,7 @@ func RunAll(t *testing.T, tg Target) {
 	t.Run("AgentForwarding", func(t *testing.T) { AgentForwarding(t, tg) })
 	t.Run("Git", func(t *testing.T) { Git(t, tg) })
 	t.Run("FileTransfer", func(t *testing.T) { FileTransfer(t, tg) })
+	t.Run("ControlMaster", func(t *testing.T) { ControlMaster(t, tg) })
 	t.Run("KilledClient", func(t *testing.T) { KilledClient(t, tg) })
 	t.Run("DisconnectMidTransfer", func(t *testing.T) { DisconnectMidTransfer(t, tg) })
 	t.Run("UnknownRequests", func(t *testing.T) { UnknownRequests(t, tg) })
