@@ -451,3 +451,27 @@ func TestWindowChangeBeforeStart(t *testing.T) {
 		t.Fatalf("exec after a refused subsystem: %q %v", out, err)
 	}
 }
+
+// TestHangupKillsAfterGrace: when the client goes away, a session's process
+// that ignores SIGHUP gets a grace period and is then killed.
+func TestHangupKillsAfterGrace(t *testing.T) {
+	_, addr := startServer(t, sshd.Options{Logger: quietLogger(), Shell: "/bin/sh"})
+	client := dialGo(t, addr)
+	defer client.Close()
+	marker := fmt.Sprintf("sleep 4245.%d", os.Getpid())
+	sess := mustSession(t, client)
+	// An ignored signal stays ignored across exec.
+	if err := sess.Start("trap '' HUP; exec " + marker); err != nil {
+		t.Fatal(err)
+	}
+	sshtest.WaitProcess(t, marker, time.Minute)
+	hungUp := time.Now()
+	client.Close()
+
+	time.Sleep(time.Second)
+	if len(sshtest.ProcessesMatching(marker)) == 0 {
+		t.Fatal("a process that ignores SIGHUP was gone a second after the hangup: it got no grace")
+	}
+	sshtest.WaitNoProcess(t, marker, 30*time.Second)
+	t.Logf("killed %v after the hangup", time.Since(hungUp).Round(100*time.Millisecond))
+}
