@@ -475,3 +475,23 @@ func TestHangupKillsAfterGrace(t *testing.T) {
 	sshtest.WaitNoProcess(t, marker, 30*time.Second)
 	t.Logf("killed %v after the hangup", time.Since(hungUp).Round(100*time.Millisecond))
 }
+
+// TestPTYOutputUntouched: what a program writes to its terminal reaches the
+// client byte for byte; only the terminal's own settings translate newlines
+// (gliderlabs' Session.Write would add a \r to every \n).
+func TestPTYOutputUntouched(t *testing.T) {
+	_, addr := startServer(t, sshd.Options{Shell: "/bin/sh"})
+	client := dialGo(t, addr)
+	defer client.Close()
+	sess := mustSession(t, client)
+	if err := sess.RequestPty("xterm", 24, 80, gossh.TerminalModes{}); err != nil {
+		t.Fatal(err)
+	}
+	out, err := sess.Output(`stty -onlcr; printf 'a\nb\r\r\nc\n'`)
+	if err != nil {
+		t.Fatalf("raw output over a PTY: %v", err)
+	}
+	if want := "a\nb\r\r\nc\n"; string(out) != want {
+		t.Fatalf("PTY output %q, want %q", out, want)
+	}
+}
