@@ -63,7 +63,7 @@ type remoteForward struct {
 }
 
 // handleDirectTCPIP serves ssh -L: connect to host:port from the workspace.
-func (c *serverConn) handleDirectTCPIP(sconn *gossh.ServerConn, nch gossh.NewChannel) {
+func (c *serverConn) handleDirectTCPIP(_ *gossh.ServerConn, nch gossh.NewChannel) {
 	var msg directTCPIPMsg
 	if err := gossh.Unmarshal(nch.ExtraData(), &msg); err != nil {
 		_ = nch.Reject(gossh.ConnectionFailed, "malformed direct-tcpip request")
@@ -82,7 +82,7 @@ func (c *serverConn) handleDirectTCPIP(sconn *gossh.ServerConn, nch gossh.NewCha
 }
 
 // handleDirectStreamLocal serves ssh -L with a Unix socket target.
-func (c *serverConn) handleDirectStreamLocal(sconn *gossh.ServerConn, nch gossh.NewChannel) {
+func (c *serverConn) handleDirectStreamLocal(_ *gossh.ServerConn, nch gossh.NewChannel) {
 	var msg directStreamLocalMsg
 	if err := gossh.Unmarshal(nch.ExtraData(), &msg); err != nil {
 		_ = nch.Reject(gossh.ConnectionFailed, "malformed direct-streamlocal request")
