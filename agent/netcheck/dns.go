@@ -148,27 +148,27 @@ func queryDNS(ctx context.Context, server netip.Addr, name string, qtype dnsmess
 // dnsCheck queries every nameserver in resolv.conf directly for the
 // coordinator's name, so a timeout (transport) is told apart from SERVFAIL
 // (upstream) and NXDOMAIN (the name or search configuration).
-func dnsCheck(ctx context.Context, opts *Options, host string, budget time.Duration) (*check, []netip.Addr) {
-	c := newCheck("dns", "DNS configuration and resolution")
+func dnsCheck(ctx context.Context, opts *Options, host string, budget time.Duration) (*CheckBuilder, []netip.Addr) {
+	c := NewCheck("dns", "DNS configuration and resolution")
 	rc, err := readResolvConf(opts.ResolvConf)
 	if err != nil {
 		c.Summary = fmt.Sprintf("cannot read %s", opts.ResolvConf)
-		c.fail(StatusBroken, "dns.no_config", fmt.Sprintf("cannot read %s: %v", opts.ResolvConf, err), nil,
+		c.Fail(StatusBroken, "dns.no_config", fmt.Sprintf("cannot read %s: %v", opts.ResolvConf, err), nil,
 			Remedy{Text: "the runtime did not provide a resolver configuration; check the pod's dnsPolicy/dnsConfig or the container's --dns settings"})
-		return c.done(), nil
+		return c.Done(), nil
 	}
-	c.detail("nameservers", addrList(rc.nameservers))
+	c.Detail("nameservers", addrList(rc.nameservers))
 	if len(rc.search) > 0 {
-		c.detail("search", rc.search)
+		c.Detail("search", rc.search)
 	}
 	if len(rc.options) > 0 {
-		c.detail("options", rc.options)
+		c.Detail("options", rc.options)
 	}
 	if len(rc.nameservers) == 0 {
 		c.Summary = "no nameserver configured"
-		c.fail(StatusBroken, "dns.no_nameserver", fmt.Sprintf("%s lists no nameserver", opts.ResolvConf), nil,
+		c.Fail(StatusBroken, "dns.no_nameserver", fmt.Sprintf("%s lists no nameserver", opts.ResolvConf), nil,
 			Remedy{Text: "configure a nameserver (pod dnsConfig, or the runtime's --dns)"})
-		return c.done(), nil
+		return c.Done(), nil
 	}
 	name, qtype := host, dnsmessage.TypeA
 	literal := false
@@ -177,7 +177,7 @@ func dnsCheck(ctx context.Context, opts *Options, host string, budget time.Durat
 		// working resolver answers, to prove the transport.
 		name, qtype, literal = ".", dnsmessage.TypeNS, true
 	}
-	c.detail("query", name)
+	c.Detail("query", name)
 	ctx, cancel := context.WithTimeout(ctx, budget)
 	defer cancel()
 	answers := make([]dnsAnswer, len(rc.nameservers))
@@ -227,38 +227,38 @@ func dnsCheck(ctx context.Context, opts *Options, host string, budget time.Durat
 		// ".") is still worth a word: programs in the workspace need it.
 		answered := append(append(append([]string{}, nxdomain...), servfail...), other...)
 		c.Summary = fmt.Sprintf("nameservers answer, but not for the root zone (%s)", answered[0])
-		c.fail(StatusDegraded, "dns.no_upstream", "the nameservers answer but cannot resolve the root zone: they have no working upstream", answered,
+		c.Fail(StatusDegraded, "dns.no_upstream", "the nameservers answer but cannot resolve the root zone: they have no working upstream", answered,
 			Remedy{Text: "the agent does not need DNS (the coordinator URL is an address), but programs in the workspace do: check the resolver's forwarders"})
 	case literal:
 		c.Summary = fmt.Sprintf("no nameserver answers (%v)", addrList(rc.nameservers))
-		c.fail(StatusDegraded, "dns.unreachable", fmt.Sprintf("no nameserver answers: %v", addrList(rc.nameservers)), timeouts,
+		c.Fail(StatusDegraded, "dns.unreachable", fmt.Sprintf("no nameserver answers: %v", addrList(rc.nameservers)), timeouts,
 			Remedy{Text: "the agent does not need DNS (the coordinator URL is an address), but programs in the workspace do: check that UDP port 53 to the nameservers is allowed"})
 	case len(ok) > 0 && len(resolved) == 0:
 		c.Summary = fmt.Sprintf("%s has no address records", host)
-		c.fail(StatusBroken, "dns.no_records", fmt.Sprintf("the coordinator's name %s exists but has no A or AAAA records", host),
+		c.Fail(StatusBroken, "dns.no_records", fmt.Sprintf("the coordinator's name %s exists but has no A or AAAA records", host),
 			[]string{fmt.Sprintf("%s: NOERROR with no addresses", ok[0].server)},
 			Remedy{Text: "add an address record for the coordinator's name, or use --coordinator-url with an address"})
 	case len(ok) > 0:
 		c.Summary = fmt.Sprintf("%s → %v via %s (%.1f ms)", host, addrList(resolved), ok[0].server, ms(ok[0].rtt))
-		c.detail("addresses", addrList(resolved))
+		c.Detail("addresses", addrList(resolved))
 	case len(nxdomain) > 0:
 		c.Summary = fmt.Sprintf("%s does not exist (NXDOMAIN)", host)
-		c.fail(StatusBroken, "dns.nxdomain", fmt.Sprintf("the nameservers say %s does not exist", host), nxdomain,
+		c.Fail(StatusBroken, "dns.nxdomain", fmt.Sprintf("the nameservers say %s does not exist", host), nxdomain,
 			Remedy{Text: "check the coordinator URL's host name; for a cluster-internal name use its fully qualified form (ndots/search can change what is asked)"})
 	case len(servfail) > 0:
 		c.Summary = "nameservers fail upstream (SERVFAIL)"
-		c.fail(StatusBroken, "dns.servfail", fmt.Sprintf("the nameservers cannot resolve %s (SERVFAIL): their upstream is failing", name), append(servfail, timeouts...),
+		c.Fail(StatusBroken, "dns.servfail", fmt.Sprintf("the nameservers cannot resolve %s (SERVFAIL): their upstream is failing", name), append(servfail, timeouts...),
 			Remedy{Text: "the resolver is reachable but its upstream is not; check the cluster DNS (CoreDNS) logs and its forwarders"})
 	case len(other) > 0:
 		c.Summary = "nameservers refuse the query"
-		c.fail(StatusBroken, "dns.refused", fmt.Sprintf("the nameservers refuse to resolve %s", name), append(other, timeouts...),
+		c.Fail(StatusBroken, "dns.refused", fmt.Sprintf("the nameservers refuse to resolve %s", name), append(other, timeouts...),
 			Remedy{Text: "the configured nameserver does not serve this client; point resolv.conf at the cluster DNS"})
 	default:
 		c.Summary = fmt.Sprintf("no nameserver answers (%v)", addrList(rc.nameservers))
-		c.fail(StatusBroken, "dns.unreachable", fmt.Sprintf("no nameserver answers: %v", addrList(rc.nameservers)), timeouts,
+		c.Fail(StatusBroken, "dns.unreachable", fmt.Sprintf("no nameserver answers: %v", addrList(rc.nameservers)), timeouts,
 			Remedy{Text: "the nameservers are unreachable over UDP port 53: check the gateway finding first; otherwise a NetworkPolicy or firewall blocks DNS, or the DNS service is down"})
 	}
-	return c.done(), resolved
+	return c.Done(), resolved
 }
 
 func addrList(a []netip.Addr) []string {

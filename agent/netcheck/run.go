@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/agentd/agent/agent/netcheck/internal/netstate"
 	"log/slog"
 	"net/netip"
 	"net/url"
@@ -16,8 +17,8 @@ import (
 	"github.com/agentd/agent/tailnet"
 )
 
-// Options configure a run. The zero value checks the workspace network
-// without a coordinator.
+// Options configure a workspace run. The zero value checks the workspace
+// network without a coordinator.
 type Options struct {
 	Logger *slog.Logger `json:"-"`
 
@@ -42,15 +43,6 @@ type Options struct {
 	// full report on a healthy network takes well under 2 s and a broken
 	// one returns in about that time.
 	Timeout time.Duration
-
-	// Host selects the node checks instead of the workspace checks.
-	Host bool
-	// Root is where the node's file tree is (default /; a DaemonSet mounts
-	// the host at /host).
-	Root string
-	// Bridges are bridges that must exist, be up and have an IPv4 address,
-	// in addition to those found in CNI and Docker configuration.
-	Bridges []string
 
 	// Now returns the time (tests move the clock).
 	Now func() time.Time `json:"-"`
@@ -78,9 +70,6 @@ func (o Options) withDefaults() Options {
 	}
 	if o.Timeout <= 0 {
 		o.Timeout = 1800 * time.Millisecond
-	}
-	if o.Root == "" {
-		o.Root = "/"
 	}
 	return o
 }
@@ -127,14 +116,11 @@ func (o *Options) Validate() error {
 	return nil
 }
 
-// Run performs one full check (workspace or, with Host, node) and returns
-// the report. It never returns nil; problems running a check become
-// findings.
+// Run performs one full check of the workspace's network and returns the
+// report. It never returns nil; problems running a check become findings.
+// The node's side is package node.
 func Run(ctx context.Context, opts Options) *Report {
 	o := opts.withDefaults()
-	if o.Host {
-		return runHost(ctx, &o)
-	}
 	return runWorkspace(ctx, &o, "full")
 }
 
@@ -145,26 +131,26 @@ func runWorkspace(ctx context.Context, o *Options, scope string) *Report {
 	rep := &Report{Mode: "workspace", Scope: scope}
 	u, err := o.coordinatorURL()
 	if err != nil {
-		c := newCheck("options", "Options")
-		c.fail(StatusBroken, "options.invalid", err.Error(), nil, Remedy{Text: "pass --coordinator-url https://HOST[:PORT]"})
-		rep.add(c.done())
-		rep.finish(started)
+		c := NewCheck("options", "Options")
+		c.Fail(StatusBroken, "options.invalid", err.Error(), nil, Remedy{Text: "pass --coordinator-url https://HOST[:PORT]"})
+		rep.Add(c.Done())
+		rep.Finish(started)
 		return rep
 	}
 
-	st, err := readNetState()
+	st, err := netstate.Read()
 	if err != nil {
-		c := newCheck("link", "Interface, carrier and MTU")
-		c.fail(StatusBroken, "netlink.unavailable", fmt.Sprintf("cannot read the network configuration: %v", err), nil,
+		c := NewCheck("link", "Interface, carrier and MTU")
+		c.Fail(StatusBroken, "netlink.unavailable", fmt.Sprintf("cannot read the network configuration: %v", err), nil,
 			Remedy{Text: "rtnetlink is unavailable (a sandboxed runtime such as gVisor?); the active probes below still run"})
-		rep.add(c.done())
+		rep.Add(c.Done())
 	}
 	prim := &primary{}
 	if st != nil {
-		var local []*check
+		var local []*CheckBuilder
 		local, prim = localChecks(st, o)
 		for _, c := range local {
-			rep.add(c)
+			rep.Add(c)
 		}
 	}
 
@@ -181,11 +167,11 @@ func runWorkspace(ctx context.Context, o *Options, scope string) *Report {
 	gwBudget := budget * 5 / 9
 	var wg sync.WaitGroup
 	var mu sync.Mutex
-	add := func(cs ...*check) {
+	add := func(cs ...*CheckBuilder) {
 		mu.Lock()
 		defer mu.Unlock()
 		for _, c := range cs {
-			rep.add(c)
+			rep.Add(c)
 		}
 	}
 
@@ -199,9 +185,9 @@ func runWorkspace(ctx context.Context, o *Options, scope string) *Report {
 	}()
 	if scope == "quick" {
 		wg.Wait()
-		rep.sortChecks()
+		rep.SortChecks()
 		diagnose(rep)
-		rep.finish(started)
+		rep.Finish(started)
 		return rep
 	}
 
@@ -267,22 +253,24 @@ func runWorkspace(ctx context.Context, o *Options, scope string) *Report {
 		hwg.Wait()
 	}()
 	wg.Wait()
-	rep.sortChecks()
+	rep.SortChecks()
 	diagnose(rep)
-	rep.finish(started)
+	rep.Finish(started)
 	return rep
 }
 
-func (r *Report) add(c *check) {
+// Add appends a finished check and its findings.
+func (r *Report) Add(c *CheckBuilder) {
 	r.Checks = append(r.Checks, c.Check)
-	r.Findings = append(r.Findings, c.findings...)
+	r.Findings = append(r.Findings, c.Findings...)
 }
 
 // checkOrder is the order checks appear in, from the wire outwards.
 var checkOrder = []string{"options", "link", "address", "route", "gateway", "mtu", "dns", "proxy", "https", "clock", "derp", "udp",
 	"bridges", "veths", "networkd", "networkd-state", "udev-link", "foreign-routes"}
 
-func (r *Report) sortChecks() {
+// SortChecks orders checks from the wire outwards.
+func (r *Report) SortChecks() {
 	pos := func(id string) int {
 		for i, x := range checkOrder {
 			if x == id {

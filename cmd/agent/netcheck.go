@@ -7,12 +7,15 @@ import (
 	"time"
 
 	"github.com/agentd/agent/agent/netcheck"
+	"github.com/agentd/agent/agent/netcheck/node"
 	"github.com/spf13/cobra"
 )
 
 func newNetcheckCmd(env *cliEnv) *cobra.Command {
 	var (
 		opts         netcheck.Options
+		nodeOpts     node.Options
+		host         bool
 		jsonOut      bool
 		watch        bool
 		interval     time.Duration
@@ -37,10 +40,11 @@ Exit status: 0 healthy, 1 degraded, 2 broken. See docs/netcheck.md.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			opts.Logger = env.Logger()
 			opts.Getenv = env.Getenv
+			nodeOpts.Logger = env.Logger()
 			if err := opts.Validate(); err != nil {
 				return err
 			}
-			if (fix || dryRun) && !opts.Host {
+			if (fix || dryRun) && !host {
 				return fmt.Errorf("--fix and --dry-run change the node's networkd configuration: add --host")
 			}
 			if fix && watch {
@@ -48,10 +52,20 @@ Exit status: 0 healthy, 1 degraded, 2 broken. See docs/netcheck.md.`,
 			}
 			ctx := cmd.Context()
 			if fix || dryRun {
-				return runGuard(ctx, env, opts, guardPattern, dryRun, jsonOut)
+				return runGuard(ctx, env, nodeOpts, guardPattern, dryRun, jsonOut)
+			}
+			run := func(ctx context.Context) *netcheck.Report { return netcheck.Run(ctx, opts) }
+			watchFn := func(ctx context.Context, w netcheck.WatchOptions, fn func(*netcheck.Report)) error {
+				return netcheck.Watch(ctx, opts, w, fn)
+			}
+			if host {
+				run = func(ctx context.Context) *netcheck.Report { return node.Run(ctx, nodeOpts) }
+				watchFn = func(ctx context.Context, w netcheck.WatchOptions, fn func(*netcheck.Report)) error {
+					return node.Watch(ctx, nodeOpts, w, fn)
+				}
 			}
 			if watch {
-				err := netcheck.Watch(ctx, opts, netcheck.WatchOptions{Interval: interval}, func(r *netcheck.Report) {
+				err := watchFn(ctx, netcheck.WatchOptions{Interval: interval}, func(r *netcheck.Report) {
 					if jsonOut {
 						_ = r.WriteJSON(env.Stdout)
 						return
@@ -65,7 +79,7 @@ Exit status: 0 healthy, 1 degraded, 2 broken. See docs/netcheck.md.`,
 				}
 				return nil
 			}
-			r := netcheck.Run(ctx, opts)
+			r := run(ctx)
 			if jsonOut {
 				if err := r.WriteJSON(env.Stdout); err != nil {
 					return err
@@ -90,9 +104,9 @@ Exit status: 0 healthy, 1 degraded, 2 broken. See docs/netcheck.md.`,
 	f.BoolVar(&jsonOut, "json", false, "print the report as JSON (schema in docs/netcheck.md)")
 	f.BoolVar(&watch, "watch", false, "keep checking; print a report whenever the status changes")
 	f.DurationVar(&interval, "interval", time.Second, "with --watch: how often to probe")
-	f.BoolVar(&opts.Host, "host", false, "check the node (bridges, veths, systemd-networkd, udev) instead of the workspace")
-	f.StringVar(&opts.Root, "root", "/", "with --host: where the node's file tree is (a DaemonSet mounts it at /host)")
-	f.StringSliceVar(&opts.Bridges, "bridge", nil, "with --host: a bridge that must exist, be up and addressed (repeatable; CNI and Docker bridges are found automatically)")
+	f.BoolVar(&host, "host", false, "check the node (bridges, veths, systemd-networkd, udev) instead of the workspace")
+	f.StringVar(&nodeOpts.Root, "root", "/", "with --host: where the node's file tree is (a DaemonSet mounts it at /host)")
+	f.StringSliceVar(&nodeOpts.Bridges, "bridge", nil, "with --host: a bridge that must exist, be up and addressed (repeatable; CNI and Docker bridges are found automatically)")
 	f.BoolVar(&fix, "fix", false, "with --host: write networkd/udev configuration that keeps them off container interfaces")
 	f.BoolVar(&dryRun, "dry-run", false, "with --host: show what --fix would write, change nothing")
 	f.StringSliceVar(&guardPattern, "pattern", nil, "with --fix: extra interface-name glob to mark unmanaged (refused if it matches the uplink)")
@@ -101,8 +115,8 @@ Exit status: 0 healthy, 1 degraded, 2 broken. See docs/netcheck.md.`,
 
 // runGuard plans the networkd guard, shows it, and writes it unless this is
 // a dry run; afterwards it checks the node again.
-func runGuard(ctx context.Context, env *cliEnv, opts netcheck.Options, patterns []string, dryRun, jsonOut bool) error {
-	plan, err := netcheck.PlanGuard(opts, netcheck.GuardOptions{Patterns: patterns})
+func runGuard(ctx context.Context, env *cliEnv, opts node.Options, patterns []string, dryRun, jsonOut bool) error {
+	plan, err := node.PlanGuard(opts, node.GuardOptions{Patterns: patterns})
 	if err != nil {
 		return err
 	}
@@ -124,11 +138,11 @@ func runGuard(ctx context.Context, env *cliEnv, opts netcheck.Options, patterns 
 	if err := plan.Apply(); err != nil {
 		return err
 	}
-	r := netcheck.Run(ctx, opts)
+	r := node.Run(ctx, opts)
 	if jsonOut {
 		return writeJSON(env, struct {
-			Plan   *netcheck.GuardPlan `json:"plan"`
-			Report *netcheck.Report    `json:"report"`
+			Plan   *node.GuardPlan  `json:"plan"`
+			Report *netcheck.Report `json:"report"`
 		}{plan, r})
 	}
 	if err := plan.WriteText(env.Stdout); err != nil {

@@ -1,10 +1,18 @@
-package netcheck
+// Package node is the node doctor behind `agent netcheck --host`: it checks
+// a node's container networking from the outside (bridges, veth attachment,
+// systemd-networkd and udev configuration and state) and writes the guard
+// that keeps networkd and udev off container interfaces (--fix).
+package node
 
 import (
+	"log/slog"
+
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/agentd/agent/agent/netcheck"
+	"github.com/agentd/agent/agent/netcheck/internal/netstate"
 	"io/fs"
 	"net/netip"
 	"os"
@@ -64,7 +72,7 @@ func (e expectedBridge) leases() []string {
 // inventory is the node's container networking as found in netlink and
 // configuration.
 type inventory struct {
-	st        *netState
+	st        *netstate.State
 	expected  []expectedBridge
 	container []netlink.Link // container interfaces present
 	// protected are the uplink and its bridge/ports, which no guard pattern
@@ -82,22 +90,22 @@ func matchesAny(globs []string, name string) bool {
 	return false
 }
 
-func takeInventory(st *netState, o *Options) *inventory {
+func takeInventory(st *netstate.State, o *Options) *inventory {
 	inv := &inventory{st: st}
 	// Uplinks: default-route devices, their masters, and a bridge uplink's
 	// ports other than container interfaces.
 	prot := map[string]bool{}
-	for _, r := range st.defaultRoutes() {
-		l := st.byIdx[r.LinkIndex]
+	for _, r := range st.DefaultRoutes() {
+		l := st.ByIdx[r.LinkIndex]
 		if l == nil {
 			continue
 		}
 		prot[l.Attrs().Name] = true
-		if m := st.byIdx[l.Attrs().MasterIndex]; m != nil {
+		if m := st.ByIdx[l.Attrs().MasterIndex]; m != nil {
 			prot[m.Attrs().Name] = true
 		}
 		if l.Type() == "bridge" {
-			for _, p := range st.links {
+			for _, p := range st.Links {
 				if p.Attrs().MasterIndex == l.Attrs().Index && !matchesAny(containerGlobs(), p.Attrs().Name) {
 					prot[p.Attrs().Name] = true
 				}
@@ -118,7 +126,7 @@ func takeInventory(st *netState, o *Options) *inventory {
 		}
 		return false
 	}
-	for _, l := range st.links {
+	for _, l := range st.Links {
 		n := l.Attrs().Name
 		if prot[n] || n == "lo" {
 			continue
@@ -135,8 +143,8 @@ func takeInventory(st *netState, o *Options) *inventory {
 	return inv
 }
 
-func hasVethPorts(st *netState, br netlink.Link) bool {
-	for _, l := range st.links {
+func hasVethPorts(st *netstate.State, br netlink.Link) bool {
+	for _, l := range st.Links {
 		if l.Attrs().MasterIndex == br.Attrs().Index && l.Type() == "veth" {
 			return true
 		}
@@ -269,48 +277,76 @@ func cniBridges(data []byte) []expectedBridge {
 	return out
 }
 
-// runHost runs the node checks.
-func runHost(ctx context.Context, o *Options) *Report {
+// Options configure a node check. The zero value checks the node this
+// process runs on.
+type Options struct {
+	Logger *slog.Logger `json:"-"`
+	// Root is where the node's file tree is (default /; a DaemonSet mounts
+	// the host at /host).
+	Root string
+	// Bridges are bridges that must exist, be up and have an IPv4 address,
+	// in addition to those found in CNI and Docker configuration.
+	Bridges []string
+}
+
+func (o Options) withDefaults() Options {
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Root == "" {
+		o.Root = "/"
+	}
+	return o
+}
+
+// Run performs the node checks and returns the report. It never returns
+// nil; problems running a check become findings.
+func Run(ctx context.Context, opts Options) *netcheck.Report {
+	o := opts.withDefaults()
+	return run(ctx, &o)
+}
+
+func run(ctx context.Context, o *Options) *netcheck.Report {
 	started := time.Now()
-	rep := &Report{Mode: "host", Scope: "full"}
-	st, err := readNetState()
+	rep := &netcheck.Report{Mode: "host", Scope: "full"}
+	st, err := netstate.Read()
 	if err != nil {
-		c := newCheck("bridges", "Container bridges")
-		c.fail(StatusBroken, "netlink.unavailable", fmt.Sprintf("cannot read the node's network configuration: %v", err), nil,
-			Remedy{Text: "run on the node's network namespace (hostNetwork: true)"})
-		rep.add(c.done())
-		rep.finish(started)
+		c := netcheck.NewCheck("bridges", "Container bridges")
+		c.Fail(netcheck.StatusBroken, "netlink.unavailable", fmt.Sprintf("cannot read the node's network configuration: %v", err), nil,
+			netcheck.Remedy{Text: "run on the node's network namespace (hostNetwork: true)"})
+		rep.Add(c.Done())
+		rep.Finish(started)
 		return rep
 	}
 	inv := takeInventory(st, o)
-	rep.add(bridgesCheck(inv))
-	rep.add(vethsCheck(inv))
+	rep.Add(bridgesCheck(inv))
+	rep.Add(vethsCheck(inv))
 	cfg, cerr := networkd.Load(o.Root)
 	active, aerr := networkd.StateAvailable(o.Root)
 	if aerr != nil {
 		o.Logger.Debug("networkd state", "err", aerr)
 	}
 	if cerr != nil {
-		c := newCheck("networkd", "systemd-networkd configuration")
-		c.fail(StatusDegraded, "networkd.unreadable", cerr.Error(), nil, Remedy{Text: "check --root"})
-		rep.add(c.done())
+		c := netcheck.NewCheck("networkd", "systemd-networkd configuration")
+		c.Fail(netcheck.StatusDegraded, "networkd.unreadable", cerr.Error(), nil, netcheck.Remedy{Text: "check --root"})
+		rep.Add(c.Done())
 	} else {
-		rep.add(networkdConfigCheck(cfg, inv, o, active))
-		rep.add(udevLinkCheck(cfg, inv, o))
-		rep.add(foreignRoutesCheck(cfg, active, o))
+		rep.Add(networkdConfigCheck(cfg, inv, o, active))
+		rep.Add(udevLinkCheck(cfg, inv, o))
+		rep.Add(foreignRoutesCheck(cfg, active, o))
 	}
-	rep.add(networkdStateCheck(inv, o, active))
-	rep.sortChecks()
-	if f := rep.firstBroken(); f != nil {
+	rep.Add(networkdStateCheck(inv, o, active))
+	rep.SortChecks()
+	if f := firstBroken(rep); f != nil {
 		rep.Summary = f.Problem
 	}
-	rep.finish(started)
+	rep.Finish(started)
 	return rep
 }
 
-func (r *Report) firstBroken() *Finding {
+func firstBroken(r *netcheck.Report) *netcheck.Finding {
 	for i := range r.Findings {
-		if r.Findings[i].Severity == StatusBroken {
+		if r.Findings[i].Severity == netcheck.StatusBroken {
 			return &r.Findings[i]
 		}
 	}
@@ -318,25 +354,25 @@ func (r *Report) firstBroken() *Finding {
 }
 
 // guardRemedy is the remedy every networkd/udev hazard points at.
-func guardRemedy(o *Options, text string) Remedy {
+func guardRemedy(o *Options, text string) netcheck.Remedy {
 	cmd := "agent netcheck --host --fix"
 	if o.Root != "/" {
 		cmd += " --root " + o.Root
 	}
-	r := Remedy{Text: text + "; `" + cmd + "` writes the guard (preview with --dry-run), then reload:",
+	r := netcheck.Remedy{Text: text + "; `" + cmd + "` writes the guard (preview with --dry-run), then reload:",
 		Commands: []string{cmd + " --dry-run", cmd, "networkctl reload", "udevadm control --reload"}}
 	if plan, err := PlanGuard(*o); err == nil {
 		for _, f := range plan.Files {
 			if f.Change != "unchanged" {
-				r.Files = append(r.Files, FileChange{Path: f.Path, Content: f.Content})
+				r.Files = append(r.Files, netcheck.FileChange{Path: f.Path, Content: f.Content})
 			}
 		}
 	}
 	return r
 }
 
-func bridgesCheck(inv *inventory) *check {
-	c := newCheck("bridges", "Container bridges exist, are up and addressed")
+func bridgesCheck(inv *inventory) *netcheck.CheckBuilder {
+	c := netcheck.NewCheck("bridges", "Container bridges exist, are up and addressed")
 	st := inv.st
 	var names, unused []string
 	checked := map[string]bool{}
@@ -359,8 +395,8 @@ func bridgesCheck(inv *inventory) *check {
 			if len(leases) > 0 {
 				ev = append(ev, fmt.Sprintf("host-local IPAM in %s still holds %s for containers on it", e.leaseDir, strings.Join(leases, ", ")))
 			}
-			c.fail(StatusBroken, "bridge.missing", fmt.Sprintf("bridge %s is gone: every container on it has lost its network", e.name), ev,
-				Remedy{Text: "something deleted the bridge (systemd-networkd managing it does this); recreate it by restarting the container runtime or the pods, and install the networkd guard so it does not happen again",
+			c.Fail(netcheck.StatusBroken, "bridge.missing", fmt.Sprintf("bridge %s is gone: every container on it has lost its network", e.name), ev,
+				netcheck.Remedy{Text: "something deleted the bridge (systemd-networkd managing it does this); recreate it by restarting the container runtime or the pods, and install the networkd guard so it does not happen again",
 					Commands: recreateBridgeCommands(e)})
 			names = append(names, e.name)
 			continue
@@ -369,7 +405,7 @@ func bridgesCheck(inv *inventory) *check {
 		checkBridge(c, st, l, e.gateway, e.source, true)
 	}
 	if len(unused) > 0 {
-		c.detail("unused", unused)
+		c.Detail("unused", unused)
 	}
 	for _, l := range inv.container {
 		if l.Type() == "bridge" && !checked[l.Attrs().Name] {
@@ -377,21 +413,21 @@ func bridgesCheck(inv *inventory) *check {
 			checkBridge(c, st, l, netip.Prefix{}, "", false)
 		}
 	}
-	c.detail("bridges", names)
+	c.Detail("bridges", names)
 	if len(names) == 0 {
 		if len(unused) > 0 {
-			c.skip("no container bridge in use; configured but not created yet: " + strings.Join(unused, "; "))
-			return c.done()
+			c.Skip("no container bridge in use; configured but not created yet: " + strings.Join(unused, "; "))
+			return c.Done()
 		}
-		c.skip("no container bridges configured or present")
-		return c.done()
+		c.Skip("no container bridges configured or present")
+		return c.Done()
 	}
-	if c.Status == StatusOK {
+	if c.Status == netcheck.StatusOK {
 		c.Summary = fmt.Sprintf("%s up, with their addresses", strings.Join(names, ", "))
 	} else {
-		c.Summary = fmt.Sprintf("%d problem(s) with %s", len(c.findings), strings.Join(names, ", "))
+		c.Summary = fmt.Sprintf("%d problem(s) with %s", len(c.Findings), strings.Join(names, ", "))
 	}
-	return c.done()
+	return c.Done()
 }
 
 func recreateBridgeCommands(e expectedBridge) []string {
@@ -406,21 +442,21 @@ func recreateBridgeCommands(e expectedBridge) []string {
 	return cmds
 }
 
-func checkBridge(c *check, st *netState, l netlink.Link, want netip.Prefix, source string, expected bool) {
+func checkBridge(c *netcheck.CheckBuilder, st *netstate.State, l netlink.Link, want netip.Prefix, source string, expected bool) {
 	n := l.Attrs().Name
 	ports := 0
-	for _, p := range st.links {
+	for _, p := range st.Links {
 		if p.Attrs().MasterIndex == l.Attrs().Index {
 			ports++
 		}
 	}
-	if !adminUp(l) {
-		c.fail(StatusBroken, "bridge.down", fmt.Sprintf("bridge %s is down", n),
+	if !netstate.AdminUp(l) {
+		c.Fail(netcheck.StatusBroken, "bridge.down", fmt.Sprintf("bridge %s is down", n),
 			[]string{fmt.Sprintf("%s flags %v, %d ports", n, l.Attrs().Flags, ports)},
-			Remedy{Text: "bring it up and install the networkd guard", Commands: []string{"ip link set " + n + " up"}})
+			netcheck.Remedy{Text: "bring it up and install the networkd guard", Commands: []string{"ip link set " + n + " up"}})
 		return
 	}
-	v4 := ipv4Of(st.addrs[l.Attrs().Index])
+	v4 := netstate.IPv4Of(st.Addrs[l.Attrs().Index])
 	if len(v4) == 0 && (expected || ports > 0) {
 		cmd := fmt.Sprintf("ip addr add GATEWAY/PREFIX dev %s   # the address the containers use as gateway", n)
 		if want.IsValid() {
@@ -432,8 +468,8 @@ func checkBridge(c *check, st *netState, l netlink.Link, want netip.Prefix, sour
 		} else if expected {
 			ev = append(ev, fmt.Sprintf("%s is expected (%s) to carry the containers' gateway address", n, source))
 		}
-		c.fail(StatusBroken, "bridge.no_address", fmt.Sprintf("bridge %s has lost its address: containers on it cannot reach their gateway", n), ev,
-			Remedy{Text: "put the gateway address back (or restart the runtime) and install the networkd guard (systemd-networkd removes addresses it did not configure)", Commands: []string{cmd}})
+		c.Fail(netcheck.StatusBroken, "bridge.no_address", fmt.Sprintf("bridge %s has lost its address: containers on it cannot reach their gateway", n), ev,
+			netcheck.Remedy{Text: "put the gateway address back (or restart the runtime) and install the networkd guard (systemd-networkd removes addresses it did not configure)", Commands: []string{cmd}})
 		return
 	}
 	if want.IsValid() && len(v4) > 0 {
@@ -444,15 +480,15 @@ func checkBridge(c *check, st *netState, l netlink.Link, want netip.Prefix, sour
 			}
 		}
 		if !found {
-			c.fail(StatusDegraded, "bridge.unexpected_address", fmt.Sprintf("bridge %s has %v, but %s expects %s", n, v4, source, want),
+			c.Fail(netcheck.StatusDegraded, "bridge.unexpected_address", fmt.Sprintf("bridge %s has %v, but %s expects %s", n, v4, source, want),
 				[]string{fmt.Sprintf("%s addresses: %v", n, v4)},
-				Remedy{Text: "check which tool changed the bridge's address", Commands: []string{fmt.Sprintf("ip addr add %s dev %s", want, n)}})
+				netcheck.Remedy{Text: "check which tool changed the bridge's address", Commands: []string{fmt.Sprintf("ip addr add %s dev %s", want, n)}})
 		}
 	}
 }
 
-func linkByName(st *netState, name string) netlink.Link {
-	for _, l := range st.links {
+func linkByName(st *netstate.State, name string) netlink.Link {
+	for _, l := range st.Links {
 		if l.Attrs().Name == name {
 			return l
 		}
@@ -462,14 +498,14 @@ func linkByName(st *netState, name string) netlink.Link {
 
 // vethsWithoutMaster lists container veths that are in no bridge and carry
 // no route (a routed CNI's veths have a host route through them).
-func vethsWithoutMaster(st *netState, protected []string) []string {
+func vethsWithoutMaster(st *netstate.State, protected []string) []string {
 	var out []string
-	for _, l := range st.links {
+	for _, l := range st.Links {
 		a := l.Attrs()
 		if slices.Contains(protected, a.Name) {
 			continue
 		}
-		if l.Type() == "veth" && a.MasterIndex == 0 && a.NetNsID >= 0 && st.routesVia(a.Index) == 0 && len(st.globalAddrs(a.Index)) == 0 {
+		if l.Type() == "veth" && a.MasterIndex == 0 && a.NetNsID >= 0 && st.RoutesVia(a.Index) == 0 && len(st.GlobalAddrs(a.Index)) == 0 {
 			out = append(out, a.Name)
 		}
 	}
@@ -477,11 +513,11 @@ func vethsWithoutMaster(st *netState, protected []string) []string {
 	return out
 }
 
-func vethsCheck(inv *inventory) *check {
-	c := newCheck("veths", "Container veths attached to a bridge")
+func vethsCheck(inv *inventory) *netcheck.CheckBuilder {
+	c := netcheck.NewCheck("veths", "Container veths attached to a bridge")
 	st := inv.st
 	total, attached := 0, 0
-	for _, l := range st.links {
+	for _, l := range st.Links {
 		if l.Type() == "veth" && l.Attrs().NetNsID >= 0 && !slices.Contains(inv.protected, l.Attrs().Name) {
 			total++
 			if l.Attrs().MasterIndex > 0 {
@@ -489,11 +525,11 @@ func vethsCheck(inv *inventory) *check {
 			}
 		}
 	}
-	c.detail("container_veths", total)
-	c.detail("attached", attached)
+	c.Detail("container_veths", total)
+	c.Detail("attached", attached)
 	if total == 0 {
-		c.skip("no container veths")
-		return c.done()
+		c.Skip("no container veths")
+		return c.Done()
 	}
 	bridge := "BRIDGE"
 	if len(inv.expected) == 1 {
@@ -502,7 +538,7 @@ func vethsCheck(inv *inventory) *check {
 		// The bridge most veths are on.
 		count := map[int]int{}
 		best := 0
-		for _, l := range st.links {
+		for _, l := range st.Links {
 			if l.Type() == "veth" && l.Attrs().MasterIndex > 0 {
 				count[l.Attrs().MasterIndex]++
 				if count[l.Attrs().MasterIndex] > count[best] {
@@ -510,32 +546,32 @@ func vethsCheck(inv *inventory) *check {
 				}
 			}
 		}
-		if m := st.byIdx[best]; m != nil {
+		if m := st.ByIdx[best]; m != nil {
 			bridge = m.Attrs().Name
 		}
 	}
 	detached := vethsWithoutMaster(st, inv.protected)
 	for _, n := range detached {
 		l := linkByName(st, n)
-		c.fail(StatusBroken, "veth.no_master", fmt.Sprintf("veth %s is detached from its bridge: the container behind it has no network past its eth0", n),
+		c.Fail(netcheck.StatusBroken, "veth.no_master", fmt.Sprintf("veth %s is detached from its bridge: the container behind it has no network past its eth0", n),
 			[]string{fmt.Sprintf("%s (ifindex %d, peer ifindex %d in netns id %d) has no master, no address and no route", n, l.Attrs().Index, l.Attrs().ParentIndex, l.Attrs().NetNsID)},
-			Remedy{Text: "reattach it (or restart the container) and install the networkd guard: systemd-networkd managing veths removes them from their bridge",
+			netcheck.Remedy{Text: "reattach it (or restart the container) and install the networkd guard: systemd-networkd managing veths removes them from their bridge",
 				Commands: []string{fmt.Sprintf("ip link set %s master %s up", n, bridge)}})
 	}
-	for _, l := range st.links {
+	for _, l := range st.Links {
 		a := l.Attrs()
-		if l.Type() == "veth" && a.NetNsID >= 0 && !adminUp(l) && !slices.Contains(inv.protected, a.Name) {
-			c.fail(StatusBroken, "veth.down", fmt.Sprintf("veth %s is down: the container behind it has no carrier", a.Name),
+		if l.Type() == "veth" && a.NetNsID >= 0 && !netstate.AdminUp(l) && !slices.Contains(inv.protected, a.Name) {
+			c.Fail(netcheck.StatusBroken, "veth.down", fmt.Sprintf("veth %s is down: the container behind it has no carrier", a.Name),
 				[]string{fmt.Sprintf("%s flags %v", a.Name, a.Flags)},
-				Remedy{Text: "bring it up", Commands: []string{"ip link set " + a.Name + " up"}})
+				netcheck.Remedy{Text: "bring it up", Commands: []string{"ip link set " + a.Name + " up"}})
 		}
 	}
-	if c.Status == StatusOK {
+	if c.Status == netcheck.StatusOK {
 		c.Summary = fmt.Sprintf("%d container veths, %d in a bridge, none detached", total, attached)
 	} else {
 		c.Summary = fmt.Sprintf("%d of %d container veths detached", len(detached), total)
 	}
-	return c.done()
+	return c.Done()
 }
 
 // ifaceFor describes a link the way systemd's [Match] sees it.
@@ -545,7 +581,7 @@ func ifaceFor(l netlink.Link) networkd.Interface {
 	if kind == "device" {
 		kind = ""
 	}
-	typ := devType(a.Name)
+	typ := netstate.DevType(a.Name)
 	if typ == "" {
 		switch {
 		case a.Name == "lo":
@@ -593,11 +629,11 @@ func networkdInstalled(root string) bool {
 	return false
 }
 
-func networkdConfigCheck(cfg *networkd.Config, inv *inventory, o *Options, active bool) *check {
-	c := newCheck("networkd", "systemd-networkd configuration for container interfaces")
+func networkdConfigCheck(cfg *networkd.Config, inv *inventory, o *Options, active bool) *netcheck.CheckBuilder {
+	c := netcheck.NewCheck("networkd", "systemd-networkd configuration for container interfaces")
 	if !active && !networkdInstalled(o.Root) {
-		c.skip("systemd-networkd is not installed")
-		return c.done()
+		c.Skip("systemd-networkd is not installed")
+		return c.Done()
 	}
 	var hazards []string
 	var files []string
@@ -614,32 +650,32 @@ func networkdConfigCheck(cfg *networkd.Config, inv *inventory, o *Options, activ
 		hazards = append(hazards, fmt.Sprintf("%s → %s (%s; not Unmanaged=yes)", what, sel.File.Path, why))
 		files = append(files, sel.File.Path)
 	}
-	c.detail("network_files", len(cfg.Networks))
+	c.Detail("network_files", len(cfg.Networks))
 	for _, f := range cfg.CatchAll() {
-		c.fail(StatusDegraded, "networkd.catch_all_file", fmt.Sprintf("%s has no [Match] keys: current networkd ignores it, older versions (the 2016 CoreOS outage) apply it to every interface, containers included", f.Path),
+		c.Fail(netcheck.StatusDegraded, "networkd.catch_all_file", fmt.Sprintf("%s has no [Match] keys: current networkd ignores it, older versions (the 2016 CoreOS outage) apply it to every interface, containers included", f.Path),
 			[]string{fmt.Sprintf("%s: no Name=, Kind=, Type=, Driver= or other [Match] key", f.Path)},
-			Remedy{Text: "give it a [Match] naming the interfaces it is meant for (e.g. Name=en* eth0), so its effect does not depend on the systemd version"})
+			netcheck.Remedy{Text: "give it a [Match] naming the interfaces it is meant for (e.g. Name=en* eth0), so its effect does not depend on the systemd version"})
 	}
-	if len(hazards) == 0 && len(c.findings) == 0 {
+	if len(hazards) == 0 && len(c.Findings) == 0 {
 		c.Summary = fmt.Sprintf("no .network file would manage container interfaces (%d files read)", len(cfg.Networks))
-		return c.done()
+		return c.Done()
 	}
 	if len(hazards) == 0 {
-		c.Summary = fmt.Sprintf("%d .network file(s) without [Match]", len(c.findings))
-		return c.done()
+		c.Summary = fmt.Sprintf("%d .network file(s) without [Match]", len(c.Findings))
+		return c.Done()
 	}
 	sort.Strings(files)
 	c.Summary = fmt.Sprintf("%d container interface(s) would be managed by networkd", len(hazards))
-	c.fail(StatusDegraded, "networkd.would_manage", "systemd-networkd configuration matches container interfaces: when it manages them it removes their addresses and bridge membership",
+	c.Fail(netcheck.StatusDegraded, "networkd.would_manage", "systemd-networkd configuration matches container interfaces: when it manages them it removes their addresses and bridge membership",
 		hazards, guardRemedy(o, "mark container interfaces Unmanaged=yes in a .network file that sorts first"))
-	return c.done()
+	return c.Done()
 }
 
-func networkdStateCheck(inv *inventory, o *Options, active bool) *check {
-	c := newCheck("networkd-state", "systemd-networkd's own view of container interfaces")
+func networkdStateCheck(inv *inventory, o *Options, active bool) *netcheck.CheckBuilder {
+	c := netcheck.NewCheck("networkd-state", "systemd-networkd's own view of container interfaces")
 	if !active {
-		c.skip("systemd-networkd is not running (no state in /run/systemd/netif/links)")
-		return c.done()
+		c.Skip("systemd-networkd is not running (no state in /run/systemd/netif/links)")
+		return c.Done()
 	}
 	var managed []string
 	unmanaged := 0
@@ -661,20 +697,20 @@ func networkdStateCheck(inv *inventory, o *Options, active bool) *check {
 			unmanaged++
 		}
 	}
-	c.detail("managed", len(managed))
-	c.detail("unmanaged", unmanaged)
+	c.Detail("managed", len(managed))
+	c.Detail("unmanaged", unmanaged)
 	if len(managed) == 0 {
 		c.Summary = fmt.Sprintf("networkd leaves all %d container interfaces it knows unmanaged", unmanaged)
-		return c.done()
+		return c.Done()
 	}
 	c.Summary = fmt.Sprintf("networkd manages %d container interface(s)", len(managed))
-	c.fail(StatusBroken, "networkd.manages_container_link", "systemd-networkd has taken over container interfaces: it will wipe their addresses and detach them from their bridges", managed,
+	c.Fail(netcheck.StatusBroken, "networkd.manages_container_link", "systemd-networkd has taken over container interfaces: it will wipe their addresses and detach them from their bridges", managed,
 		guardRemedy(o, "make networkd leave them alone"))
-	return c.done()
+	return c.Done()
 }
 
-func udevLinkCheck(cfg *networkd.Config, inv *inventory, o *Options) *check {
-	c := newCheck("udev-link", "udev .link MAC address policy for veths and bridges")
+func udevLinkCheck(cfg *networkd.Config, inv *inventory, o *Options) *netcheck.CheckBuilder {
+	c := netcheck.NewCheck("udev-link", "udev .link MAC address policy for veths and bridges")
 	var hazards []string
 	for _, ifc := range subjects(inv) {
 		sel := cfg.LinkFor(ifc)
@@ -689,30 +725,30 @@ func udevLinkCheck(cfg *networkd.Config, inv *inventory, o *Options) *check {
 			hazards = append(hazards, fmt.Sprintf("%s → %s MACAddressPolicy=%s (%s)", what, sel.File.Path, p, src))
 		}
 	}
-	c.detail("link_files", len(cfg.Links))
+	c.Detail("link_files", len(cfg.Links))
 	if len(hazards) == 0 {
 		c.Summary = fmt.Sprintf("no .link file rewrites container MAC addresses (%d files read)", len(cfg.Links))
-		return c.done()
+		return c.Done()
 	}
 	c.Summary = fmt.Sprintf("%d container interface(s) get a udev-chosen MAC", len(hazards))
-	c.fail(StatusDegraded, "udev.mac_policy", "udev rewrites the MAC address of new veths/bridges (MACAddressPolicy), racing CNIs that already programmed the old one (static neighbour entries, flannel VTEPs)",
+	c.Fail(netcheck.StatusDegraded, "udev.mac_policy", "udev rewrites the MAC address of new veths/bridges (MACAddressPolicy), racing CNIs that already programmed the old one (static neighbour entries, flannel VTEPs)",
 		hazards, guardRemedy(o, "give container interfaces a .link file with MACAddressPolicy=none that sorts first"))
-	return c.done()
+	return c.Done()
 }
 
-func foreignRoutesCheck(cfg *networkd.Config, active bool, o *Options) *check {
-	c := newCheck("foreign-routes", "networkd ManageForeignRoutes")
+func foreignRoutesCheck(cfg *networkd.Config, active bool, o *Options) *netcheck.CheckBuilder {
+	c := netcheck.NewCheck("foreign-routes", "networkd ManageForeignRoutes")
 	if !active {
-		c.skip("systemd-networkd is not running")
-		return c.done()
+		c.Skip("systemd-networkd is not running")
+		return c.Done()
 	}
 	routes, src := cfg.ManageForeign("ManageForeignRoutes")
 	rules, src2 := cfg.ManageForeign("ManageForeignRoutingPolicyRules")
-	c.detail("manage_foreign_routes", routes)
-	c.detail("manage_foreign_routing_policy_rules", rules)
+	c.Detail("manage_foreign_routes", routes)
+	c.Detail("manage_foreign_routing_policy_rules", rules)
 	if !routes && !rules {
 		c.Summary = "networkd keeps routes and rules it did not create"
-		return c.done()
+		return c.Done()
 	}
 	var ev []string
 	for _, x := range []struct {
@@ -729,7 +765,16 @@ func foreignRoutesCheck(cfg *networkd.Config, active bool, o *Options) *check {
 		}
 	}
 	c.Summary = "networkd removes routes/rules it did not create"
-	c.fail(StatusDegraded, "networkd.manage_foreign", "systemd-networkd deletes routes and policy rules it did not create (CNI routes, tailscale rules) when it starts or reconfigures",
+	c.Fail(netcheck.StatusDegraded, "networkd.manage_foreign", "systemd-networkd deletes routes and policy rules it did not create (CNI routes, tailscale rules) when it starts or reconfigures",
 		ev, guardRemedy(o, "set ManageForeignRoutes=no and ManageForeignRoutingPolicyRules=no"))
-	return c.done()
+	return c.Done()
+}
+
+// Watch checks the node until ctx ends, calling fn with a report at the
+// start, whenever the status changes, and every full interval; netlink
+// events on the node trigger an immediate check.
+func Watch(ctx context.Context, opts Options, wopts netcheck.WatchOptions, fn func(*netcheck.Report)) error {
+	o := opts.withDefaults()
+	check := func() *netcheck.Report { return run(ctx, &o) }
+	return netcheck.WatchWith(ctx, o.Logger, wopts, check, check, fn)
 }

@@ -1,6 +1,7 @@
-package netcheck
+package node
 
 import (
+	"github.com/agentd/agent/agent/netcheck/internal/netstate"
 	"github.com/agentd/agent/internal/atomicfile"
 
 	"bytes"
@@ -63,7 +64,7 @@ type PlannedFile struct {
 // any .network/.link file that would otherwise match.
 func PlanGuard(opts Options, extra ...GuardOptions) (*GuardPlan, error) {
 	o := opts.withDefaults()
-	st, err := readNetState()
+	st, err := netstate.Read()
 	if err != nil {
 		return nil, err
 	}
