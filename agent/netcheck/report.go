@@ -152,6 +152,13 @@ func (r *Report) Finish(started time.Time) {
 	sort.SliceStable(r.Findings, func(i, j int) bool {
 		return r.Findings[i].Severity.rank() > r.Findings[j].Severity.rank()
 	})
+	// Always arrays in JSON, never null: consumers index them directly.
+	if r.Findings == nil {
+		r.Findings = []Finding{}
+	}
+	if r.Checks == nil {
+		r.Checks = []Check{}
+	}
 	r.Status = StatusOK
 	for _, f := range r.Findings {
 		r.Status = Worse(r.Status, f.Severity)

@@ -267,7 +267,7 @@ func (r *Report) Add(c *CheckBuilder) {
 
 // checkOrder is the order checks appear in, from the wire outwards.
 var checkOrder = []string{"options", "link", "address", "route", "gateway", "mtu", "dns", "proxy", "https", "clock", "derp", "udp",
-	"bridges", "veths", "networkd", "networkd-state", "udev-link", "foreign-routes"}
+	"bridges", "veths", "forwarding", "firewall", "networkd", "networkd-state", "udev-link", "foreign-routes"}
 
 // SortChecks orders checks from the wire outwards.
 func (r *Report) SortChecks() {

@@ -87,10 +87,7 @@ Exit status: 0 healthy, 1 degraded, 2 broken. See docs/netcheck.md.`,
 			} else if err := r.WriteText(env.Stdout); err != nil {
 				return err
 			}
-			if code := r.ExitCode(); code != 0 {
-				return &exitError{code: code}
-			}
-			return nil
+			return verdictExit(r)
 		},
 	}
 	f := cmd.Flags()
@@ -140,10 +137,13 @@ func runGuard(ctx context.Context, env *cliEnv, opts node.Options, patterns []st
 	}
 	r := node.Run(ctx, opts)
 	if jsonOut {
-		return writeJSON(env, struct {
+		if err := writeJSON(env, struct {
 			Plan   *node.GuardPlan  `json:"plan"`
 			Report *netcheck.Report `json:"report"`
-		}{plan, r})
+		}{plan, r}); err != nil {
+			return err
+		}
+		return verdictExit(r)
 	}
 	if err := plan.WriteText(env.Stdout); err != nil {
 		return err
@@ -154,7 +154,19 @@ func runGuard(ctx context.Context, env *cliEnv, opts node.Options, patterns []st
 		fmt.Fprintln(env.Stdout, "\nthe guard was already in place; nothing written")
 	}
 	fmt.Fprintln(env.Stdout)
-	return r.WriteText(env.Stdout)
+	if err := r.WriteText(env.Stdout); err != nil {
+		return err
+	}
+	return verdictExit(r)
+}
+
+// verdictExit is the exit status for a report: after --fix, the verdict on
+// the node as it is now, so a fix that did not heal it does not exit 0.
+func verdictExit(r *netcheck.Report) error {
+	if code := r.ExitCode(); code != 0 {
+		return &exitError{code: code}
+	}
+	return nil
 }
 
 func writeJSON(env *cliEnv, v any) error {

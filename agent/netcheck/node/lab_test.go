@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/agentd/agent/agent/netcheck"
 	"github.com/agentd/agent/agent/netcheck/internal/nclab"
@@ -116,29 +118,149 @@ func TestHealthyNode(t *testing.T) {
 	}
 }
 
-// TestNodeFaults injects one host-side fault per subtest and expects the
-// node check to name it with a command to run.
+// nodeFault is one fault class on the node that breaks the pods' round
+// trip, and the finding the node check must name it by.
+type nodeFault struct {
+	name     string
+	inject   func(pl *nclab.PodLab)
+	hostCode string
+}
+
+var nodeFaults = []nodeFault{
+	{"bridge deleted", func(pl *nclab.PodLab) { pl.Node.IP("link", "del", "cni0") }, "bridge.missing"},
+	{"veth detached", func(pl *nclab.PodLab) { pl.Node.IP("link", "set", "veth1", "nomaster") }, "veth.no_master"},
+	{"bridge address flushed", func(pl *nclab.PodLab) { pl.Node.IP("addr", "flush", "dev", "cni0") }, "bridge.no_address"},
+	{"forwarding off", func(pl *nclab.PodLab) { pl.Node.Sysctl("net.ipv4.ip_forward", "0") }, "forwarding.disabled"},
+	{"forward policy drop", func(pl *nclab.PodLab) {
+		pl.Node.Nft("table inet hardening {\n chain forward {\n  type filter hook forward priority filter; policy drop;\n  ct state invalid drop\n }\n}\n")
+	}, "firewall.forward_policy"},
+	{"drop rule for the pod subnet", func(pl *nclab.PodLab) {
+		pl.Node.Nft("table ip fw {\n chain filter_forward {\n  type filter hook forward priority filter; policy accept;\n  tcp dport 25 drop\n  ip saddr 10.88.0.0/24 counter drop\n }\n}\n")
+	}, "firewall.forward_drop"},
+	// Beyond the node nobody routes pod subnets back: without masquerade
+	// the replies are lost.
+	{"masquerade missing", func(pl *nclab.PodLab) {
+		pl.Node.Nft("delete table ip netlab_nat\n")
+		pl.Coord.IP("route", "del", "default")
+	}, "firewall.no_masquerade"},
+	{"pod subnet routed away", func(pl *nclab.PodLab) { pl.Node.Route("10.88.0.0/25 via " + nclab.CoordIP) }, "forwarding.pod_route"},
+}
+
+// TestNodeFaults injects one node-side fault per subtest: the pod sees
+// its network broken, the node check names the cause with commands, and
+// once those commands are run (as printed) the node and the pod are
+// healthy again.
 func TestNodeFaults(t *testing.T) {
-	tests := []struct {
-		name     string
-		inject   func(pl *nclab.PodLab)
-		hostCode string
-	}{
-		{"bridge deleted", func(pl *nclab.PodLab) { pl.Node.IP("link", "del", "cni0") }, "bridge.missing"},
-		{"veth detached", func(pl *nclab.PodLab) { pl.Node.IP("link", "set", "veth1", "nomaster") }, "veth.no_master"},
-		{"bridge address flushed", func(pl *nclab.PodLab) { pl.Node.IP("addr", "flush", "dev", "cni0") }, "bridge.no_address"},
-	}
-	for _, tt := range tests {
+	for _, tt := range nodeFaults {
 		t.Run(tt.name, func(t *testing.T) {
 			pl := nclab.New(t)
 			tt.inject(pl)
+			pod := runIn(t, pl.Pod, podOpts(pl), true)
+			if pod.Status == netcheck.StatusOK {
+				t.Fatalf("the fault did not break the pod; lab problem:\n%s", describe(pod))
+			}
 			h := runIn(t, pl.Node, hostOpts(pl), false)
 			hf := wantFinding(t, h, tt.hostCode, netcheck.StatusBroken)
 			if len(hf.Remedy.Commands) == 0 {
 				t.Errorf("%s: no command in the remedy", tt.hostCode)
 			}
-			t.Logf("host: %s: %s; fix: %v", hf.Code, hf.Problem, hf.Remedy.Commands)
+			t.Logf("pod: %s; host: %s: %s; fix: %v", pod.Summary, hf.Code, hf.Problem, hf.Remedy.Commands)
+			applyFixes(t, pl)
 		})
+	}
+}
+
+// applyFixes runs the node report's commands in the node until it is
+// healthy (a fix may reveal the next problem, as a person would see it),
+// then expects the pod to be healthy too.
+func applyFixes(t *testing.T, pl *nclab.PodLab) {
+	t.Helper()
+	var h *netcheck.Report
+	for round := 0; round < 3; round++ {
+		h = runIn(t, pl.Node, hostOpts(pl), false)
+		if h.Status == netcheck.StatusOK {
+			break
+		}
+		for _, f := range h.Findings {
+			for _, cmd := range f.Remedy.Commands {
+				if strings.HasPrefix(cmd, "echo ") {
+					continue // persisting a sysctl writes the machine's /etc
+				}
+				if out, err := pl.Node.Run(context.Background(), "sh", "-c", cmd); err != nil {
+					t.Errorf("printed fix %q failed: %v\n%s", cmd, err, out)
+				}
+			}
+		}
+	}
+	if h.Status != netcheck.StatusOK {
+		t.Fatalf("node not healthy after applying its fixes:\n%s", describe(h))
+	}
+	var pod *netcheck.Report
+	for try := 0; try < 3; try++ {
+		if pod = runIn(t, pl.Pod, podOpts(pl), true); pod.Status == netcheck.StatusOK {
+			return
+		}
+		time.Sleep(500 * time.Millisecond) // neighbour entries settle
+	}
+	t.Fatalf("pod not healthy after the node's fixes:\n%s", describe(pod))
+}
+
+// TestStaleCNIConfigNotBlamed: with podman's unused cni-podman0
+// configuration left on the node, a veth detached from cni0 is blamed on
+// cni0, with cni0 in the fix, and cni-podman0 is no headline.
+func TestStaleCNIConfigNotBlamed(t *testing.T) {
+	pl := nclab.New(t)
+	nclab.WriteFile(t, pl.Root, "etc/cni/net.d/87-podman-bridge.conflist", `{"cniVersion":"0.4.0","name":"podman","plugins":[{"type":"bridge","bridge":"cni-podman0","isGateway":true,"ipMasq":true,"ipam":{"type":"host-local","ranges":[[{"subnet":"10.89.0.0/16","gateway":"10.89.0.1"}]]}}]}`)
+	pl.Node.IP("link", "set", "veth1", "nomaster")
+	h := runIn(t, pl.Node, hostOpts(pl), false)
+	if f := h.Finding("bridge.missing"); f != nil {
+		t.Errorf("the unused cni-podman0 was blamed: %s", f.Problem)
+	}
+	f := wantFinding(t, h, "veth.no_master", netcheck.StatusBroken)
+	if len(f.Remedy.Commands) != 1 || f.Remedy.Commands[0] != "ip link set veth1 master cni0 up" {
+		t.Errorf("fix %q, want reattaching veth1 to cni0", f.Remedy.Commands)
+	}
+	if !strings.Contains(h.Summary, "veth1") {
+		t.Errorf("headline %q should be the detached veth", h.Summary)
+	}
+	if n := h.Check("veths").Details["container_veths"]; n != float64(1) {
+		t.Errorf("container veths %v, want 1 (the uplink veth eth0 is the node's own)", n)
+	}
+	applyFixes(t, pl)
+}
+
+// TestUnreadableConfig: a CNI configuration the checking user cannot read
+// is a finding with its path and what to do, and the detached veth's fix
+// does not guess a bridge.
+func TestUnreadableConfig(t *testing.T) {
+	pl := nclab.New(t)
+	for _, d := range []string{filepath.Dir(pl.Root), pl.Root} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, d := range []string{"etc", "etc/cni", "etc/cni/net.d"} {
+		if err := os.Chmod(filepath.Join(pl.Root, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Chmod(filepath.Join(pl.Root, "etc/cni/net.d/10-lab.conflist"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	nclab.WriteFile(t, pl.Root, "etc/cni/net.d/20-broken.conf", `{"type":"bridge",`)
+	pl.Node.IP("link", "set", "veth1", "nomaster")
+	h := runIn(t, pl.Node, hostOpts(pl), true)
+	f := wantFinding(t, h, "config.unreadable", netcheck.StatusDegraded)
+	if !strings.Contains(f.Problem, "/etc/cni/net.d/10-lab.conflist") || !strings.Contains(f.Remedy.Text, "root") {
+		t.Errorf("unreadable config finding: %s / %s", f.Problem, f.Remedy.Text)
+	}
+	wantFinding(t, h, "config.unparsable", netcheck.StatusDegraded)
+	v := wantFinding(t, h, "veth.no_master", netcheck.StatusBroken)
+	if strings.Contains(strings.Join(v.Remedy.Commands, " "), "BRIDGE") || len(v.Remedy.Commands) > 0 {
+		t.Errorf("fix guesses a bridge: %v", v.Remedy.Commands)
+	}
+	if !strings.Contains(v.Remedy.Text, "10-lab.conflist") {
+		t.Errorf("fix should say which file kept it from naming the bridge: %s", v.Remedy.Text)
 	}
 }
 

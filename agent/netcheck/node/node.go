@@ -51,6 +51,11 @@ type expectedBridge struct {
 	// leaseDir is where host-local IPAM records the addresses it handed
 	// out on this bridge's network: leases there mean containers use it.
 	leaseDir string
+	// masq: the configuration asks the node to masquerade the subnet.
+	masq bool
+	// defaultNet: the first CNI configuration by file name, the network
+	// kubelet and CRI runtimes give every pod.
+	defaultNet bool
 }
 
 // leases lists the addresses host-local IPAM still holds for containers on
@@ -78,7 +83,14 @@ type inventory struct {
 	// protected are the uplink and its bridge/ports, which no guard pattern
 	// may match.
 	protected []string
-	warnings  []string
+	// problems are configuration files that could not be read or parsed.
+	problems []configProblem
+}
+
+// configProblem is a configuration file netcheck could not use.
+type configProblem struct {
+	path, what string
+	err        error
 }
 
 func matchesAny(globs []string, name string) bool {
@@ -110,6 +122,15 @@ func takeInventory(st *netstate.State, o *Options) *inventory {
 					prot[p.Attrs().Name] = true
 				}
 			}
+		}
+	}
+	// A veth with its own global address and no bridge is a link of the
+	// node (an uplink to a router or another namespace), not a container's:
+	// bridge CNIs address the bridge, routed CNIs use host routes.
+	for _, l := range st.Links {
+		a := l.Attrs()
+		if l.Type() == "veth" && a.MasterIndex == 0 && len(st.GlobalAddrs(a.Index)) > 0 && !matchesAny(containerGlobs(), a.Name) {
+			prot[a.Name] = true
 		}
 	}
 	for n := range prot {
@@ -168,18 +189,29 @@ func expectedBridges(o *Options, inv *inventory) []expectedBridge {
 		addB(expectedBridge{name: n, source: "--bridge"})
 	}
 	cniDir := filepath.Join(o.Root, "etc/cni/net.d")
-	entries, _ := os.ReadDir(cniDir)
+	entries, err := os.ReadDir(cniDir)
+	sawCNI := false
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		inv.problems = append(inv.problems, configProblem{path: "/etc/cni/net.d", what: "unreadable", err: err})
+	}
 	for _, e := range entries {
 		if !strings.HasSuffix(e.Name(), ".conf") && !strings.HasSuffix(e.Name(), ".conflist") {
 			continue
 		}
 		data, err := os.ReadFile(filepath.Join(cniDir, e.Name()))
 		if err != nil {
-			inv.warnings = append(inv.warnings, fmt.Sprintf("reading CNI config %s: %v", e.Name(), err))
+			inv.problems = append(inv.problems, configProblem{path: "/etc/cni/net.d/" + e.Name(), what: "unreadable", err: err})
 			continue
 		}
-		for _, b := range cniBridges(data) {
+		bridges, err := cniBridges(data)
+		if err != nil {
+			inv.problems = append(inv.problems, configProblem{path: "/etc/cni/net.d/" + e.Name(), what: "unparsable", err: err})
+			continue
+		}
+		for _, b := range bridges {
 			b.source = "/etc/cni/net.d/" + e.Name()
+			b.defaultNet = !sawCNI
+			sawCNI = true
 			if b.leaseDir != "" {
 				b.leaseDir = filepath.Join(o.Root, b.leaseDir)
 			}
@@ -190,16 +222,22 @@ func expectedBridges(o *Options, inv *inventory) []expectedBridge {
 	// containers, and /run is emptied at boot: a socket there means a
 	// running daemon whose bridge must exist. An installed but stopped
 	// Docker expects nothing.
-	_, err := os.Stat(filepath.Join(o.Root, "run/docker.sock"))
+	_, err = os.Stat(filepath.Join(o.Root, "run/docker.sock"))
 	dockerUsed := err == nil
 	if dockerUsed {
-		b := expectedBridge{name: "docker0", gateway: netip.MustParsePrefix("172.17.0.1/16"), source: "docker (default bridge)"}
-		if data, err := os.ReadFile(filepath.Join(o.Root, "etc/docker/daemon.json")); err == nil {
+		b := expectedBridge{name: "docker0", gateway: netip.MustParsePrefix("172.17.0.1/16"), source: "docker (default bridge)", masq: true}
+		data, err := os.ReadFile(filepath.Join(o.Root, "etc/docker/daemon.json"))
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			inv.problems = append(inv.problems, configProblem{path: "/etc/docker/daemon.json", what: "unreadable", err: err})
+		}
+		if err == nil {
 			var dc struct {
 				Bridge string `json:"bridge"`
 				BIP    string `json:"bip"`
 			}
-			if json.Unmarshal(data, &dc) == nil {
+			if err := json.Unmarshal(data, &dc); err != nil {
+				inv.problems = append(inv.problems, configProblem{path: "/etc/docker/daemon.json", what: "unparsable", err: err})
+			} else {
 				if dc.Bridge == "none" {
 					dockerUsed = false
 				} else if dc.Bridge != "" {
@@ -219,7 +257,7 @@ func expectedBridges(o *Options, inv *inventory) []expectedBridge {
 }
 
 // cniBridges extracts bridge plugin settings from a .conf or .conflist.
-func cniBridges(data []byte) []expectedBridge {
+func cniBridges(data []byte) ([]expectedBridge, error) {
 	type ipam struct {
 		Type    string `json:"type"`
 		DataDir string `json:"dataDir"`
@@ -234,6 +272,7 @@ func cniBridges(data []byte) []expectedBridge {
 		Type      string `json:"type"`
 		Bridge    string `json:"bridge"`
 		IsGateway bool   `json:"isGateway"`
+		IPMasq    bool   `json:"ipMasq"`
 		IPAM      ipam   `json:"ipam"`
 	}
 	var conf struct {
@@ -241,8 +280,8 @@ func cniBridges(data []byte) []expectedBridge {
 		Name    string   `json:"name"`
 		Plugins []plugin `json:"plugins"`
 	}
-	if json.Unmarshal(data, &conf) != nil {
-		return nil
+	if err := json.Unmarshal(data, &conf); err != nil {
+		return nil, err
 	}
 	plugins := append([]plugin{conf.plugin}, conf.Plugins...)
 	var out []expectedBridge
@@ -250,7 +289,7 @@ func cniBridges(data []byte) []expectedBridge {
 		if p.Type != "bridge" {
 			continue
 		}
-		b := expectedBridge{name: p.Bridge, onDemand: true}
+		b := expectedBridge{name: p.Bridge, onDemand: true, masq: p.IPMasq}
 		if b.name == "" {
 			b.name = "cni0"
 		}
@@ -274,7 +313,7 @@ func cniBridges(data []byte) []expectedBridge {
 		}
 		out = append(out, b)
 	}
-	return out
+	return out, nil
 }
 
 // Options configure a node check. The zero value checks the node this
@@ -321,6 +360,8 @@ func run(ctx context.Context, o *Options) *netcheck.Report {
 	inv := takeInventory(st, o)
 	rep.Add(bridgesCheck(inv))
 	rep.Add(vethsCheck(inv))
+	rep.Add(forwardingCheck(inv))
+	rep.Add(firewallCheck(ctx, inv))
 	cfg, cerr := networkd.Load(o.Root)
 	active, aerr := networkd.StateAvailable(o.Root)
 	if aerr != nil {
@@ -380,8 +421,16 @@ func bridgesCheck(inv *inventory) *netcheck.CheckBuilder {
 		checked[e.name] = true
 		l := linkByName(st, e.name)
 		if l == nil {
-			orphans := vethsWithoutMaster(st, inv.protected)
 			leases := e.leases()
+			var orphans []string
+			// Detached veths count against a missing bridge only if it is
+			// the network pods get (the first CNI configuration, Docker,
+			// --bridge) or containers hold addresses on it; otherwise a
+			// stale configuration would take the blame for a veth
+			// detached from a bridge that exists.
+			if len(leases) > 0 || e.defaultNet || !e.onDemand {
+				orphans = vethsWithoutMaster(st, inv.protected)
+			}
 			if e.onDemand && len(orphans) == 0 && len(leases) == 0 {
 				// A stale or unused CNI configuration (podman moved to
 				// netavark, say): nothing is attached, nothing lost.
@@ -407,6 +456,9 @@ func bridgesCheck(inv *inventory) *netcheck.CheckBuilder {
 	if len(unused) > 0 {
 		c.Detail("unused", unused)
 	}
+	for _, p := range inv.problems {
+		configFinding(c, p)
+	}
 	for _, l := range inv.container {
 		if l.Type() == "bridge" && !checked[l.Attrs().Name] {
 			names = append(names, l.Attrs().Name)
@@ -414,7 +466,7 @@ func bridgesCheck(inv *inventory) *netcheck.CheckBuilder {
 		}
 	}
 	c.Detail("bridges", names)
-	if len(names) == 0 {
+	if len(names) == 0 && len(c.Findings) == 0 {
 		if len(unused) > 0 {
 			c.Skip("no container bridge in use; configured but not created yet: " + strings.Join(unused, "; "))
 			return c.Done()
@@ -428,6 +480,25 @@ func bridgesCheck(inv *inventory) *netcheck.CheckBuilder {
 		c.Summary = fmt.Sprintf("%d problem(s) with %s", len(c.Findings), strings.Join(names, ", "))
 	}
 	return c.Done()
+}
+
+// configFinding says which configuration could not be used, why, and
+// what to do: nothing is skipped silently.
+func configFinding(c *netcheck.CheckBuilder, p configProblem) {
+	if p.what == "unparsable" {
+		c.Fail(netcheck.StatusDegraded, "config.unparsable", fmt.Sprintf("%s is not valid JSON, so the bridges it configures are not checked", p.path),
+			[]string{fmt.Sprintf("%s: %v", p.path, p.err)},
+			netcheck.Remedy{Text: "fix the file (the container runtime cannot use it either); `jq . " + p.path + "` shows where it breaks"})
+		return
+	}
+	text := fmt.Sprintf("netcheck (uid %d) cannot read %s; ", os.Getuid(), p.path)
+	if errors.Is(p.err, fs.ErrPermission) {
+		text += "hardened nodes keep CNI configuration 0600 root: run the node check as root (the DaemonSet's runAsUser: 0, read-only mounts), or run `agent netcheck --host` with sudo on the node"
+	} else {
+		text += "check that --root points at the node's file tree and the path is mounted"
+	}
+	c.Fail(netcheck.StatusDegraded, "config.unreadable", fmt.Sprintf("cannot read %s: the bridges it configures are not checked", p.path),
+		[]string{fmt.Sprintf("%s: %v", p.path, p.err)}, netcheck.Remedy{Text: text})
 }
 
 func recreateBridgeCommands(e expectedBridge) []string {
@@ -531,10 +602,14 @@ func vethsCheck(inv *inventory) *netcheck.CheckBuilder {
 		c.Skip("no container veths")
 		return c.Done()
 	}
-	bridge := "BRIDGE"
-	if len(inv.expected) == 1 {
-		bridge = inv.expected[0].name
-	} else {
+	bridge := ""
+	for _, e := range inv.expected {
+		if e.defaultNet || (len(inv.expected) == 1) || (!e.onDemand && linkByName(st, e.name) != nil) {
+			bridge = e.name
+			break
+		}
+	}
+	if bridge == "" {
 		// The bridge most veths are on.
 		count := map[int]int{}
 		best := 0
@@ -553,10 +628,21 @@ func vethsCheck(inv *inventory) *netcheck.CheckBuilder {
 	detached := vethsWithoutMaster(st, inv.protected)
 	for _, n := range detached {
 		l := linkByName(st, n)
-		c.Fail(netcheck.StatusBroken, "veth.no_master", fmt.Sprintf("veth %s is detached from its bridge: the container behind it has no network past its eth0", n),
-			[]string{fmt.Sprintf("%s (ifindex %d, peer ifindex %d in netns id %d) has no master, no address and no route", n, l.Attrs().Index, l.Attrs().ParentIndex, l.Attrs().NetNsID)},
-			netcheck.Remedy{Text: "reattach it (or restart the container) and install the networkd guard: systemd-networkd managing veths removes them from their bridge",
-				Commands: []string{fmt.Sprintf("ip link set %s master %s up", n, bridge)}})
+		ev := []string{fmt.Sprintf("%s (ifindex %d, peer ifindex %d in netns id %d) has no master, no address and no route", n, l.Attrs().Index, l.Attrs().ParentIndex, l.Attrs().NetNsID)}
+		remedy := netcheck.Remedy{Text: "reattach it (or restart the container) and install the networkd guard: systemd-networkd managing veths removes them from their bridge",
+			Commands: []string{fmt.Sprintf("ip link set %s master %s up", n, bridge)}}
+		if bridge == "" {
+			// Guessing a bridge name would give a command that fails or
+			// attaches the container to the wrong network.
+			remedy.Commands = nil
+			remedy.Text = "restart the container behind it (its runtime reattaches the new veth), or reattach it by hand with `ip link set " + n + " master <bridge> up`, where <bridge> is its network's bridge"
+			if len(inv.problems) > 0 {
+				remedy.Text += "; netcheck cannot name the bridge because it could not read " + inv.problems[0].path + " (see the config finding)"
+			} else {
+				remedy.Text += "; no container bridge is configured or present, so netcheck cannot name it"
+			}
+		}
+		c.Fail(netcheck.StatusBroken, "veth.no_master", fmt.Sprintf("veth %s is detached from its bridge: the container behind it has no network past its eth0", n), ev, remedy)
 	}
 	for _, l := range st.Links {
 		a := l.Attrs()

@@ -163,7 +163,7 @@ func New(t testing.TB) *PodLab {
 
 	// Node file tree: a bridge CNI configured for cni0.
 	pl.Root = t.TempDir()
-	WriteFile(t, pl.Root, "etc/cni/net.d/10-lab.conflist", `{"cniVersion":"1.0.0","name":"lab","plugins":[{"type":"bridge","bridge":"cni0","isGateway":true,"ipam":{"type":"host-local","ranges":[[{"subnet":"10.88.0.0/24"}]]}}]}`)
+	WriteFile(t, pl.Root, "etc/cni/net.d/10-lab.conflist", `{"cniVersion":"1.0.0","name":"lab","plugins":[{"type":"bridge","bridge":"cni0","isGateway":true,"ipMasq":true,"ipam":{"type":"host-local","ranges":[[{"subnet":"10.88.0.0/24"}]]}}]}`)
 
 	pl.startCoordinator(t)
 	return pl
