@@ -220,6 +220,7 @@ func dnsCheck(ctx context.Context, opts *Options, host string, budget time.Durat
 	switch {
 	case len(ok) > 0 && literal:
 		c.Summary = fmt.Sprintf("%d/%d nameservers answer (%.1f ms)", len(ok), len(answers), ms(ok[0].rtt))
+		partialDNS(c, rc, answers, timeouts)
 	case literal && len(nxdomain)+len(servfail)+len(other) > 0:
 		// Any answer proves the transport; the coordinator is addressed by
 		// IP, so what the resolver says about the root zone does not stop
@@ -241,6 +242,7 @@ func dnsCheck(ctx context.Context, opts *Options, host string, budget time.Durat
 	case len(ok) > 0:
 		c.Summary = fmt.Sprintf("%s → %v via %s (%.1f ms)", host, addrList(resolved), ok[0].server, ms(ok[0].rtt))
 		c.Detail("addresses", addrList(resolved))
+		partialDNS(c, rc, answers, timeouts)
 	case len(nxdomain) > 0:
 		c.Summary = fmt.Sprintf("%s does not exist (NXDOMAIN)", host)
 		c.Fail(StatusBroken, "dns.nxdomain", fmt.Sprintf("the nameservers say %s does not exist", host), nxdomain,
@@ -267,4 +269,37 @@ func addrList(a []netip.Addr) []string {
 		out[i] = x.String()
 	}
 	return out
+}
+
+// partialDNS names nameservers that do not answer while others do: lookups
+// still succeed, but every one that tries a dead server first waits out
+// its timeout, and that time shows up in whatever did the lookup.
+func partialDNS(c *CheckBuilder, rc *resolvConf, answers []dnsAnswer, timeouts []string) {
+	if len(timeouts) == 0 {
+		return
+	}
+	var dead []string
+	firstDead := false
+	for i, a := range answers {
+		if a.timeout || a.err != nil {
+			dead = append(dead, a.server.String())
+			if i == 0 {
+				firstDead = true
+			}
+		}
+	}
+	wait := "5 s (the default timeout)"
+	for _, o := range rc.options {
+		if v, ok := strings.CutPrefix(o, "timeout:"); ok {
+			wait = v + " s (options " + o + ")"
+		}
+	}
+	problem := fmt.Sprintf("%d of %d nameservers do not answer (%s): lookups work, but slowly", len(dead), len(answers), strings.Join(dead, ", "))
+	if firstDead {
+		problem = fmt.Sprintf("the first nameserver %s does not answer (%d of %d answer): every lookup waits %s before trying the next", dead[0], len(answers)-len(dead), len(answers), wait)
+	}
+	c.Summary += fmt.Sprintf("; %d of %d nameservers dead", len(dead), len(answers))
+	c.Detail("nameservers_dead", dead)
+	c.Fail(StatusDegraded, "dns.partial", problem, timeouts,
+		Remedy{Text: fmt.Sprintf("remove or repair %s in the resolver configuration (the pod's dnsConfig, the node's resolv.conf, or the cluster DNS service's endpoints)", strings.Join(dead, ", "))})
 }

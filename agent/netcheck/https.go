@@ -14,6 +14,7 @@ import (
 	"net/http/httptrace"
 	"net/url"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/net/http/httpproxy"
@@ -139,14 +140,25 @@ func httpsCheck(ctx context.Context, opts *Options, u *url.URL, proxyURL *url.UR
 	}
 	var tDNS, tConnect, tTLS, tStart time.Time
 	var dDNS, dConnect, dTLS time.Duration
+	// stage is where the request is, so a timeout is blamed on the stage
+	// that spent the time (a dead first nameserver is not a lost packet to
+	// the coordinator). The dial may outlive Do, hence the lock.
+	var stageMu sync.Mutex
+	stage, stageStart := "request", time.Now()
+	enter := func(s string) {
+		stageMu.Lock()
+		defer stageMu.Unlock()
+		stage, stageStart = s, time.Now()
+	}
 	trace := &httptrace.ClientTrace{
-		DNSStart:          func(httptrace.DNSStartInfo) { tDNS = time.Now() },
-		DNSDone:           func(httptrace.DNSDoneInfo) { dDNS = time.Since(tDNS) },
-		ConnectStart:      func(string, string) { tConnect = time.Now() },
-		ConnectDone:       func(string, string, error) { dConnect = time.Since(tConnect) },
-		TLSHandshakeStart: func() { tTLS = time.Now() },
+		DNSStart:          func(httptrace.DNSStartInfo) { tDNS = time.Now(); enter("dns") },
+		DNSDone:           func(httptrace.DNSDoneInfo) { dDNS = time.Since(tDNS); enter("request") },
+		ConnectStart:      func(string, string) { tConnect = time.Now(); enter("connect") },
+		ConnectDone:       func(string, string, error) { dConnect = time.Since(tConnect); enter("request") },
+		TLSHandshakeStart: func() { tTLS = time.Now(); enter("tls") },
 		TLSHandshakeDone: func(cs tls.ConnectionState, _ error) {
 			dTLS = time.Since(tTLS)
+			enter("response")
 			if len(cs.PeerCertificates) > 0 {
 				peerCert = cs.PeerCertificates[0]
 			}
@@ -173,6 +185,10 @@ func httpsCheck(ctx context.Context, opts *Options, u *url.URL, proxyURL *url.UR
 	total := time.Since(tStart)
 	c.Detail("url", u.String())
 	if err != nil {
+		stageMu.Lock()
+		c.Detail("stalled_in", stage)
+		c.Detail("stalled_ms", ms(time.Since(stageStart)))
+		stageMu.Unlock()
 		classifyHTTPSError(c, clk, u, err, peerCert, opts, budget)
 		return c.Done(), clk.Done()
 	}
@@ -292,6 +308,12 @@ func classifyHTTPSError(c, clk *CheckBuilder, u *url.URL, err error, peerCert *x
 	default:
 		timeout := errors.Is(err, context.DeadlineExceeded) || isTimeout(err)
 		clk.Skip("no coordinator response")
+		if timeout && c.Details["stalled_in"] == "dns" {
+			c.Summary = fmt.Sprintf("resolving %s used up the %v budget", u.Hostname(), budget)
+			c.Fail(StatusBroken, "https.dns_slow", fmt.Sprintf("HTTPS to the coordinator did not start: resolving %s took the whole %v, so the time went to DNS, not to the coordinator", u.Hostname(), budget), ev,
+				Remedy{Text: "see the dns check: a nameserver that does not answer delays every lookup by its timeout"})
+			return
+		}
 		if timeout {
 			c.Summary = fmt.Sprintf("no answer from %s within %v", u.Host, budget)
 			c.Fail(StatusBroken, "https.timeout", fmt.Sprintf("the coordinator at %s does not answer within %v", u.Host, budget), ev,

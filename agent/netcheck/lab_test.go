@@ -54,6 +54,9 @@ type podLab struct{ *nclab.PodLab }
 
 func newPodLab(t testing.TB) *podLab { return &podLab{nclab.New(t)} }
 
+// icmpBlock makes the node drop ICMP echo to itself (its bridge address).
+const icmpBlock = "table inet icmpblock {\n chain input {\n  type filter hook input priority filter; policy accept;\n  icmp type echo-request drop\n }\n}\n"
+
 func (pl *podLab) workspaceOpts() Options {
 	return Options{CoordinatorURL: pl.CoordURL, Fingerprint: pl.Fingerprint}
 }
@@ -122,6 +125,19 @@ func TestFaults(t *testing.T) {
 		}, "dns.unreachable", StatusBroken},
 		{"udp dropped", func(t *testing.T, pl *podLab) { pl.Node.DropUDP(53) }, "udp.blocked", StatusDegraded},
 		{"coordinator down", func(t *testing.T, pl *podLab) { pl.HTTPS.Close() }, "https.refused", StatusBroken},
+		// The node drops ICMP echo to its bridge address; everything else
+		// works. Odd, not broken.
+		{"icmp to the gateway dropped", func(t *testing.T, pl *podLab) { pl.Node.Nft(icmpBlock) }, "gateway.icmp_filtered", StatusDegraded},
+		// The first nameserver is dead, the second answers.
+		{"first nameserver dead", func(t *testing.T, pl *podLab) {
+			pl.Pod.WriteEtc("resolv.conf", "nameserver 203.0.113.53\nnameserver "+nclab.CoordIP+"\noptions timeout:1\n")
+		}, "dns.partial", StatusDegraded},
+		// The path carries less than tunnels need: the advice must not be
+		// to lower eth0 below that (which link.mtu_low would then reject).
+		{"mtu below tunnel size", func(t *testing.T, pl *podLab) {
+			pl.Node.SetMTU("veth1", 1300)
+			pl.Node.SetMTU("cni0", 1300)
+		}, "mtu.blackhole", StatusBroken},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -129,7 +145,7 @@ func TestFaults(t *testing.T) {
 			tt.inject(t, pl)
 			r := runIn(t, pl.Pod, pl.workspaceOpts(), true)
 			f := wantFinding(t, r, tt.podFinding, tt.podSev)
-			if r.Status != tt.podSev && !(tt.podSev == StatusDegraded && r.Status == StatusBroken && tt.podFinding == "mtu.blackhole") {
+			if r.Status != tt.podSev {
 				t.Errorf("report status %s, want %s", r.Status, tt.podSev)
 			}
 			if r.DurationMS > 3000 {
@@ -146,8 +162,24 @@ func TestFaults(t *testing.T) {
 					t.Errorf("DERP should still work with UDP dropped: %+v", c)
 				}
 			case "mtu.blackhole":
-				if got := r.Check("mtu").Details["path_mtu_at_least"]; got != float64(1400) {
-					t.Errorf("path MTU lower bound %v, want 1400", got)
+				want := float64(1400)
+				if tt.podSev == StatusBroken {
+					want = 1280 // the largest probe size below 1300
+					if len(f.Remedy.Commands) > 0 || !strings.Contains(f.Remedy.Text, "raise") {
+						t.Errorf("below the tunnel size the fix must raise the path, not lower eth0: %+v", f.Remedy)
+					}
+				}
+				if got := r.Check("mtu").Details["path_mtu_at_least"]; got != want {
+					t.Errorf("path MTU lower bound %v, want %v", got, want)
+				}
+			case "gateway.icmp_filtered", "dns.partial":
+				for _, code := range []string{"gateway.unreachable", "https.timeout"} {
+					if r.Finding(code) != nil {
+						t.Errorf("%s reported with traffic working:\n%s", code, describe(r))
+					}
+				}
+				if tt.podFinding == "dns.partial" && (!strings.Contains(f.Problem, "203.0.113.53") || !strings.Contains(r.Summary, "203.0.113.53")) {
+					t.Errorf("the dead nameserver should be named and be the headline: %q / %q", f.Problem, r.Summary)
 				}
 			case "https.refused", "dns.unreachable":
 				if r.Finding("gateway.unreachable") != nil {
@@ -211,6 +243,62 @@ func TestWatchDetectsTeardown(t *testing.T) {
 		t.Errorf("teardown detected after %v, want within 2 s", took)
 	}
 	t.Logf("bridge teardown detected by --watch in %v (%s report)", took.Round(time.Millisecond), r.Scope)
+}
+
+// TestWatchICMPFiltered: with ICMP echo to the gateway dropped and
+// everything else working, --watch (whose quick probe is the gateway round
+// trip) never reports broken; the running agent puts this on /readyz.
+func TestWatchICMPFiltered(t *testing.T) {
+	pl := newPodLab(t)
+	pl.Node.Nft(icmpBlock)
+	data, _ := json.Marshal(pl.workspaceOpts())
+	cmd := pl.Pod.Command(nclab.HelperBinary(t), "-test.run=^TestWatchHelper$")
+	cmd.Env = append(os.Environ(), "NETCHECK_WATCH_OPTS="+string(data))
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	reports := make(chan Report)
+	go func() {
+		dec := json.NewDecoder(stdout)
+		for {
+			var r Report
+			if dec.Decode(&r) != nil {
+				close(reports)
+				return
+			}
+			reports <- r
+		}
+	}()
+	deadline := time.After(3 * time.Second)
+	n := 0
+	for {
+		select {
+		case r, ok := <-reports:
+			if !ok {
+				t.Fatal("watch ended")
+			}
+			n++
+			if r.Status == StatusBroken {
+				t.Fatalf("watch reported broken (%s report):\n%s", r.Scope, describe(&r))
+			}
+			if n == 1 && r.Finding("gateway.icmp_filtered") == nil {
+				t.Errorf("first report should name the filtered ICMP:\n%s", describe(&r))
+			}
+		case <-deadline:
+			if n == 0 {
+				t.Fatal("no report")
+			}
+			if n > 2 {
+				t.Errorf("%d reports in 3 s with nothing changing: the quick probe and the full report disagree", n)
+			}
+			return
+		}
+	}
 }
 
 // TestWatchHelper is the watch loop run by TestWatchDetectsTeardown in the

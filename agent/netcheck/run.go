@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"github.com/agentd/agent/agent/netcheck/internal/netstate"
 	"log/slog"
+	"net"
 	"net/netip"
 	"net/url"
 	"os"
@@ -186,7 +187,11 @@ func runWorkspace(ctx context.Context, o *Options, scope string) *Report {
 	if scope == "quick" {
 		wg.Wait()
 		rep.SortChecks()
-		diagnose(rep)
+		var beyond []string
+		if rep.Finding("gateway.unreachable") != nil && u != nil {
+			beyond = probeBeyond(ctx, u, o.Timeout-gwBudget)
+		}
+		diagnose(rep, beyond)
 		rep.Finish(started)
 		return rep
 	}
@@ -254,9 +259,34 @@ func runWorkspace(ctx context.Context, o *Options, scope string) *Report {
 	}()
 	wg.Wait()
 	rep.SortChecks()
-	diagnose(rep)
+	diagnose(rep, nil)
 	rep.Finish(started)
 	return rep
+}
+
+// probeBeyond is the quick probe's check past a silent gateway: a TCP
+// connect to the coordinator. An accept or a refusal both crossed the
+// gateway and came back, so the quick probe reaches the same verdict as a
+// full report where HTTPS works.
+func probeBeyond(ctx context.Context, u *url.URL, budget time.Duration) []string {
+	if budget <= 0 {
+		return nil
+	}
+	port := u.Port()
+	if port == "" {
+		port = "443"
+	}
+	addr := net.JoinHostPort(u.Hostname(), port)
+	d := net.Dialer{Timeout: budget}
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	switch {
+	case err == nil:
+		conn.Close()
+		return []string{fmt.Sprintf("TCP connect to the coordinator %s through the gateway succeeds", addr)}
+	case isRefused(err):
+		return []string{fmt.Sprintf("TCP connect to the coordinator %s is refused: the refusal came back through the gateway", addr)}
+	}
+	return nil
 }
 
 // Add appends a finished check and its findings.
@@ -290,9 +320,53 @@ func (r *Report) SortChecks() {
 	r.Checks = sorted
 }
 
+// beyondGateway lists evidence that traffic through the gateway works: a
+// check past it that passed, or failed only after an answer came back.
+func beyondGateway(r *Report, extra []string) []string {
+	ev := append([]string{}, extra...)
+	for _, id := range []string{"dns", "https", "derp", "udp"} {
+		if c := r.Check(id); c != nil && c.Status == StatusOK {
+			ev = append(ev, fmt.Sprintf("%s works: %s", id, c.Summary))
+		}
+	}
+	// These answers crossed the gateway both ways.
+	for _, code := range []string{"https.refused", "https.server_error", "https.fingerprint_mismatch", "https.certificate_untrusted", "https.certificate_invalid", "https.certificate_name", "dns.nxdomain", "dns.servfail", "dns.refused", "dns.no_records"} {
+		if f := r.Finding(code); f != nil {
+			ev = append(ev, fmt.Sprintf("an answer came back through the gateway: %s", f.Problem))
+		}
+	}
+	return ev
+}
+
 // diagnose names the root cause when several findings share one: a silent
-// gateway explains DNS, HTTPS and relay failures behind it.
-func diagnose(r *Report) {
+// gateway explains DNS, HTTPS and relay failures behind it; and it keeps
+// the verdict consistent with all the evidence: a gateway that ignores
+// ICMP echo while traffic through it works is odd, not broken. beyond is
+// evidence of such traffic gathered by the run itself (the quick probe's
+// connect to the coordinator).
+func diagnose(r *Report, beyond []string) {
+	if gwf := r.Finding("gateway.unreachable"); gwf != nil {
+		if ev := beyondGateway(r, beyond); len(ev) > 0 {
+			gwf.Code = "gateway.icmp_filtered"
+			gwf.Severity = StatusDegraded
+			gw := r.Check("gateway")
+			addr, _ := gw.Details["gateway"].(string)
+			gwf.Problem = fmt.Sprintf("the gateway %s does not answer ICMP echo, but traffic through it works: ICMP to the gateway is filtered, the network is not broken", addr)
+			gwf.Evidence = append(gwf.Evidence, ev...)
+			gwf.Remedy = Remedy{Text: "nothing to repair for connectivity; to let this check prove the path by ICMP again, allow echo requests to the bridge address on the node (e.g. `nft insert rule inet filter input icmp type echo-request accept`), or find which firewall rule drops them"}
+			gw.Status = StatusDegraded
+			gw.Summary = fmt.Sprintf("%s ignores ICMP echo; traffic through it works", addr)
+		}
+	}
+	if f := r.Finding("https.dns_slow"); f != nil && r.Finding("dns.partial") != nil {
+		// Lookups do finish once the dead nameserver times out: slow, not
+		// broken. The DNS finding is the cause and the headline.
+		f.Severity = StatusDegraded
+		if c := r.Check("https"); c != nil {
+			c.Status = StatusDegraded
+		}
+		r.Summary = r.Finding("dns.partial").Problem
+	}
 	gw := r.Finding("gateway.unreachable")
 	if gw == nil {
 		if inconclusive := r.Finding("gateway.no_answer"); inconclusive != nil {

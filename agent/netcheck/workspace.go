@@ -120,7 +120,7 @@ func localChecks(st *netstate.State, opts *Options) ([]*CheckBuilder, *primary) 
 		case a.MTU < safeMTU:
 			linkC.Fail(StatusDegraded, "link.mtu_low", fmt.Sprintf("interface %s has MTU %d, below %d: tunnelled traffic will be fragmented or dropped", a.Name, a.MTU, safeMTU),
 				[]string{fmt.Sprintf("%s mtu %d", a.Name, a.MTU)},
-				Remedy{Text: fmt.Sprintf("raise the network's MTU to at least %d in the CNI or runtime configuration", safeMTU)})
+				Remedy{Text: fmt.Sprintf("raise the network's MTU to at least %d in the CNI or runtime configuration; the node's bridge, veths and uplink must carry that size too (the mtu check says whether they do)", safeMTU)})
 		}
 	}
 
@@ -479,7 +479,17 @@ func mtuCheck(ctx context.Context, p *primary, gw *probeResult, coordinator func
 			fmt.Sprintf("don't-fragment ICMP of %d bytes to %s: reply", largest, target),
 			fmt.Sprintf("don't-fragment ICMP of %d bytes (interface MTU) to %s: no reply, no fragmentation-needed error", ifMTU, target),
 		},
-		Remedy{Text: fmt.Sprintf("make the MTUs agree along the path: set the workspace network's MTU to %d (CNI \"mtu\" setting or the runtime's network MTU), or raise the host bridge/veth MTU to %d", largest, ifMTU),
-			Commands: []string{fmt.Sprintf("ip link set %s mtu %d   # in the workspace, needs CAP_NET_ADMIN; the lasting fix is the CNI/runtime MTU", p.link.Attrs().Name, largest)}})
+		mtuRemedy(p.link.Attrs().Name, largest, ifMTU))
 	return c.Done()
+}
+
+// mtuRemedy is the one fix for a black hole that does not contradict
+// link.mtu_low: lowering the workspace MTU is advised only down to a size
+// tunnels still fit in; below that, the path must be raised instead.
+func mtuRemedy(ifname string, largest, ifMTU int) Remedy {
+	if largest >= safeMTU {
+		return Remedy{Text: fmt.Sprintf("make the MTUs agree along the path: set the workspace network's MTU to %d (CNI \"mtu\" setting or the runtime's network MTU), or raise the host bridge/veth MTU to %d", largest, ifMTU),
+			Commands: []string{fmt.Sprintf("ip link set %s mtu %d   # in the workspace, needs CAP_NET_ADMIN; the lasting fix is the CNI/runtime MTU", ifname, largest)}}
+	}
+	return Remedy{Text: fmt.Sprintf("the path carries only %d bytes, below the %d tunnelled traffic needs, so lowering this interface's MTU would trade one fault for another: raise the MTU of the node's bridge, this workspace's host-side veth and the node's uplink to %d (check with `agent netcheck --host` on the node)", largest, safeMTU, ifMTU)}
 }
