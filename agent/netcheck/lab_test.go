@@ -4,6 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"strings"
 	"testing"
@@ -11,6 +15,7 @@ import (
 
 	"github.com/agentd/agent/agent/netcheck/internal/nclab"
 	"github.com/agentd/agent/internal/netlab"
+	"github.com/agentd/agent/metrics"
 )
 
 // The test binary doubles as the netcheck program run inside lab
@@ -301,6 +306,80 @@ func TestWatchICMPFiltered(t *testing.T) {
 	}
 }
 
+// TestMetricsScrape runs the watch loop with its exporter in the pod,
+// scrapes /metrics over HTTP as Prometheus would, tears the bridge down and
+// scrapes again.
+func TestMetricsScrape(t *testing.T) {
+	pl := newPodLab(t)
+	data, _ := json.Marshal(pl.workspaceOpts())
+	cmd := pl.Pod.Command(nclab.HelperBinary(t), "-test.run=^TestWatchHelper$")
+	cmd.Env = append(os.Environ(), "NETCHECK_WATCH_OPTS="+string(data), "NETCHECK_METRICS_ADDR=127.0.0.1:9153")
+	cmd.Stdout = io.Discard
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	scrape := func() map[string]float64 {
+		out, err := pl.Pod.Run(context.Background(), "curl", "-sf", "http://127.0.0.1:9153/metrics")
+		if err != nil {
+			return nil
+		}
+		return parseExposition(out)
+	}
+	waitFor := func(what string, ok func(m map[string]float64) bool) map[string]float64 {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		var m map[string]float64
+		for time.Now().Before(deadline) {
+			if m = scrape(); m != nil && ok(m) {
+				return m
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		t.Fatalf("metrics never showed %s; last scrape: %v", what, m)
+		return nil
+	}
+	const mode = `{mode="workspace"}`
+	m := waitFor("a healthy verdict", func(m map[string]float64) bool {
+		v, ok := m["agent_netcheck_verdict"+mode]
+		return ok && v == 0
+	})
+	for _, k := range []string{`agent_netcheck_check_status{check="gateway",mode="workspace"}`, "agent_netcheck_seconds_since_healthy" + mode} {
+		if v, ok := m[k]; !ok || v != 0 {
+			t.Errorf("%s = %v (present %v), want 0", k, v, ok)
+		}
+	}
+	if m["agent_netcheck_last_run_timestamp_seconds"+mode] < float64(time.Now().Add(-time.Minute).Unix()) {
+		t.Errorf("last run timestamp %v is not recent", m["agent_netcheck_last_run_timestamp_seconds"+mode])
+	}
+	pl.Node.IP("link", "del", "cni0")
+	m = waitFor("a broken verdict", func(m map[string]float64) bool { return m["agent_netcheck_verdict"+mode] == 2 })
+	if m[`agent_netcheck_finding{code="gateway.unreachable",mode="workspace",severity="broken"}`] != 1 {
+		t.Errorf("no gateway.unreachable finding series: %v", m)
+	}
+	waitFor("time since healthy growing", func(m map[string]float64) bool { return m["agent_netcheck_seconds_since_healthy"+mode] > 0.5 })
+}
+
+// parseExposition reads Prometheus text exposition into name{labels} →
+// value (labels as the exporter writes them, sorted by name).
+func parseExposition(text string) map[string]float64 {
+	out := map[string]float64{}
+	for _, line := range strings.Split(text, "\n") {
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		if i < 0 {
+			continue
+		}
+		var v float64
+		if _, err := fmt.Sscan(line[i+1:], &v); err == nil {
+			out[line[:i]] = v
+		}
+	}
+	return out
+}
+
 // TestWatchHelper is the watch loop run by TestWatchDetectsTeardown in the
 // pod namespace; on its own it does nothing.
 func TestWatchHelper(t *testing.T) {
@@ -313,7 +392,20 @@ func TestWatchHelper(t *testing.T) {
 		t.Fatal(err)
 	}
 	enc := json.NewEncoder(os.Stdout)
+	exp := NewExporter(nil)
+	if addr := os.Getenv("NETCHECK_METRICS_ADDR"); addr != "" {
+		reg := metrics.NewRegistry()
+		if err := reg.Register(exp); err != nil {
+			t.Fatal(err)
+		}
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		go http.Serve(ln, reg.Handler())
+	}
 	err := Watch(context.Background(), o, WatchOptions{Interval: 500 * time.Millisecond}, func(r *Report) {
+		exp.Observe(r)
 		_ = enc.Encode(r)
 	})
 	if err != nil && !errors.Is(err, context.Canceled) {

@@ -185,6 +185,23 @@ func (r *Report) WriteJSON(w io.Writer) error {
 	return enc.Encode(r)
 }
 
+// WriteJSONLine writes the report as one line of JSON (the --watch --json
+// stream: one document per line).
+func (r *Report) WriteJSONLine(w io.Writer) error {
+	return json.NewEncoder(w).Encode(r)
+}
+
+// ChangeKey identifies what a report says (status, summary, finding
+// codes), so a watcher can tell a change from the same verdict again.
+func (r *Report) ChangeKey() string {
+	codes := make([]string, 0, len(r.Findings))
+	for _, f := range r.Findings {
+		codes = append(codes, f.Code+"/"+string(f.Severity))
+	}
+	sort.Strings(codes)
+	return string(r.Status) + "\x00" + r.Summary + "\x00" + strings.Join(codes, ",")
+}
+
 // WriteText writes the readable report.
 func (r *Report) WriteText(w io.Writer) error {
 	var b strings.Builder

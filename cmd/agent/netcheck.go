@@ -4,10 +4,13 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
+	"net/http"
 	"time"
 
 	"github.com/agentd/agent/agent/netcheck"
 	"github.com/agentd/agent/agent/netcheck/node"
+	"github.com/agentd/agent/metrics"
 	"github.com/spf13/cobra"
 )
 
@@ -22,6 +25,7 @@ func newNetcheckCmd(env *cliEnv) *cobra.Command {
 		fix          bool
 		dryRun       bool
 		guardPattern []string
+		metricsAddr  string
 	)
 	cmd := &cobra.Command{
 		Use:   "netcheck",
@@ -64,10 +68,33 @@ Exit status: 0 healthy, 1 degraded, 2 broken. See docs/netcheck.md.`,
 					return node.Watch(ctx, nodeOpts, w, fn)
 				}
 			}
+			if metricsAddr != "" && !watch {
+				return fmt.Errorf("--metrics-addr serves the watch loop's results: add --watch")
+			}
 			if watch {
+				var exp *netcheck.Exporter
+				if metricsAddr != "" {
+					exp = netcheck.NewExporter(nil)
+					stop, err := serveNetcheckMetrics(env, metricsAddr, exp)
+					if err != nil {
+						return err
+					}
+					defer stop()
+				}
+				// One document (or text report) per change: the periodic
+				// full report that says the same again is left out.
+				lastKey := ""
 				err := watchFn(ctx, netcheck.WatchOptions{Interval: interval}, func(r *netcheck.Report) {
+					if exp != nil {
+						exp.Observe(r)
+					}
+					k := r.ChangeKey()
+					if k == lastKey {
+						return
+					}
+					lastKey = k
 					if jsonOut {
-						_ = r.WriteJSON(env.Stdout)
+						_ = r.WriteJSONLine(env.Stdout)
 						return
 					}
 					fmt.Fprintf(env.Stdout, "%s ", time.Now().Format(time.RFC3339))
@@ -93,13 +120,14 @@ Exit status: 0 healthy, 1 degraded, 2 broken. See docs/netcheck.md.`,
 	f := cmd.Flags()
 	// In a workspace the agent's own AGENT_URL and AGENT_FINGERPRINT are
 	// already set, so a person debugging there needs no flags at all.
-	f.StringVar(&opts.CoordinatorURL, "coordinator-url", envOr(env, "AGENT_COORDINATOR_URL", env.Getenv("AGENT_URL")), "coordinator base URL, https://HOST[:PORT] (env AGENT_COORDINATOR_URL, else AGENT_URL)")
-	f.StringVar(&opts.Fingerprint, "fingerprint", envOr(env, "AGENT_COORDINATOR_FINGERPRINT", env.Getenv("AGENT_FINGERPRINT")), "pin the coordinator's certificate: hex SHA-256 of its DER form (env AGENT_COORDINATOR_FINGERPRINT, else AGENT_FINGERPRINT)")
+	f.StringVar(&opts.CoordinatorURL, "coordinator-url", envOr(env, "AGENT_COORDINATOR_URL", env.Getenv("AGENT_URL")), "coordinator base URL, https://HOST[:PORT] (env AGENT_COORDINATOR_URL; else AGENT_URL)")
+	f.StringVar(&opts.Fingerprint, "fingerprint", envOr(env, "AGENT_COORDINATOR_FINGERPRINT", env.Getenv("AGENT_FINGERPRINT")), "pin the coordinator's certificate: hex SHA-256 of its DER form (env AGENT_COORDINATOR_FINGERPRINT; else AGENT_FINGERPRINT)")
 	f.IntVar(&opts.STUNPort, "stun-port", 3478, "the coordinator's STUN (UDP) port")
 	f.StringVar(&opts.Interface, "interface", "", "interface to check (default: the default route's)")
 	f.DurationVar(&opts.Timeout, "timeout", 1800*time.Millisecond, "time limit for the active probes of one run")
 	f.BoolVar(&jsonOut, "json", false, "print the report as JSON (schema in docs/netcheck.md)")
-	f.BoolVar(&watch, "watch", false, "keep checking; print a report whenever the status changes")
+	f.BoolVar(&watch, "watch", false, "keep checking; print a report whenever the status changes (with --json: one JSON document per line)")
+	f.StringVar(&metricsAddr, "metrics-addr", "", "with --watch: serve Prometheus metrics of the results on ADDR (e.g. :9153) at /metrics")
 	f.DurationVar(&interval, "interval", time.Second, "with --watch: how often to probe")
 	f.BoolVar(&host, "host", false, "check the node (bridges, veths, systemd-networkd, udev) instead of the workspace")
 	f.StringVar(&nodeOpts.Root, "root", "/", "with --host: where the node's file tree is (a DaemonSet mounts it at /host)")
@@ -173,4 +201,27 @@ func writeJSON(env *cliEnv, v any) error {
 	enc := json.NewEncoder(env.Stdout)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
+}
+
+// serveNetcheckMetrics serves exp (and the process metrics) at
+// http://addr/metrics until stop is called.
+func serveNetcheckMetrics(env *cliEnv, addr string, exp *netcheck.Exporter) (stop func(), err error) {
+	reg := metrics.NewRegistry()
+	if err := reg.Register(exp); err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--metrics-addr %s: %w", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", reg.Handler())
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = srv.Serve(ln) }()
+	env.Logger().Info("serving netcheck metrics", "url", "http://"+ln.Addr().String()+"/metrics")
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = srv.Shutdown(ctx)
+	}, nil
 }
