@@ -184,14 +184,23 @@ func runWorkspace(ctx context.Context, o *Options, scope string) *Report {
 		add(c)
 		gwDone <- res
 	}()
+	// viaGW says whether traffic to a goes through the gateway: only such
+	// traffic proves the gateway works (an on-link coordinator answers with
+	// the gateway gone).
+	viaGW := func(a netip.Addr) bool {
+		if st == nil || prim.link == nil || !prim.gateway.IsValid() || !a.IsValid() {
+			return false
+		}
+		return !st.OnLink(prim.link.Attrs().Index, net.IP(a.AsSlice()))
+	}
+	ev := evidence{viaGW: viaGW}
 	if scope == "quick" {
 		wg.Wait()
 		rep.SortChecks()
-		var beyond []string
 		if rep.Finding("gateway.unreachable") != nil && u != nil {
-			beyond = probeBeyond(ctx, u, o.Timeout-gwBudget)
+			ev.beyond = probeBeyond(ctx, u, o.Timeout-gwBudget, viaGW)
 		}
-		diagnose(rep, beyond)
+		diagnose(rep, ev)
 		rep.Finish(started)
 		return rep
 	}
@@ -204,6 +213,7 @@ func runWorkspace(ctx context.Context, o *Options, scope string) *Report {
 		host = u.Hostname()
 		if a, err := netip.ParseAddr(host); err == nil {
 			coordAddr <- a
+			ev.coord = a
 		}
 	}
 	if u == nil {
@@ -214,6 +224,11 @@ func runWorkspace(ctx context.Context, o *Options, scope string) *Report {
 		defer wg.Done()
 		c, resolved := dnsCheck(ctx, o, host, budget*2/3)
 		add(c)
+		mu.Lock()
+		if !ev.coord.IsValid() && len(resolved) > 0 {
+			ev.coord = resolved[0]
+		}
+		mu.Unlock()
 		if u != nil && len(resolved) > 0 {
 			select {
 			case coordAddr <- resolved[0]:
@@ -259,7 +274,7 @@ func runWorkspace(ctx context.Context, o *Options, scope string) *Report {
 	}()
 	wg.Wait()
 	rep.SortChecks()
-	diagnose(rep, nil)
+	diagnose(rep, ev)
 	rep.Finish(started)
 	return rep
 }
@@ -268,7 +283,7 @@ func runWorkspace(ctx context.Context, o *Options, scope string) *Report {
 // connect to the coordinator. An accept or a refusal both crossed the
 // gateway and came back, so the quick probe reaches the same verdict as a
 // full report where HTTPS works.
-func probeBeyond(ctx context.Context, u *url.URL, budget time.Duration) []string {
+func probeBeyond(ctx context.Context, u *url.URL, budget time.Duration, viaGW func(netip.Addr) bool) []string {
 	if budget <= 0 {
 		return nil
 	}
@@ -279,11 +294,18 @@ func probeBeyond(ctx context.Context, u *url.URL, budget time.Duration) []string
 	addr := net.JoinHostPort(u.Hostname(), port)
 	d := net.Dialer{Timeout: budget}
 	conn, err := d.DialContext(ctx, "tcp", addr)
+	remote := func(a net.Addr) bool {
+		ap, perr := netip.ParseAddrPort(fmt.Sprint(a))
+		return perr == nil && viaGW(ap.Addr().Unmap())
+	}
+	var opErr *net.OpError
 	switch {
 	case err == nil:
-		conn.Close()
-		return []string{fmt.Sprintf("TCP connect to the coordinator %s through the gateway succeeds", addr)}
-	case isRefused(err):
+		defer conn.Close()
+		if remote(conn.RemoteAddr()) {
+			return []string{fmt.Sprintf("TCP connect to the coordinator %s through the gateway succeeds", addr)}
+		}
+	case isRefused(err) && errors.As(err, &opErr) && opErr.Addr != nil && remote(opErr.Addr):
 		return []string{fmt.Sprintf("TCP connect to the coordinator %s is refused: the refusal came back through the gateway", addr)}
 	}
 	return nil
@@ -320,33 +342,63 @@ func (r *Report) SortChecks() {
 	r.Checks = sorted
 }
 
+// evidence is what a run learned about traffic past the gateway.
+type evidence struct {
+	// viaGW reports whether traffic to an address goes through the gateway.
+	viaGW func(netip.Addr) bool
+	// coord is the coordinator's address, if known.
+	coord netip.Addr
+	// beyond is evidence gathered by the run itself (the quick probe's
+	// connect to the coordinator).
+	beyond []string
+}
+
 // beyondGateway lists evidence that traffic through the gateway works: a
-// check past it that passed, or failed only after an answer came back.
-func beyondGateway(r *Report, extra []string) []string {
-	ev := append([]string{}, extra...)
+// check past it that passed, or failed only after an answer came back,
+// counted only when its destination is routed through the gateway.
+func beyondGateway(r *Report, e evidence) []string {
+	out := append([]string{}, e.beyond...)
+	if e.viaGW == nil {
+		return out
+	}
+	coordVia := e.viaGW(e.coord)
+	dnsVia := false
+	if c := r.Check("dns"); c != nil {
+		ns, _ := c.Details["nameservers"].([]string)
+		dnsVia = len(ns) > 0
+		for _, s := range ns {
+			if a, err := netip.ParseAddr(s); err != nil || !e.viaGW(a) {
+				dnsVia = false
+			}
+		}
+	}
 	for _, id := range []string{"dns", "https", "derp", "udp"} {
+		if (id == "dns" && !dnsVia) || (id != "dns" && !coordVia) {
+			continue
+		}
 		if c := r.Check(id); c != nil && c.Status == StatusOK {
-			ev = append(ev, fmt.Sprintf("%s works: %s", id, c.Summary))
+			out = append(out, fmt.Sprintf("%s works through the gateway: %s", id, c.Summary))
 		}
 	}
 	// These answers crossed the gateway both ways.
 	for _, code := range []string{"https.refused", "https.server_error", "https.fingerprint_mismatch", "https.certificate_untrusted", "https.certificate_invalid", "https.certificate_name", "dns.nxdomain", "dns.servfail", "dns.refused", "dns.no_records"} {
+		if (strings.HasPrefix(code, "dns.") && !dnsVia) || (strings.HasPrefix(code, "https.") && !coordVia) {
+			continue
+		}
 		if f := r.Finding(code); f != nil {
-			ev = append(ev, fmt.Sprintf("an answer came back through the gateway: %s", f.Problem))
+			out = append(out, fmt.Sprintf("an answer came back through the gateway: %s", f.Problem))
 		}
 	}
-	return ev
+	return out
 }
 
 // diagnose names the root cause when several findings share one: a silent
 // gateway explains DNS, HTTPS and relay failures behind it; and it keeps
 // the verdict consistent with all the evidence: a gateway that ignores
-// ICMP echo while traffic through it works is odd, not broken. beyond is
-// evidence of such traffic gathered by the run itself (the quick probe's
-// connect to the coordinator).
-func diagnose(r *Report, beyond []string) {
+// ICMP echo while traffic through it works is odd, not broken.
+func diagnose(r *Report, e evidence) {
 	if gwf := r.Finding("gateway.unreachable"); gwf != nil {
-		if ev := beyondGateway(r, beyond); len(ev) > 0 {
+		if ev := beyondGateway(r, e); len(ev) > 0 {
 			gwf.Code = "gateway.icmp_filtered"
 			gwf.Severity = StatusDegraded
 			gw := r.Check("gateway")

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -287,4 +288,58 @@ func TestHostStaleCNIConfig(t *testing.T) {
 	if !strings.Contains(strings.Join(f.Evidence, "\n"), "10.89.0.5") {
 		t.Errorf("evidence should name the lease that proves the bridge is in use: %q", f.Evidence)
 	}
+}
+
+// TestDockerNodeWithoutSystemd: a node with Docker's docker0 instead of a
+// CNI configuration and no systemd at all is checked without false alarms,
+// and the report says what it could not check there.
+func TestDockerNodeWithoutSystemd(t *testing.T) {
+	lab := netlab.New(t)
+	nodeNS := lab.Namespace("node")
+	up := lab.Namespace("upstream")
+	pod := lab.Namespace("pod")
+	nodeNS.Bridge("docker0", "172.17.0.1/16")
+	lab.Link(nodeNS, "veth3f2a1b0", "", pod, "eth0", "172.17.0.2/16")
+	nodeNS.Attach("veth3f2a1b0", "docker0")
+	pod.Route("default via 172.17.0.1")
+	lab.Link(nodeNS, "eth0", "192.0.2.2/24", up, "eth0", "192.0.2.1/24")
+	nodeNS.Route("default via 192.0.2.1")
+	nodeNS.EnableForwarding()
+	nodeNS.Masquerade("eth0", netlab.NATEndpointIndependent)
+
+	root := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(root, "run"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// dockerd's socket is how the check knows Docker runs here.
+	ln, err := net.Listen("unix", filepath.Join(root, "run/docker.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+
+	r := runIn(t, nodeNS, helperOpts{Node: Options{Root: root}}, false)
+	if r.Status != netcheck.StatusOK {
+		t.Fatalf("a healthy Docker node without systemd reported %s:\n%s", r.Status, describe(r))
+	}
+	if c := r.Check("bridges"); c == nil || !strings.Contains(c.Summary, "docker0") {
+		t.Errorf("bridges check should cover docker0: %+v", c)
+	}
+	for _, id := range []string{"networkd", "networkd-state", "foreign-routes"} {
+		c := r.Check(id)
+		if c == nil || c.Status != netcheck.StatusSkipped || c.Summary == "" {
+			t.Errorf("%s should be skipped saying why: %+v", id, c)
+		}
+	}
+	for _, id := range []string{"forwarding", "firewall"} {
+		if c := r.Check(id); c == nil || c.Status != netcheck.StatusOK {
+			t.Errorf("%s on the Docker node: %+v", id, c)
+		}
+	}
+	t.Logf("Docker node without systemd:\n%s", describe(r))
+
+	// Masquerade is what Docker sets up; without it the node check says so.
+	nodeNS.Nft("delete table ip netlab_nat\n")
+	r = runIn(t, nodeNS, helperOpts{Node: Options{Root: root}}, false)
+	wantFinding(t, r, "firewall.no_masquerade", netcheck.StatusBroken)
 }
