@@ -157,6 +157,18 @@ func TestFaults(t *testing.T) {
 				t.Errorf("report took %d ms", r.DurationMS)
 			}
 			t.Logf("%s → %s: %s", tt.name, f.Code, f.Problem)
+			if len(f.Remedy.Commands) > 0 {
+				// The printed fix, run as printed (as root in the pod,
+				// standing in for the CNI/runtime setting), heals it.
+				for _, cmd := range f.Remedy.Commands {
+					if out, err := pl.Pod.Run(context.Background(), "sh", "-c", cmd); err != nil {
+						t.Errorf("printed fix %q: %v\n%s", cmd, err, out)
+					}
+				}
+				if again := runIn(t, pl.Pod, pl.workspaceOpts(), true); again.Status != StatusOK {
+					t.Errorf("after the printed fix %v:\n%s", f.Remedy.Commands, describe(again))
+				}
+			}
 			switch tt.podFinding {
 			case "gateway.unreachable":
 				if !strings.HasPrefix(r.Summary, "workspace network broken past eth0") {
