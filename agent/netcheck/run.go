@@ -177,11 +177,15 @@ func runWorkspace(ctx context.Context, o *Options, scope string) *Report {
 	}
 
 	gwDone := make(chan *probeResult, 1)
+	gwFinished := make(chan struct{})
+	var gwReachable bool
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
 		c, res := gatewayCheck(ctx, prim, png, &seq, gwBudget)
 		add(c)
+		gwReachable = res.reachable
+		close(gwFinished)
 		gwDone <- res
 	}()
 	// viaGW says whether traffic to a goes through the gateway: only such
@@ -195,10 +199,29 @@ func runWorkspace(ctx context.Context, o *Options, scope string) *Report {
 	}
 	ev := evidence{viaGW: viaGW}
 	if scope == "quick" {
+		// A gateway that has not answered within 100 ms (it answers in
+		// well under 1 ms when healthy) may only be ignoring ICMP: connect
+		// to the coordinator meanwhile, so the quick probe reaches the same
+		// verdict as a full report at little cost in detection time.
+		var beyond chan []string
+		if u != nil {
+			beyond = make(chan []string, 1)
+			go func() {
+				select {
+				case <-gwFinished:
+					if gwReachable {
+						beyond <- nil
+						return
+					}
+				case <-time.After(100 * time.Millisecond):
+				}
+				beyond <- probeBeyond(ctx, u, gwBudget, viaGW)
+			}()
+		}
 		wg.Wait()
 		rep.SortChecks()
-		if rep.Finding("gateway.unreachable") != nil && u != nil {
-			ev.beyond = probeBeyond(ctx, u, o.Timeout-gwBudget, viaGW)
+		if rep.Finding("gateway.unreachable") != nil && beyond != nil {
+			ev.beyond = <-beyond
 		}
 		diagnose(rep, ev)
 		rep.Finish(started)
