@@ -592,3 +592,18 @@ func TestNetcheckPodProbeAndMetrics(t *testing.T) {
 		t.Error("no alert pages on a pod network reported broken")
 	}
 }
+
+// TestNetcheckDaemonSetStartsOnAnyNode: a node without systemd, or with
+// Docker and no CNI configuration, lacks some of the mounted directories;
+// a hostPath of type Directory would keep the pod from starting there.
+func TestNetcheckDaemonSetStartsOnAnyNode(t *testing.T) {
+	ds := find[*appsv1.DaemonSet](t, loadManifests(t), "agent-system", "agent-netcheck")
+	for _, v := range ds.Spec.Template.Spec.Volumes {
+		if v.HostPath == nil {
+			continue
+		}
+		if v.HostPath.Type == nil || *v.HostPath.Type != corev1.HostPathDirectoryOrCreate {
+			t.Errorf("hostPath %s has type %v: want DirectoryOrCreate, so nodes without it still run the check", v.HostPath.Path, v.HostPath.Type)
+		}
+	}
+}
