@@ -369,7 +369,8 @@ func run(ctx context.Context, o *Options) *netcheck.Report {
 	}
 	if cerr != nil {
 		c := netcheck.NewCheck("networkd", "systemd-networkd configuration")
-		c.Fail(netcheck.StatusDegraded, "networkd.unreadable", cerr.Error(), nil, netcheck.Remedy{Text: "check --root"})
+		c.Fail(netcheck.StatusDegraded, "networkd.unreadable", "cannot read systemd-networkd/udev configuration, so whether networkd would manage container interfaces is not checked: "+cerr.Error(), nil,
+			netcheck.Remedy{Text: fmt.Sprintf("netcheck runs as uid %d: run the node check as root, or check that --root %s is the node's file tree with /etc/systemd, /usr/lib/systemd and /run/systemd mounted", os.Getuid(), o.Root)})
 		rep.Add(c.Done())
 	} else {
 		rep.Add(networkdConfigCheck(cfg, inv, o, active))
