@@ -154,6 +154,9 @@ var nodeFaults = []nodeFault{
 func TestNodeFaults(t *testing.T) {
 	for _, tt := range nodeFaults {
 		t.Run(tt.name, func(t *testing.T) {
+			// Each lab is its own set of namespaces; the broken pod's
+			// report mostly waits for probe timeouts, so labs overlap well.
+			t.Parallel()
 			pl := nclab.New(t)
 			tt.inject(pl)
 			pod := runIn(t, pl.Pod, podOpts(pl), true)
