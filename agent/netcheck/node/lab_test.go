@@ -145,6 +145,10 @@ var nodeFaults = []nodeFault{
 		pl.Coord.IP("route", "del", "default")
 	}, "firewall.no_masquerade"},
 	{"pod subnet routed away", func(pl *nclab.PodLab) { pl.Node.Route("10.88.0.0/25 via " + nclab.CoordIP) }, "forwarding.pod_route"},
+	{"bridge and veth mtu below the pods'", func(pl *nclab.PodLab) {
+		pl.Node.SetMTU("veth1", 1300)
+		pl.Node.SetMTU("cni0", 1300)
+	}, "bridge.mtu_mismatch"},
 }
 
 // TestNodeFaults injects one node-side fault per subtest: the pod sees

@@ -56,6 +56,9 @@ type expectedBridge struct {
 	// defaultNet: the first CNI configuration by file name, the network
 	// kubelet and CRI runtimes give every pod.
 	defaultNet bool
+	// mtu is the MTU the configuration gives containers (0: the kernel's
+	// 1500 for veths).
+	mtu int
 }
 
 // leases lists the addresses host-local IPAM still holds for containers on
@@ -234,6 +237,7 @@ func expectedBridges(o *Options, inv *inventory) []expectedBridge {
 			var dc struct {
 				Bridge string `json:"bridge"`
 				BIP    string `json:"bip"`
+				MTU    int    `json:"mtu"`
 			}
 			if err := json.Unmarshal(data, &dc); err != nil {
 				inv.problems = append(inv.problems, configProblem{path: "/etc/docker/daemon.json", what: "unparsable", err: err})
@@ -246,6 +250,7 @@ func expectedBridges(o *Options, inv *inventory) []expectedBridge {
 				if p, err := netip.ParsePrefix(dc.BIP); err == nil {
 					b.gateway = p
 				}
+				b.mtu = dc.MTU
 				b.source = "/etc/docker/daemon.json"
 			}
 		}
@@ -273,6 +278,7 @@ func cniBridges(data []byte) ([]expectedBridge, error) {
 		Bridge    string `json:"bridge"`
 		IsGateway bool   `json:"isGateway"`
 		IPMasq    bool   `json:"ipMasq"`
+		MTU       int    `json:"mtu"`
 		IPAM      ipam   `json:"ipam"`
 	}
 	var conf struct {
@@ -289,7 +295,7 @@ func cniBridges(data []byte) ([]expectedBridge, error) {
 		if p.Type != "bridge" {
 			continue
 		}
-		b := expectedBridge{name: p.Bridge, onDemand: true, masq: p.IPMasq}
+		b := expectedBridge{name: p.Bridge, onDemand: true, masq: p.IPMasq, mtu: p.MTU}
 		if b.name == "" {
 			b.name = "cni0"
 		}
@@ -453,6 +459,7 @@ func bridgesCheck(inv *inventory) *netcheck.CheckBuilder {
 		}
 		names = append(names, e.name)
 		checkBridge(c, st, l, e.gateway, e.source, true)
+		checkMTU(c, st, l, e)
 	}
 	if len(unused) > 0 {
 		c.Detail("unused", unused)
@@ -512,6 +519,54 @@ func recreateBridgeCommands(e expectedBridge) []string {
 		cmds = []string{"systemctl restart docker   # recreates " + e.name + " and reattaches containers on restart"}
 	}
 	return cmds
+}
+
+// tunnelMTU is the smallest MTU the workspace's tunnels fit in (the same
+// threshold the workspace check uses).
+const tunnelMTU = 1378
+
+// checkMTU compares the bridge and its veths with the MTU the configuration
+// gives the containers: a smaller bridge or host veth silently drops the
+// containers' full-size packets (no fragmentation-needed across a bridge),
+// the black hole the workspace's mtu check sees from inside.
+func checkMTU(c *netcheck.CheckBuilder, st *netstate.State, br netlink.Link, e expectedBridge) {
+	want := e.mtu
+	if want == 0 {
+		want = 1500
+	}
+	var small []netlink.Link
+	if br.Attrs().MTU < want {
+		small = append(small, br)
+	}
+	for _, p := range st.Links {
+		if p.Attrs().MasterIndex == br.Attrs().Index && p.Type() == "veth" && p.Attrs().MTU < want {
+			small = append(small, p)
+		}
+	}
+	if len(small) == 0 {
+		return
+	}
+	var ev, cmds []string
+	lowest := want
+	for _, l := range small {
+		ev = append(ev, fmt.Sprintf("%s mtu %d", l.Attrs().Name, l.Attrs().MTU))
+		lowest = min(lowest, l.Attrs().MTU)
+	}
+	// Ports first: a bridge cannot be raised above its smallest port.
+	for i := len(small) - 1; i >= 0; i-- {
+		cmds = append(cmds, fmt.Sprintf("ip link set %s mtu %d", small[i].Attrs().Name, want))
+	}
+	source := "the kernel's default for container veths"
+	if e.mtu != 0 {
+		source = e.source + " (\"mtu\")"
+	}
+	ev = append(ev, fmt.Sprintf("containers on %s get MTU %d from %s", br.Attrs().Name, want, source))
+	sev := netcheck.StatusDegraded
+	if lowest < tunnelMTU {
+		sev = netcheck.StatusBroken
+	}
+	c.Fail(sev, "bridge.mtu_mismatch", fmt.Sprintf("%s or its veths have a smaller MTU (%d) than its containers (%d): their full-size packets are dropped without an error, so bulk transfers stall", br.Attrs().Name, lowest, want), ev,
+		netcheck.Remedy{Text: "give the bridge and its veths the containers' MTU (or lower the MTU in the CNI configuration, and restart the pods, if the network beyond needs the smaller size)", Commands: cmds})
 }
 
 func checkBridge(c *netcheck.CheckBuilder, st *netstate.State, l netlink.Link, want netip.Prefix, source string, expected bool) {
