@@ -221,6 +221,7 @@ func dnsCheck(ctx context.Context, opts *Options, host string, budget time.Durat
 	case len(ok) > 0 && literal:
 		c.Summary = fmt.Sprintf("%d/%d nameservers answer (%.1f ms)", len(ok), len(answers), ms(ok[0].rtt))
 		partialDNS(c, rc, answers, timeouts)
+		slowDNS(c, ok)
 	case literal && len(nxdomain)+len(servfail)+len(other) > 0:
 		// Any answer proves the transport; the coordinator is addressed by
 		// IP, so what the resolver says about the root zone does not stop
@@ -243,6 +244,7 @@ func dnsCheck(ctx context.Context, opts *Options, host string, budget time.Durat
 		c.Summary = fmt.Sprintf("%s → %v via %s (%.1f ms)", host, addrList(resolved), ok[0].server, ms(ok[0].rtt))
 		c.Detail("addresses", addrList(resolved))
 		partialDNS(c, rc, answers, timeouts)
+		slowDNS(c, ok)
 	case len(nxdomain) > 0:
 		c.Summary = fmt.Sprintf("%s does not exist (NXDOMAIN)", host)
 		c.Fail(StatusBroken, "dns.nxdomain", fmt.Sprintf("the nameservers say %s does not exist", host), nxdomain,
@@ -302,4 +304,29 @@ func partialDNS(c *CheckBuilder, rc *resolvConf, answers []dnsAnswer, timeouts [
 	c.Detail("nameservers_dead", dead)
 	c.Fail(StatusDegraded, "dns.partial", problem, timeouts,
 		Remedy{Text: fmt.Sprintf("remove or repair %s in the resolver configuration (the pod's dnsConfig, the node's resolv.conf, or the cluster DNS service's endpoints)", strings.Join(dead, ", "))})
+}
+
+// slowDNSAfter is when an answer counts as slow: a resolver on the cluster
+// network answers in milliseconds, and every connection waits for it.
+const slowDNSAfter = 300 * time.Millisecond
+
+// slowDNS names nameservers that answer, but all of them slowly: lookups
+// work, and the time they take shows up in every connection.
+func slowDNS(c *CheckBuilder, ok []dnsAnswer) {
+	fastest := ok[0]
+	for _, a := range ok[1:] {
+		if a.rtt < fastest.rtt {
+			fastest = a
+		}
+	}
+	if fastest.rtt < slowDNSAfter {
+		return
+	}
+	var ev []string
+	for _, a := range ok {
+		ev = append(ev, fmt.Sprintf("%s answered in %.0f ms", a.server, ms(a.rtt)))
+	}
+	c.Detail("slowest_answer_ms", ms(fastest.rtt))
+	c.Fail(StatusDegraded, "dns.slow", fmt.Sprintf("the nameservers answer, but the fastest took %.0f ms: every new connection waits that long for its lookup", ms(fastest.rtt)), ev,
+		Remedy{Text: "check the resolver's load and its upstream (CoreDNS logs and metrics, its forwarders); a node-local DNS cache helps"})
 }

@@ -137,6 +137,8 @@ func TestFaults(t *testing.T) {
 		{"first nameserver dead", func(t *testing.T, pl *podLab) {
 			pl.Pod.WriteEtc("resolv.conf", "nameserver 203.0.113.53\nnameserver "+nclab.CoordIP+"\noptions timeout:1\n")
 		}, "dns.partial", StatusDegraded},
+		// The resolver answers, but only after 600 ms.
+		{"slow resolver", func(t *testing.T, pl *podLab) { pl.DNSDelay.Store(int64(600 * time.Millisecond)) }, "dns.slow", StatusDegraded},
 		// The path carries less than tunnels need: the advice must not be
 		// to lower eth0 below that (which link.mtu_low would then reject).
 		{"mtu below tunnel size", func(t *testing.T, pl *podLab) {
@@ -189,7 +191,7 @@ func TestFaults(t *testing.T) {
 				if got := r.Check("mtu").Details["path_mtu_at_least"]; got != want {
 					t.Errorf("path MTU lower bound %v, want %v", got, want)
 				}
-			case "gateway.icmp_filtered", "dns.partial":
+			case "gateway.icmp_filtered", "dns.partial", "dns.slow":
 				for _, code := range []string{"gateway.unreachable", "https.timeout"} {
 					if r.Finding(code) != nil {
 						t.Errorf("%s reported with traffic working:\n%s", code, describe(r))

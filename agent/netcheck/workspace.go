@@ -445,14 +445,23 @@ func mtuCheck(ctx context.Context, p *primary, gw *probeResult, coordinator func
 	target := p.gateway.String()
 	if !lostFull {
 		// The first hop carries full size; try the coordinator if it answers.
-		if dst := coordinator(); dst.IsValid() && dst.Is4() && dst != p.gateway {
+		dst := coordinator()
+		if dl, ok := ctx.Deadline(); ok && time.Until(dl) < budget/2 && dst.IsValid() {
+			// The coordinator's address came late (a slow or partly dead
+			// resolver): too little time is left to tell loss from no time.
+			c.Detail("coordinator_probe", "not run: its address arrived too late")
+			dst = netip.Addr{}
+		}
+		if dst.IsValid() && dst.Is4() && dst != p.gateway {
 			pctx, pcancel := context.WithTimeout(ctx, budget/3)
 			_, err := gw.icmp.echo(pctx, dst, uint16(seq.Add(1)), 84)
 			pcancel()
 			if err == nil {
 				l2, lost2 := probe(dst)
 				c.Detail("coordinator_largest_ok", l2)
-				if lost2 {
+				// It just answered a small echo, so nothing at all
+				// answering now is the budget running out, not the path.
+				if lost2 && l2 > 0 {
 					largest, lostFull, target = l2, true, dst.String()
 				}
 			}

@@ -23,6 +23,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -134,6 +135,8 @@ type PodLab struct {
 	CoordURL    string
 	HTTPS       *http.Server
 	Root        string // the node's file tree for --host
+	// DNSDelay (nanoseconds) holds back every DNS answer: a slow resolver.
+	DNSDelay atomic.Int64
 }
 
 const (
@@ -252,12 +255,12 @@ func (pl *PodLab) startCoordinator(t testing.TB) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { dns.Close() })
-	go ServeDNS(dns)
+	go ServeDNS(dns, &pl.DNSDelay)
 }
 
 // serveDNS answers A queries for coord.test and NXDOMAIN otherwise (NS for
 // the root gets an empty NOERROR).
-func ServeDNS(pc net.PacketConn) {
+func ServeDNS(pc net.PacketConn, delay *atomic.Int64) {
 	buf := make([]byte, 1500)
 	for {
 		n, from, err := pc.ReadFrom(buf)
@@ -283,6 +286,15 @@ func ServeDNS(pc net.PacketConn) {
 		}
 		out, err := resp.Pack()
 		if err == nil {
+			if d := time.Duration(delay.Load()); d > 0 {
+				// A slow resolver: answer later, without holding up the
+				// next query.
+				go func() {
+					time.Sleep(d)
+					_, _ = pc.WriteTo(out, from)
+				}()
+				continue
+			}
 			_, _ = pc.WriteTo(out, from)
 		}
 	}
