@@ -43,8 +43,29 @@ func newTyped(apiVersion, kind string) (any, error) {
 		return &appsv1.Deployment{}, nil
 	case "apps/v1 DaemonSet":
 		return &appsv1.DaemonSet{}, nil
+	case "monitoring.coreos.com/v1 PrometheusRule":
+		return &prometheusRule{}, nil
 	}
 	return nil, fmt.Errorf("apiVersion %q kind %q is not one the tests know; add it to newTyped", apiVersion, kind)
+}
+
+// prometheusRule is the Prometheus Operator's PrometheusRule, as far as
+// the manifests use it (the operator's Go types are not worth the module).
+type prometheusRule struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata"`
+	Spec              struct {
+		Groups []struct {
+			Name  string `json:"name"`
+			Rules []struct {
+				Alert       string            `json:"alert"`
+				Expr        string            `json:"expr"`
+				For         string            `json:"for,omitempty"`
+				Labels      map[string]string `json:"labels,omitempty"`
+				Annotations map[string]string `json:"annotations,omitempty"`
+			} `json:"rules"`
+		} `json:"groups"`
+	} `json:"spec"`
 }
 
 var docSeparator = regexp.MustCompile(`(?m)^---[ \t]*$`)
@@ -511,5 +532,78 @@ func TestNetcheckDaemonSetWatchesEveryNodeReadOnly(t *testing.T) {
 	}
 	if c.SecurityContext == nil || c.SecurityContext.ReadOnlyRootFilesystem == nil || !*c.SecurityContext.ReadOnlyRootFilesystem {
 		t.Error("the netcheck container should have a read-only root file system")
+	}
+}
+
+// TestNetcheckPodProbeAndMetrics: the hunt, productized. A second DaemonSet
+// runs netcheck on the pod network (not hostNetwork) so its round trips
+// cross the node's bridge; both serve metrics on a named port with the
+// scrape annotations and print one JSON document per change; the
+// PrometheusRule pages on a broken pod network using series the exporter
+// really has.
+func TestNetcheckPodProbeAndMetrics(t *testing.T) {
+	objs := loadManifests(t)
+	exporter, err := os.ReadFile(filepath.Join("..", "agent", "netcheck", "exporter.go"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"agent-netcheck", "agent-netcheck-pod"} {
+		ds := find[*appsv1.DaemonSet](t, objs, "agent-system", name)
+		tmpl := ds.Spec.Template
+		c := tmpl.Spec.Containers[0]
+		joined := " " + strings.Join(append(append([]string{}, c.Command...), c.Args...), " ") + " "
+		for _, want := range []string{" netcheck ", " --watch ", " --json ", " --metrics-addr "} {
+			if !strings.Contains(joined, want) {
+				t.Errorf("%s runs %q, which lacks %q", name, strings.TrimSpace(joined), strings.TrimSpace(want))
+			}
+		}
+		port := tmpl.Annotations["prometheus.io/port"]
+		if tmpl.Annotations["prometheus.io/scrape"] != "true" || port == "" {
+			t.Errorf("%s: no prometheus.io scrape annotations: %v", name, tmpl.Annotations)
+		}
+		if p := containerPort(c, "metrics"); fmt.Sprint(p) != port || !strings.Contains(joined, fmt.Sprintf(":%d ", p)) {
+			t.Errorf("%s: metrics port %d, annotation %q, args %q should agree", name, p, port, joined)
+		}
+		if name == "agent-netcheck-pod" {
+			if tmpl.Spec.HostNetwork {
+				t.Error("the pod probe must be on the pod network: its round trips must cross the node's bridge")
+			}
+			if strings.Contains(joined, " --host ") {
+				t.Error("the pod probe checks its own network, not the node's")
+			}
+		}
+	}
+	rule := find[*prometheusRule](t, objs, "agent-system", "agent-netcheck")
+	metric := regexp.MustCompile(`agent_netcheck_[a-z_]+`)
+	paged := false
+	for _, g := range rule.Spec.Groups {
+		for _, r := range g.Rules {
+			for _, m := range metric.FindAllString(r.Expr, -1) {
+				if !strings.Contains(string(exporter), `"`+m+`"`) {
+					t.Errorf("alert %s uses %s, which the exporter does not export", r.Alert, m)
+				}
+			}
+			if r.Labels["severity"] == "page" && strings.Contains(r.Expr, `mode="workspace"`) && strings.Contains(r.Expr, "== 2") {
+				paged = true
+			}
+		}
+	}
+	if !paged {
+		t.Error("no alert pages on a pod network reported broken")
+	}
+}
+
+// TestNetcheckDaemonSetStartsOnAnyNode: a node without systemd, or with
+// Docker and no CNI configuration, lacks some of the mounted directories;
+// a hostPath of type Directory would keep the pod from starting there.
+func TestNetcheckDaemonSetStartsOnAnyNode(t *testing.T) {
+	ds := find[*appsv1.DaemonSet](t, loadManifests(t), "agent-system", "agent-netcheck")
+	for _, v := range ds.Spec.Template.Spec.Volumes {
+		if v.HostPath == nil {
+			continue
+		}
+		if v.HostPath.Type == nil || *v.HostPath.Type != corev1.HostPathDirectoryOrCreate {
+			t.Errorf("hostPath %s has type %v: want DirectoryOrCreate, so nodes without it still run the check", v.HostPath.Path, v.HostPath.Type)
+		}
 	}
 }

@@ -6,6 +6,8 @@ import (
 	"os"
 	"testing"
 	"time"
+
+	"github.com/agentd/agent/agent/netcheck/internal/nclab"
 )
 
 // BenchmarkHealthyReport times a full workspace report in a healthy lab
@@ -18,14 +20,14 @@ func BenchmarkHealthyReport(b *testing.B) {
 	var reportMS, processMS, curlMS float64
 	for b.Loop() {
 		start := time.Now()
-		r := runIn(b, pl.pod, pl.workspaceOpts(), true)
+		r := runIn(b, pl.Pod, pl.workspaceOpts(), true)
 		processMS += float64(time.Since(start).Microseconds()) / 1000
 		if r.Status != StatusOK {
 			b.Fatalf("healthy lab: %s", describe(r))
 		}
 		reportMS += float64(r.DurationMS)
 		start = time.Now()
-		if _, err := pl.pod.Run(context.Background(), "curl", "-sk", "--resolve", coordName+":443:"+coordIP, pl.coordURL); err != nil {
+		if _, err := pl.Pod.Run(context.Background(), "curl", "-sk", "--resolve", nclab.CoordName+":443:"+nclab.CoordIP, pl.CoordURL); err != nil {
 			b.Fatalf("reference curl: %v", err)
 		}
 		curlMS += float64(time.Since(start).Microseconds()) / 1000
@@ -46,7 +48,7 @@ func BenchmarkWatchTeardownDetection(b *testing.B) {
 		pl := newPodLab(b)
 		o := pl.workspaceOpts()
 		data, _ := json.Marshal(o)
-		cmd := pl.pod.Command(helperBinary(b), "-test.run=^TestWatchHelper$")
+		cmd := pl.Pod.Command(nclab.HelperBinary(b), "-test.run=^TestWatchHelper$")
 		cmd.Env = append(os.Environ(), "NETCHECK_WATCH_OPTS="+string(data))
 		stdout, err := cmd.StdoutPipe()
 		if err != nil {
@@ -63,7 +65,7 @@ func BenchmarkWatchTeardownDetection(b *testing.B) {
 		time.Sleep(200 * time.Millisecond)
 		b.StartTimer()
 		torn := time.Now()
-		pl.node.IP("link", "del", "cni0")
+		pl.Node.IP("link", "del", "cni0")
 		for r.Status != StatusBroken {
 			if err := dec.Decode(&r); err != nil {
 				b.Fatal(err)

@@ -148,27 +148,27 @@ func queryDNS(ctx context.Context, server netip.Addr, name string, qtype dnsmess
 // dnsCheck queries every nameserver in resolv.conf directly for the
 // coordinator's name, so a timeout (transport) is told apart from SERVFAIL
 // (upstream) and NXDOMAIN (the name or search configuration).
-func dnsCheck(ctx context.Context, opts *Options, host string, budget time.Duration) (*check, []netip.Addr) {
-	c := newCheck("dns", "DNS configuration and resolution")
+func dnsCheck(ctx context.Context, opts *Options, host string, budget time.Duration) (*CheckBuilder, []netip.Addr) {
+	c := NewCheck("dns", "DNS configuration and resolution")
 	rc, err := readResolvConf(opts.ResolvConf)
 	if err != nil {
 		c.Summary = fmt.Sprintf("cannot read %s", opts.ResolvConf)
-		c.fail(StatusBroken, "dns.no_config", fmt.Sprintf("cannot read %s: %v", opts.ResolvConf, err), nil,
+		c.Fail(StatusBroken, "dns.no_config", fmt.Sprintf("cannot read %s: %v", opts.ResolvConf, err), nil,
 			Remedy{Text: "the runtime did not provide a resolver configuration; check the pod's dnsPolicy/dnsConfig or the container's --dns settings"})
-		return c.done(), nil
+		return c.Done(), nil
 	}
-	c.detail("nameservers", addrList(rc.nameservers))
+	c.Detail("nameservers", addrList(rc.nameservers))
 	if len(rc.search) > 0 {
-		c.detail("search", rc.search)
+		c.Detail("search", rc.search)
 	}
 	if len(rc.options) > 0 {
-		c.detail("options", rc.options)
+		c.Detail("options", rc.options)
 	}
 	if len(rc.nameservers) == 0 {
 		c.Summary = "no nameserver configured"
-		c.fail(StatusBroken, "dns.no_nameserver", fmt.Sprintf("%s lists no nameserver", opts.ResolvConf), nil,
+		c.Fail(StatusBroken, "dns.no_nameserver", fmt.Sprintf("%s lists no nameserver", opts.ResolvConf), nil,
 			Remedy{Text: "configure a nameserver (pod dnsConfig, or the runtime's --dns)"})
-		return c.done(), nil
+		return c.Done(), nil
 	}
 	name, qtype := host, dnsmessage.TypeA
 	literal := false
@@ -177,7 +177,7 @@ func dnsCheck(ctx context.Context, opts *Options, host string, budget time.Durat
 		// working resolver answers, to prove the transport.
 		name, qtype, literal = ".", dnsmessage.TypeNS, true
 	}
-	c.detail("query", name)
+	c.Detail("query", name)
 	ctx, cancel := context.WithTimeout(ctx, budget)
 	defer cancel()
 	answers := make([]dnsAnswer, len(rc.nameservers))
@@ -220,6 +220,8 @@ func dnsCheck(ctx context.Context, opts *Options, host string, budget time.Durat
 	switch {
 	case len(ok) > 0 && literal:
 		c.Summary = fmt.Sprintf("%d/%d nameservers answer (%.1f ms)", len(ok), len(answers), ms(ok[0].rtt))
+		partialDNS(c, rc, answers, timeouts)
+		slowDNS(c, ok)
 	case literal && len(nxdomain)+len(servfail)+len(other) > 0:
 		// Any answer proves the transport; the coordinator is addressed by
 		// IP, so what the resolver says about the root zone does not stop
@@ -227,38 +229,40 @@ func dnsCheck(ctx context.Context, opts *Options, host string, budget time.Durat
 		// ".") is still worth a word: programs in the workspace need it.
 		answered := append(append(append([]string{}, nxdomain...), servfail...), other...)
 		c.Summary = fmt.Sprintf("nameservers answer, but not for the root zone (%s)", answered[0])
-		c.fail(StatusDegraded, "dns.no_upstream", "the nameservers answer but cannot resolve the root zone: they have no working upstream", answered,
+		c.Fail(StatusDegraded, "dns.no_upstream", "the nameservers answer but cannot resolve the root zone: they have no working upstream", answered,
 			Remedy{Text: "the agent does not need DNS (the coordinator URL is an address), but programs in the workspace do: check the resolver's forwarders"})
 	case literal:
 		c.Summary = fmt.Sprintf("no nameserver answers (%v)", addrList(rc.nameservers))
-		c.fail(StatusDegraded, "dns.unreachable", fmt.Sprintf("no nameserver answers: %v", addrList(rc.nameservers)), timeouts,
+		c.Fail(StatusDegraded, "dns.unreachable", fmt.Sprintf("no nameserver answers: %v", addrList(rc.nameservers)), timeouts,
 			Remedy{Text: "the agent does not need DNS (the coordinator URL is an address), but programs in the workspace do: check that UDP port 53 to the nameservers is allowed"})
 	case len(ok) > 0 && len(resolved) == 0:
 		c.Summary = fmt.Sprintf("%s has no address records", host)
-		c.fail(StatusBroken, "dns.no_records", fmt.Sprintf("the coordinator's name %s exists but has no A or AAAA records", host),
+		c.Fail(StatusBroken, "dns.no_records", fmt.Sprintf("the coordinator's name %s exists but has no A or AAAA records", host),
 			[]string{fmt.Sprintf("%s: NOERROR with no addresses", ok[0].server)},
 			Remedy{Text: "add an address record for the coordinator's name, or use --coordinator-url with an address"})
 	case len(ok) > 0:
 		c.Summary = fmt.Sprintf("%s → %v via %s (%.1f ms)", host, addrList(resolved), ok[0].server, ms(ok[0].rtt))
-		c.detail("addresses", addrList(resolved))
+		c.Detail("addresses", addrList(resolved))
+		partialDNS(c, rc, answers, timeouts)
+		slowDNS(c, ok)
 	case len(nxdomain) > 0:
 		c.Summary = fmt.Sprintf("%s does not exist (NXDOMAIN)", host)
-		c.fail(StatusBroken, "dns.nxdomain", fmt.Sprintf("the nameservers say %s does not exist", host), nxdomain,
+		c.Fail(StatusBroken, "dns.nxdomain", fmt.Sprintf("the nameservers say %s does not exist", host), nxdomain,
 			Remedy{Text: "check the coordinator URL's host name; for a cluster-internal name use its fully qualified form (ndots/search can change what is asked)"})
 	case len(servfail) > 0:
 		c.Summary = "nameservers fail upstream (SERVFAIL)"
-		c.fail(StatusBroken, "dns.servfail", fmt.Sprintf("the nameservers cannot resolve %s (SERVFAIL): their upstream is failing", name), append(servfail, timeouts...),
+		c.Fail(StatusBroken, "dns.servfail", fmt.Sprintf("the nameservers cannot resolve %s (SERVFAIL): their upstream is failing", name), append(servfail, timeouts...),
 			Remedy{Text: "the resolver is reachable but its upstream is not; check the cluster DNS (CoreDNS) logs and its forwarders"})
 	case len(other) > 0:
 		c.Summary = "nameservers refuse the query"
-		c.fail(StatusBroken, "dns.refused", fmt.Sprintf("the nameservers refuse to resolve %s", name), append(other, timeouts...),
+		c.Fail(StatusBroken, "dns.refused", fmt.Sprintf("the nameservers refuse to resolve %s", name), append(other, timeouts...),
 			Remedy{Text: "the configured nameserver does not serve this client; point resolv.conf at the cluster DNS"})
 	default:
 		c.Summary = fmt.Sprintf("no nameserver answers (%v)", addrList(rc.nameservers))
-		c.fail(StatusBroken, "dns.unreachable", fmt.Sprintf("no nameserver answers: %v", addrList(rc.nameservers)), timeouts,
+		c.Fail(StatusBroken, "dns.unreachable", fmt.Sprintf("no nameserver answers: %v", addrList(rc.nameservers)), timeouts,
 			Remedy{Text: "the nameservers are unreachable over UDP port 53: check the gateway finding first; otherwise a NetworkPolicy or firewall blocks DNS, or the DNS service is down"})
 	}
-	return c.done(), resolved
+	return c.Done(), resolved
 }
 
 func addrList(a []netip.Addr) []string {
@@ -267,4 +271,62 @@ func addrList(a []netip.Addr) []string {
 		out[i] = x.String()
 	}
 	return out
+}
+
+// partialDNS names nameservers that do not answer while others do: lookups
+// still succeed, but every one that tries a dead server first waits out
+// its timeout, and that time shows up in whatever did the lookup.
+func partialDNS(c *CheckBuilder, rc *resolvConf, answers []dnsAnswer, timeouts []string) {
+	if len(timeouts) == 0 {
+		return
+	}
+	var dead []string
+	firstDead := false
+	for i, a := range answers {
+		if a.timeout || a.err != nil {
+			dead = append(dead, a.server.String())
+			if i == 0 {
+				firstDead = true
+			}
+		}
+	}
+	wait := "5 s (the default timeout)"
+	for _, o := range rc.options {
+		if v, ok := strings.CutPrefix(o, "timeout:"); ok {
+			wait = v + " s (options " + o + ")"
+		}
+	}
+	problem := fmt.Sprintf("%d of %d nameservers do not answer (%s): lookups work, but slowly", len(dead), len(answers), strings.Join(dead, ", "))
+	if firstDead {
+		problem = fmt.Sprintf("the first nameserver %s does not answer (%d of %d answer): every lookup waits %s before trying the next", dead[0], len(answers)-len(dead), len(answers), wait)
+	}
+	c.Summary += fmt.Sprintf("; %d of %d nameservers dead", len(dead), len(answers))
+	c.Detail("nameservers_dead", dead)
+	c.Fail(StatusDegraded, "dns.partial", problem, timeouts,
+		Remedy{Text: fmt.Sprintf("remove or repair %s in the resolver configuration (the pod's dnsConfig, the node's resolv.conf, or the cluster DNS service's endpoints)", strings.Join(dead, ", "))})
+}
+
+// slowDNSAfter is when an answer counts as slow: a resolver on the cluster
+// network answers in milliseconds, and every connection waits for it.
+const slowDNSAfter = 300 * time.Millisecond
+
+// slowDNS names nameservers that answer, but all of them slowly: lookups
+// work, and the time they take shows up in every connection.
+func slowDNS(c *CheckBuilder, ok []dnsAnswer) {
+	fastest := ok[0]
+	for _, a := range ok[1:] {
+		if a.rtt < fastest.rtt {
+			fastest = a
+		}
+	}
+	if fastest.rtt < slowDNSAfter {
+		return
+	}
+	var ev []string
+	for _, a := range ok {
+		ev = append(ev, fmt.Sprintf("%s answered in %.0f ms", a.server, ms(a.rtt)))
+	}
+	c.Detail("slowest_answer_ms", ms(fastest.rtt))
+	c.Fail(StatusDegraded, "dns.slow", fmt.Sprintf("the nameservers answer, but the fastest took %.0f ms: every new connection waits that long for its lookup", ms(fastest.rtt)), ev,
+		Remedy{Text: "check the resolver's load and its upstream (CoreDNS logs and metrics, its forwarders); a node-local DNS cache helps"})
 }

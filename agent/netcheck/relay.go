@@ -38,20 +38,20 @@ func derpMapFor(opts *Options, u *url.URL) (*tailnet.DERPMap, error) {
 
 // relayChecks runs the DERP relay probe (HTTPS to each relay node) and the
 // UDP/STUN check (Tailscale's netcheck against the same map) side by side.
-func relayChecks(ctx context.Context, opts *Options, u *url.URL, proxyURL *url.URL, budget time.Duration) (*check, *check) {
-	derpC := newCheck("derp", "DERP relay reachability and latency")
-	udpC := newCheck("udp", "UDP (STUN) reachability and NAT behaviour")
+func relayChecks(ctx context.Context, opts *Options, u *url.URL, proxyURL *url.URL, budget time.Duration) (*CheckBuilder, *CheckBuilder) {
+	derpC := NewCheck("derp", "DERP relay reachability and latency")
+	udpC := NewCheck("udp", "UDP (STUN) reachability and NAT behaviour")
 	m, err := derpMapFor(opts, u)
 	if err != nil {
-		derpC.fail(StatusBroken, "derp.bad_map", fmt.Sprintf("cannot build the relay map: %v", err), nil,
+		derpC.Fail(StatusBroken, "derp.bad_map", fmt.Sprintf("cannot build the relay map: %v", err), nil,
 			Remedy{Text: "check --coordinator-url and --stun-port"})
-		udpC.skip("no relay map")
-		return derpC.done(), udpC.done()
+		udpC.Skip("no relay map")
+		return derpC.Done(), udpC.Done()
 	}
 	if m == nil {
-		derpC.skip("no --coordinator-url given")
-		udpC.skip("no --coordinator-url given")
-		return derpC.done(), udpC.done()
+		derpC.Skip("no --coordinator-url given")
+		udpC.Skip("no --coordinator-url given")
+		return derpC.Done(), udpC.Done()
 	}
 	ctx, cancel := context.WithTimeout(ctx, budget)
 	defer cancel()
@@ -104,15 +104,15 @@ func relayChecks(ctx context.Context, opts *Options, u *url.URL, proxyURL *url.U
 	for _, r := range okNodes {
 		latency[r.node] = ms(r.rtt)
 	}
-	derpC.detail("latency_ms", latency)
+	derpC.Detail("latency_ms", latency)
 	switch {
 	case len(okNodes) == 0:
 		derpC.Summary = "no relay answers"
-		derpC.fail(StatusBroken, "derp.unreachable", "no DERP relay answers over HTTPS: peers cannot be reached when UDP fails", failed,
+		derpC.Fail(StatusBroken, "derp.unreachable", "no DERP relay answers over HTTPS: peers cannot be reached when UDP fails", failed,
 			Remedy{Text: "the relay runs inside the coordinator; see the https finding (coordinator down, firewall, or proxy)"})
 	case len(failed) > 0:
 		derpC.Summary = fmt.Sprintf("best relay %s %.1f ms; %d of %d relays fail", okNodes[0].node, ms(okNodes[0].rtt), len(failed), len(nodes))
-		derpC.fail(StatusDegraded, "derp.partial", fmt.Sprintf("%d of %d DERP relays do not answer", len(failed), len(nodes)), failed,
+		derpC.Fail(StatusDegraded, "derp.partial", fmt.Sprintf("%d of %d DERP relays do not answer", len(failed), len(nodes)), failed,
 			Remedy{Text: "check the failing relays' servers; the workspace uses the ones that answer"})
 	default:
 		derpC.Summary = fmt.Sprintf("relay %s answers in %.1f ms", okNodes[0].node, ms(okNodes[0].rtt))
@@ -122,7 +122,7 @@ func relayChecks(ctx context.Context, opts *Options, u *url.URL, proxyURL *url.U
 	switch {
 	case sr.err != nil && sr.r == nil && ctx.Err() == nil:
 		udpC.Summary = "UDP check could not run"
-		udpC.fail(StatusDegraded, "udp.check_failed", fmt.Sprintf("the UDP/STUN check could not run: %v", sr.err), nil,
+		udpC.Fail(StatusDegraded, "udp.check_failed", fmt.Sprintf("the UDP/STUN check could not run: %v", sr.err), nil,
 			Remedy{Text: "see the error; the workspace falls back to the relay"})
 	case sr.r == nil || !sr.r.UDP:
 		stunPort := opts.STUNPort
@@ -139,38 +139,38 @@ func relayChecks(ctx context.Context, opts *Options, u *url.URL, proxyURL *url.U
 		if len(okNodes) > 0 {
 			ev = append(ev, fmt.Sprintf("DERP over HTTPS works (%s %.1f ms)", okNodes[0].node, ms(okNodes[0].rtt)))
 		}
-		udpC.fail(sev, "udp.blocked", text, ev,
+		udpC.Fail(sev, "udp.blocked", text, ev,
 			Remedy{Text: fmt.Sprintf("allow outbound UDP to the coordinator's STUN port %d and to peers (WireGuard); in Kubernetes check NetworkPolicy egress and the node firewall", stunPort)})
 	default:
 		r := sr.r
-		udpC.detail("global_v4", r.GlobalV4)
+		udpC.Detail("global_v4", r.GlobalV4)
 		if r.GlobalV6 != "" {
-			udpC.detail("global_v6", r.GlobalV6)
+			udpC.Detail("global_v6", r.GlobalV6)
 		}
 		lat := map[string]float64{}
 		for id, d := range r.RegionLatency {
 			lat[strconv.Itoa(id)] = ms(d)
 		}
-		udpC.detail("region_latency_ms", lat)
-		udpC.detail("preferred_region", r.PreferredDERP)
+		udpC.Detail("region_latency_ms", lat)
+		udpC.Detail("preferred_region", r.PreferredDERP)
 		nat := "unknown (needs two STUN servers)"
 		if r.MappingVariesByDestIP != nil {
-			udpC.detail("mapping_varies_by_dest_ip", *r.MappingVariesByDestIP)
+			udpC.Detail("mapping_varies_by_dest_ip", *r.MappingVariesByDestIP)
 			if *r.MappingVariesByDestIP {
 				nat = "hard NAT (mapping varies by destination)"
 			} else {
 				nat = "easy NAT (endpoint-independent mapping)"
 			}
 		}
-		udpC.detail("nat", nat)
+		udpC.Detail("nat", nat)
 		udpC.Summary = fmt.Sprintf("UDP works; public address %s; %s", r.GlobalV4, nat)
 		if r.MappingVariesByDestIP != nil && *r.MappingVariesByDestIP {
-			udpC.fail(StatusDegraded, "udp.hard_nat", "the NAT in front of the workspace maps each destination to a different port: direct connections will mostly fall back to the relay",
+			udpC.Fail(StatusDegraded, "udp.hard_nat", "the NAT in front of the workspace maps each destination to a different port: direct connections will mostly fall back to the relay",
 				[]string{"STUN servers saw different public ports for the same socket"},
 				Remedy{Text: "use a NAT with endpoint-independent mapping (Linux masquerade without --random-fully, most cloud NAT gateways with port preservation), or give the node a public address"})
 		}
 	}
-	return derpC.done(), udpC.done()
+	return derpC.Done(), udpC.Done()
 }
 
 func hostOf(u *url.URL, m *tailnet.DERPMap) string {

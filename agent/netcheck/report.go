@@ -47,7 +47,8 @@ func (s Status) rank() int {
 	return 0
 }
 
-func worse(a, b Status) Status {
+// Worse returns the more severe of two statuses.
+func Worse(a, b Status) Status {
 	if b.rank() > a.rank() {
 		return b
 	}
@@ -142,22 +143,29 @@ func (r *Report) Finding(code string) *Finding {
 	return nil
 }
 
-// finish orders findings worst first, derives the overall status and a
+// Finish orders findings worst first, derives the overall status and a
 // one-line summary.
-func (r *Report) finish(started time.Time) {
+func (r *Report) Finish(started time.Time) {
 	r.Version = SchemaVersion
 	r.Started = started
 	r.DurationMS = time.Since(started).Milliseconds()
 	sort.SliceStable(r.Findings, func(i, j int) bool {
 		return r.Findings[i].Severity.rank() > r.Findings[j].Severity.rank()
 	})
+	// Always arrays in JSON, never null: consumers index them directly.
+	if r.Findings == nil {
+		r.Findings = []Finding{}
+	}
+	if r.Checks == nil {
+		r.Checks = []Check{}
+	}
 	r.Status = StatusOK
 	for _, f := range r.Findings {
-		r.Status = worse(r.Status, f.Severity)
+		r.Status = Worse(r.Status, f.Severity)
 	}
 	for _, c := range r.Checks {
 		if c.Status == StatusBroken || c.Status == StatusDegraded {
-			r.Status = worse(r.Status, c.Status)
+			r.Status = Worse(r.Status, c.Status)
 		}
 	}
 	if r.Summary == "" {
@@ -175,6 +183,23 @@ func (r *Report) WriteJSON(w io.Writer) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	return enc.Encode(r)
+}
+
+// WriteJSONLine writes the report as one line of JSON (the --watch --json
+// stream: one document per line).
+func (r *Report) WriteJSONLine(w io.Writer) error {
+	return json.NewEncoder(w).Encode(r)
+}
+
+// ChangeKey identifies what a report says (status, summary, finding
+// codes), so a watcher can tell a change from the same verdict again.
+func (r *Report) ChangeKey() string {
+	codes := make([]string, 0, len(r.Findings))
+	for _, f := range r.Findings {
+		codes = append(codes, f.Code+"/"+string(f.Severity))
+	}
+	sort.Strings(codes)
+	return string(r.Status) + "\x00" + r.Summary + "\x00" + strings.Join(codes, ",")
 }
 
 // WriteText writes the readable report.
@@ -227,33 +252,38 @@ func label(s Status) string {
 	return "skip"
 }
 
-// check is a Check under construction with its findings.
-type check struct {
+// CheckBuilder is a Check under construction with its findings; the
+// workspace and node checks both build their reports with it.
+type CheckBuilder struct {
 	Check
-	findings []Finding
+	Findings []Finding
 	start    time.Time
 }
 
-func newCheck(id, title string) *check {
-	return &check{Check: Check{ID: id, Title: title, Status: StatusOK, Details: map[string]any{}}, start: time.Now()}
+// NewCheck starts a check that is OK until a finding says otherwise.
+func NewCheck(id, title string) *CheckBuilder {
+	return &CheckBuilder{Check: Check{ID: id, Title: title, Status: StatusOK, Details: map[string]any{}}, start: time.Now()}
 }
 
-func (c *check) detail(k string, v any) { c.Details[k] = v }
+// Detail records a measured fact.
+func (c *CheckBuilder) Detail(k string, v any) { c.Details[k] = v }
 
-// fail records a finding and lowers the check's status to its severity.
-func (c *check) fail(sev Status, code, problem string, evidence []string, remedy Remedy) {
-	c.findings = append(c.findings, Finding{
+// Fail records a finding and lowers the check's status to its severity.
+func (c *CheckBuilder) Fail(sev Status, code, problem string, evidence []string, remedy Remedy) {
+	c.Findings = append(c.Findings, Finding{
 		Code: code, Check: c.ID, Severity: sev, Problem: problem, Evidence: evidence, Remedy: remedy,
 	})
-	c.Status = worse(c.Status, sev)
+	c.Status = Worse(c.Status, sev)
 }
 
-func (c *check) skip(why string) {
+// Skip marks the check as not run here, saying why.
+func (c *CheckBuilder) Skip(why string) {
 	c.Status = StatusSkipped
 	c.Summary = why
 }
 
-func (c *check) done() *check {
+// Done stamps the duration.
+func (c *CheckBuilder) Done() *CheckBuilder {
 	c.DurationMS = time.Since(c.start).Milliseconds()
 	if len(c.Details) == 0 {
 		c.Details = nil

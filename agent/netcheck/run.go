@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/agentd/agent/agent/netcheck/internal/netstate"
 	"log/slog"
+	"net"
 	"net/netip"
 	"net/url"
 	"os"
@@ -16,8 +18,8 @@ import (
 	"github.com/agentd/agent/tailnet"
 )
 
-// Options configure a run. The zero value checks the workspace network
-// without a coordinator.
+// Options configure a workspace run. The zero value checks the workspace
+// network without a coordinator.
 type Options struct {
 	Logger *slog.Logger `json:"-"`
 
@@ -42,15 +44,6 @@ type Options struct {
 	// full report on a healthy network takes well under 2 s and a broken
 	// one returns in about that time.
 	Timeout time.Duration
-
-	// Host selects the node checks instead of the workspace checks.
-	Host bool
-	// Root is where the node's file tree is (default /; a DaemonSet mounts
-	// the host at /host).
-	Root string
-	// Bridges are bridges that must exist, be up and have an IPv4 address,
-	// in addition to those found in CNI and Docker configuration.
-	Bridges []string
 
 	// Now returns the time (tests move the clock).
 	Now func() time.Time `json:"-"`
@@ -78,9 +71,6 @@ func (o Options) withDefaults() Options {
 	}
 	if o.Timeout <= 0 {
 		o.Timeout = 1800 * time.Millisecond
-	}
-	if o.Root == "" {
-		o.Root = "/"
 	}
 	return o
 }
@@ -127,14 +117,11 @@ func (o *Options) Validate() error {
 	return nil
 }
 
-// Run performs one full check (workspace or, with Host, node) and returns
-// the report. It never returns nil; problems running a check become
-// findings.
+// Run performs one full check of the workspace's network and returns the
+// report. It never returns nil; problems running a check become findings.
+// The node's side is package node.
 func Run(ctx context.Context, opts Options) *Report {
 	o := opts.withDefaults()
-	if o.Host {
-		return runHost(ctx, &o)
-	}
 	return runWorkspace(ctx, &o, "full")
 }
 
@@ -145,26 +132,26 @@ func runWorkspace(ctx context.Context, o *Options, scope string) *Report {
 	rep := &Report{Mode: "workspace", Scope: scope}
 	u, err := o.coordinatorURL()
 	if err != nil {
-		c := newCheck("options", "Options")
-		c.fail(StatusBroken, "options.invalid", err.Error(), nil, Remedy{Text: "pass --coordinator-url https://HOST[:PORT]"})
-		rep.add(c.done())
-		rep.finish(started)
+		c := NewCheck("options", "Options")
+		c.Fail(StatusBroken, "options.invalid", err.Error(), nil, Remedy{Text: "pass --coordinator-url https://HOST[:PORT]"})
+		rep.Add(c.Done())
+		rep.Finish(started)
 		return rep
 	}
 
-	st, err := readNetState()
+	st, err := netstate.Read()
 	if err != nil {
-		c := newCheck("link", "Interface, carrier and MTU")
-		c.fail(StatusBroken, "netlink.unavailable", fmt.Sprintf("cannot read the network configuration: %v", err), nil,
+		c := NewCheck("link", "Interface, carrier and MTU")
+		c.Fail(StatusBroken, "netlink.unavailable", fmt.Sprintf("cannot read the network configuration: %v", err), nil,
 			Remedy{Text: "rtnetlink is unavailable (a sandboxed runtime such as gVisor?); the active probes below still run"})
-		rep.add(c.done())
+		rep.Add(c.Done())
 	}
 	prim := &primary{}
 	if st != nil {
-		var local []*check
+		var local []*CheckBuilder
 		local, prim = localChecks(st, o)
 		for _, c := range local {
-			rep.add(c)
+			rep.Add(c)
 		}
 	}
 
@@ -181,27 +168,63 @@ func runWorkspace(ctx context.Context, o *Options, scope string) *Report {
 	gwBudget := budget * 5 / 9
 	var wg sync.WaitGroup
 	var mu sync.Mutex
-	add := func(cs ...*check) {
+	add := func(cs ...*CheckBuilder) {
 		mu.Lock()
 		defer mu.Unlock()
 		for _, c := range cs {
-			rep.add(c)
+			rep.Add(c)
 		}
 	}
 
 	gwDone := make(chan *probeResult, 1)
+	gwFinished := make(chan struct{})
+	var gwReachable bool
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
 		c, res := gatewayCheck(ctx, prim, png, &seq, gwBudget)
 		add(c)
+		gwReachable = res.reachable
+		close(gwFinished)
 		gwDone <- res
 	}()
+	// viaGW says whether traffic to a goes through the gateway: only such
+	// traffic proves the gateway works (an on-link coordinator answers with
+	// the gateway gone).
+	viaGW := func(a netip.Addr) bool {
+		if st == nil || prim.link == nil || !prim.gateway.IsValid() || !a.IsValid() {
+			return false
+		}
+		return !st.OnLink(prim.link.Attrs().Index, net.IP(a.AsSlice()))
+	}
+	ev := evidence{viaGW: viaGW}
 	if scope == "quick" {
+		// A gateway that has not answered within 100 ms (it answers in
+		// well under 1 ms when healthy) may only be ignoring ICMP: connect
+		// to the coordinator meanwhile, so the quick probe reaches the same
+		// verdict as a full report at little cost in detection time.
+		var beyond chan []string
+		if u != nil {
+			beyond = make(chan []string, 1)
+			go func() {
+				select {
+				case <-gwFinished:
+					if gwReachable {
+						beyond <- nil
+						return
+					}
+				case <-time.After(100 * time.Millisecond):
+				}
+				beyond <- probeBeyond(ctx, u, gwBudget, viaGW)
+			}()
+		}
 		wg.Wait()
-		rep.sortChecks()
-		diagnose(rep)
-		rep.finish(started)
+		rep.SortChecks()
+		if rep.Finding("gateway.unreachable") != nil && beyond != nil {
+			ev.beyond = <-beyond
+		}
+		diagnose(rep, ev)
+		rep.Finish(started)
 		return rep
 	}
 
@@ -213,6 +236,7 @@ func runWorkspace(ctx context.Context, o *Options, scope string) *Report {
 		host = u.Hostname()
 		if a, err := netip.ParseAddr(host); err == nil {
 			coordAddr <- a
+			ev.coord = a
 		}
 	}
 	if u == nil {
@@ -223,6 +247,11 @@ func runWorkspace(ctx context.Context, o *Options, scope string) *Report {
 		defer wg.Done()
 		c, resolved := dnsCheck(ctx, o, host, budget*2/3)
 		add(c)
+		mu.Lock()
+		if !ev.coord.IsValid() && len(resolved) > 0 {
+			ev.coord = resolved[0]
+		}
+		mu.Unlock()
 		if u != nil && len(resolved) > 0 {
 			select {
 			case coordAddr <- resolved[0]:
@@ -267,22 +296,56 @@ func runWorkspace(ctx context.Context, o *Options, scope string) *Report {
 		hwg.Wait()
 	}()
 	wg.Wait()
-	rep.sortChecks()
-	diagnose(rep)
-	rep.finish(started)
+	rep.SortChecks()
+	diagnose(rep, ev)
+	rep.Finish(started)
 	return rep
 }
 
-func (r *Report) add(c *check) {
+// probeBeyond is the quick probe's check past a silent gateway: a TCP
+// connect to the coordinator. An accept or a refusal both crossed the
+// gateway and came back, so the quick probe reaches the same verdict as a
+// full report where HTTPS works.
+func probeBeyond(ctx context.Context, u *url.URL, budget time.Duration, viaGW func(netip.Addr) bool) []string {
+	if budget <= 0 {
+		return nil
+	}
+	port := u.Port()
+	if port == "" {
+		port = "443"
+	}
+	addr := net.JoinHostPort(u.Hostname(), port)
+	d := net.Dialer{Timeout: budget}
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	remote := func(a net.Addr) bool {
+		ap, perr := netip.ParseAddrPort(fmt.Sprint(a))
+		return perr == nil && viaGW(ap.Addr().Unmap())
+	}
+	var opErr *net.OpError
+	switch {
+	case err == nil:
+		defer conn.Close()
+		if remote(conn.RemoteAddr()) {
+			return []string{fmt.Sprintf("TCP connect to the coordinator %s through the gateway succeeds", addr)}
+		}
+	case isRefused(err) && errors.As(err, &opErr) && opErr.Addr != nil && remote(opErr.Addr):
+		return []string{fmt.Sprintf("TCP connect to the coordinator %s is refused: the refusal came back through the gateway", addr)}
+	}
+	return nil
+}
+
+// Add appends a finished check and its findings.
+func (r *Report) Add(c *CheckBuilder) {
 	r.Checks = append(r.Checks, c.Check)
-	r.Findings = append(r.Findings, c.findings...)
+	r.Findings = append(r.Findings, c.Findings...)
 }
 
 // checkOrder is the order checks appear in, from the wire outwards.
 var checkOrder = []string{"options", "link", "address", "route", "gateway", "mtu", "dns", "proxy", "https", "clock", "derp", "udp",
-	"bridges", "veths", "networkd", "networkd-state", "udev-link", "foreign-routes"}
+	"bridges", "veths", "forwarding", "firewall", "networkd", "networkd-state", "udev-link", "foreign-routes"}
 
-func (r *Report) sortChecks() {
+// SortChecks orders checks from the wire outwards.
+func (r *Report) SortChecks() {
 	pos := func(id string) int {
 		for i, x := range checkOrder {
 			if x == id {
@@ -302,9 +365,83 @@ func (r *Report) sortChecks() {
 	r.Checks = sorted
 }
 
+// evidence is what a run learned about traffic past the gateway.
+type evidence struct {
+	// viaGW reports whether traffic to an address goes through the gateway.
+	viaGW func(netip.Addr) bool
+	// coord is the coordinator's address, if known.
+	coord netip.Addr
+	// beyond is evidence gathered by the run itself (the quick probe's
+	// connect to the coordinator).
+	beyond []string
+}
+
+// beyondGateway lists evidence that traffic through the gateway works: a
+// check past it that passed, or failed only after an answer came back,
+// counted only when its destination is routed through the gateway.
+func beyondGateway(r *Report, e evidence) []string {
+	out := append([]string{}, e.beyond...)
+	if e.viaGW == nil {
+		return out
+	}
+	coordVia := e.viaGW(e.coord)
+	dnsVia := false
+	if c := r.Check("dns"); c != nil {
+		ns, _ := c.Details["nameservers"].([]string)
+		dnsVia = len(ns) > 0
+		for _, s := range ns {
+			if a, err := netip.ParseAddr(s); err != nil || !e.viaGW(a) {
+				dnsVia = false
+			}
+		}
+	}
+	for _, id := range []string{"dns", "https", "derp", "udp"} {
+		if (id == "dns" && !dnsVia) || (id != "dns" && !coordVia) {
+			continue
+		}
+		if c := r.Check(id); c != nil && c.Status == StatusOK {
+			out = append(out, fmt.Sprintf("%s works through the gateway: %s", id, c.Summary))
+		}
+	}
+	// These answers crossed the gateway both ways.
+	for _, code := range []string{"https.refused", "https.server_error", "https.fingerprint_mismatch", "https.certificate_untrusted", "https.certificate_invalid", "https.certificate_name", "dns.nxdomain", "dns.servfail", "dns.refused", "dns.no_records"} {
+		if (strings.HasPrefix(code, "dns.") && !dnsVia) || (strings.HasPrefix(code, "https.") && !coordVia) {
+			continue
+		}
+		if f := r.Finding(code); f != nil {
+			out = append(out, fmt.Sprintf("an answer came back through the gateway: %s", f.Problem))
+		}
+	}
+	return out
+}
+
 // diagnose names the root cause when several findings share one: a silent
-// gateway explains DNS, HTTPS and relay failures behind it.
-func diagnose(r *Report) {
+// gateway explains DNS, HTTPS and relay failures behind it; and it keeps
+// the verdict consistent with all the evidence: a gateway that ignores
+// ICMP echo while traffic through it works is odd, not broken.
+func diagnose(r *Report, e evidence) {
+	if gwf := r.Finding("gateway.unreachable"); gwf != nil {
+		if ev := beyondGateway(r, e); len(ev) > 0 {
+			gwf.Code = "gateway.icmp_filtered"
+			gwf.Severity = StatusDegraded
+			gw := r.Check("gateway")
+			addr, _ := gw.Details["gateway"].(string)
+			gwf.Problem = fmt.Sprintf("the gateway %s does not answer ICMP echo, but traffic through it works: ICMP to the gateway is filtered, the network is not broken", addr)
+			gwf.Evidence = append(gwf.Evidence, ev...)
+			gwf.Remedy = Remedy{Text: "nothing to repair for connectivity; to let this check prove the path by ICMP again, allow echo requests to the bridge address on the node (e.g. `nft insert rule inet filter input icmp type echo-request accept`), or find which firewall rule drops them"}
+			gw.Status = StatusDegraded
+			gw.Summary = fmt.Sprintf("%s ignores ICMP echo; traffic through it works", addr)
+		}
+	}
+	if f := r.Finding("https.dns_slow"); f != nil && r.Finding("dns.partial") != nil {
+		// Lookups do finish once the dead nameserver times out: slow, not
+		// broken. The DNS finding is the cause and the headline.
+		f.Severity = StatusDegraded
+		if c := r.Check("https"); c != nil {
+			c.Status = StatusDegraded
+		}
+		r.Summary = r.Finding("dns.partial").Problem
+	}
 	gw := r.Finding("gateway.unreachable")
 	if gw == nil {
 		if inconclusive := r.Finding("gateway.no_answer"); inconclusive != nil {

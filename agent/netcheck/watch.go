@@ -2,6 +2,7 @@ package netcheck
 
 import (
 	"context"
+	"log/slog"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -41,25 +42,26 @@ func (w WatchOptions) withDefaults() WatchOptions {
 func Watch(ctx context.Context, opts Options, wopts WatchOptions, fn func(*Report)) error {
 	o := opts.withDefaults()
 	w := wopts.withDefaults()
+	quickOpts := o
+	quickOpts.Timeout = w.ProbeTimeout * 9 / 5 // the gateway gets 5/9 of it
+	return WatchWith(ctx, o.Logger, w,
+		func() *Report { return runWorkspace(ctx, &o, "full") },
+		func() *Report { return runWorkspace(ctx, &quickOpts, "quick") },
+		fn)
+}
+
+// WatchWith is Watch's loop for any pair of runs: full gives the complete
+// report, quick the fast probe whose status change triggers a full run
+// (the node checks pass the same function twice).
+func WatchWith(ctx context.Context, logger *slog.Logger, wopts WatchOptions, full, quick func() *Report, fn func(*Report)) error {
+	w := wopts.withDefaults()
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
 	events := make(chan struct{}, 1)
 	done := make(chan struct{})
 	defer close(done)
-	subscribe(&o, events, done)
-
-	full := func() *Report {
-		if o.Host {
-			return runHost(ctx, &o)
-		}
-		return runWorkspace(ctx, &o, "full")
-	}
-	quickOpts := o
-	quickOpts.Timeout = w.ProbeTimeout * 9 / 5 // the gateway gets 5/9 of it
-	quick := func() *Report {
-		if o.Host {
-			return runHost(ctx, &quickOpts)
-		}
-		return runWorkspace(ctx, &quickOpts, "quick")
-	}
+	subscribe(logger, events, done)
 
 	last := full()
 	if ctx.Err() != nil {
@@ -127,12 +129,12 @@ func quickStatus(r *Report, ids map[string]bool) Status {
 	s := StatusOK
 	for _, c := range r.Checks {
 		if ids[c.ID] && (c.Status == StatusBroken || c.Status == StatusDegraded) {
-			s = worse(s, c.Status)
+			s = Worse(s, c.Status)
 		}
 	}
 	for _, f := range r.Findings {
 		if ids[f.Check] {
-			s = worse(s, f.Severity)
+			s = Worse(s, f.Severity)
 		}
 	}
 	return s
@@ -151,14 +153,14 @@ func drain(ch chan struct{}) {
 // subscribe turns rtnetlink link, address and route notifications into
 // events. Joining these multicast groups needs no privileges; where
 // netlink is unavailable (some sandboxes) the periodic probe still runs.
-func subscribe(o *Options, events chan struct{}, done chan struct{}) {
+func subscribe(logger *slog.Logger, events chan struct{}, done chan struct{}) {
 	notify := func() {
 		select {
 		case events <- struct{}{}:
 		default:
 		}
 	}
-	onErr := func(err error) { o.Logger.Debug("netlink subscription", "err", err) }
+	onErr := func(err error) { logger.Debug("netlink subscription", "err", err) }
 	links := make(chan netlink.LinkUpdate, 64)
 	if err := netlink.LinkSubscribeWithOptions(links, done, netlink.LinkSubscribeOptions{ErrorCallback: onErr}); err != nil {
 		onErr(err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/agentd/agent/agent/netcheck/internal/netstate"
 	"net"
 	"net/netip"
 	"sort"
@@ -33,21 +34,21 @@ type primary struct {
 
 // localChecks inspects links, addresses and routes and picks the primary
 // interface for the active probes.
-func localChecks(st *netState, opts *Options) ([]*check, *primary) {
-	linkC := newCheck("link", "Interface, carrier and MTU")
-	addrC := newCheck("address", "Addresses")
-	routeC := newCheck("route", "Default route")
+func localChecks(st *netstate.State, opts *Options) ([]*CheckBuilder, *primary) {
+	linkC := NewCheck("link", "Interface, carrier and MTU")
+	addrC := NewCheck("address", "Addresses")
+	routeC := NewCheck("route", "Default route")
 	p := &primary{}
 
-	defaults := st.defaultRoutes()
+	defaults := st.DefaultRoutes()
 	if opts.Interface != "" {
-		for _, l := range st.links {
+		for _, l := range st.Links {
 			if l.Attrs().Name == opts.Interface {
 				p.link = l
 			}
 		}
 		if p.link == nil {
-			linkC.fail(StatusBroken, "link.missing", fmt.Sprintf("interface %s does not exist", opts.Interface),
+			linkC.Fail(StatusBroken, "link.missing", fmt.Sprintf("interface %s does not exist", opts.Interface),
 				[]string{fmt.Sprintf("links present: %s", linkNames(st))},
 				Remedy{Text: "check the interface name, or restart the workspace so its network is set up again"})
 		}
@@ -58,17 +59,17 @@ func localChecks(st *netState, opts *Options) ([]*check, *primary) {
 		}
 	} else if len(defaults) > 0 {
 		p.route = &defaults[0]
-		p.link = st.byIdx[defaults[0].LinkIndex]
+		p.link = st.ByIdx[defaults[0].LinkIndex]
 	} else {
 		// No default route: judge the first interface with a global address.
-		for _, l := range st.links {
-			if l.Attrs().Name != "lo" && len(st.globalAddrs(l.Attrs().Index)) > 0 {
+		for _, l := range st.Links {
+			if l.Attrs().Name != "lo" && len(st.GlobalAddrs(l.Attrs().Index)) > 0 {
 				p.link = l
 				break
 			}
 		}
 		if p.link == nil {
-			for _, l := range st.links {
+			for _, l := range st.Links {
 				if l.Attrs().Name != "lo" {
 					p.link = l
 					break
@@ -77,30 +78,30 @@ func localChecks(st *netState, opts *Options) ([]*check, *primary) {
 		}
 	}
 	if p.route != nil && p.route.Gw != nil {
-		p.gateway = toAddr(p.route.Gw)
+		p.gateway = netstate.ToAddr(p.route.Gw)
 	}
 
 	// Link.
 	if p.link == nil {
 		if opts.Interface == "" {
-			linkC.fail(StatusBroken, "link.none", "the workspace has no network interface besides loopback",
+			linkC.Fail(StatusBroken, "link.none", "the workspace has no network interface besides loopback",
 				[]string{fmt.Sprintf("links present: %s", linkNames(st))},
 				Remedy{Text: "the container was started without a network (or its interface was deleted on the host); restart the workspace and " + hostHint})
 		}
 	} else {
 		a := p.link.Attrs()
-		linkC.detail("interface", a.Name)
-		linkC.detail("index", a.Index)
-		linkC.detail("mtu", a.MTU)
-		linkC.detail("kind", p.link.Type())
-		linkC.detail("admin_up", adminUp(p.link))
-		linkC.detail("carrier", carrier(p.link))
-		linkC.detail("oper_state", a.OperState.String())
+		linkC.Detail("interface", a.Name)
+		linkC.Detail("index", a.Index)
+		linkC.Detail("mtu", a.MTU)
+		linkC.Detail("kind", p.link.Type())
+		linkC.Detail("admin_up", netstate.AdminUp(p.link))
+		linkC.Detail("carrier", netstate.Carrier(p.link))
+		linkC.Detail("oper_state", a.OperState.String())
 		if a.ParentIndex > 0 && p.link.Type() == "veth" {
-			linkC.detail("peer_ifindex", a.ParentIndex)
+			linkC.Detail("peer_ifindex", a.ParentIndex)
 		}
-		if v := sysfsValue(a.Name, "carrier_changes"); v != "" {
-			linkC.detail("carrier_changes", v)
+		if v := netstate.SysfsValue(a.Name, "carrier_changes"); v != "" {
+			linkC.Detail("carrier_changes", v)
 		}
 		peer := ""
 		if a.ParentIndex > 0 && p.link.Type() == "veth" {
@@ -108,73 +109,73 @@ func localChecks(st *netState, opts *Options) ([]*check, *primary) {
 		}
 		linkC.Summary = fmt.Sprintf("%s %s, mtu %d%s", a.Name, upDown(p.link), a.MTU, peer)
 		switch {
-		case !adminUp(p.link):
-			linkC.fail(StatusBroken, "link.down", fmt.Sprintf("interface %s is administratively down", a.Name),
+		case !netstate.AdminUp(p.link):
+			linkC.Fail(StatusBroken, "link.down", fmt.Sprintf("interface %s is administratively down", a.Name),
 				[]string{fmt.Sprintf("%s flags: %v", a.Name, a.Flags)},
 				Remedy{Text: "bring it up (needs CAP_NET_ADMIN), or restart the workspace", Commands: []string{"ip link set " + a.Name + " up"}})
-		case !carrier(p.link):
-			linkC.fail(StatusBroken, "link.no_carrier", fmt.Sprintf("interface %s has no carrier: its host-side peer is down or deleted", a.Name),
+		case !netstate.Carrier(p.link):
+			linkC.Fail(StatusBroken, "link.no_carrier", fmt.Sprintf("interface %s has no carrier: its host-side peer is down or deleted", a.Name),
 				[]string{fmt.Sprintf("%s is up but lacks LOWER_UP (oper state %s)", a.Name, a.OperState)},
 				Remedy{Text: "the veth's other end on the node is gone or down; " + hostHint + ", then restart the workspace"})
 		case a.MTU < safeMTU:
-			linkC.fail(StatusDegraded, "link.mtu_low", fmt.Sprintf("interface %s has MTU %d, below %d: tunnelled traffic will be fragmented or dropped", a.Name, a.MTU, safeMTU),
+			linkC.Fail(StatusDegraded, "link.mtu_low", fmt.Sprintf("interface %s has MTU %d, below %d: tunnelled traffic will be fragmented or dropped", a.Name, a.MTU, safeMTU),
 				[]string{fmt.Sprintf("%s mtu %d", a.Name, a.MTU)},
-				Remedy{Text: fmt.Sprintf("raise the network's MTU to at least %d in the CNI or runtime configuration", safeMTU)})
+				Remedy{Text: fmt.Sprintf("raise the network's MTU to at least %d in the CNI or runtime configuration; the node's bridge, veths and uplink must carry that size too (the mtu check says whether they do)", safeMTU)})
 		}
 	}
 
 	// Addresses.
 	if p.link != nil {
 		idx := p.link.Attrs().Index
-		global := st.globalAddrs(idx)
-		addrC.detail("addresses", addrStrings(global))
-		addrC.Summary = fmt.Sprintf("%s has %v", p.link.Attrs().Name, addrStrings(global))
+		global := st.GlobalAddrs(idx)
+		addrC.Detail("addresses", netstate.AddrStrings(global))
+		addrC.Summary = fmt.Sprintf("%s has %v", p.link.Attrs().Name, netstate.AddrStrings(global))
 		if len(global) == 0 {
-			addrC.fail(StatusBroken, "address.none", fmt.Sprintf("interface %s has no global address", p.link.Attrs().Name),
-				[]string{fmt.Sprintf("addresses on %s: %v", p.link.Attrs().Name, addrStrings(st.addrs[idx]))},
+			addrC.Fail(StatusBroken, "address.none", fmt.Sprintf("interface %s has no global address", p.link.Attrs().Name),
+				[]string{fmt.Sprintf("addresses on %s: %v", p.link.Attrs().Name, netstate.AddrStrings(st.Addrs[idx]))},
 				Remedy{Text: "the CNI or DHCP did not configure the interface; restart the workspace and check the CNI plugin's logs; " + hostHint})
 		}
 		for _, a := range global {
 			if a.Flags&unix.IFA_F_DADFAILED != 0 {
-				addrC.fail(StatusBroken, "address.dad_failed", fmt.Sprintf("address %s failed duplicate address detection", a.IPNet),
+				addrC.Fail(StatusBroken, "address.dad_failed", fmt.Sprintf("address %s failed duplicate address detection", a.IPNet),
 					[]string{fmt.Sprintf("%s flags dadfailed", a.IPNet)},
 					Remedy{Text: "another host uses the same address; fix the address assignment (IPAM) so it is unique"})
 			} else if a.Flags&unix.IFA_F_TENTATIVE != 0 {
-				addrC.fail(StatusDegraded, "address.tentative", fmt.Sprintf("address %s is still tentative (duplicate address detection running)", a.IPNet),
+				addrC.Fail(StatusDegraded, "address.tentative", fmt.Sprintf("address %s is still tentative (duplicate address detection running)", a.IPNet),
 					[]string{fmt.Sprintf("%s flags tentative", a.IPNet)},
 					Remedy{Text: "wait a second and check again; if it stays tentative the link has no carrier"})
 			}
 		}
 	} else {
-		addrC.skip("no interface")
+		addrC.Skip("no interface")
 	}
 
 	// Default route.
 	switch {
 	case p.link == nil:
-		routeC.skip("no interface")
+		routeC.Skip("no interface")
 	case p.route == nil:
 		ifname := p.link.Attrs().Name
 		gwGuess := "GATEWAY"
-		if g := st.globalAddrs(p.link.Attrs().Index); len(g) > 0 && g[0].IP.To4() != nil {
+		if g := st.GlobalAddrs(p.link.Attrs().Index); len(g) > 0 && g[0].IP.To4() != nil {
 			if pfx, err := netip.ParsePrefix(g[0].IPNet.String()); err == nil {
 				gwGuess = pfx.Masked().Addr().Next().String()
 			}
 		}
 		routeC.Summary = "no default route"
-		routeC.fail(StatusBroken, "route.no_default", "there is no default route: nothing outside the local subnet is reachable",
-			[]string{fmt.Sprintf("main routing table has %d routes, none default", len(st.routes))},
+		routeC.Fail(StatusBroken, "route.no_default", "there is no default route: nothing outside the local subnet is reachable",
+			[]string{fmt.Sprintf("main routing table has %d routes, none default", len(st.Routes))},
 			Remedy{Text: "the CNI or runtime did not install the route (or something deleted it); restart the workspace, or add it where CAP_NET_ADMIN is available",
 				Commands: []string{fmt.Sprintf("ip route add default via %s dev %s", gwGuess, ifname)}})
 	default:
 		r := p.route
-		routeC.detail("interface", p.link.Attrs().Name)
+		routeC.Detail("interface", p.link.Attrs().Name)
 		if p.gateway.IsValid() {
-			routeC.detail("gateway", p.gateway.String())
+			routeC.Detail("gateway", p.gateway.String())
 			routeC.Summary = fmt.Sprintf("default via %s dev %s", p.gateway, p.link.Attrs().Name)
-			if r.Flags&int(netlink.FLAG_ONLINK) == 0 && !st.onLink(r.LinkIndex, r.Gw) {
-				routeC.fail(StatusBroken, "route.gateway_not_onlink", fmt.Sprintf("gateway %s is not on any subnet of %s", p.gateway, p.link.Attrs().Name),
-					[]string{fmt.Sprintf("addresses on %s: %v", p.link.Attrs().Name, addrStrings(st.addrs[r.LinkIndex]))},
+			if r.Flags&int(netlink.FLAG_ONLINK) == 0 && !st.OnLink(r.LinkIndex, r.Gw) {
+				routeC.Fail(StatusBroken, "route.gateway_not_onlink", fmt.Sprintf("gateway %s is not on any subnet of %s", p.gateway, p.link.Attrs().Name),
+					[]string{fmt.Sprintf("addresses on %s: %v", p.link.Attrs().Name, netstate.AddrStrings(st.Addrs[r.LinkIndex]))},
 					Remedy{Text: "add a link route to the gateway (Calico/AWS-style /32 gateways need one)",
 						Commands: []string{fmt.Sprintf("ip route add %s dev %s scope link", p.gateway, p.link.Attrs().Name)}})
 			}
@@ -182,15 +183,15 @@ func localChecks(st *netState, opts *Options) ([]*check, *primary) {
 			routeC.Summary = fmt.Sprintf("default dev %s (no gateway)", p.link.Attrs().Name)
 		}
 		if r.MTU > 0 {
-			routeC.detail("route_mtu", r.MTU)
+			routeC.Detail("route_mtu", r.MTU)
 		}
 	}
-	return []*check{linkC.done(), addrC.done(), routeC.done()}, p
+	return []*CheckBuilder{linkC.Done(), addrC.Done(), routeC.Done()}, p
 }
 
-func linkNames(st *netState) []string {
+func linkNames(st *netstate.State) []string {
 	var out []string
-	for _, l := range st.links {
+	for _, l := range st.Links {
 		out = append(out, l.Attrs().Name)
 	}
 	sort.Strings(out)
@@ -199,9 +200,9 @@ func linkNames(st *netState) []string {
 
 func upDown(l netlink.Link) string {
 	switch {
-	case !adminUp(l):
+	case !netstate.AdminUp(l):
 		return "down"
-	case !carrier(l):
+	case !netstate.Carrier(l):
 		return "up, no carrier"
 	}
 	return "up, carrier"
@@ -220,15 +221,15 @@ type probeResult struct {
 // gatewayCheck proves or disproves a round trip to the default gateway.
 // ICMP first (ping socket or raw), then TCP connects to common ports: an
 // answer of any kind, even "connection refused", proves the path.
-func gatewayCheck(ctx context.Context, p *primary, png *pinger, seq *atomic.Uint32, budget time.Duration) (*check, *probeResult) {
-	c := newCheck("gateway", "Round trip to the gateway")
+func gatewayCheck(ctx context.Context, p *primary, png *pinger, seq *atomic.Uint32, budget time.Duration) (*CheckBuilder, *probeResult) {
+	c := NewCheck("gateway", "Round trip to the gateway")
 	res := &probeResult{}
 	if p.link == nil || !p.gateway.IsValid() {
-		c.skip("no gateway to probe")
-		return c.done(), res
+		c.Skip("no gateway to probe")
+		return c.Done(), res
 	}
 	gw := p.gateway
-	c.detail("gateway", gw.String())
+	c.Detail("gateway", gw.String())
 	ctx, cancel := context.WithTimeout(ctx, budget)
 	defer cancel()
 
@@ -264,11 +265,11 @@ func gatewayCheck(ctx context.Context, p *primary, png *pinger, seq *atomic.Uint
 				lastErr = r.err
 			}
 		}
-		c.detail("method", res.method)
+		c.Detail("method", res.method)
 		if res.reachable {
-			c.detail("rtt_ms", ms(res.rtt))
+			c.Detail("rtt_ms", ms(res.rtt))
 			c.Summary = fmt.Sprintf("%s answers %s in %.2f ms", gw, res.method, ms(res.rtt))
-			return c.done(), res
+			return c.Done(), res
 		}
 		c.Summary = fmt.Sprintf("%s does not answer ICMP echo", gw)
 		ev := []string{
@@ -278,14 +279,14 @@ func gatewayCheck(ctx context.Context, p *primary, png *pinger, seq *atomic.Uint
 		if n := neighState(p.link.Attrs().Index, gw); n != "" {
 			ev = append(ev, fmt.Sprintf("neighbour entry for %s: %s (ARP can be answered by a detached host veth; not proof of a path)", gw, n))
 		}
-		c.fail(StatusBroken, "gateway.unreachable", fmt.Sprintf("workspace network broken past %s: the gateway %s does not answer", p.link.Attrs().Name, gw), ev,
+		c.Fail(StatusBroken, "gateway.unreachable", fmt.Sprintf("workspace network broken past %s: the gateway %s does not answer", p.link.Attrs().Name, gw), ev,
 			Remedy{Text: "the host side of this interface is detached from its bridge, the bridge lost its address, or the bridge is gone (systemd-networkd managing container interfaces does this); " + hostHint + "; restarting the workspace recreates its veth"})
-		return c.done(), res
+		return c.Done(), res
 	}
 
 	// No ICMP: TCP connects. Refused or accepted both prove the round trip.
 	res.method = "tcp connect"
-	c.detail("method", res.method)
+	c.Detail("method", res.method)
 	ports := []int{53, 80, 443, 22, 1}
 	type answer struct {
 		port int
@@ -311,22 +312,22 @@ func gatewayCheck(ctx context.Context, p *primary, png *pinger, seq *atomic.Uint
 		if a.ok && !res.reachable {
 			res.reachable, res.rtt = true, a.rtt
 			c.Summary = fmt.Sprintf("%s answers TCP on port %d in %.2f ms (ICMP not permitted)", gw, a.port, ms(a.rtt))
-			c.detail("rtt_ms", ms(a.rtt))
+			c.Detail("rtt_ms", ms(a.rtt))
 			cancel()
 		}
 	}
 	if res.reachable {
-		return c.done(), res
+		return c.Done(), res
 	}
 	c.Summary = fmt.Sprintf("%s does not answer TCP (ICMP not permitted)", gw)
-	c.fail(StatusDegraded, "gateway.no_answer", fmt.Sprintf("the gateway %s does not answer TCP and ICMP is not permitted, so the path is unproven", gw),
+	c.Fail(StatusDegraded, "gateway.no_answer", fmt.Sprintf("the gateway %s does not answer TCP and ICMP is not permitted, so the path is unproven", gw),
 		[]string{
 			fmt.Sprintf("TCP connects to %s ports %v: no answer within %v", gw, ports, budget),
 			fmt.Sprintf("ICMP: no CAP_NET_RAW and gid outside net.ipv4.ping_group_range (%s)", pingGroupRange()),
 		},
 		Remedy{Text: "allow unprivileged ping so the probe is decisive (the pod's securityContext sysctl, or Docker's default), then run netcheck again",
 			Commands: []string{`sysctl -w net.ipv4.ping_group_range="0 2147483647"`}})
-	return c.done(), res
+	return c.Done(), res
 }
 
 func neighState(idx int, ip netip.Addr) string {
@@ -339,7 +340,7 @@ func neighState(idx int, ip netip.Addr) string {
 		return ""
 	}
 	for _, n := range neighs {
-		if toAddr(n.IP) == ip {
+		if netstate.ToAddr(n.IP) == ip {
 			return neighStateName(n.State)
 		}
 	}
@@ -371,24 +372,24 @@ func ms(d time.Duration) float64 {
 // reduced size to the gateway (and to the coordinator when it answers
 // ICMP). Full size lost while reduced arrives is an MTU black hole: small
 // requests work and bulk transfers stall.
-func mtuCheck(ctx context.Context, p *primary, gw *probeResult, coordinator func() netip.Addr, seq *atomic.Uint32, budget time.Duration) *check {
-	c := newCheck("mtu", "Path MTU (don't-fragment probes)")
+func mtuCheck(ctx context.Context, p *primary, gw *probeResult, coordinator func() netip.Addr, seq *atomic.Uint32, budget time.Duration) *CheckBuilder {
+	c := NewCheck("mtu", "Path MTU (don't-fragment probes)")
 	if p.link == nil {
-		c.skip("no interface")
-		return c.done()
+		c.Skip("no interface")
+		return c.Done()
 	}
 	ifMTU := p.link.Attrs().MTU
 	if p.route != nil && p.route.MTU > 0 && p.route.MTU < ifMTU {
 		ifMTU = p.route.MTU
 	}
-	c.detail("interface_mtu", ifMTU)
+	c.Detail("interface_mtu", ifMTU)
 	if gw.icmp == nil {
-		c.skip(fmt.Sprintf("ICMP not permitted (ping_group_range %s, no CAP_NET_RAW); interface MTU %d", pingGroupRange(), ifMTU))
-		return c.done()
+		c.Skip(fmt.Sprintf("ICMP not permitted (ping_group_range %s, no CAP_NET_RAW); interface MTU %d", pingGroupRange(), ifMTU))
+		return c.Done()
 	}
 	if !gw.reachable {
-		c.skip("gateway does not answer; path MTU not measurable")
-		return c.done()
+		c.Skip("gateway does not answer; path MTU not measurable")
+		return c.Done()
 	}
 	ctx, cancel := context.WithTimeout(ctx, budget)
 	defer cancel()
@@ -440,18 +441,27 @@ func mtuCheck(ctx context.Context, p *primary, gw *probeResult, coordinator func
 		return largest, !okFull
 	}
 	largest, lostFull := probe(p.gateway)
-	c.detail("gateway_largest_ok", largest)
+	c.Detail("gateway_largest_ok", largest)
 	target := p.gateway.String()
 	if !lostFull {
 		// The first hop carries full size; try the coordinator if it answers.
-		if dst := coordinator(); dst.IsValid() && dst.Is4() && dst != p.gateway {
+		dst := coordinator()
+		if dl, ok := ctx.Deadline(); ok && time.Until(dl) < budget/2 && dst.IsValid() {
+			// The coordinator's address came late (a slow or partly dead
+			// resolver): too little time is left to tell loss from no time.
+			c.Detail("coordinator_probe", "not run: its address arrived too late")
+			dst = netip.Addr{}
+		}
+		if dst.IsValid() && dst.Is4() && dst != p.gateway {
 			pctx, pcancel := context.WithTimeout(ctx, budget/3)
 			_, err := gw.icmp.echo(pctx, dst, uint16(seq.Add(1)), 84)
 			pcancel()
 			if err == nil {
 				l2, lost2 := probe(dst)
-				c.detail("coordinator_largest_ok", l2)
-				if lost2 {
+				c.Detail("coordinator_largest_ok", l2)
+				// It just answered a small echo, so nothing at all
+				// answering now is the budget running out, not the path.
+				if lost2 && l2 > 0 {
 					largest, lostFull, target = l2, true, dst.String()
 				}
 			}
@@ -459,26 +469,36 @@ func mtuCheck(ctx context.Context, p *primary, gw *probeResult, coordinator func
 	}
 	if !lostFull {
 		c.Summary = fmt.Sprintf("%d-byte packets with don't-fragment reach %s", ifMTU, target)
-		return c.done()
+		return c.Done()
 	}
 	c.Summary = fmt.Sprintf("packets above %d bytes are lost on the way to %s (interface MTU %d)", largest, target, ifMTU)
-	c.detail("path_mtu_at_least", largest)
+	c.Detail("path_mtu_at_least", largest)
 	if largest == 0 {
-		c.fail(StatusBroken, "mtu.all_lost", fmt.Sprintf("don't-fragment probes of every size to %s are lost", target),
+		c.Fail(StatusBroken, "mtu.all_lost", fmt.Sprintf("don't-fragment probes of every size to %s are lost", target),
 			[]string{fmt.Sprintf("sizes %v: no replies", sizes)},
 			Remedy{Text: "the path drops even " + strconv.Itoa(reduced) + "-byte packets; " + hostHint})
-		return c.done()
+		return c.Done()
 	}
 	sev := StatusBroken
 	if largest >= safeMTU {
 		sev = StatusDegraded
 	}
-	c.fail(sev, "mtu.blackhole", fmt.Sprintf("MTU black hole: %s takes %d-byte packets but silently drops %d-byte ones; small requests work, bulk transfers stall", target, largest, ifMTU),
+	c.Fail(sev, "mtu.blackhole", fmt.Sprintf("MTU black hole: %s takes %d-byte packets but silently drops %d-byte ones; small requests work, bulk transfers stall", target, largest, ifMTU),
 		[]string{
 			fmt.Sprintf("don't-fragment ICMP of %d bytes to %s: reply", largest, target),
 			fmt.Sprintf("don't-fragment ICMP of %d bytes (interface MTU) to %s: no reply, no fragmentation-needed error", ifMTU, target),
 		},
-		Remedy{Text: fmt.Sprintf("make the MTUs agree along the path: set the workspace network's MTU to %d (CNI \"mtu\" setting or the runtime's network MTU), or raise the host bridge/veth MTU to %d", largest, ifMTU),
-			Commands: []string{fmt.Sprintf("ip link set %s mtu %d   # in the workspace, needs CAP_NET_ADMIN; the lasting fix is the CNI/runtime MTU", p.link.Attrs().Name, largest)}})
-	return c.done()
+		mtuRemedy(p.link.Attrs().Name, largest, ifMTU))
+	return c.Done()
+}
+
+// mtuRemedy is the one fix for a black hole that does not contradict
+// link.mtu_low: lowering the workspace MTU is advised only down to a size
+// tunnels still fit in; below that, the path must be raised instead.
+func mtuRemedy(ifname string, largest, ifMTU int) Remedy {
+	if largest >= safeMTU {
+		return Remedy{Text: fmt.Sprintf("make the MTUs agree along the path: set the workspace network's MTU to %d (CNI \"mtu\" setting or the runtime's network MTU), or raise the host bridge/veth MTU to %d", largest, ifMTU),
+			Commands: []string{fmt.Sprintf("ip link set %s mtu %d   # in the workspace, needs CAP_NET_ADMIN; the lasting fix is the CNI/runtime MTU", ifname, largest)}}
+	}
+	return Remedy{Text: fmt.Sprintf("the path carries only %d bytes, below the %d tunnelled traffic needs, so lowering this interface's MTU would trade one fault for another: raise the MTU of the node's bridge, this workspace's host-side veth and the node's uplink to %d (check with `agent netcheck --host` on the node)", largest, safeMTU, ifMTU)}
 }

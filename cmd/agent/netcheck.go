@@ -4,21 +4,28 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
+	"net/http"
 	"time"
 
 	"github.com/agentd/agent/agent/netcheck"
+	"github.com/agentd/agent/agent/netcheck/node"
+	"github.com/agentd/agent/metrics"
 	"github.com/spf13/cobra"
 )
 
 func newNetcheckCmd(env *cliEnv) *cobra.Command {
 	var (
 		opts         netcheck.Options
+		nodeOpts     node.Options
+		host         bool
 		jsonOut      bool
 		watch        bool
 		interval     time.Duration
 		fix          bool
 		dryRun       bool
 		guardPattern []string
+		metricsAddr  string
 	)
 	cmd := &cobra.Command{
 		Use:   "netcheck",
@@ -37,10 +44,11 @@ Exit status: 0 healthy, 1 degraded, 2 broken. See docs/netcheck.md.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			opts.Logger = env.Logger()
 			opts.Getenv = env.Getenv
+			nodeOpts.Logger = env.Logger()
 			if err := opts.Validate(); err != nil {
 				return err
 			}
-			if (fix || dryRun) && !opts.Host {
+			if (fix || dryRun) && !host {
 				return fmt.Errorf("--fix and --dry-run change the node's networkd configuration: add --host")
 			}
 			if fix && watch {
@@ -48,12 +56,45 @@ Exit status: 0 healthy, 1 degraded, 2 broken. See docs/netcheck.md.`,
 			}
 			ctx := cmd.Context()
 			if fix || dryRun {
-				return runGuard(ctx, env, opts, guardPattern, dryRun, jsonOut)
+				return runGuard(ctx, env, nodeOpts, guardPattern, dryRun, jsonOut)
+			}
+			run := func(ctx context.Context) *netcheck.Report { return netcheck.Run(ctx, opts) }
+			watchFn := func(ctx context.Context, w netcheck.WatchOptions, fn func(*netcheck.Report)) error {
+				return netcheck.Watch(ctx, opts, w, fn)
+			}
+			if host {
+				run = func(ctx context.Context) *netcheck.Report { return node.Run(ctx, nodeOpts) }
+				watchFn = func(ctx context.Context, w netcheck.WatchOptions, fn func(*netcheck.Report)) error {
+					return node.Watch(ctx, nodeOpts, w, fn)
+				}
+			}
+			if metricsAddr != "" && !watch {
+				return fmt.Errorf("--metrics-addr serves the watch loop's results: add --watch")
 			}
 			if watch {
-				err := netcheck.Watch(ctx, opts, netcheck.WatchOptions{Interval: interval}, func(r *netcheck.Report) {
+				var exp *netcheck.Exporter
+				if metricsAddr != "" {
+					exp = netcheck.NewExporter(nil)
+					stop, err := serveNetcheckMetrics(env, metricsAddr, exp)
+					if err != nil {
+						return err
+					}
+					defer stop()
+				}
+				// One document (or text report) per change: the periodic
+				// full report that says the same again is left out.
+				lastKey := ""
+				err := watchFn(ctx, netcheck.WatchOptions{Interval: interval}, func(r *netcheck.Report) {
+					if exp != nil {
+						exp.Observe(r)
+					}
+					k := r.ChangeKey()
+					if k == lastKey {
+						return
+					}
+					lastKey = k
 					if jsonOut {
-						_ = r.WriteJSON(env.Stdout)
+						_ = r.WriteJSONLine(env.Stdout)
 						return
 					}
 					fmt.Fprintf(env.Stdout, "%s ", time.Now().Format(time.RFC3339))
@@ -65,7 +106,7 @@ Exit status: 0 healthy, 1 degraded, 2 broken. See docs/netcheck.md.`,
 				}
 				return nil
 			}
-			r := netcheck.Run(ctx, opts)
+			r := run(ctx)
 			if jsonOut {
 				if err := r.WriteJSON(env.Stdout); err != nil {
 					return err
@@ -73,26 +114,24 @@ Exit status: 0 healthy, 1 degraded, 2 broken. See docs/netcheck.md.`,
 			} else if err := r.WriteText(env.Stdout); err != nil {
 				return err
 			}
-			if code := r.ExitCode(); code != 0 {
-				return &exitError{code: code}
-			}
-			return nil
+			return verdictExit(r)
 		},
 	}
 	f := cmd.Flags()
 	// In a workspace the agent's own AGENT_URL and AGENT_FINGERPRINT are
 	// already set, so a person debugging there needs no flags at all.
-	f.StringVar(&opts.CoordinatorURL, "coordinator-url", envOr(env, "AGENT_COORDINATOR_URL", env.Getenv("AGENT_URL")), "coordinator base URL, https://HOST[:PORT] (env AGENT_COORDINATOR_URL, else AGENT_URL)")
-	f.StringVar(&opts.Fingerprint, "fingerprint", envOr(env, "AGENT_COORDINATOR_FINGERPRINT", env.Getenv("AGENT_FINGERPRINT")), "pin the coordinator's certificate: hex SHA-256 of its DER form (env AGENT_COORDINATOR_FINGERPRINT, else AGENT_FINGERPRINT)")
+	f.StringVar(&opts.CoordinatorURL, "coordinator-url", envOr(env, "AGENT_COORDINATOR_URL", env.Getenv("AGENT_URL")), "coordinator base URL, https://HOST[:PORT] (env AGENT_COORDINATOR_URL; else AGENT_URL)")
+	f.StringVar(&opts.Fingerprint, "fingerprint", envOr(env, "AGENT_COORDINATOR_FINGERPRINT", env.Getenv("AGENT_FINGERPRINT")), "pin the coordinator's certificate: hex SHA-256 of its DER form (env AGENT_COORDINATOR_FINGERPRINT; else AGENT_FINGERPRINT)")
 	f.IntVar(&opts.STUNPort, "stun-port", 3478, "the coordinator's STUN (UDP) port")
 	f.StringVar(&opts.Interface, "interface", "", "interface to check (default: the default route's)")
 	f.DurationVar(&opts.Timeout, "timeout", 1800*time.Millisecond, "time limit for the active probes of one run")
 	f.BoolVar(&jsonOut, "json", false, "print the report as JSON (schema in docs/netcheck.md)")
-	f.BoolVar(&watch, "watch", false, "keep checking; print a report whenever the status changes")
+	f.BoolVar(&watch, "watch", false, "keep checking; print a report whenever the status changes (with --json: one JSON document per line)")
+	f.StringVar(&metricsAddr, "metrics-addr", "", "with --watch: serve Prometheus metrics of the results on ADDR (e.g. :9153) at /metrics")
 	f.DurationVar(&interval, "interval", time.Second, "with --watch: how often to probe")
-	f.BoolVar(&opts.Host, "host", false, "check the node (bridges, veths, systemd-networkd, udev) instead of the workspace")
-	f.StringVar(&opts.Root, "root", "/", "with --host: where the node's file tree is (a DaemonSet mounts it at /host)")
-	f.StringSliceVar(&opts.Bridges, "bridge", nil, "with --host: a bridge that must exist, be up and addressed (repeatable; CNI and Docker bridges are found automatically)")
+	f.BoolVar(&host, "host", false, "check the node (bridges, veths, systemd-networkd, udev) instead of the workspace")
+	f.StringVar(&nodeOpts.Root, "root", "/", "with --host: where the node's file tree is (a DaemonSet mounts it at /host)")
+	f.StringSliceVar(&nodeOpts.Bridges, "bridge", nil, "with --host: a bridge that must exist, be up and addressed (repeatable; CNI and Docker bridges are found automatically)")
 	f.BoolVar(&fix, "fix", false, "with --host: write networkd/udev configuration that keeps them off container interfaces")
 	f.BoolVar(&dryRun, "dry-run", false, "with --host: show what --fix would write, change nothing")
 	f.StringSliceVar(&guardPattern, "pattern", nil, "with --fix: extra interface-name glob to mark unmanaged (refused if it matches the uplink)")
@@ -101,8 +140,8 @@ Exit status: 0 healthy, 1 degraded, 2 broken. See docs/netcheck.md.`,
 
 // runGuard plans the networkd guard, shows it, and writes it unless this is
 // a dry run; afterwards it checks the node again.
-func runGuard(ctx context.Context, env *cliEnv, opts netcheck.Options, patterns []string, dryRun, jsonOut bool) error {
-	plan, err := netcheck.PlanGuard(opts, netcheck.GuardOptions{Patterns: patterns})
+func runGuard(ctx context.Context, env *cliEnv, opts node.Options, patterns []string, dryRun, jsonOut bool) error {
+	plan, err := node.PlanGuard(opts, node.GuardOptions{Patterns: patterns})
 	if err != nil {
 		return err
 	}
@@ -124,12 +163,15 @@ func runGuard(ctx context.Context, env *cliEnv, opts netcheck.Options, patterns 
 	if err := plan.Apply(); err != nil {
 		return err
 	}
-	r := netcheck.Run(ctx, opts)
+	r := node.Run(ctx, opts)
 	if jsonOut {
-		return writeJSON(env, struct {
-			Plan   *netcheck.GuardPlan `json:"plan"`
-			Report *netcheck.Report    `json:"report"`
-		}{plan, r})
+		if err := writeJSON(env, struct {
+			Plan   *node.GuardPlan  `json:"plan"`
+			Report *netcheck.Report `json:"report"`
+		}{plan, r}); err != nil {
+			return err
+		}
+		return verdictExit(r)
 	}
 	if err := plan.WriteText(env.Stdout); err != nil {
 		return err
@@ -140,11 +182,46 @@ func runGuard(ctx context.Context, env *cliEnv, opts netcheck.Options, patterns 
 		fmt.Fprintln(env.Stdout, "\nthe guard was already in place; nothing written")
 	}
 	fmt.Fprintln(env.Stdout)
-	return r.WriteText(env.Stdout)
+	if err := r.WriteText(env.Stdout); err != nil {
+		return err
+	}
+	return verdictExit(r)
+}
+
+// verdictExit is the exit status for a report: after --fix, the verdict on
+// the node as it is now, so a fix that did not heal it does not exit 0.
+func verdictExit(r *netcheck.Report) error {
+	if code := r.ExitCode(); code != 0 {
+		return &exitError{code: code}
+	}
+	return nil
 }
 
 func writeJSON(env *cliEnv, v any) error {
 	enc := json.NewEncoder(env.Stdout)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
+}
+
+// serveNetcheckMetrics serves exp (and the process metrics) at
+// http://addr/metrics until stop is called.
+func serveNetcheckMetrics(env *cliEnv, addr string, exp *netcheck.Exporter) (stop func(), err error) {
+	reg := metrics.NewRegistry()
+	if err := reg.Register(exp); err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("--metrics-addr %s: %w", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", reg.Handler())
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = srv.Serve(ln) }()
+	env.Logger().Info("serving netcheck metrics", "url", "http://"+ln.Addr().String()+"/metrics")
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = srv.Shutdown(ctx)
+	}, nil
 }

@@ -1,9 +1,12 @@
 package main
 
 import (
+	"errors"
 	"io"
 	"strings"
 	"testing"
+
+	"github.com/agentd/agent/agent/netcheck"
 )
 
 // Inside a workspace the agent's own environment names the coordinator;
@@ -32,5 +35,23 @@ func TestNetcheckCoordinatorFromEnvironment(t *testing.T) {
 				t.Errorf("--fingerprint default = %q, want %q", got, tc.wantFP)
 			}
 		})
+	}
+}
+
+// After --fix the exit status is the node's verdict as it is now, so a fix
+// that did not heal the node does not exit 0.
+func TestNetcheckVerdictExit(t *testing.T) {
+	for _, tc := range []struct {
+		status netcheck.Status
+		code   int
+	}{{netcheck.StatusOK, 0}, {netcheck.StatusDegraded, 1}, {netcheck.StatusBroken, 2}} {
+		err := verdictExit(&netcheck.Report{Status: tc.status})
+		var ee *exitError
+		switch {
+		case tc.code == 0 && err != nil:
+			t.Errorf("%s: %v, want nil", tc.status, err)
+		case tc.code != 0 && (!errors.As(err, &ee) || ee.code != tc.code):
+			t.Errorf("%s: %v, want exit %d", tc.status, err, tc.code)
+		}
 	}
 }

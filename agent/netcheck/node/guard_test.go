@@ -1,27 +1,29 @@
-package netcheck
+package node
 
 import (
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/agentd/agent/agent/netcheck/internal/nclab"
 	"github.com/agentd/agent/internal/netlab"
 )
 
-// guardIn plans (and unless planOnly applies) the guard inside ns.
+// guardIn plans (and unless PlanOnly applies) the guard inside ns; on
+// failure it returns the helper's error line.
 func guardIn(t *testing.T, ns *netlab.Namespace, o helperOpts) (*GuardPlan, string) {
 	t.Helper()
 	o.Guard = true
-	data, _ := json.Marshal(o)
-	cmd := ns.Command(helperBinary(t))
-	cmd.Env = append(os.Environ(), "NETCHECK_HELPER=1", "NETCHECK_OPTS="+string(data))
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
+	out, err := nclab.Run(t, ns, o, false)
 	if err != nil {
-		return nil, strings.TrimSpace(stderr.String())
+		var he *nclab.HelperError
+		if errors.As(err, &he) {
+			return nil, he.Stderr
+		}
+		t.Fatal(err)
 	}
 	var p GuardPlan
 	if err := json.Unmarshal(out, &p); err != nil {
@@ -48,10 +50,10 @@ func TestGuard(t *testing.T) {
 	node.Attach("veth9", "br-5f3a")
 
 	root := t.TempDir()
-	writeFile(t, root, "usr/lib/systemd/network/05-all.network", "[Match]\nName=*\n[Network]\nDHCP=yes\n")
-	o := helperOpts{Options: Options{Host: true, Root: root}}
+	nclab.WriteFile(t, root, "usr/lib/systemd/network/05-all.network", "[Match]\nName=*\n[Network]\nDHCP=yes\n")
+	o := helperOpts{Node: Options{Root: root}}
 
-	if _, msg := guardIn(t, node, helperOpts{Options: o.Options, Patterns: []string{"br-*"}}); !strings.Contains(msg, "refusing pattern \"br-*\"") || !strings.Contains(msg, "br-lan") {
+	if _, msg := guardIn(t, node, helperOpts{Node: o.Node, Patterns: []string{"br-*"}}); !strings.Contains(msg, "refusing pattern \"br-*\"") || !strings.Contains(msg, "br-lan") {
 		t.Errorf("pattern matching the uplink: %q", msg)
 	}
 
@@ -106,7 +108,7 @@ func TestGuard(t *testing.T) {
 	}
 
 	// A catch-all that sorts before even 00- cannot be guarded by file name.
-	writeFile(t, root, "etc/systemd/network/0-first.network", "[Match]\nName=*\n")
+	nclab.WriteFile(t, root, "etc/systemd/network/0-first.network", "[Match]\nName=*\n")
 	if _, msg := guardIn(t, node, dry); !strings.Contains(msg, "0-first.network") {
 		t.Errorf("catch-all sorting first: %q", msg)
 	}

@@ -1,4 +1,6 @@
-package netcheck
+// Package netstate reads one rtnetlink snapshot of the current network
+// namespace, shared by the workspace and node checks.
+package netstate
 
 import (
 	"errors"
@@ -13,13 +15,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// netState is one rtnetlink snapshot of the current network namespace. The
+// State is one rtnetlink snapshot of the current network namespace. The
 // dumps need no privileges.
-type netState struct {
-	links  []netlink.Link
-	addrs  map[int][]netlink.Addr
-	routes []netlink.Route
-	byIdx  map[int]netlink.Link
+type State struct {
+	Links  []netlink.Link
+	Addrs  map[int][]netlink.Addr
+	Routes []netlink.Route
+	ByIdx  map[int]netlink.Link
 }
 
 // retryDump repeats a dump that the kernel interrupted because the table
@@ -36,7 +38,7 @@ func retryDump[T any](f func() (T, error)) (T, error) {
 	return v, err
 }
 
-func readNetState() (*netState, error) {
+func Read() (*State, error) {
 	links, err := retryDump(netlink.LinkList)
 	if err != nil {
 		return nil, fmt.Errorf("listing links over rtnetlink: %w", err)
@@ -49,17 +51,17 @@ func readNetState() (*netState, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listing routes over rtnetlink: %w", err)
 	}
-	s := &netState{links: links, addrs: map[int][]netlink.Addr{}, routes: routes, byIdx: map[int]netlink.Link{}}
+	s := &State{Links: links, Addrs: map[int][]netlink.Addr{}, Routes: routes, ByIdx: map[int]netlink.Link{}}
 	for _, l := range links {
-		s.byIdx[l.Attrs().Index] = l
+		s.ByIdx[l.Attrs().Index] = l
 	}
 	for _, a := range addrs {
-		s.addrs[a.LinkIndex] = append(s.addrs[a.LinkIndex], a)
+		s.Addrs[a.LinkIndex] = append(s.Addrs[a.LinkIndex], a)
 	}
 	return s, nil
 }
 
-func isDefault(r netlink.Route) bool {
+func IsDefault(r netlink.Route) bool {
 	if r.Dst == nil {
 		return true
 	}
@@ -67,11 +69,11 @@ func isDefault(r netlink.Route) bool {
 	return ones == 0
 }
 
-// defaultRoutes returns the main table's default routes, IPv4 first.
-func (s *netState) defaultRoutes() []netlink.Route {
+// DefaultRoutes returns the main table's default routes, IPv4 first.
+func (s *State) DefaultRoutes() []netlink.Route {
 	var v4, v6 []netlink.Route
-	for _, r := range s.routes {
-		if !isDefault(r) || r.Type != unix.RTN_UNICAST {
+	for _, r := range s.Routes {
+		if !IsDefault(r) || r.Type != unix.RTN_UNICAST {
 			continue
 		}
 		if r.Family == netlink.FAMILY_V6 {
@@ -83,10 +85,10 @@ func (s *netState) defaultRoutes() []netlink.Route {
 	return append(v4, v6...)
 }
 
-// globalAddrs returns a link's addresses of universe scope.
-func (s *netState) globalAddrs(idx int) []netlink.Addr {
+// GlobalAddrs returns a link's addresses of universe scope.
+func (s *State) GlobalAddrs(idx int) []netlink.Addr {
 	var out []netlink.Addr
-	for _, a := range s.addrs[idx] {
+	for _, a := range s.Addrs[idx] {
 		if a.Scope == unix.RT_SCOPE_UNIVERSE {
 			out = append(out, a)
 		}
@@ -94,15 +96,15 @@ func (s *netState) globalAddrs(idx int) []netlink.Addr {
 	return out
 }
 
-// onLink reports whether gw is covered by a connected prefix or a link route
+// OnLink reports whether gw is covered by a connected prefix or a link route
 // on the interface.
-func (s *netState) onLink(idx int, gw net.IP) bool {
-	for _, a := range s.addrs[idx] {
+func (s *State) OnLink(idx int, gw net.IP) bool {
+	for _, a := range s.Addrs[idx] {
 		if a.IPNet != nil && a.IPNet.Contains(gw) {
 			return true
 		}
 	}
-	for _, r := range s.routes {
+	for _, r := range s.Routes {
 		if r.LinkIndex == idx && r.Dst != nil && r.Gw == nil && r.Dst.Contains(gw) {
 			return true
 		}
@@ -110,12 +112,12 @@ func (s *netState) onLink(idx int, gw net.IP) bool {
 	return false
 }
 
-// routesVia counts non-default routes that point at a link (a routed CNI
+// RoutesVia counts non-default routes that point at a link (a routed CNI
 // veth has a /32 host route through it).
-func (s *netState) routesVia(idx int) int {
+func (s *State) RoutesVia(idx int) int {
 	n := 0
-	for _, r := range s.routes {
-		if r.LinkIndex != idx || isDefault(r) {
+	for _, r := range s.Routes {
+		if r.LinkIndex != idx || IsDefault(r) {
 			continue
 		}
 		// Every IPv6-enabled link gets fe80::/64; only real routes count.
@@ -127,15 +129,15 @@ func (s *netState) routesVia(idx int) int {
 	return n
 }
 
-func carrier(l netlink.Link) bool {
+func Carrier(l netlink.Link) bool {
 	return l.Attrs().RawFlags&unix.IFF_LOWER_UP != 0
 }
 
-func adminUp(l netlink.Link) bool {
+func AdminUp(l netlink.Link) bool {
 	return l.Attrs().Flags&net.FlagUp != 0
 }
 
-func ipv4Of(addrs []netlink.Addr) []string {
+func IPv4Of(addrs []netlink.Addr) []string {
 	var out []string
 	for _, a := range addrs {
 		if a.IP.To4() != nil {
@@ -145,7 +147,7 @@ func ipv4Of(addrs []netlink.Addr) []string {
 	return out
 }
 
-func addrStrings(addrs []netlink.Addr) []string {
+func AddrStrings(addrs []netlink.Addr) []string {
 	out := make([]string, 0, len(addrs))
 	for _, a := range addrs {
 		out = append(out, a.IPNet.String())
@@ -153,14 +155,14 @@ func addrStrings(addrs []netlink.Addr) []string {
 	return out
 }
 
-func toAddr(ip net.IP) netip.Addr {
+func ToAddr(ip net.IP) netip.Addr {
 	a, _ := netip.AddrFromSlice(ip)
 	return a.Unmap()
 }
 
-// sysfsValue reads /sys/class/net/<ifname>/<attr> (for the current network
+// SysfsValue reads /sys/class/net/<ifname>/<attr> (for the current network
 // namespace's sysfs).
-func sysfsValue(ifname, attr string) string {
+func SysfsValue(ifname, attr string) string {
 	b, err := os.ReadFile(filepath.Join("/sys/class/net", ifname, attr))
 	if err != nil {
 		return ""
@@ -168,8 +170,8 @@ func sysfsValue(ifname, attr string) string {
 	return strings.TrimSpace(string(b))
 }
 
-// devType is udev's DEVTYPE from the link's uevent, empty if none.
-func devType(ifname string) string {
+// DevType is udev's DEVTYPE from the link's uevent, empty if none.
+func DevType(ifname string) string {
 	b, err := os.ReadFile(filepath.Join("/sys/class/net", ifname, "uevent"))
 	if err != nil {
 		return ""

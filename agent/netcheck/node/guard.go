@@ -1,14 +1,12 @@
-package netcheck
+package node
 
 import (
-	"github.com/agentd/agent/internal/atomicfile"
-
 	"bytes"
 	"errors"
 	"fmt"
+	"github.com/agentd/agent/agent/netcheck/internal/netstate"
 	"io"
 	"io/fs"
-	"os"
 	"path/filepath"
 	"strings"
 
@@ -63,7 +61,7 @@ type PlannedFile struct {
 // any .network/.link file that would otherwise match.
 func PlanGuard(opts Options, extra ...GuardOptions) (*GuardPlan, error) {
 	o := opts.withDefaults()
-	st, err := readNetState()
+	st, err := netstate.Read()
 	if err != nil {
 		return nil, err
 	}
@@ -146,7 +144,7 @@ func PlanGuard(opts Options, extra ...GuardOptions) (*GuardPlan, error) {
 		{Path: guardConfPath, Content: header + "[Network]\nManageForeignRoutes=no\nManageForeignRoutingPolicyRules=no\n"},
 	}
 	for i := range files {
-		cur, err := os.ReadFile(filepath.Join(o.Root, files[i].Path))
+		cur, err := readUnder(o.Root, files[i].Path)
 		switch {
 		case errors.Is(err, fs.ErrNotExist):
 			files[i].Change = "create"
@@ -241,24 +239,17 @@ func (p *GuardPlan) Changed() bool {
 }
 
 // Apply writes the changed files atomically (temporary file, fsync,
-// rename, fsync of the directory). Unchanged files are not touched, so
-// applying twice is a no-op.
+// rename, fsync of the directory), never outside Root: every path is
+// resolved inside it, and a symlink leading out is refused. Unchanged
+// files are not touched, so applying twice is a no-op.
 func (p *GuardPlan) Apply() error {
 	for _, f := range p.Files {
 		if f.Change == "unchanged" {
 			continue
 		}
-		if err := writeAtomic(filepath.Join(p.Root, f.Path), []byte(f.Content), 0o644); err != nil {
+		if err := writeUnder(p.Root, f.Path, []byte(f.Content), 0o644); err != nil {
 			return err
 		}
 	}
 	return nil
-}
-
-func writeAtomic(path string, data []byte, mode os.FileMode) error {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fmt.Errorf("creating %s: %w", dir, err)
-	}
-	return atomicfile.Write(path, data, mode)
 }

@@ -1,4 +1,4 @@
-package netcheck
+package node
 
 import (
 	"os"
@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/agentd/agent/agent/netcheck"
+	"github.com/agentd/agent/agent/netcheck/internal/nclab"
 	"github.com/agentd/agent/agent/netcheck/networkd"
 	"github.com/agentd/agent/internal/netlab"
 )
@@ -107,11 +109,11 @@ func TestRealNetworkd(t *testing.T) {
 	if err := os.Chown(filepath.Join(root, "run/systemd/netif"), uid, gid); err != nil {
 		t.Fatal(err)
 	}
-	writeFile(t, root, "etc/cni/net.d/10-lab.conflist", `{"cniVersion":"1.0.0","name":"lab","plugins":[{"type":"bridge","bridge":"cni0","ipam":{"type":"host-local","subnet":"10.88.0.0/24"}}]}`)
+	nclab.WriteFile(t, root, "etc/cni/net.d/10-lab.conflist", `{"cniVersion":"1.0.0","name":"lab","plugins":[{"type":"bridge","bridge":"cni0","ipam":{"type":"host-local","subnet":"10.88.0.0/24"}}]}`)
 	// A catch-all default .network, as distributions and admins write it
 	// (current networkd ignores a file with no [Match] at all; older
 	// versions applied that to every link, the 2016 CoreOS outage).
-	writeFile(t, root, "etc/systemd/network/zz-default.network", "[Match]\nName=*\n\n[Network]\nDHCP=no\n")
+	nclab.WriteFile(t, root, "etc/systemd/network/zz-default.network", "[Match]\nName=*\n\n[Network]\nDHCP=no\n")
 	// The networkd binary's presence under the root tells netcheck it is
 	// installed; point at the real one.
 	if err := os.MkdirAll(filepath.Join(root, "lib/systemd"), 0o755); err != nil {
@@ -129,20 +131,20 @@ func TestRealNetworkd(t *testing.T) {
 	t.Logf("networkd took veth1: ADMIN_STATE=%s NETWORK_FILE=%s", st.AdminState, st.NetworkFile)
 	waitState(t, root, brIdx, "managed", managed)
 
-	o := helperOpts{Options: Options{Host: true, Root: root}}
+	o := helperOpts{Node: Options{Root: root}}
 	r := runIn(t, node, o, false)
-	f := wantFinding(t, r, "networkd.manages_container_link", StatusBroken)
+	f := wantFinding(t, r, "networkd.manages_container_link", netcheck.StatusBroken)
 	if !strings.Contains(strings.Join(f.Evidence, "\n"), "zz-default.network") {
 		t.Errorf("evidence does not name the .network file: %v", f.Evidence)
 	}
-	wantFinding(t, r, "networkd.would_manage", StatusDegraded)
+	wantFinding(t, r, "networkd.would_manage", netcheck.StatusDegraded)
 	if len(f.Remedy.Files) == 0 {
 		t.Errorf("remedy lists no files to write")
 	}
 	t.Logf("before --fix:\n%s", describe(r))
 
 	// --fix, then networkd reads the configuration again.
-	runIn(t, node, helperOpts{Options: o.Options, Guard: true}, false)
+	runIn(t, node, helperOpts{Node: o.Node, Guard: true}, false)
 	guard, err := os.ReadFile(filepath.Join(root, "etc/systemd/network", guardNetworkName))
 	if err != nil {
 		t.Fatalf("guard not written: %v", err)
