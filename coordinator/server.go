@@ -32,6 +32,9 @@ import (
 type Config struct {
 	// DataDir holds the store, the TLS certificate and the admin socket.
 	DataDir string
+	// PostgresURL, if set, keeps the store in PostgreSQL instead of a file
+	// in DataDir, shared by every replica given the same URL.
+	PostgresURL string
 	// Listen is the HTTPS (or, with InsecureHTTP, HTTP) address.
 	Listen string
 	// STUNAddr is the UDP address of the STUN server; "" disables STUN.
@@ -94,7 +97,7 @@ var errShutdown = errors.New("coordinator shutting down")
 type Server struct {
 	cfg         Config
 	logger      *slog.Logger
-	store       *store.Store
+	store       store.Backend
 	core        *core
 	derp        *tailnet.DERPServer
 	stun        *tailnet.STUNServer
@@ -129,7 +132,7 @@ func New(cfg Config) (s *Server, err error) {
 			return nil, fmt.Errorf("access URL %q: want https://host[:port]", cfg.AccessURL)
 		}
 	}
-	st, err := store.Open(cfg.DataDir)
+	st, err := openStore(cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -254,7 +257,7 @@ func (s *Server) Serve(ctx context.Context) error {
 		s.reauthLoop()
 	}()
 	s.ready.Store(true)
-	s.logger.Info("coordinator serving", "url", s.URL(), "fingerprint", s.fingerprint, "stun", s.STUNAddr(), "data_dir", s.cfg.DataDir)
+	s.logger.Info("coordinator serving", "url", s.URL(), "fingerprint", s.fingerprint, "stun", s.STUNAddr(), "data_dir", s.cfg.DataDir, "store", s.StoreDescription())
 
 	var err error
 	select {
@@ -409,7 +412,18 @@ func tokenError(err error, t store.Token) *protocol.Error {
 		return &protocol.Error{Code: protocol.CodeTokenInvalid, Fatal: true,
 			Message: "this coordinator does not know the token; check it was copied whole, or ask an admin for a new one"}
 	}
+	if errors.Is(err, store.ErrUnavailable) {
+		return unavailableError()
+	}
 	return &protocol.Error{Code: protocol.CodeInternal, Fatal: true, Message: "checking the token failed: " + err.Error()}
+}
+
+// authStatus is the HTTP status for a refused request.
+func authStatus(e *protocol.Error) int {
+	if e.Code == protocol.CodeInternal && !e.Fatal {
+		return http.StatusServiceUnavailable
+	}
+	return http.StatusUnauthorized
 }
 
 func writeHTTPError(w http.ResponseWriter, status int, e *protocol.Error) {
@@ -421,7 +435,7 @@ func writeHTTPError(w http.ResponseWriter, status int, e *protocol.Error) {
 func (s *Server) handleWhoAmI(w http.ResponseWriter, r *http.Request) {
 	p, perr := s.authenticate(r)
 	if perr != nil {
-		writeHTTPError(w, http.StatusUnauthorized, perr)
+		writeHTTPError(w, authStatus(perr), perr)
 		return
 	}
 	who := protocol.WhoAmI{Role: protocol.RoleClient, Name: p.User.Name, User: p.User.Name, TokenID: p.Token.ID, Expires: p.Token.Expires}
@@ -458,7 +472,12 @@ func (s *Server) reauthLoop() {
 // that are no longer granted.
 func (s *Server) reauthorize() {
 	for _, p := range s.core.peersSnapshot() {
-		if err := s.store.CheckToken(p.tokenID); err != nil {
+		err := s.store.CheckToken(p.tokenID)
+		if errors.Is(err, store.ErrUnavailable) {
+			// The store logs the outage; sessions keep flowing meanwhile.
+			return
+		}
+		if err != nil {
 			s.logger.Info("disconnecting a peer whose token is no longer valid", "name", p.name, "role", p.role, "reason", err)
 			p.kill(tokenError(err, store.Token{}))
 			continue
@@ -468,7 +487,7 @@ func (s *Server) reauthorize() {
 		}
 		for id, name := range s.core.tunnelsOf(p) {
 			a, err := s.store.MayReach(p.user, name)
-			if err == nil && a.ID == id {
+			if (err == nil && a.ID == id) || errors.Is(err, store.ErrUnavailable) {
 				continue
 			}
 			s.logger.Info("removing a tunnel that is no longer allowed", "user", p.user, "agent", name)

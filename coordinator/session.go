@@ -33,7 +33,7 @@ func (s *Server) handleCoordinate(w http.ResponseWriter, r *http.Request) {
 	if perr != nil {
 		s.metrics.MessageRejected(metrics.RejectUnauthorized)
 		s.logger.Info("refused a peer", "remote", r.RemoteAddr, "code", perr.Code)
-		writeHTTPError(w, http.StatusUnauthorized, perr)
+		writeHTTPError(w, authStatus(perr), perr)
 		return
 	}
 	if strings.EqualFold(r.Header.Get("Upgrade"), "websocket") && !offersSubprotocol(r) {

@@ -32,9 +32,18 @@ It serves HTTPS on --listen with a self-signed certificate generated once in
 a user and the agents the user may reach, embeds a DERP relay (/derp) that
 admits only registered node keys, and answers STUN on --stun-addr (UDP).
 Administer it with "agent admin" while it runs (over a unix socket in the
-data directory).`,
+data directory).
+
+The store is a file in --data-dir by default. With --postgres-url it lives
+in PostgreSQL instead, and several coordinators given the same URL serve as
+replicas of one deployment; the schema is created or upgraded at start.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if cfg.PostgresURL == "" {
+				// Read here, not as the flag's default, so --help never
+				// prints the password.
+				cfg.PostgresURL = env.Getenv("AGENT_POSTGRES_URL")
+			}
 			if cfg.STUNAddr == "off" {
 				cfg.STUNAddr = ""
 			}
@@ -73,6 +82,7 @@ data directory).`,
 	fs.StringVar(&cfg.STUNAddr, "stun-addr", ":3478", `STUN UDP listen address ("off" to disable)`)
 	fs.BoolVar(&cfg.InsecureHTTP, "insecure-http", false, "serve plain HTTP instead of HTTPS (tests only: tokens travel in the clear)")
 	fs.StringVar(&metricsAddr, "metrics-addr", envOr(env, "AGENT_COORDINATOR_METRICS_ADDR", "127.0.0.1:2114"), `serve Prometheus /metrics here, plain HTTP ("" disables; env AGENT_COORDINATOR_METRICS_ADDR)`)
+	fs.StringVar(&cfg.PostgresURL, "postgres-url", "", "keep the store in PostgreSQL, e.g. postgres://USER:PASSWORD@HOST:5432/DATABASE, shared by every coordinator replica (env AGENT_POSTGRES_URL; default: a file in --data-dir)")
 	fs.StringVar(&cfg.AccessURL, "access-url", "", "URL peers use to reach this coordinator, e.g. https://coord.example.com:8443 (shown in instructions; added to the certificate's names on first start)")
 	return cmd
 }
@@ -91,6 +101,7 @@ func printCoordinatorBanner(w io.Writer, srv *coordinator.Server, cfg coordinato
 	if metricsURL != "" {
 		fmt.Fprintf(w, "  metrics: %s\n", metricsURL)
 	}
+	fmt.Fprintf(w, "  store: %s\n", srv.StoreDescription())
 	fmt.Fprintf(w, "  data: %s (admin socket %s)\n", cfg.DataDir, admin.SocketPath(cfg.DataDir))
 	if !srv.FirstStart() {
 		return
