@@ -60,6 +60,11 @@ type Config struct {
 	ReauthInterval time.Duration
 	// MaxTunnels bounds the tunnels one client session may hold (default 256).
 	MaxTunnels int
+	// ReplicaHeartbeat is how often a replica sharing PostgreSQL says it
+	// is alive (default 1s); ReplicaDeadAfter is how long a silent one
+	// keeps its peers before the others mark them lost (default 5s).
+	ReplicaHeartbeat time.Duration
+	ReplicaDeadAfter time.Duration
 
 	// Metrics, if set, receives the coordinator's metric set; serving it
 	// (on a private address) is the caller's job.
@@ -87,6 +92,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.MaxTunnels <= 0 {
 		c.MaxTunnels = 256
+	}
+	if c.ReplicaHeartbeat <= 0 {
+		c.ReplicaHeartbeat = time.Second
+	}
+	if c.ReplicaDeadAfter <= 0 {
+		c.ReplicaDeadAfter = 5 * time.Second
 	}
 }
 
@@ -116,6 +127,9 @@ type Server struct {
 	stopping       atomic.Bool
 	ready          atomic.Bool
 	reauthKick     chan struct{}
+	// repl carries peers between replicas sharing PostgreSQL; nil with
+	// the bbolt store.
+	repl *replicator
 }
 
 // New opens the store, loads or creates the certificate and binds every
@@ -221,6 +235,9 @@ func New(cfg Config) (s *Server, err error) {
 		Handler:  admin.NewHandler(&admin.Local{Store: st, InfoFn: s.info, Changed: s.kickReauth}),
 		ErrorLog: errLog,
 	}
+	if err := s.setupReplication(); err != nil {
+		return nil, err
+	}
 	return s, nil
 }
 
@@ -251,6 +268,11 @@ func (s *Server) Serve(ctx context.Context) error {
 	errc := make(chan error, 2)
 	go func() { errc <- s.httpSrv.Serve(s.ln) }()
 	go func() { errc <- s.adminSrv.Serve(s.adminLn) }()
+	replDone, err := s.startReplication()
+	if err != nil {
+		s.shutdown()
+		return err
+	}
 	reauthDone := make(chan struct{})
 	go func() {
 		defer close(reauthDone)
@@ -259,7 +281,6 @@ func (s *Server) Serve(ctx context.Context) error {
 	s.ready.Store(true)
 	s.logger.Info("coordinator serving", "url", s.URL(), "fingerprint", s.fingerprint, "stun", s.STUNAddr(), "data_dir", s.cfg.DataDir, "store", s.StoreDescription())
 
-	var err error
 	select {
 	case <-ctx.Done():
 	case err = <-errc:
@@ -267,6 +288,7 @@ func (s *Server) Serve(ctx context.Context) error {
 	}
 	s.shutdown()
 	<-reauthDone
+	<-replDone
 	return err
 }
 

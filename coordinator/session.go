@@ -398,6 +398,7 @@ func (ss *session) tunnel(agentName string) {
 		s.core.send(p, &protocol.ServerMessage{Type: protocol.TypeError, Error: refuse})
 		return
 	}
+	s.repl.prepareTunnel(a.ID)
 	s.core.addTunnel(p, a.ID, a.Name)
 }
 

@@ -26,6 +26,18 @@ import (
 	"github.com/agentd/agent/tailnet"
 )
 
+// EventsChannel is the NOTIFY channel coordinator replicas listen on.
+// Payloads are "<origin> <kind> <args...>"; the store itself sends
+// "- access" when a change may take access away (a revoked token, a
+// removed grant, a deleted user or agent), in the same transaction.
+const EventsChannel = "coord_events"
+
+// notifyAccess tells every replica to re-check access, at commit.
+func notifyAccess(ctx context.Context, tx pgx.Tx) error {
+	_, err := tx.Exec(ctx, `SELECT pg_notify($1, '- access')`, EventsChannel)
+	return err
+}
+
 // Options tune a Store. Zero values take defaults.
 type Options struct {
 	Logger *slog.Logger
@@ -214,8 +226,10 @@ func (s *Store) DeleteAgent(name string) error {
 		if tag.RowsAffected() == 0 {
 			return fmt.Errorf("agent %q %w", name, store.ErrNotFound)
 		}
-		_, err = tx.Exec(ctx, `DELETE FROM tokens WHERE kind = $1 AND subject = $2`, string(store.KindAgent), name)
-		return err
+		if _, err = tx.Exec(ctx, `DELETE FROM tokens WHERE kind = $1 AND subject = $2`, string(store.KindAgent), name); err != nil {
+			return err
+		}
+		return notifyAccess(ctx, tx)
 	})
 }
 
@@ -236,8 +250,10 @@ func (s *Store) DeleteUser(name string) error {
 		if _, err := tx.Exec(ctx, `DELETE FROM users WHERE name = $1`, name); err != nil {
 			return err
 		}
-		_, err = tx.Exec(ctx, `DELETE FROM tokens WHERE kind = $1 AND subject = $2`, string(store.KindUser), name)
-		return err
+		if _, err = tx.Exec(ctx, `DELETE FROM tokens WHERE kind = $1 AND subject = $2`, string(store.KindUser), name); err != nil {
+			return err
+		}
+		return notifyAccess(ctx, tx)
 	})
 }
 
@@ -265,15 +281,15 @@ func (s *Store) AddGrant(user, agent string) (store.Grant, error) {
 
 // RemoveGrant withdraws a grant.
 func (s *Store) RemoveGrant(user, agent string) error {
-	return s.op("removing a grant", func(ctx context.Context) error {
-		tag, err := s.pool.Exec(ctx, `DELETE FROM grants WHERE user_name = $1 AND agent = $2`, user, agent)
+	return s.tx("removing a grant", func(ctx context.Context, tx pgx.Tx) error {
+		tag, err := tx.Exec(ctx, `DELETE FROM grants WHERE user_name = $1 AND agent = $2`, user, agent)
 		if err != nil {
 			return err
 		}
 		if tag.RowsAffected() == 0 {
 			return fmt.Errorf("grant %s -> %s %w", user, agent, store.ErrNotFound)
 		}
-		return nil
+		return notifyAccess(ctx, tx)
 	})
 }
 
@@ -382,8 +398,10 @@ func (s *Store) RevokeToken(idOrSecret string) (store.Token, error) {
 			return err
 		}
 		tok.Revoked = s.now()
-		_, err = tx.Exec(ctx, `UPDATE tokens SET doc = $2 WHERE id = $1`, tok.ID, doc(tok))
-		return err
+		if _, err = tx.Exec(ctx, `UPDATE tokens SET doc = $2 WHERE id = $1`, tok.ID, doc(tok)); err != nil {
+			return err
+		}
+		return notifyAccess(ctx, tx)
 	})
 	return tok, err
 }
