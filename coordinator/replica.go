@@ -42,6 +42,8 @@ type replicator struct {
 	heartbeat time.Duration
 	deadAfter time.Duration
 	onAccess  func()
+	// describeErr words database errors as the store does.
+	describeErr func(error) string
 
 	mu    sync.Mutex
 	queue []replEvent
@@ -267,8 +269,15 @@ func (r *replicator) listenLoop(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
+		if errors.Is(err, errListenedOK) {
+			backoff = 100 * time.Millisecond // it worked for a while: a new loss
+		}
+		if first || errors.Is(err, errListenedOK) {
+			r.logger.Warn("lost the database notification stream; reconnecting", "err", r.describe(err))
+		} else {
+			r.logger.Debug("database notification stream still down", "err", r.describe(err))
+		}
 		first = false
-		r.logger.Warn("lost the database notification stream; reconnecting", "err", err)
 		select {
 		case <-ctx.Done():
 			return
@@ -299,7 +308,7 @@ func (r *replicator) listen(ctx context.Context, resync bool) error {
 	for {
 		n, err := conn.WaitForNotification(ctx)
 		if err != nil {
-			return err
+			return fmt.Errorf("%w: %w", errListenedOK, err)
 		}
 		r.held.Lock()
 		r.held.Unlock() // only waits out a test's hold
@@ -307,6 +316,17 @@ func (r *replicator) listen(ctx context.Context, resync bool) error {
 			r.logger.Warn("could not apply a change from another replica", "event", n.Payload, "err", err)
 		}
 	}
+}
+
+// errListenedOK marks the end of a notification stream that was up.
+var errListenedOK = errors.New("notification stream ended")
+
+// describe words a database error for the log.
+func (r *replicator) describe(err error) string {
+	if r.describeErr != nil {
+		return r.describeErr(err)
+	}
+	return err.Error()
 }
 
 // handle applies one notification from another replica.
@@ -466,7 +486,7 @@ func (r *replicator) heartbeatLoop(ctx context.Context) {
 				return
 			}
 			if !down {
-				r.logger.Warn("replica heartbeat failed; other replicas will consider this one gone if it lasts", "err", err)
+				r.logger.Warn("replica heartbeat failed; other replicas will consider this one gone if it lasts", "err", r.describe(err))
 			}
 			down, upSince = true, time.Time{}
 			r.markDirty()
@@ -568,6 +588,7 @@ func (s *Server) setupReplication() error {
 	if err != nil {
 		return err
 	}
+	r.describeErr = pg.Describe
 	s.repl = r
 	s.core.repl = r.enqueue
 	return nil

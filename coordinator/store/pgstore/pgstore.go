@@ -125,6 +125,14 @@ func (s *Store) Close() error {
 // database (package coordinator).
 func (s *Store) Pool() *pgxpool.Pool { return s.pool }
 
+// Describe words a database error in one line, as Open's errors are.
+func (s *Store) Describe(err error) string {
+	if isUnavailable(err) {
+		return connectError(s.target, err).Error()
+	}
+	return oneLine(err)
+}
+
 // Target names the database server for messages, without the password.
 func (s *Store) Target() string { return s.target }
 
