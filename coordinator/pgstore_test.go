@@ -87,6 +87,9 @@ func TestPostgresOutageKeepsSessions(t *testing.T) {
 	}
 	nothing(t, ws1.rec.discs, "ws1 disconnection")
 	nothing(t, alice.rec.discs, "alice disconnection")
+	if code := readyz(t, f.tc); code != http.StatusServiceUnavailable {
+		t.Fatalf("/readyz while the database is down: %d, want 503", code)
+	}
 
 	req, _ := http.NewRequest("GET", f.tc.URL()+protocol.WhoAmIPath, nil)
 	req.Header.Set("Authorization", "Bearer "+f.bobToken)
@@ -123,7 +126,23 @@ func TestPostgresOutageKeepsSessions(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	t.Logf("requests work again %v after the database came back", time.Since(back).Round(time.Millisecond))
+	for readyz(t, f.tc) != http.StatusOK {
+		if time.Since(back) > 5*time.Second {
+			t.Fatal("/readyz not ready 5s after the database came back")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	bob := startClient(t, f.tc, f.bobToken)
 	recv(t, bob.rec.hellos, "bob hello after the outage")
 	nothing(t, alice.rec.discs, "alice disconnection")
+}
+
+func readyz(t *testing.T, tc *testCoordinator) int {
+	t.Helper()
+	resp, err := http.Get(tc.URL() + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
 }

@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -44,6 +45,12 @@ type replicator struct {
 	onAccess  func()
 	// describeErr words database errors as the store does.
 	describeErr func(error) string
+	// fingerprint is our certificate's, for the other replicas' mesh
+	// connections; mesh is nil without a mesh key.
+	fingerprint string
+	mesh        *mesh
+	// lastBeat is when our heartbeat last worked (Unix nanoseconds).
+	lastBeat atomic.Int64
 
 	mu    sync.Mutex
 	queue []replEvent
@@ -90,9 +97,10 @@ func (r *replicator) enqueue(ev replEvent) {
 func (r *replicator) start(ctx context.Context) (<-chan struct{}, error) {
 	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if _, err := r.pool.Exec(sctx, `INSERT INTO replicas (id, url) VALUES ($1, $2)`, r.id, r.url); err != nil {
+	if _, err := r.pool.Exec(sctx, `INSERT INTO replicas (id, url, fingerprint) VALUES ($1, $2, $3)`, r.id, r.url, r.fingerprint); err != nil {
 		return nil, fmt.Errorf("registering this replica: %w", err)
 	}
+	r.lastBeat.Store(time.Now().UnixNano())
 	done := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Add(3)
@@ -472,6 +480,9 @@ func (r *replicator) resync(ctx context.Context) error {
 func (r *replicator) heartbeatLoop(ctx context.Context) {
 	t := time.NewTicker(r.heartbeat)
 	defer t.Stop()
+	if r.mesh != nil {
+		defer r.mesh.stop()
+	}
 	var upSince time.Time // since when our heartbeats have succeeded
 	down := false
 	for {
@@ -492,6 +503,7 @@ func (r *replicator) heartbeatLoop(ctx context.Context) {
 			r.markDirty()
 			continue
 		}
+		r.lastBeat.Store(time.Now().UnixNano())
 		if down {
 			r.logger.Info("replica heartbeat works again")
 			down = false
@@ -504,6 +516,11 @@ func (r *replicator) heartbeatLoop(ctx context.Context) {
 				r.enqueue(ev)
 			}
 		}
+		if r.mesh != nil {
+			if err := r.mesh.sync(ctx); err != nil && ctx.Err() == nil {
+				r.logger.Debug("could not list replicas for the DERP mesh", "err", r.describe(err))
+			}
+		}
 		// Judge others only after beating long enough ourselves: after a
 		// database outage every heartbeat is old.
 		if time.Since(upSince) >= r.deadAfter {
@@ -512,6 +529,12 @@ func (r *replicator) heartbeatLoop(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// healthy reports whether our heartbeat has worked lately: the database
+// answers and the other replicas count us in.
+func (r *replicator) healthy() bool {
+	return time.Since(time.Unix(0, r.lastBeat.Load())) < r.deadAfter
 }
 
 // beat refreshes our heartbeat. If another replica declared us dead and
@@ -527,7 +550,7 @@ func (r *replicator) beat(ctx context.Context) error {
 		return nil
 	}
 	r.logger.Warn("other replicas declared this one gone; publishing its peers again")
-	if _, err := r.pool.Exec(ctx, `INSERT INTO replicas (id, url) VALUES ($1, $2)`, r.id, r.url); err != nil {
+	if _, err := r.pool.Exec(ctx, `INSERT INTO replicas (id, url, fingerprint) VALUES ($1, $2, $3)`, r.id, r.url, r.fingerprint); err != nil {
 		return err
 	}
 	r.markDirty()
@@ -584,11 +607,19 @@ func (s *Server) setupReplication() error {
 	if !ok {
 		return nil
 	}
-	r, err := newReplicator(pg.Pool(), s.core, s.URL(), s.cfg.ReplicaHeartbeat, s.cfg.ReplicaDeadAfter, s.logger, s.kickReauth)
+	meshURL := s.cfg.MeshURL
+	if meshURL == "" {
+		meshURL = s.URL()
+	}
+	r, err := newReplicator(pg.Pool(), s.core, meshURL, s.cfg.ReplicaHeartbeat, s.cfg.ReplicaDeadAfter, s.logger, s.kickReauth)
 	if err != nil {
 		return err
 	}
 	r.describeErr = pg.Describe
+	r.fingerprint = s.fingerprint
+	if s.cfg.MeshKey != "" {
+		r.mesh = &mesh{r: r, derp: s.derp, peers: map[string]*meshPeer{}, failed: map[string]bool{}}
+	}
 	s.repl = r
 	s.core.repl = r.enqueue
 	return nil

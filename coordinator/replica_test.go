@@ -47,6 +47,11 @@ type replicaFixture struct {
 
 func newReplicaFixture(t *testing.T, n int) *replicaFixture {
 	reps, url := startReplicas(t, n)
+	return replicaFixtureOn(t, reps, url)
+}
+
+func replicaFixtureOn(t *testing.T, reps []*testCoordinator, url string) *replicaFixture {
+	t.Helper()
 	a := reps[0].admin(t)
 	must[store.User](t)(a.CreateUser("alice"))
 	must[store.User](t)(a.CreateUser("bob"))

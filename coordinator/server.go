@@ -65,6 +65,16 @@ type Config struct {
 	// keeps its peers before the others mark them lost (default 5s).
 	ReplicaHeartbeat time.Duration
 	ReplicaDeadAfter time.Duration
+	// MeshKey, shared by every replica (64 hex digits), meshes their DERP
+	// relays; MeshURL is where the other replicas reach this one's relay
+	// (default: the access URL, or one built from the listener).
+	MeshKey string
+	MeshURL string
+	// TLSCertFile and TLSKeyFile, if set, are the certificate to serve
+	// instead of the self-signed one in DataDir: replicas serving the same
+	// one keep one fingerprint for clients.
+	TLSCertFile string
+	TLSKeyFile  string
 
 	// Metrics, if set, receives the coordinator's metric set; serving it
 	// (on a private address) is the caller's job.
@@ -155,9 +165,10 @@ func New(cfg Config) (s *Server, err error) {
 		m = metrics.NewCoordinator(cfg.Metrics)
 	}
 	s = &Server{cfg: cfg, logger: cfg.Logger, store: st, core: newCore(m), metrics: m, reauthKick: make(chan struct{}, 1)}
+	srv := s // the named result is nil by the time an error return runs this
 	defer func() {
 		if err != nil {
-			s.closeAll()
+			srv.closeAll()
 		}
 	}()
 	snap, err := st.List()
@@ -178,7 +189,7 @@ func New(cfg Config) (s *Server, err error) {
 			u, _ := url.Parse(cfg.AccessURL)
 			extra = append(extra, u.Hostname())
 		}
-		cert, _, err := loadOrCreateCert(cfg.DataDir, extra)
+		cert, err := loadCert(cfg, extra)
 		if err != nil {
 			return nil, err
 		}
@@ -192,7 +203,15 @@ func New(cfg Config) (s *Server, err error) {
 	if err != nil {
 		return nil, err
 	}
-	s.derp.SetAdmitFunc(s.core.admits)
+	s.derp.SetAdmitFunc(s.admitKey)
+	if cfg.MeshKey != "" {
+		if cfg.PostgresURL == "" {
+			return nil, errors.New("--mesh-key meshes the relays of replicas sharing PostgreSQL; pass --postgres-url too")
+		}
+		if err := s.derp.SetMeshKey(cfg.MeshKey); err != nil {
+			return nil, err
+		}
+	}
 	if cfg.STUNAddr != "" {
 		s.stun, err = tailnet.ListenSTUN(context.Background(), cfg.STUNAddr, cfg.Logger.With("component", "stun"))
 		if err != nil {
@@ -254,6 +273,10 @@ func (s *Server) routes() http.Handler {
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
 		if !s.ready.Load() || s.stopping.Load() {
 			http.Error(w, "not ready", http.StatusServiceUnavailable)
+			return
+		}
+		if s.repl != nil && !s.repl.healthy() {
+			http.Error(w, "not ready: the database does not answer", http.StatusServiceUnavailable)
 			return
 		}
 		w.Write([]byte("ready\n"))

@@ -3,10 +3,13 @@
 -- replicas. Rows change with every connection; NOTIFY on coord_events
 -- names what changed and receivers read the rows.
 CREATE TABLE replicas (
-	id        text PRIMARY KEY,
-	url       text NOT NULL,
-	started   timestamptz NOT NULL DEFAULT now(),
-	heartbeat timestamptz NOT NULL DEFAULT now()
+	id          text PRIMARY KEY,
+	-- Where the other replicas reach this one's DERP relay for the mesh,
+	-- and the fingerprint of its certificate ("" for a CA-signed one).
+	url         text NOT NULL,
+	fingerprint text NOT NULL DEFAULT '',
+	started     timestamptz NOT NULL DEFAULT now(),
+	heartbeat   timestamptz NOT NULL DEFAULT now()
 );
 
 -- Every session registration takes a new epoch; a write guarded by an
@@ -25,6 +28,8 @@ CREATE TABLE peers (
 	updated   timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX peers_replica ON peers (replica);
+-- DERP admission on any replica asks whether any replica registered a key.
+CREATE INDEX peers_node_key ON peers ((node ->> 'key'));
 
 CREATE TABLE tunnels (
 	client     bigint NOT NULL,
