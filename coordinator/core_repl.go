@@ -208,3 +208,24 @@ func nodeEqual(a, b *tailnet.Node) bool {
 	return a.Key == b.Key && a.DiscoKey == b.DiscoKey && a.HomeDERP == b.HomeDERP && a.AsOf.Equal(b.AsOf) &&
 		slices.Equal(a.Endpoints, b.Endpoints) && slices.Equal(a.Addresses, b.Addresses)
 }
+
+// dropIfUnused forgets the stand-in for id, without a word to anyone,
+// once none of our own peers has a tunnel with it.
+func (c *core) dropIfUnused(id tailnet.NodeID) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	defer c.flushLocked()
+	p := c.peers[id]
+	if p == nil || p.replica == "" {
+		return
+	}
+	if p.role == protocol.RoleClient && len(p.tunnels) > 0 {
+		return
+	}
+	for _, cl := range c.clientsOf[id] {
+		if cl.replica == "" {
+			return
+		}
+	}
+	c.dropLocked(p, "")
+}

@@ -9,3 +9,6 @@ func HoldReplicaEvents(s *Server) (release func()) {
 	s.repl.held.Lock()
 	return sync.OnceFunc(s.repl.held.Unlock)
 }
+
+// StandIns counts the peers of other replicas s mirrors.
+func StandIns(s *Server) int { return len(s.core.remotes()) }

@@ -245,6 +245,8 @@ func (r *replicator) write(ctx context.Context, ev replEvent) error {
 		}
 		return r.exec(ctx, `SELECT pg_notify($1, $2)`, pgstore.EventsChannel, fmt.Sprintf("%s tunnel %d %d", r.id, p.id, ev.agentID))
 	case evUntunnel:
+		// Our last tunnel to an agent elsewhere: stop mirroring it.
+		r.core.dropIfUnused(ev.agentID)
 		epoch, ok := r.epochs[p]
 		if !ok {
 			return nil
@@ -387,6 +389,7 @@ func (r *replicator) handle(ctx context.Context, payload string) error {
 		}
 		if p := r.core.remote(ids[0]); p != nil && p.replica == origin {
 			r.core.remoteUntunnel(ids[0], ids[1], reason)
+			r.core.dropIfUnused(ids[0])
 		}
 	}
 	return nil

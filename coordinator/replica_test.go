@@ -188,6 +188,16 @@ func TestReplicasRelayBetweenPeers(t *testing.T) {
 	if g := goneOf(t, ws1, ha.NodeID, "alice gone"); g.Reason != protocol.GoneDisconnected {
 		t.Fatalf("ws1 told %+v", g)
 	}
+
+	// With no tunnel left between them, neither replica keeps mirroring
+	// the other's peers.
+	deadline := time.Now().Add(waitFor)
+	for coordinator.StandIns(a.Server)+coordinator.StandIns(b.Server) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("stand-ins left: %d on A, %d on B", coordinator.StandIns(a.Server), coordinator.StandIns(b.Server))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // TestStoppedReplicaPeersMarkedLost: when a replica stops heartbeating,
