@@ -224,6 +224,19 @@ func (r *replicator) write(ctx context.Context, ev replEvent) error {
 			return err
 		}
 		if tag.RowsAffected() == 0 {
+			var holder string
+			err := r.pool.QueryRow(ctx, `SELECT replica FROM peers WHERE id = $1`, int64(p.id)).Scan(&holder)
+			switch {
+			case errors.Is(err, pgx.ErrNoRows):
+				// Our row is gone: the other replicas took us for dead
+				// (a partition) and reaped it. Publish everything again.
+				r.markDirty()
+				return nil
+			case err != nil:
+				return err
+			case holder == r.id:
+				return nil // a newer session of ours replaced this one
+			}
 			// Another replica holds this peer now: this session is
 			// stale, and its update must not reach anyone.
 			r.logger.Info("dropping an update from a session another replica took over", "node_id", p.id, "name", p.name)

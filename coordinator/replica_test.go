@@ -325,3 +325,49 @@ func TestStaleReplicaNeverOverwritesMovedPeer(t *testing.T) {
 		t.Fatalf("the database holds node %s, want the new %s", key, newNode.Key)
 	}
 }
+
+// TestReapedReplicaPublishesAgain: replica A, cut off long enough for
+// the others to reap it while its peers stayed connected, finds out and
+// publishes its peers again, without killing their sessions.
+func TestReapedReplicaPublishesAgain(t *testing.T) {
+	f := newReplicaFixture(t, 2)
+	a, b := f.reps[0], f.reps[1]
+	ws1 := startClient(t, a, f.ws1Token)
+	h1 := recv(t, ws1.rec.hellos, "ws1 hello")
+	n1 := fakeNode(t, h1)
+	ws1.UpdateNode(n1)
+	alice := startClient(t, b, f.alice)
+	ha := recv(t, alice.rec.hellos, "alice hello")
+	alice.UpdateNode(fakeNode(t, ha))
+	alice.AddTunnel("ws1")
+	peerFrom(t, alice, h1.NodeID, "ws1's node")
+
+	// What the others do to a replica they think dead.
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, f.url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, `DELETE FROM peers WHERE id = $1`, int64(h1.NodeID)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.Exec(ctx, `DELETE FROM replicas WHERE id NOT IN (SELECT replica FROM tunnels)`); err != nil {
+		t.Fatal(err)
+	}
+
+	n2 := *n1
+	n2.HomeDERP = 5
+	ws1.UpdateNode(&n2)
+	nothing(t, ws1.rec.errs, "an error for ws1")
+	for {
+		p := peerFrom(t, alice, h1.NodeID, "ws1's node published again")
+		if p.Node.HomeDERP == 5 {
+			break
+		}
+	}
+	var holder string
+	if err := conn.QueryRow(ctx, `SELECT replica FROM peers WHERE id = $1`, int64(h1.NodeID)).Scan(&holder); err != nil {
+		t.Fatalf("ws1's row after republishing: %v", err)
+	}
+}

@@ -93,6 +93,11 @@ func Open(ctx context.Context, rawURL string, o Options) (*Store, error) {
 	if cfg.ConnConfig.ConnectTimeout == 0 {
 		cfg.ConnConfig.ConnectTimeout = o.ConnectTimeout
 	}
+	if !strings.Contains(rawURL, "pool_max_conns") {
+		// pgx's default (4 on small machines) is too few for a replica
+		// authenticating many peers while it also replicates.
+		cfg.MaxConns = 16
+	}
 	target := Target(cfg.ConnConfig)
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
