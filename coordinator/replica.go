@@ -219,11 +219,16 @@ func (r *replicator) write(ctx context.Context, ev replEvent) error {
 		if err != nil {
 			return err
 		}
-		tag, err := r.pool.Exec(ctx, `UPDATE peers SET `+col+` = $3, updated = now() WHERE id = $1 AND epoch = $2`, int64(p.id), epoch, data)
-		if err != nil {
+		// One round trip: the guarded update, and the notification only
+		// if it changed the row.
+		var one int
+		err = r.pool.QueryRow(ctx, `WITH u AS (UPDATE peers SET `+col+` = $3, updated = now() WHERE id = $1 AND epoch = $2 RETURNING id)
+			SELECT 1 FROM u, LATERAL (SELECT pg_notify($4, $5)) n`,
+			int64(p.id), epoch, data, pgstore.EventsChannel, r.id+" peer "+id).Scan(&one)
+		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
 			return err
 		}
-		if tag.RowsAffected() == 0 {
+		if errors.Is(err, pgx.ErrNoRows) {
 			var holder string
 			err := r.pool.QueryRow(ctx, `SELECT replica FROM peers WHERE id = $1`, int64(p.id)).Scan(&holder)
 			switch {
@@ -242,9 +247,8 @@ func (r *replicator) write(ctx context.Context, ev replEvent) error {
 			r.logger.Info("dropping an update from a session another replica took over", "node_id", p.id, "name", p.name)
 			p.kill(&protocol.Error{Code: protocol.CodeReplaced, Fatal: true,
 				Message: "a newer connection with the same identity replaced this one"})
-			return nil
 		}
-		return r.exec(ctx, `SELECT pg_notify($1, $2)`, pgstore.EventsChannel, r.id+" peer "+id)
+		return nil
 	case evTunnel:
 		epoch, ok := r.epochs[p]
 		if !ok {
