@@ -56,9 +56,14 @@ func Start(t testing.TB) *Server {
 	if os.Getuid() == 0 {
 		s.uid, s.gid = 65534, 65534 // nobody:nogroup
 	}
+	watchdog := startWatchdog(t, base, s.dir)
 	t.Cleanup(func() {
 		s.stop("immediate")
 		os.RemoveAll(base)
+		if watchdog != nil {
+			watchdog.Process.Kill()
+			watchdog.Wait()
+		}
 	})
 	if err := os.Chmod(base, 0o755); err != nil {
 		t.Fatal(err)
@@ -75,6 +80,23 @@ func Start(t testing.TB) *Server {
 	}
 	s.Start()
 	return s
+}
+
+// startWatchdog runs a small shell loop that, should the test process die
+// without its cleanup (a crash, a kill), stops the server and removes its
+// directory, so no orphaned PostgreSQL outlives the test binary.
+func startWatchdog(t testing.TB, base, data string) *exec.Cmd {
+	script := fmt.Sprintf(`while kill -0 %d 2>/dev/null; do sleep 1; done
+pid=$(head -n 1 %s/postmaster.pid 2>/dev/null) && kill -QUIT "$pid" 2>/dev/null
+sleep 2; rm -rf %s`, os.Getpid(), data, base)
+	cmd := exec.Command("/bin/sh", "-c", script)
+	// Its own process group: signals meant for the test's group spare it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Logf("pgtest: no watchdog (%v); a crashed test may leave its server running", err)
+		return nil
+	}
+	return cmd
 }
 
 // Start (re)starts a stopped server.
