@@ -24,6 +24,9 @@ type peer struct {
 	addrs   []netip.Prefix
 	since   time.Time
 	remote  string
+	// replica is the replica holding the session of a peer connected to
+	// another coordinator replica (see core_repl.go); "" for our own.
+	replica string
 
 	// out is the bounded queue the session's writer drains. The core never
 	// blocks on it: a peer whose queue is full is evicted.
@@ -58,6 +61,9 @@ type core struct {
 	closed         bool
 	onEvict        func(p *peer)
 	metrics        *metrics.Coordinator
+	// repl, if set, is told of every change to our own peers, to carry it
+	// to the other replicas (see core_repl.go). Called with mu held.
+	repl func(replEvent)
 }
 
 func newCore(m *metrics.Coordinator) *core {
@@ -139,6 +145,7 @@ func (c *core) setNetwork(p *peer, ns *protocol.NetworkStatus) []protocol.Networ
 	v.Codes = slices.Clone(v.Codes)
 	st.verdict = &v
 	c.agentChangedLocked(p.id)
+	c.emitLocked(replEvent{kind: evNetwork, p: p, verdict: &v})
 	return late
 }
 
@@ -161,6 +168,7 @@ func (c *core) register(p *peer) bool {
 	}
 	p.tunnels = map[tailnet.NodeID]string{}
 	c.peers[p.id] = p
+	c.emitLocked(replEvent{kind: evUp, p: p})
 	if p.role == protocol.RoleAgent {
 		st := c.agentLocked(p.id)
 		st.offlineSince, st.offlineReason = time.Time{}, ""
@@ -195,6 +203,7 @@ func (c *core) unregister(p *peer, reason protocol.GoneReason) {
 func (c *core) dropLocked(p *peer, reason protocol.GoneReason) {
 	c.tunnelsChanged = true
 	delete(c.peers, p.id)
+	c.emitLocked(replEvent{kind: evDown, p: p, reason: reason})
 	if p.node != nil && c.keys[p.node.Key] == p.id {
 		delete(c.keys, p.node.Key)
 	}
@@ -235,6 +244,7 @@ func (c *core) setNode(p *peer, n *tailnet.Node) *protocol.Error {
 	}
 	c.keys[n.Key] = p.id
 	p.node = n.Clone()
+	c.emitLocked(replEvent{kind: evNode, p: p, node: p.node.Clone()})
 	start := time.Now()
 	defer func() { c.metrics.ObserveFanout(time.Since(start)) }()
 	m := peerMessage(p)
@@ -267,6 +277,7 @@ func (c *core) addTunnel(cl *peer, agentID tailnet.NodeID, agentName string) {
 		c.clientsOf[agentID] = map[tailnet.NodeID]*peer{}
 	}
 	c.clientsOf[agentID][cl.id] = cl
+	c.emitLocked(replEvent{kind: evTunnel, p: cl, agentID: agentID, agentName: agentName})
 	a := c.peers[agentID]
 	c.sendLocked(cl, c.tunnelStatusLocked(agentID, agentName))
 	if a == nil {
@@ -297,6 +308,7 @@ func (c *core) removeTunnel(cl *peer, agentName string) {
 func (c *core) untunnelLocked(cl *peer, agentID tailnet.NodeID, reason protocol.GoneReason) {
 	c.tunnelsChanged = true
 	delete(cl.tunnels, agentID)
+	c.emitLocked(replEvent{kind: evUntunnel, p: cl, agentID: agentID, reason: reason})
 	if m := c.clientsOf[agentID]; m != nil {
 		delete(m, cl.id)
 		if len(m) == 0 {
@@ -358,6 +370,9 @@ func (c *core) snapshot() []admin.PeerInfo {
 	defer c.mu.Unlock()
 	out := make([]admin.PeerInfo, 0, len(c.peers))
 	for _, p := range c.peers {
+		if p.replica != "" {
+			continue // listed by its own replica
+		}
 		pi := admin.PeerInfo{
 			NodeID: p.id, Role: p.role, Name: p.name, User: p.user,
 			Since: p.since, Remote: p.remote, HasNode: p.node != nil,
@@ -401,7 +416,9 @@ func (c *core) peersSnapshot() []*peer {
 	defer c.mu.Unlock()
 	out := make([]*peer, 0, len(c.peers))
 	for _, p := range c.peers {
-		out = append(out, p)
+		if p.replica == "" { // other replicas check their own
+			out = append(out, p)
+		}
 	}
 	return out
 }
@@ -428,8 +445,8 @@ func (c *core) send(p *peer, m *protocol.ServerMessage) {
 // sendLocked queues m for p without blocking; a peer that cannot keep up
 // is evicted once the current operation is done.
 func (c *core) sendLocked(p *peer, m *protocol.ServerMessage) {
-	if c.peers[p.id] != p {
-		return
+	if c.peers[p.id] != p || p.replica != "" {
+		return // gone, or its own replica tells it
 	}
 	select {
 	case p.out <- m:

@@ -25,6 +25,14 @@ import (
 // admitted the key.
 func derpLogin(t *testing.T, tc *testCoordinator, priv *ecdh.PrivateKey) bool {
 	t.Helper()
+	conn, _, ok := derpConnect(t, tc, priv)
+	conn.Close()
+	return ok
+}
+
+// derpConnect logs in like derpLogin and returns the open connection.
+func derpConnect(t *testing.T, tc *testCoordinator, priv *ecdh.PrivateKey) (net.Conn, *bufio.Reader, bool) {
+	t.Helper()
 	tlsCfg, err := coordclient.TLSConfig(tc.Fingerprint())
 	if err != nil {
 		t.Fatal(err)
@@ -34,7 +42,6 @@ func derpLogin(t *testing.T, tc *testCoordinator, priv *ecdh.PrivateKey) bool {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(waitFor))
 	if _, err := fmt.Fprintf(conn, "GET /derp HTTP/1.1\r\nHost: %s\r\nUpgrade: DERP\r\nConnection: Upgrade\r\nDerp-Fast-Start: 1\r\n\r\n", tc.Addr()); err != nil {
 		t.Fatal(err)
@@ -58,12 +65,12 @@ func derpLogin(t *testing.T, tc *testCoordinator, priv *ecdh.PrivateKey) bool {
 	}
 	typ, _, err = readDERPFrame(br)
 	if err != nil {
-		return false // refused: the relay closes the connection
+		return conn, br, false // refused: the relay closes the connection
 	}
 	if typ != 0x03 {
 		t.Fatalf("after client info: frame type %#x, want server info", typ)
 	}
-	return true
+	return conn, br, true
 }
 
 func readDERPFrame(br *bufio.Reader) (byte, []byte, error) {

@@ -32,6 +32,9 @@ import (
 type Config struct {
 	// DataDir holds the store, the TLS certificate and the admin socket.
 	DataDir string
+	// PostgresURL, if set, keeps the store in PostgreSQL instead of a file
+	// in DataDir, shared by every replica given the same URL.
+	PostgresURL string
 	// Listen is the HTTPS (or, with InsecureHTTP, HTTP) address.
 	Listen string
 	// STUNAddr is the UDP address of the STUN server; "" disables STUN.
@@ -57,6 +60,21 @@ type Config struct {
 	ReauthInterval time.Duration
 	// MaxTunnels bounds the tunnels one client session may hold (default 256).
 	MaxTunnels int
+	// ReplicaHeartbeat is how often a replica sharing PostgreSQL says it
+	// is alive (default 1s); ReplicaDeadAfter is how long a silent one
+	// keeps its peers before the others mark them lost (default 5s).
+	ReplicaHeartbeat time.Duration
+	ReplicaDeadAfter time.Duration
+	// MeshKey, shared by every replica (64 hex digits), meshes their DERP
+	// relays; MeshURL is where the other replicas reach this one's relay
+	// (default: the access URL, or one built from the listener).
+	MeshKey string
+	MeshURL string
+	// TLSCertFile and TLSKeyFile, if set, are the certificate to serve
+	// instead of the self-signed one in DataDir: replicas serving the same
+	// one keep one fingerprint for clients.
+	TLSCertFile string
+	TLSKeyFile  string
 
 	// Metrics, if set, receives the coordinator's metric set; serving it
 	// (on a private address) is the caller's job.
@@ -85,6 +103,12 @@ func (c *Config) setDefaults() {
 	if c.MaxTunnels <= 0 {
 		c.MaxTunnels = 256
 	}
+	if c.ReplicaHeartbeat <= 0 {
+		c.ReplicaHeartbeat = time.Second
+	}
+	if c.ReplicaDeadAfter <= 0 {
+		c.ReplicaDeadAfter = 5 * time.Second
+	}
 }
 
 // errShutdown ends sessions when the coordinator stops.
@@ -94,7 +118,7 @@ var errShutdown = errors.New("coordinator shutting down")
 type Server struct {
 	cfg         Config
 	logger      *slog.Logger
-	store       *store.Store
+	store       store.Backend
 	core        *core
 	derp        *tailnet.DERPServer
 	stun        *tailnet.STUNServer
@@ -113,6 +137,9 @@ type Server struct {
 	stopping       atomic.Bool
 	ready          atomic.Bool
 	reauthKick     chan struct{}
+	// repl carries peers between replicas sharing PostgreSQL; nil with
+	// the bbolt store.
+	repl *replicator
 }
 
 // New opens the store, loads or creates the certificate and binds every
@@ -129,7 +156,7 @@ func New(cfg Config) (s *Server, err error) {
 			return nil, fmt.Errorf("access URL %q: want https://host[:port]", cfg.AccessURL)
 		}
 	}
-	st, err := store.Open(cfg.DataDir)
+	st, err := openStore(cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -138,9 +165,10 @@ func New(cfg Config) (s *Server, err error) {
 		m = metrics.NewCoordinator(cfg.Metrics)
 	}
 	s = &Server{cfg: cfg, logger: cfg.Logger, store: st, core: newCore(m), metrics: m, reauthKick: make(chan struct{}, 1)}
+	srv := s // the named result is nil by the time an error return runs this
 	defer func() {
 		if err != nil {
-			s.closeAll()
+			srv.closeAll()
 		}
 	}()
 	snap, err := st.List()
@@ -161,7 +189,7 @@ func New(cfg Config) (s *Server, err error) {
 			u, _ := url.Parse(cfg.AccessURL)
 			extra = append(extra, u.Hostname())
 		}
-		cert, _, err := loadOrCreateCert(cfg.DataDir, extra)
+		cert, err := loadCert(cfg, extra)
 		if err != nil {
 			return nil, err
 		}
@@ -175,7 +203,15 @@ func New(cfg Config) (s *Server, err error) {
 	if err != nil {
 		return nil, err
 	}
-	s.derp.SetAdmitFunc(s.core.admits)
+	s.derp.SetAdmitFunc(s.admitKey)
+	if cfg.MeshKey != "" {
+		if cfg.PostgresURL == "" {
+			return nil, errors.New("--mesh-key meshes the relays of replicas sharing PostgreSQL; pass --postgres-url too")
+		}
+		if err := s.derp.SetMeshKey(cfg.MeshKey); err != nil {
+			return nil, err
+		}
+	}
 	if cfg.STUNAddr != "" {
 		s.stun, err = tailnet.ListenSTUN(context.Background(), cfg.STUNAddr, cfg.Logger.With("component", "stun"))
 		if err != nil {
@@ -218,6 +254,9 @@ func New(cfg Config) (s *Server, err error) {
 		Handler:  admin.NewHandler(&admin.Local{Store: st, InfoFn: s.info, Changed: s.kickReauth}),
 		ErrorLog: errLog,
 	}
+	if err := s.setupReplication(); err != nil {
+		return nil, err
+	}
 	return s, nil
 }
 
@@ -236,6 +275,10 @@ func (s *Server) routes() http.Handler {
 			http.Error(w, "not ready", http.StatusServiceUnavailable)
 			return
 		}
+		if s.repl != nil && !s.repl.healthy() {
+			http.Error(w, "not ready: the database does not answer", http.StatusServiceUnavailable)
+			return
+		}
 		w.Write([]byte("ready\n"))
 	})
 	return mux
@@ -248,15 +291,19 @@ func (s *Server) Serve(ctx context.Context) error {
 	errc := make(chan error, 2)
 	go func() { errc <- s.httpSrv.Serve(s.ln) }()
 	go func() { errc <- s.adminSrv.Serve(s.adminLn) }()
+	replDone, err := s.startReplication()
+	if err != nil {
+		s.shutdown()
+		return err
+	}
 	reauthDone := make(chan struct{})
 	go func() {
 		defer close(reauthDone)
 		s.reauthLoop()
 	}()
 	s.ready.Store(true)
-	s.logger.Info("coordinator serving", "url", s.URL(), "fingerprint", s.fingerprint, "stun", s.STUNAddr(), "data_dir", s.cfg.DataDir)
+	s.logger.Info("coordinator serving", "url", s.URL(), "fingerprint", s.fingerprint, "stun", s.STUNAddr(), "data_dir", s.cfg.DataDir, "store", s.StoreDescription())
 
-	var err error
 	select {
 	case <-ctx.Done():
 	case err = <-errc:
@@ -264,6 +311,7 @@ func (s *Server) Serve(ctx context.Context) error {
 	}
 	s.shutdown()
 	<-reauthDone
+	<-replDone
 	return err
 }
 
@@ -409,7 +457,18 @@ func tokenError(err error, t store.Token) *protocol.Error {
 		return &protocol.Error{Code: protocol.CodeTokenInvalid, Fatal: true,
 			Message: "this coordinator does not know the token; check it was copied whole, or ask an admin for a new one"}
 	}
+	if errors.Is(err, store.ErrUnavailable) {
+		return unavailableError()
+	}
 	return &protocol.Error{Code: protocol.CodeInternal, Fatal: true, Message: "checking the token failed: " + err.Error()}
+}
+
+// authStatus is the HTTP status for a refused request.
+func authStatus(e *protocol.Error) int {
+	if e.Code == protocol.CodeInternal && !e.Fatal {
+		return http.StatusServiceUnavailable
+	}
+	return http.StatusUnauthorized
 }
 
 func writeHTTPError(w http.ResponseWriter, status int, e *protocol.Error) {
@@ -421,7 +480,7 @@ func writeHTTPError(w http.ResponseWriter, status int, e *protocol.Error) {
 func (s *Server) handleWhoAmI(w http.ResponseWriter, r *http.Request) {
 	p, perr := s.authenticate(r)
 	if perr != nil {
-		writeHTTPError(w, http.StatusUnauthorized, perr)
+		writeHTTPError(w, authStatus(perr), perr)
 		return
 	}
 	who := protocol.WhoAmI{Role: protocol.RoleClient, Name: p.User.Name, User: p.User.Name, TokenID: p.Token.ID, Expires: p.Token.Expires}
@@ -458,7 +517,12 @@ func (s *Server) reauthLoop() {
 // that are no longer granted.
 func (s *Server) reauthorize() {
 	for _, p := range s.core.peersSnapshot() {
-		if err := s.store.CheckToken(p.tokenID); err != nil {
+		err := s.store.CheckToken(p.tokenID)
+		if errors.Is(err, store.ErrUnavailable) {
+			// The store logs the outage; sessions keep flowing meanwhile.
+			return
+		}
+		if err != nil {
 			s.logger.Info("disconnecting a peer whose token is no longer valid", "name", p.name, "role", p.role, "reason", err)
 			p.kill(tokenError(err, store.Token{}))
 			continue
@@ -468,7 +532,7 @@ func (s *Server) reauthorize() {
 		}
 		for id, name := range s.core.tunnelsOf(p) {
 			a, err := s.store.MayReach(p.user, name)
-			if err == nil && a.ID == id {
+			if (err == nil && a.ID == id) || errors.Is(err, store.ErrUnavailable) {
 				continue
 			}
 			s.logger.Info("removing a tunnel that is no longer allowed", "user", p.user, "agent", name)

@@ -33,7 +33,7 @@ func (s *Server) handleCoordinate(w http.ResponseWriter, r *http.Request) {
 	if perr != nil {
 		s.metrics.MessageRejected(metrics.RejectUnauthorized)
 		s.logger.Info("refused a peer", "remote", r.RemoteAddr, "code", perr.Code)
-		writeHTTPError(w, http.StatusUnauthorized, perr)
+		writeHTTPError(w, authStatus(perr), perr)
 		return
 	}
 	if strings.EqualFold(r.Header.Get("Upgrade"), "websocket") && !offersSubprotocol(r) {
@@ -398,6 +398,7 @@ func (ss *session) tunnel(agentName string) {
 		s.core.send(p, &protocol.ServerMessage{Type: protocol.TypeError, Error: refuse})
 		return
 	}
+	s.repl.prepareTunnel(a.ID)
 	s.core.addTunnel(p, a.ID, a.Name)
 }
 

@@ -27,6 +27,23 @@ const (
 	KeyFileName  = "tls.key"
 )
 
+// loadCert returns the certificate the configuration names, or the one in
+// the data directory (made on first start).
+func loadCert(cfg Config, extraHosts []string) (tls.Certificate, error) {
+	if cfg.TLSCertFile == "" && cfg.TLSKeyFile == "" {
+		cert, _, err := loadOrCreateCert(cfg.DataDir, extraHosts)
+		return cert, err
+	}
+	if cfg.TLSCertFile == "" || cfg.TLSKeyFile == "" {
+		return tls.Certificate{}, errors.New("pass both --tls-cert and --tls-key, or neither (to use the self-signed certificate in --data-dir)")
+	}
+	cert, err := tls.LoadX509KeyPair(cfg.TLSCertFile, cfg.TLSKeyFile)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("loading --tls-cert %s and --tls-key %s: %w", cfg.TLSCertFile, cfg.TLSKeyFile, err)
+	}
+	return cert, nil
+}
+
 // loadOrCreateCert returns the coordinator's certificate, generating a
 // self-signed one the first time. Clients pin it by fingerprint, so the
 // names in it matter only to clients that verify it some other way.

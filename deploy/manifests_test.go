@@ -11,6 +11,7 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	policyv1 "k8s.io/api/policy/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
 )
@@ -45,6 +46,8 @@ func newTyped(apiVersion, kind string) (any, error) {
 		return &appsv1.DaemonSet{}, nil
 	case "monitoring.coreos.com/v1 PrometheusRule":
 		return &prometheusRule{}, nil
+	case "policy/v1 PodDisruptionBudget":
+		return &policyv1.PodDisruptionBudget{}, nil
 	}
 	return nil, fmt.Errorf("apiVersion %q kind %q is not one the tests know; add it to newTyped", apiVersion, kind)
 }

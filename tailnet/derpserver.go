@@ -9,12 +9,16 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync"
 	"time"
 
+	"tailscale.com/derp"
+	"tailscale.com/derp/derphttp"
 	"tailscale.com/derp/derpserver"
 	"tailscale.com/envknob"
+	"tailscale.com/net/netmon"
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
 )
@@ -119,4 +123,67 @@ func (d *DERPServer) Close() error {
 		}
 	})
 	return err
+}
+
+// SetMeshKey sets the secret the relays of one deployment share so that
+// they forward packets among themselves, as Tailscale's derper does with
+// --mesh-psk: 64 hex digits (e.g. from "openssl rand -hex 32"). A relay
+// connecting with the key skips admission. Call it before serving.
+func (d *DERPServer) SetMeshKey(k string) error {
+	if err := d.srv.SetMeshKey(strings.TrimSpace(k)); err != nil {
+		return fmt.Errorf("DERP mesh key: want 64 hex digits (openssl rand -hex 32): %w", err)
+	}
+	return nil
+}
+
+// MeshWith keeps a watch connection to the relay of another replica at
+// baseURL ("https://host:port", pinning its certificate to fingerprint
+// when not empty, or "http://host:port"), and forwards to it the packets
+// for the clients connected there. It runs until ctx ends; onError, if
+// set, hears of failures to connect or keep the connection (a mesh key
+// the other relay does not share shows up there).
+func (d *DERPServer) MeshWith(ctx context.Context, baseURL, fingerprint string, onError func(error)) error {
+	if !d.srv.HasMeshKey() {
+		return errors.New("DERP mesh: no mesh key set")
+	}
+	u, err := url.Parse(baseURL)
+	if err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http") {
+		return fmt.Errorf("DERP mesh peer %q: want https://host:port", baseURL)
+	}
+	logf := func(format string, args ...any) {
+		d.logger.Debug(strings.TrimSpace(fmt.Sprintf(format, args...)), "component", "derp-mesh", "peer", u.Host)
+	}
+	var c *derphttp.Client
+	if u.Scheme == "http" {
+		c, err = derphttp.NewClient(d.srv.PrivateKey(), "http://"+u.Host+"/derp", logf, netmon.NewStatic())
+		if err != nil {
+			return fmt.Errorf("DERP mesh peer %q: %w", baseURL, err)
+		}
+	} else {
+		hostPort := u.Host
+		if u.Port() == "" {
+			hostPort = net.JoinHostPort(u.Hostname(), "443")
+		}
+		dm, err := CoordinatorDERPMap(hostPort, -1, fingerprint)
+		if err != nil {
+			return fmt.Errorf("DERP mesh peer %q: %w", baseURL, err)
+		}
+		region := dm.toTailcfg().Regions[DefaultRegionID]
+		c = derphttp.NewRegionClient(d.srv.PrivateKey(), logf, netmon.NewStatic(), func() *tailcfg.DERPRegion { return region })
+	}
+	c.MeshKey = d.srv.MeshKey()
+	c.WatchConnectionChanges = true
+	go func() {
+		<-ctx.Done()
+		c.Close()
+	}()
+	add := func(m derp.PeerPresentMessage) { d.srv.AddPacketForwarder(m.Key, c) }
+	remove := func(m derp.PeerGoneMessage) { d.srv.RemovePacketForwarder(m.Peer, c) }
+	notify := func(err error) {
+		if onError != nil && ctx.Err() == nil {
+			onError(err)
+		}
+	}
+	c.RunWatchConnectionLoop(ctx, d.srv.PublicKey(), logf, add, remove, notify)
+	return nil
 }

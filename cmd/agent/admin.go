@@ -17,17 +17,26 @@ import (
 	"github.com/agentd/agent/coordinator"
 	"github.com/agentd/agent/coordinator/admin"
 	"github.com/agentd/agent/coordinator/store"
+	"github.com/agentd/agent/coordinator/store/pgstore"
 )
 
 // adminFlags are shared by every admin subcommand.
 type adminFlags struct {
-	dataDir string
-	json    bool
+	dataDir     string
+	postgresURL string
+	getenv      func(string) string
+	json        bool
 }
 
 // open reaches the coordinator's admin API: over its socket when it runs,
 // otherwise straight on the store file. The returned function releases it.
 func (f *adminFlags) open(ctx context.Context) (admin.Ops, func(), error) {
+	if f.postgresURL == "" {
+		f.postgresURL = f.getenv("AGENT_POSTGRES_URL") // not the flag default: --help would show the password
+	}
+	if f.postgresURL != "" {
+		return f.openPostgres(ctx)
+	}
 	if st, err := os.Stat(f.dataDir); err != nil || !st.IsDir() {
 		return nil, nil, fmt.Errorf("data directory %s does not exist; pass the coordinator's --data-dir (or set AGENT_COORDINATOR_DATA_DIR)", f.dataDir)
 	}
@@ -53,8 +62,30 @@ func (f *adminFlags) open(ctx context.Context) (admin.Ops, func(), error) {
 	return local, func() { st.Close() }, nil
 }
 
+// openPostgres reaches a replicated coordinator's store: through the local
+// coordinator's socket when one runs here, otherwise in the database itself
+// (running replicas learn of changes from the database at once).
+func (f *adminFlags) openPostgres(ctx context.Context) (admin.Ops, func(), error) {
+	if st, err := os.Stat(f.dataDir); err == nil && st.IsDir() {
+		dctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		c, err := admin.DialSocket(dctx, admin.SocketPath(f.dataDir))
+		cancel()
+		if err == nil {
+			return c, func() {}, nil
+		}
+	}
+	st, err := pgstore.Open(ctx, f.postgresURL, pgstore.Options{})
+	if err != nil {
+		return nil, nil, err
+	}
+	local := &admin.Local{Store: st, InfoFn: func() admin.Info {
+		return admin.Info{Running: false, DataDir: "(PostgreSQL " + st.Target() + ")"}
+	}}
+	return local, func() { st.Close() }, nil
+}
+
 func newAdminCmd(env *cliEnv) *cobra.Command {
-	f := &adminFlags{}
+	f := &adminFlags{getenv: env.Getenv}
 	cmd := &cobra.Command{
 		Use:   "admin",
 		Short: "Administer the coordinator: users, agents, grants, tokens",
@@ -67,6 +98,7 @@ what it allowed); otherwise the store file is changed directly.
 
 Tokens are shown once, when created; only their hashes are kept.`,
 	}
+	cmd.PersistentFlags().StringVar(&f.postgresURL, "postgres-url", "", "the replicated coordinator's PostgreSQL URL, to administer its store without a local coordinator (env AGENT_POSTGRES_URL)")
 	cmd.PersistentFlags().StringVar(&f.dataDir, "data-dir", envOr(env, "AGENT_COORDINATOR_DATA_DIR", defaultCoordinatorDataDir), "the coordinator's data directory (env AGENT_COORDINATOR_DATA_DIR)")
 	cmd.PersistentFlags().BoolVar(&f.json, "json", false, "print JSON")
 

@@ -32,9 +32,24 @@ It serves HTTPS on --listen with a self-signed certificate generated once in
 a user and the agents the user may reach, embeds a DERP relay (/derp) that
 admits only registered node keys, and answers STUN on --stun-addr (UDP).
 Administer it with "agent admin" while it runs (over a unix socket in the
-data directory).`,
+data directory).
+
+The store is a file in --data-dir by default. With --postgres-url it lives
+in PostgreSQL instead, and several coordinators given the same URL serve as
+replicas of one deployment; the schema is created or upgraded at start.
+Give them the same --mesh-key so their DERP relays forward to each other,
+each its own --mesh-url, and the same --tls-cert/--tls-key so clients see
+one certificate whichever replica answers.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if cfg.PostgresURL == "" {
+				// Read here, not as the flag's default, so --help never
+				// prints the password.
+				cfg.PostgresURL = env.Getenv("AGENT_POSTGRES_URL")
+			}
+			if cfg.MeshKey == "" {
+				cfg.MeshKey = env.Getenv("AGENT_MESH_KEY") // a secret, like the URL
+			}
 			if cfg.STUNAddr == "off" {
 				cfg.STUNAddr = ""
 			}
@@ -73,6 +88,11 @@ data directory).`,
 	fs.StringVar(&cfg.STUNAddr, "stun-addr", ":3478", `STUN UDP listen address ("off" to disable)`)
 	fs.BoolVar(&cfg.InsecureHTTP, "insecure-http", false, "serve plain HTTP instead of HTTPS (tests only: tokens travel in the clear)")
 	fs.StringVar(&metricsAddr, "metrics-addr", envOr(env, "AGENT_COORDINATOR_METRICS_ADDR", "127.0.0.1:2114"), `serve Prometheus /metrics here, plain HTTP ("" disables; env AGENT_COORDINATOR_METRICS_ADDR)`)
+	fs.StringVar(&cfg.PostgresURL, "postgres-url", "", "keep the store in PostgreSQL, e.g. postgres://USER:PASSWORD@HOST:5432/DATABASE, shared by every coordinator replica (env AGENT_POSTGRES_URL; default: a file in --data-dir)")
+	fs.StringVar(&cfg.MeshKey, "mesh-key", "", "with --postgres-url: secret shared by all replicas (64 hex digits, e.g. openssl rand -hex 32) that meshes their DERP relays (env AGENT_MESH_KEY)")
+	fs.StringVar(&cfg.MeshURL, "mesh-url", envOr(env, "AGENT_MESH_URL", ""), "URL the other replicas use to reach this one's relay, e.g. https://POD_IP:8443 (env AGENT_MESH_URL; default: --access-url, or one built from --listen)")
+	fs.StringVar(&cfg.TLSCertFile, "tls-cert", envOr(env, "AGENT_TLS_CERT", ""), "PEM certificate to serve instead of the self-signed one in --data-dir; give every replica the same one (env AGENT_TLS_CERT)")
+	fs.StringVar(&cfg.TLSKeyFile, "tls-key", envOr(env, "AGENT_TLS_KEY", ""), "PEM private key of --tls-cert (env AGENT_TLS_KEY)")
 	fs.StringVar(&cfg.AccessURL, "access-url", "", "URL peers use to reach this coordinator, e.g. https://coord.example.com:8443 (shown in instructions; added to the certificate's names on first start)")
 	return cmd
 }
@@ -91,6 +111,7 @@ func printCoordinatorBanner(w io.Writer, srv *coordinator.Server, cfg coordinato
 	if metricsURL != "" {
 		fmt.Fprintf(w, "  metrics: %s\n", metricsURL)
 	}
+	fmt.Fprintf(w, "  store: %s\n", srv.StoreDescription())
 	fmt.Fprintf(w, "  data: %s (admin socket %s)\n", cfg.DataDir, admin.SocketPath(cfg.DataDir))
 	if !srv.FirstStart() {
 		return

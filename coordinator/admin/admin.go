@@ -82,7 +82,7 @@ type PeerInfo struct {
 // after every change that can take access away, so a running coordinator
 // can drop sessions and tunnels that are no longer allowed.
 type Local struct {
-	Store   *store.Store
+	Store   store.Backend
 	InfoFn  func() Info
 	Changed func()
 }

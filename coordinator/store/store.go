@@ -1,5 +1,6 @@
-// Package store keeps the coordinator's users, agents, grants and tokens in
-// one bbolt file. Tokens are random, shown once, and stored only as SHA-256
+// Package store keeps the coordinator's users, agents, grants and tokens.
+// Backend is the contract; Store, in this package, keeps them in one bbolt
+// file (the default), and package pgstore in PostgreSQL. Tokens are random, shown once, and stored only as SHA-256
 // hashes. bbolt holds an exclusive lock on the file, so only one process
 // (the running coordinator, or the admin CLI when none runs) opens it.
 package store
@@ -348,26 +349,9 @@ func (s *Store) createTokenTx(tx *bolt.Tx, kind TokenKind, subject string, expir
 	default:
 		return "", Token{}, fmt.Errorf("unknown token kind %q", kind)
 	}
-	now := s.now()
-	if !expires.IsZero() && !expires.After(now) {
-		return "", Token{}, fmt.Errorf("expiry %s is not in the future", expires.Format(time.RFC3339))
-	}
-	raw := make([]byte, tokenBytes)
-	if _, err := rand.Read(raw); err != nil {
-		return "", Token{}, fmt.Errorf("reading randomness: %w", err)
-	}
-	secret := prefix + base64.RawURLEncoding.EncodeToString(raw)
-	idRaw := make([]byte, 6)
-	if _, err := rand.Read(idRaw); err != nil {
-		return "", Token{}, fmt.Errorf("reading randomness: %w", err)
-	}
-	tok := Token{
-		ID:      "tok_" + hex.EncodeToString(idRaw),
-		Kind:    kind,
-		Subject: subject,
-		Created: now,
-		Expires: expires.UTC(),
-		Hash:    HashToken(secret),
+	secret, tok, err := MintToken(prefix, kind, subject, s.now(), expires)
+	if err != nil {
+		return "", Token{}, err
 	}
 	if err := putJSON(tx.Bucket(bucketTokens), tok.ID, tok); err != nil {
 		return "", Token{}, err
@@ -518,6 +502,32 @@ func (s *Store) IsAgentID(id tailnet.NodeID) bool {
 		return nil
 	})
 	return found
+}
+
+// MintToken makes a new token secret and its stored description. It does
+// not check that the subject exists; the store does, in the same
+// transaction that saves the token.
+func MintToken(prefix string, kind TokenKind, subject string, now, expires time.Time) (string, Token, error) {
+	if !expires.IsZero() && !expires.After(now) {
+		return "", Token{}, fmt.Errorf("expiry %s is not in the future", expires.Format(time.RFC3339))
+	}
+	raw := make([]byte, tokenBytes)
+	if _, err := rand.Read(raw); err != nil {
+		return "", Token{}, fmt.Errorf("reading randomness: %w", err)
+	}
+	secret := prefix + base64.RawURLEncoding.EncodeToString(raw)
+	idRaw := make([]byte, 6)
+	if _, err := rand.Read(idRaw); err != nil {
+		return "", Token{}, fmt.Errorf("reading randomness: %w", err)
+	}
+	return secret, Token{
+		ID:      "tok_" + hex.EncodeToString(idRaw),
+		Kind:    kind,
+		Subject: subject,
+		Created: now,
+		Expires: expires.UTC(),
+		Hash:    HashToken(secret),
+	}, nil
 }
 
 // HashToken is the stored form of a token secret.

@@ -1,0 +1,661 @@
+package coordinator
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/agentd/agent/coordinator/store/pgstore"
+	"github.com/agentd/agent/protocol"
+	"github.com/agentd/agent/tailnet"
+)
+
+// replicator carries changes between coordinator replicas sharing one
+// PostgreSQL database. Each replica writes its own peers and tunnels to
+// the peers and tunnels tables and names each change in a NOTIFY on
+// pgstore.EventsChannel ("<origin> <what> <ids...>", far below the 8000
+// byte payload limit); the others read the rows and mirror the peers
+// their own peers care about as stand-ins in their core. Each replica
+// heartbeats; the peers of one that stops are removed by the others and
+// announced as lost.
+//
+// A peer that reconnects to another replica takes its row with a new
+// epoch; writes from the old session carry the old epoch and change
+// nothing, so a stale replica never overwrites a peer that moved.
+type replicator struct {
+	id        string
+	url       string
+	pool      *pgxpool.Pool
+	core      *core
+	logger    *slog.Logger
+	heartbeat time.Duration
+	deadAfter time.Duration
+	onAccess  func()
+	// describeErr words database errors as the store does.
+	describeErr func(error) string
+	// fingerprint is our certificate's, for the other replicas' mesh
+	// connections; mesh is nil without a mesh key.
+	fingerprint string
+	mesh        *mesh
+	// lastBeat is when our heartbeat last worked (Unix nanoseconds).
+	lastBeat atomic.Int64
+
+	mu    sync.Mutex
+	queue []replEvent
+	kick  chan struct{}
+
+	// Writer goroutine only.
+	epochs map[*peer]int64
+	// dirty says some writes were lost while the database was away, so
+	// our peers must be published again.
+	dirty   bool
+	dirtyMu sync.Mutex
+	// held stops the handling of other replicas' changes while locked:
+	// tests use it to make this replica slow to notice, as a loaded one is.
+	held sync.Mutex
+}
+
+func newReplicator(pool *pgxpool.Pool, c *core, url string, heartbeat, deadAfter time.Duration, logger *slog.Logger, onAccess func()) (*replicator, error) {
+	b := make([]byte, 8)
+	if _, err := rand.Read(b); err != nil {
+		return nil, fmt.Errorf("reading randomness: %w", err)
+	}
+	r := &replicator{
+		id: "r" + hex.EncodeToString(b), url: url, pool: pool, core: c,
+		logger: logger.With("component", "replicas"), heartbeat: heartbeat, deadAfter: deadAfter,
+		onAccess: onAccess, kick: make(chan struct{}, 1), epochs: map[*peer]int64{},
+	}
+	return r, nil
+}
+
+// enqueue is the core's hook: it runs under the core's lock, so it only
+// queues; the writer does the database work in order.
+func (r *replicator) enqueue(ev replEvent) {
+	r.mu.Lock()
+	r.queue = append(r.queue, ev)
+	r.mu.Unlock()
+	select {
+	case r.kick <- struct{}{}:
+	default:
+	}
+}
+
+// start registers the replica and runs its loops until ctx ends; the
+// returned channel closes when they have stopped.
+func (r *replicator) start(ctx context.Context) (<-chan struct{}, error) {
+	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if _, err := r.pool.Exec(sctx, `INSERT INTO replicas (id, url, fingerprint) VALUES ($1, $2, $3)`, r.id, r.url, r.fingerprint); err != nil {
+		return nil, fmt.Errorf("registering this replica: %w", err)
+	}
+	r.lastBeat.Store(time.Now().UnixNano())
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(3)
+	go func() { defer wg.Done(); r.writeLoop(ctx) }()
+	go func() { defer wg.Done(); r.listenLoop(ctx) }()
+	go func() { defer wg.Done(); r.heartbeatLoop(ctx) }()
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+	r.logger.Info("replica registered", "replica", r.id)
+	return done, nil
+}
+
+// ---- our changes, out ----
+
+func (r *replicator) writeLoop(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-r.kick:
+		}
+		for {
+			r.mu.Lock()
+			q := r.queue
+			r.queue = nil
+			r.mu.Unlock()
+			if len(q) == 0 {
+				break
+			}
+			for _, ev := range q {
+				if err := r.write(ctx, ev); err != nil {
+					if ctx.Err() != nil {
+						return
+					}
+					r.markDirty()
+					r.logger.Debug("could not publish a peer change; will publish again when the database answers", "err", err)
+				}
+			}
+		}
+	}
+}
+
+func (r *replicator) markDirty() {
+	r.dirtyMu.Lock()
+	r.dirty = true
+	r.dirtyMu.Unlock()
+}
+
+func (r *replicator) takeDirty() bool {
+	r.dirtyMu.Lock()
+	defer r.dirtyMu.Unlock()
+	d := r.dirty
+	r.dirty = false
+	return d
+}
+
+func (r *replicator) write(ctx context.Context, ev replEvent) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	p := ev.p
+	id := strconv.FormatInt(int64(p.id), 10)
+	switch ev.kind {
+	case evUp:
+		var epoch int64
+		err := r.pool.QueryRow(ctx, `INSERT INTO peers (id, replica, epoch, role, name, user_name)
+			VALUES ($1, $2, nextval('peer_epoch'), $3, $4, $5)
+			ON CONFLICT (id) DO UPDATE SET replica = EXCLUDED.replica, epoch = EXCLUDED.epoch, role = EXCLUDED.role,
+				name = EXCLUDED.name, user_name = EXCLUDED.user_name, node = NULL, updated = now()
+			RETURNING epoch`, int64(p.id), r.id, string(p.role), p.name, p.user).Scan(&epoch)
+		if err != nil {
+			return err
+		}
+		r.epochs[p] = epoch
+		// Tunnels of an earlier session of this client are not ours.
+		if _, err := r.pool.Exec(ctx, `DELETE FROM tunnels WHERE client = $1 AND epoch <> $2`, int64(p.id), epoch); err != nil {
+			return err
+		}
+		if err := r.exec(ctx, `SELECT pg_notify($1, $2)`, pgstore.EventsChannel, r.id+" peer "+id); err != nil {
+			return err
+		}
+		if p.role == protocol.RoleAgent {
+			return r.loadRemoteTunnels(ctx, p.id)
+		}
+		return nil
+	case evDown:
+		epoch, ok := r.epochs[p]
+		delete(r.epochs, p)
+		if !ok || ev.reason == "" {
+			// Replaced here, or shutting down: say nothing; peers that
+			// do not come back are reaped with this replica.
+			return nil
+		}
+		tag, err := r.pool.Exec(ctx, `DELETE FROM peers WHERE id = $1 AND epoch = $2`, int64(p.id), epoch)
+		if err != nil {
+			return err
+		}
+		if _, err := r.pool.Exec(ctx, `DELETE FROM tunnels WHERE client = $1 AND epoch = $2`, int64(p.id), epoch); err != nil {
+			return err
+		}
+		if tag.RowsAffected() == 0 {
+			return nil // the peer moved to another replica meanwhile
+		}
+		return r.exec(ctx, `SELECT pg_notify($1, $2)`, pgstore.EventsChannel, r.id+" gone "+id+" "+string(ev.reason))
+	case evNode, evNetwork:
+		epoch, ok := r.epochs[p]
+		if !ok {
+			return nil
+		}
+		col, val := "node", any(ev.node)
+		if ev.kind == evNetwork {
+			col, val = "network", any(ev.verdict)
+		}
+		data, err := json.Marshal(val)
+		if err != nil {
+			return err
+		}
+		// One round trip: the guarded update, and the notification only
+		// if it changed the row.
+		var one int
+		err = r.pool.QueryRow(ctx, `WITH u AS (UPDATE peers SET `+col+` = $3, updated = now() WHERE id = $1 AND epoch = $2 RETURNING id)
+			SELECT 1 FROM u, LATERAL (SELECT pg_notify($4, $5)) n`,
+			int64(p.id), epoch, data, pgstore.EventsChannel, r.id+" peer "+id).Scan(&one)
+		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+			return err
+		}
+		if errors.Is(err, pgx.ErrNoRows) {
+			var holder string
+			err := r.pool.QueryRow(ctx, `SELECT replica FROM peers WHERE id = $1`, int64(p.id)).Scan(&holder)
+			switch {
+			case errors.Is(err, pgx.ErrNoRows):
+				// Our row is gone: the other replicas took us for dead
+				// (a partition) and reaped it. Publish everything again.
+				r.markDirty()
+				return nil
+			case err != nil:
+				return err
+			case holder == r.id:
+				return nil // a newer session of ours replaced this one
+			}
+			// Another replica holds this peer now: this session is
+			// stale, and its update must not reach anyone.
+			r.logger.Info("dropping an update from a session another replica took over", "node_id", p.id, "name", p.name)
+			p.kill(&protocol.Error{Code: protocol.CodeReplaced, Fatal: true,
+				Message: "a newer connection with the same identity replaced this one"})
+		}
+		return nil
+	case evTunnel:
+		epoch, ok := r.epochs[p]
+		if !ok {
+			return nil
+		}
+		_, err := r.pool.Exec(ctx, `INSERT INTO tunnels (client, agent, agent_name, replica, epoch) VALUES ($1, $2, $3, $4, $5)
+			ON CONFLICT (client, agent) DO UPDATE SET agent_name = EXCLUDED.agent_name, replica = EXCLUDED.replica, epoch = EXCLUDED.epoch`,
+			int64(p.id), int64(ev.agentID), ev.agentName, r.id, epoch)
+		if err != nil {
+			return err
+		}
+		return r.exec(ctx, `SELECT pg_notify($1, $2)`, pgstore.EventsChannel, fmt.Sprintf("%s tunnel %d %d", r.id, p.id, ev.agentID))
+	case evUntunnel:
+		// Our last tunnel to an agent elsewhere: stop mirroring it.
+		r.core.dropIfUnused(ev.agentID)
+		epoch, ok := r.epochs[p]
+		if !ok {
+			return nil
+		}
+		tag, err := r.pool.Exec(ctx, `DELETE FROM tunnels WHERE client = $1 AND agent = $2 AND epoch = $3`, int64(p.id), int64(ev.agentID), epoch)
+		if err != nil || tag.RowsAffected() == 0 {
+			return err
+		}
+		reason := string(ev.reason)
+		if reason == "" {
+			reason = "-"
+		}
+		return r.exec(ctx, `SELECT pg_notify($1, $2)`, pgstore.EventsChannel, fmt.Sprintf("%s untunnel %d %d %s", r.id, p.id, ev.agentID, reason))
+	}
+	return nil
+}
+
+func (r *replicator) exec(ctx context.Context, sql string, args ...any) error {
+	_, err := r.pool.Exec(ctx, sql, args...)
+	return err
+}
+
+// ---- their changes, in ----
+
+func (r *replicator) listenLoop(ctx context.Context) {
+	backoff := 100 * time.Millisecond
+	first := true
+	for ctx.Err() == nil {
+		err := r.listen(ctx, !first)
+		if ctx.Err() != nil {
+			return
+		}
+		if errors.Is(err, errListenedOK) {
+			backoff = 100 * time.Millisecond // it worked for a while: a new loss
+		}
+		if first || errors.Is(err, errListenedOK) {
+			r.logger.Warn("lost the database notification stream; reconnecting", "err", r.describe(err))
+		} else {
+			r.logger.Debug("database notification stream still down", "err", r.describe(err))
+		}
+		first = false
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 2*time.Second)
+	}
+}
+
+func (r *replicator) listen(ctx context.Context, resync bool) error {
+	pc, err := r.pool.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	// The connection carries our LISTEN: never hand it back to the pool.
+	conn := pc.Hijack()
+	defer conn.Close(context.WithoutCancel(ctx))
+	if _, err := conn.Exec(ctx, `LISTEN `+pgstore.EventsChannel); err != nil {
+		return err
+	}
+	if resync {
+		// Notifications sent while we were away are lost: read the rows.
+		if err := r.resync(ctx); err != nil {
+			return err
+		}
+		r.logger.Info("database notification stream back; peers resynchronised")
+	}
+	for {
+		n, err := conn.WaitForNotification(ctx)
+		if err != nil {
+			return fmt.Errorf("%w: %w", errListenedOK, err)
+		}
+		r.held.Lock()
+		r.held.Unlock() // only waits out a test's hold
+		if err := r.handle(ctx, n.Payload); err != nil && ctx.Err() == nil {
+			r.logger.Warn("could not apply a change from another replica", "event", n.Payload, "err", err)
+		}
+	}
+}
+
+// errListenedOK marks the end of a notification stream that was up.
+var errListenedOK = errors.New("notification stream ended")
+
+// describe words a database error for the log.
+func (r *replicator) describe(err error) string {
+	if r.describeErr != nil {
+		return r.describeErr(err)
+	}
+	return err.Error()
+}
+
+// handle applies one notification from another replica.
+func (r *replicator) handle(ctx context.Context, payload string) error {
+	f := strings.Fields(payload)
+	if len(f) < 2 {
+		return errors.New("malformed event")
+	}
+	origin, kind, args := f[0], f[1], f[2:]
+	if kind == "access" {
+		// Sent from inside the store, by any replica or admin: every
+		// replica re-checks its sessions and tunnels.
+		r.onAccess()
+		return nil
+	}
+	if origin == r.id {
+		return nil
+	}
+	ids := make([]tailnet.NodeID, 0, 2)
+	for _, a := range args {
+		if v, err := strconv.ParseInt(a, 10, 64); err == nil {
+			ids = append(ids, tailnet.NodeID(v))
+		}
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	switch {
+	case kind == "peer" && len(ids) == 1:
+		if !r.core.interested(ids[0]) {
+			return nil
+		}
+		return r.refresh(ctx, ids[0])
+	case kind == "gone" && len(ids) == 1 && len(args) == 2:
+		if p := r.core.remote(ids[0]); p != nil && p.replica == origin {
+			r.core.removeRemote(ids[0], protocol.GoneReason(args[1]))
+		}
+	case kind == "tunnel" && len(ids) == 2:
+		a := r.core.local(ids[1])
+		if a == nil || a.role != protocol.RoleAgent {
+			return nil
+		}
+		if err := r.refresh(ctx, ids[0]); err != nil {
+			return err
+		}
+		r.core.remoteTunnel(ids[0], ids[1], a.name)
+	case kind == "untunnel" && len(ids) == 2 && len(args) == 3:
+		reason := protocol.GoneReason(args[2])
+		if reason == "-" {
+			reason = ""
+		}
+		if p := r.core.remote(ids[0]); p != nil && p.replica == origin {
+			r.core.remoteUntunnel(ids[0], ids[1], reason)
+			r.core.dropIfUnused(ids[0])
+		}
+	}
+	return nil
+}
+
+// refresh reads a peer's row and mirrors it; a peer no replica holds is
+// dropped as lost.
+func (r *replicator) refresh(ctx context.Context, id tailnet.NodeID) error {
+	rp, err := r.readPeer(ctx, id)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		r.core.removeRemote(id, protocol.GoneLost)
+		return nil
+	case err != nil:
+		return err
+	case rp.replica == r.id:
+		return nil // ours
+	}
+	r.core.upsertRemote(rp)
+	return nil
+}
+
+func (r *replicator) readPeer(ctx context.Context, id tailnet.NodeID) (remotePeer, error) {
+	rp := remotePeer{id: id}
+	var role string
+	err := r.pool.QueryRow(ctx, `SELECT replica, role, name, user_name, node, network FROM peers WHERE id = $1`, int64(id)).
+		Scan(&rp.replica, &role, &rp.name, &rp.user, &rp.node, &rp.verdict)
+	rp.role = protocol.Role(role)
+	return rp, err
+}
+
+// loadRemoteTunnels mirrors the clients on other replicas that hold a
+// tunnel to our agent, when the agent connects here.
+func (r *replicator) loadRemoteTunnels(ctx context.Context, agentID tailnet.NodeID) error {
+	rows, _ := r.pool.Query(ctx, `SELECT client, agent_name FROM tunnels WHERE agent = $1 AND replica <> $2`, int64(agentID), r.id)
+	type tun struct {
+		client int64
+		name   string
+	}
+	tuns, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (tun, error) {
+		var t tun
+		err := row.Scan(&t.client, &t.name)
+		return t, err
+	})
+	if err != nil {
+		return err
+	}
+	for _, t := range tuns {
+		if err := r.refresh(ctx, tailnet.NodeID(t.client)); err != nil {
+			return err
+		}
+		r.core.remoteTunnel(tailnet.NodeID(t.client), agentID, t.name)
+	}
+	return nil
+}
+
+// prepareTunnel mirrors an agent held by another replica before one of
+// our clients opens a tunnel to it, so the client's first tunnel status
+// already says it is online and carries its node.
+func (r *replicator) prepareTunnel(agentID tailnet.NodeID) {
+	if r == nil || r.core.local(agentID) != nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	rp, err := r.readPeer(ctx, agentID)
+	if err == nil && rp.replica != r.id {
+		r.core.upsertRemote(rp)
+	}
+}
+
+// resync re-reads every mirrored peer and our agents' remote tunnels.
+func (r *replicator) resync(ctx context.Context) error {
+	for _, p := range r.core.remotes() {
+		if err := r.refresh(ctx, p.id); err != nil {
+			return err
+		}
+	}
+	for _, ev := range r.core.locals() {
+		if ev.kind == evUp && ev.p.role == protocol.RoleAgent {
+			if err := r.loadRemoteTunnels(ctx, ev.p.id); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// ---- liveness ----
+
+func (r *replicator) heartbeatLoop(ctx context.Context) {
+	t := time.NewTicker(r.heartbeat)
+	defer t.Stop()
+	if r.mesh != nil {
+		defer r.mesh.stop()
+	}
+	var upSince time.Time // since when our heartbeats have succeeded
+	down := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		err := r.beat(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			if !down {
+				r.logger.Warn("replica heartbeat failed; other replicas will consider this one gone if it lasts", "err", r.describe(err))
+			}
+			down, upSince = true, time.Time{}
+			r.markDirty()
+			continue
+		}
+		r.lastBeat.Store(time.Now().UnixNano())
+		if down {
+			r.logger.Info("replica heartbeat works again")
+			down = false
+		}
+		if upSince.IsZero() {
+			upSince = time.Now()
+		}
+		if r.takeDirty() {
+			for _, ev := range r.core.locals() {
+				r.enqueue(ev)
+			}
+		}
+		if r.mesh != nil {
+			if err := r.mesh.sync(ctx); err != nil && ctx.Err() == nil {
+				r.logger.Debug("could not list replicas for the DERP mesh", "err", r.describe(err))
+			}
+		}
+		// Judge others only after beating long enough ourselves: after a
+		// database outage every heartbeat is old.
+		if time.Since(upSince) >= r.deadAfter {
+			if err := r.reap(ctx); err != nil && ctx.Err() == nil {
+				r.logger.Warn("could not clean up after a stopped replica", "err", err)
+			}
+		}
+	}
+}
+
+// healthy reports whether our heartbeat has worked lately: the database
+// answers and the other replicas count us in.
+func (r *replicator) healthy() bool {
+	return time.Since(time.Unix(0, r.lastBeat.Load())) < r.deadAfter
+}
+
+// beat refreshes our heartbeat. If another replica declared us dead and
+// removed our peers, we register again and publish every peer anew.
+func (r *replicator) beat(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, r.deadAfter)
+	defer cancel()
+	tag, err := r.pool.Exec(ctx, `UPDATE replicas SET heartbeat = now() WHERE id = $1`, r.id)
+	if err != nil {
+		return err
+	}
+	if tag.RowsAffected() == 1 {
+		return nil
+	}
+	r.logger.Warn("other replicas declared this one gone; publishing its peers again")
+	if _, err := r.pool.Exec(ctx, `INSERT INTO replicas (id, url, fingerprint) VALUES ($1, $2, $3)`, r.id, r.url, r.fingerprint); err != nil {
+		return err
+	}
+	r.markDirty()
+	return nil
+}
+
+// reap removes replicas whose heartbeat stopped, and announces their
+// peers as lost. Replicas reaping together each delete a dead replica's
+// row first, so exactly one announces.
+func (r *replicator) reap(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	rows, _ := r.pool.Query(ctx, `SELECT id FROM replicas WHERE heartbeat < now() - $1::interval AND id <> $2`,
+		fmt.Sprintf("%d milliseconds", r.deadAfter.Milliseconds()), r.id)
+	dead, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return err
+	}
+	for _, d := range dead {
+		var lost []int64
+		err := pgx.BeginFunc(ctx, r.pool, func(tx pgx.Tx) error {
+			tag, err := tx.Exec(ctx, `DELETE FROM replicas WHERE id = $1 AND heartbeat < now() - $2::interval`,
+				d, fmt.Sprintf("%d milliseconds", r.deadAfter.Milliseconds()))
+			if err != nil || tag.RowsAffected() == 0 {
+				return err
+			}
+			rows, _ := tx.Query(ctx, `DELETE FROM peers WHERE replica = $1 RETURNING id`, d)
+			if lost, err = pgx.CollectRows(rows, pgx.RowTo[int64]); err != nil {
+				return err
+			}
+			if _, err := tx.Exec(ctx, `DELETE FROM tunnels WHERE replica = $1`, d); err != nil {
+				return err
+			}
+			// Sent as from the dead replica, so every replica's stand-ins
+			// for its peers match; delivered at commit.
+			for _, id := range lost {
+				if _, err := tx.Exec(ctx, `SELECT pg_notify($1, $2)`, pgstore.EventsChannel, fmt.Sprintf("%s gone %d %s", d, id, protocol.GoneLost)); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		r.logger.Info("a replica stopped heartbeating; its peers are marked lost", "replica", d, "peers", len(lost))
+	}
+	return nil
+}
+
+// setupReplication prepares the replicator when the store is PostgreSQL.
+func (s *Server) setupReplication() error {
+	pg, ok := s.store.(*pgstore.Store)
+	if !ok {
+		return nil
+	}
+	meshURL := s.cfg.MeshURL
+	if meshURL == "" {
+		meshURL = s.URL()
+	}
+	r, err := newReplicator(pg.Pool(), s.core, meshURL, s.cfg.ReplicaHeartbeat, s.cfg.ReplicaDeadAfter, s.logger, s.kickReauth)
+	if err != nil {
+		return err
+	}
+	r.describeErr = pg.Describe
+	r.fingerprint = s.fingerprint
+	if s.cfg.MeshKey != "" {
+		r.mesh = &mesh{r: r, derp: s.derp, peers: map[string]*meshPeer{}, failed: map[string]bool{}}
+	}
+	s.repl = r
+	s.core.repl = r.enqueue
+	return nil
+}
+
+// startReplication registers this replica and starts its loops, which end
+// with the sessions' context; the channel closes when they have.
+func (s *Server) startReplication() (<-chan struct{}, error) {
+	if s.repl == nil {
+		done := make(chan struct{})
+		close(done)
+		return done, nil
+	}
+	done, err := s.repl.start(s.baseCtx)
+	if err != nil {
+		return nil, fmt.Errorf("PostgreSQL: %w", err)
+	}
+	return done, nil
+}

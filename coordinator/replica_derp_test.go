@@ -1,0 +1,178 @@
+package coordinator_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/ecdh"
+	"crypto/rand"
+	"encoding/binary"
+	"encoding/hex"
+	"net"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/agentd/agent/coordinator"
+	"github.com/agentd/agent/internal/pgtest"
+)
+
+const testMeshKey = "6d6573682d6b65792d666f722d74657374732d6f6e6c792d2d2d2d2d2d2d2d21"
+
+// registerKey connects token to tc and registers a node with a fresh
+// X25519 key, returning the key; the session stays up for the test.
+func registerKey(t *testing.T, tc *testCoordinator, token string) *ecdh.PrivateKey {
+	t.Helper()
+	priv, err := ecdh.X25519().GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc := startClient(t, tc, token)
+	h := recv(t, pc.rec.hellos, "hello")
+	n := fakeNode(t, h)
+	n.Key = "nodekey:" + hex.EncodeToString(priv.PublicKey().Bytes())
+	pc.UpdateNode(n)
+	return priv
+}
+
+// TestDERPAdmissionAcrossReplicas: a relay admits a key registered with
+// another replica (a relay connection and a coordination session behind
+// one load balancer land where they land), and still refuses strangers.
+func TestDERPAdmissionAcrossReplicas(t *testing.T) {
+	f := newReplicaFixture(t, 2)
+	a, b := f.reps[0], f.reps[1]
+	priv := registerKey(t, b, f.ws1Token)
+	deadline := time.Now().Add(waitFor)
+	for !derpLogin(t, a, priv) {
+		if time.Now().After(deadline) {
+			t.Fatal("replica A's relay refused a key registered with replica B")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	stranger, _ := ecdh.X25519().GenerateKey(rand.Reader)
+	if derpLogin(t, a, stranger) {
+		t.Fatal("relay admitted a key no replica registered")
+	}
+}
+
+// TestDERPMeshAcrossReplicas: with a shared mesh key, a packet sent to
+// replica A's relay reaches a peer whose relay connection is on replica
+// B.
+func TestDERPMeshAcrossReplicas(t *testing.T) {
+	url := pgtest.Start(t).NewDatabase()
+	var reps []*testCoordinator
+	for range 2 {
+		reps = append(reps, startCoordinator(t, t.TempDir(), coordOpts{tweak: func(c *coordinator.Config) {
+			c.PostgresURL, c.MeshKey = url, testMeshKey
+			c.ReplicaHeartbeat, c.ReplicaDeadAfter = testHeartbeat, testDeadAfter
+		}}))
+	}
+	a, b := reps[0], reps[1]
+	f := replicaFixtureOn(t, reps, url)
+	xKey := registerKey(t, a, f.ws1Token)
+	yKey := registerKey(t, b, f.alice)
+
+	var y net.Conn
+	var ybr *bufio.Reader
+	deadline := time.Now().Add(waitFor)
+	for {
+		conn, br, ok := derpConnect(t, b, yKey)
+		if ok {
+			y, ybr = conn, br
+			break
+		}
+		conn.Close()
+		if time.Now().After(deadline) {
+			t.Fatal("replica B's relay refused y")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	defer y.Close()
+	x, _, ok := derpConnect(t, a, xKey)
+	if !ok {
+		t.Fatal("replica A's relay refused x")
+	}
+	defer x.Close()
+
+	got := make(chan []byte, 16)
+	go func() {
+		for {
+			typ, p, err := readDERPFrame(ybr)
+			if err != nil {
+				close(got)
+				return
+			}
+			if typ == 0x05 && len(p) >= 32 && bytes.Equal(p[:32], xKey.PublicKey().Bytes()) {
+				got <- p[32:]
+			}
+		}
+	}()
+	msg := []byte("across the relay mesh")
+	frame := append(yKey.PublicKey().Bytes(), msg...)
+	hdr := []byte{0x04, 0, 0, 0, 0}
+	binary.BigEndian.PutUint32(hdr[1:], uint32(len(frame)))
+	deadline = time.Now().Add(waitFor)
+	for {
+		x.SetDeadline(time.Now().Add(waitFor))
+		if _, err := x.Write(append(hdr, frame...)); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case p, ok := <-got:
+			if !ok {
+				t.Fatal("y's relay connection ended")
+			}
+			if !bytes.Equal(p, msg) {
+				t.Fatalf("y got %q", p)
+			}
+			return
+		case <-time.After(200 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no packet crossed from replica A's relay to replica B's")
+		}
+	}
+}
+
+// TestReplicaConfigErrors: mesh and certificate mistakes stop the
+// coordinator at start with one line saying what to do.
+func TestReplicaConfigErrors(t *testing.T) {
+	url := pgtest.Start(t).NewDatabase()
+	for _, tc := range []struct {
+		name string
+		cfg  coordinator.Config
+		want string
+	}{
+		{"mesh key without postgres", coordinator.Config{MeshKey: testMeshKey}, "pass --postgres-url"},
+		{"short mesh key", coordinator.Config{MeshKey: "abc", PostgresURL: url}, "64 hex digits"},
+		{"cert without key", coordinator.Config{TLSCertFile: "/nonexistent/tls.crt"}, "both --tls-cert and --tls-key"},
+		{"missing cert", coordinator.Config{TLSCertFile: "/nonexistent/tls.crt", TLSKeyFile: "/nonexistent/tls.key"}, "--tls-cert /nonexistent/tls.crt"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := tc.cfg
+			cfg.DataDir, cfg.Listen, cfg.STUNAddr = t.TempDir(), "127.0.0.1:0", ""
+			srv, err := coordinator.New(cfg)
+			if err == nil {
+				ctx, cancel := context.WithCancel(context.Background())
+				cancel()
+				srv.Serve(ctx) // shuts down at once, releasing what New took
+				t.Fatal("started")
+			}
+			if !strings.Contains(err.Error(), tc.want) || strings.Contains(err.Error(), "\n") {
+				t.Fatalf("error %q: want one line mentioning %q", err, tc.want)
+			}
+		})
+	}
+}
+
+// TestReplicasShareCertificate: replicas given the same --tls-cert and
+// --tls-key present one fingerprint, so a pinned client trusts any.
+func TestReplicasShareCertificate(t *testing.T) {
+	first := startCoordinator(t, t.TempDir(), coordOpts{})
+	cert, key := filepath.Join(first.dir, coordinator.CertFileName), filepath.Join(first.dir, coordinator.KeyFileName)
+	other := startCoordinator(t, t.TempDir(), coordOpts{tweak: func(c *coordinator.Config) { c.TLSCertFile, c.TLSKeyFile = cert, key }})
+	if other.Fingerprint() != first.Fingerprint() || other.Fingerprint() == "" {
+		t.Fatalf("fingerprints %q and %q", other.Fingerprint(), first.Fingerprint())
+	}
+}

@@ -1,0 +1,113 @@
+package coordinator
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// meshPeer is another replica's relay we keep a mesh connection to.
+type meshPeer struct {
+	url, fingerprint string
+	cancel           context.CancelFunc
+}
+
+// mesh keeps our DERP relay meshed with every other live replica's, as
+// listed in the replicas table. Used only when a mesh key is set.
+type mesh struct {
+	r    *replicator
+	derp interface {
+		MeshWith(context.Context, string, string, func(error)) error
+	}
+	mu     sync.Mutex
+	peers  map[string]*meshPeer // replica id ->
+	failed map[string]bool      // replica id -> the last attempt failed (logged once)
+}
+
+// sync starts mesh connections to new replicas and stops those to
+// replicas that are gone or moved.
+func (m *mesh) sync(ctx context.Context) error {
+	qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	rows, _ := m.r.pool.Query(qctx, `SELECT id, url, fingerprint FROM replicas WHERE id <> $1`, m.r.id)
+	type rep struct{ id, url, fp string }
+	reps, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (rep, error) {
+		var x rep
+		err := row.Scan(&x.id, &x.url, &x.fp)
+		return x, err
+	})
+	if err != nil {
+		return err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	live := map[string]bool{}
+	for _, x := range reps {
+		live[x.id] = true
+		if p := m.peers[x.id]; p != nil && p.url == x.url && p.fingerprint == x.fp {
+			continue
+		} else if p != nil {
+			p.cancel()
+		}
+		pctx, pcancel := context.WithCancel(ctx)
+		m.peers[x.id] = &meshPeer{url: x.url, fingerprint: x.fp, cancel: pcancel}
+		id, url := x.id, x.url
+		onErr := func(err error) {
+			m.mu.Lock()
+			first := !m.failed[id]
+			m.failed[id] = true
+			m.mu.Unlock()
+			if first {
+				m.r.logger.Warn("DERP mesh with another replica failed; peers homed on different replicas' relays cannot reach each other over DERP until it works (do all replicas share the same --mesh-key, and can they reach each other's --mesh-url?)",
+					"replica", id, "url", url, "err", err)
+			}
+		}
+		go func() {
+			if err := m.derp.MeshWith(pctx, url, x.fp, onErr); err != nil {
+				m.r.logger.Warn("cannot mesh with another replica", "replica", id, "url", url, "err", err)
+			}
+		}()
+		m.r.logger.Info("meshing DERP relay with another replica", "replica", id, "url", url)
+	}
+	for id, p := range m.peers {
+		if !live[id] {
+			p.cancel()
+			delete(m.peers, id)
+			delete(m.failed, id)
+		}
+	}
+	return nil
+}
+
+// stop ends every mesh connection.
+func (m *mesh) stop() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for id, p := range m.peers {
+		p.cancel()
+		delete(m.peers, id)
+	}
+}
+
+// admits reports whether any replica holds a peer with this node key, for
+// DERP admission of a peer whose relay connection landed on a replica
+// other than its coordination session's.
+func (r *replicator) admits(nodeKey string) bool {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var ok bool
+	err := r.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM peers WHERE node ->> 'key' = $1)`, nodeKey).Scan(&ok)
+	if err != nil {
+		r.logger.Warn("DERP admission could not ask the database; refusing", "err", r.describe(err))
+		return false
+	}
+	return ok
+}
+
+// admitKey is the relay's admission: a node key registered here, or, with
+// replicas, by any replica.
+func (s *Server) admitKey(nodeKey string) bool {
+	return s.core.admits(nodeKey) || (s.repl != nil && s.repl.admits(nodeKey))
+}

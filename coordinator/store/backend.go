@@ -1,0 +1,52 @@
+package store
+
+import (
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/agentd/agent/tailnet"
+)
+
+// Backend is what the coordinator and the admin API need from a store. Two
+// implementations keep the same contract (package storetest checks it):
+// the embedded bbolt file (*Store, one process, the default) and
+// PostgreSQL (package pgstore, shared by several coordinator replicas).
+type Backend interface {
+	CreateUser(name string) (User, error)
+	DeleteUser(name string) error
+	CreateAgent(name, owner string) (Agent, string, Token, error)
+	DeleteAgent(name string) error
+	AgentByID(id tailnet.NodeID) (Agent, error)
+	// IsAgentID reports whether id belongs to a stored agent. A store that
+	// cannot tell (database unreachable) says true, so the ID is not
+	// handed out.
+	IsAgentID(id tailnet.NodeID) bool
+	AddGrant(user, agent string) (Grant, error)
+	RemoveGrant(user, agent string) error
+	MayReach(user, agent string) (Agent, error)
+	CreateToken(kind TokenKind, subject string, expires time.Time) (string, Token, error)
+	RevokeToken(idOrSecret string) (Token, error)
+	Authenticate(secret string) (Principal, error)
+	CheckToken(id string) error
+	List() (Snapshot, error)
+	Secret(name string) ([]byte, error)
+	Close() error
+}
+
+// ErrUnavailable wraps failures to reach the store (a database that is
+// down or unreachable): the request may succeed if retried, and says
+// nothing about the token or record it was about.
+var ErrUnavailable = errors.New("the coordinator's database is unavailable")
+
+var _ Backend = (*Store)(nil)
+
+// RandomSecret returns 32 random bytes, for Secret.
+func RandomSecret() ([]byte, error) {
+	b := make([]byte, 32)
+	if _, err := rand.Read(b); err != nil {
+		return nil, fmt.Errorf("reading randomness: %w", err)
+	}
+	return b, nil
+}

@@ -1,0 +1,90 @@
+package tailnet
+
+import (
+	"context"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"tailscale.com/types/key"
+)
+
+const testMeshKey = "6d6573682d6b65792d666f722d74657374732d6f6e6c792d2d2d2d2d2d2d2d21"
+
+// meshPair starts two relays meshed both ways with the given keys.
+func meshPair(t *testing.T, keyA, keyB string) (a, b *testRelay, errs *atomic.Int64) {
+	a, b = newTestRelay(t), newTestRelay(t)
+	if err := a.derp.SetMeshKey(keyA); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.derp.SetMeshKey(keyB); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	errs = &atomic.Int64{}
+	onErr := func(error) { errs.Add(1) }
+	for _, p := range [][2]*testRelay{{a, b}, {b, a}} {
+		from, to := p[0], p[1]
+		go from.derp.MeshWith(ctx, "https://"+to.srv.Listener.Addr().String(), to.dm.Regions[0].Nodes[0].CertFingerprint, onErr)
+	}
+	return a, b, errs
+}
+
+// TestDERPMesh: a client of one relay reaches a client of the other
+// through the mesh; each relay admits only its own registered keys.
+func TestDERPMesh(t *testing.T) {
+	a, b, errs := meshPair(t, testMeshKey, testMeshKey)
+	xKey, yKey := key.NewNode(), key.NewNode()
+	a.admit(xKey.Public().String())
+	b.admit(yKey.Public().String())
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	x, y := derpClient(t, a, xKey), derpClient(t, b, yKey)
+	if err := x.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := y.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	got := packets(y)
+	// The watch connections learn of y shortly; keep sending until then.
+	deadline := time.After(15 * time.Second)
+	for {
+		if err := x.Send(yKey.Public(), []byte("across the mesh")); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case p := <-got:
+			if string(p.Data) != "across the mesh" || p.Source != xKey.Public() {
+				t.Fatalf("got %q from %v", p.Data, p.Source.ShortString())
+			}
+			if n := errs.Load(); n != 0 {
+				t.Fatalf("%d mesh errors with matching keys", n)
+			}
+			return
+		case <-time.After(200 * time.Millisecond):
+		case <-deadline:
+			t.Fatal("no packet crossed the mesh")
+		}
+	}
+}
+
+// TestDERPMeshKeyMismatch: relays with different keys do not mesh, and
+// say so.
+func TestDERPMeshKeyMismatch(t *testing.T) {
+	other := strings.Repeat("ab", 32)
+	_, _, errs := meshPair(t, testMeshKey, other)
+	deadline := time.Now().Add(15 * time.Second)
+	for errs.Load() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("no error reported for a mesh key mismatch")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	r := newTestRelay(t)
+	if err := r.derp.SetMeshKey("short"); err == nil || !strings.Contains(err.Error(), "64 hex digits") {
+		t.Fatalf("bad mesh key: %v", err)
+	}
+}
