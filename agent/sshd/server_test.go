@@ -41,6 +41,13 @@ func startServer(t testing.TB, opts sshd.Options) (*sshd.Server, string) {
 	if opts.HostKeyPath == "" {
 		opts.HostKeyPath = filepath.Join(t.TempDir(), "ssh_host_ed25519_key")
 	}
+	if opts.Shell == "" {
+		// Not the test user's login shell: bash reads ~/.bashrc for
+		// commands run by an SSH server, and this machine's root runs
+		// `pyenv init` there, whose rehash lock held concurrent sessions
+		// for 60 s. Tests must not depend on the machine's dotfiles.
+		opts.Shell = "/bin/sh"
+	}
 	srv, err := sshd.New(opts)
 	if err != nil {
 		t.Fatal(err)
