@@ -161,7 +161,7 @@ type Client struct {
 // DefaultMaxBackoff) instead of letting them arrive at once.
 const (
 	DefaultMinBackoff = 250 * time.Millisecond
-	DefaultMaxBackoff = 1500 * time.Millisecond
+	DefaultMaxBackoff = 1200 * time.Millisecond
 )
 
 // New returns a client; Run connects it.

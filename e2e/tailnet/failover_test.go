@@ -199,3 +199,28 @@ func TestUDPBlockedFirstSSH(t *testing.T) {
 	}
 	t.Logf("agent start to first ssh with UDP blocked at the workspace, 3 runs: %v (target 1.5 s)", times)
 }
+
+// After a coordinator outage of any length, the agent is back within 2 s
+// of the coordinator's return: a new ssh, which needs the agent online,
+// succeeds within 2 s of the coordinator serving again.
+func TestCoordinatorReturn(t *testing.T) {
+	d := newDeployment(t, netlab.NATEndpointIndependent)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if out, stderr, err := d.client(ctx, d.userToken, "ssh", "ws1", "--", "cat; echo up"); err != nil || out != "up\n" {
+		t.Fatalf("ssh before the outage: err %v stdout %q stderr %q", err, out, stderr)
+	}
+	d.stopCoordinator()
+	time.Sleep(12 * time.Second) // long enough for a 30 s cap to have grown past 8 s
+	d.startCoordinator()         // returns once the coordinator serves
+	back := time.Now()
+	out, stderr, err := d.client(ctx, d.userToken, "ssh", "ws1", "--", "cat; echo up")
+	took := time.Since(back)
+	if err != nil || out != "up\n" {
+		t.Fatalf("ssh after the outage: err %v stdout %q stderr %q", err, out, stderr)
+	}
+	t.Logf("first ssh completed %v after the coordinator returned from a 12 s outage (target 2 s)", took.Round(time.Millisecond))
+	if took > 2*time.Second {
+		t.Errorf("first ssh %v after the coordinator returned, want within 2 s", took.Round(time.Millisecond))
+	}
+}
