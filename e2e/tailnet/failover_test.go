@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"fmt"
 	"io"
 	"net"
 	"strings"
@@ -222,5 +223,44 @@ func TestCoordinatorReturn(t *testing.T) {
 	t.Logf("first ssh completed %v after the coordinator returned from a 12 s outage (target 2 s)", took.Round(time.Millisecond))
 	if took > 2*time.Second {
 		t.Errorf("first ssh %v after the coordinator returned, want within 2 s", took.Round(time.Millisecond))
+	}
+}
+
+// agent ping --until-direct explains a relayed path from both sides'
+// measurements.
+func TestWhyNotDirect(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		block func(d *deployment)
+		want  []string
+	}{
+		{"UDPBlockedAtWorkspace", func(d *deployment) { d.sites.Site1.Router.DropUDP() },
+			[]string{"this side: UDP works", "ws1: announces only private addresses", "so: UDP is blocked on at least one side"}},
+		{"FirewallBetween", func(d *deployment) {
+			// UDP from the laptop's router never reaches the workspace's
+			// LAN; STUN still works on both sides.
+			d.sites.Site1.Router.Nft(fmt.Sprintf("table ip whynot {\n\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tip saddr %s meta l4proto udp drop\n\t}\n}\n", d.sites.Site2.Public))
+		}, []string{"this side: UDP works", "ws1: UDP works", "so: both sides reach the internet over UDP", "conntrack"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := newDeployment(t, netlab.NATEndpointIndependent)
+			d.stopAgent()
+			tc.block(d)
+			d.startAgent()
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			// The agent's network check must have finished for its node to
+			// carry what it found: wait for a first ping through the relay.
+			out, stderr, err := d.client(ctx, d.userToken, "ping", "ws1", "--until-direct", "-c", "16", "-i", "250ms")
+			if err == nil {
+				t.Fatalf("agent ping --until-direct succeeded through a blocked path:\n%s", out)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(out, w) {
+					t.Errorf("explanation lacks %q:\n%s\n%s", w, out, stderr)
+				}
+			}
+			t.Logf("\n%s", out)
+		})
 	}
 }
