@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 )
 
@@ -20,6 +21,7 @@ func (c *Conn) WhyNotDirect(ctx context.Context, ip netip.Addr, peerName string)
 		peerEPs = slices.Clone(p.node.Endpoints)
 	}
 	ourEPs := slices.Clone(c.endpoints)
+	dm := c.derpMap.Clone()
 	c.mu.RUnlock()
 	if !ok {
 		return []string{fmt.Sprintf("no peer has address %v", ip)}
@@ -31,15 +33,31 @@ func (c *Conn) WhyNotDirect(ctx context.Context, ip netip.Addr, peerName string)
 	var lines []string
 	ourUDP := rep != nil && rep.UDP
 	ourHard := rep != nil && rep.MappingVariesByDestIP.EqualBool(true)
+	// With a second STUN port the mapping can be measured: a fresh
+	// socket's public port as two destinations see it.
+	mapping := ""
+	if ourUDP && dm.hasSecondSTUN() {
+		if nr, err := Netcheck(ctx, c.logger, dm); err == nil && nr.MappingVariesByDestIP != nil {
+			ourHard = *nr.MappingVariesByDestIP
+			mapping = "; the NAT keeps one public port for every destination (endpoint-independent mapping, checked against two STUN ports)"
+			if ourHard {
+				mapping = ""
+			}
+		}
+	}
 	switch {
 	case rep == nil:
 		lines = append(lines, "this side: no network check has finished yet")
 	case !ourUDP:
 		lines = append(lines, "this side: no STUN answer from the coordinator: outbound UDP is blocked here (allow outbound UDP, at least to the coordinator's STUN port and to the internet)")
 	case ourHard:
-		lines = append(lines, fmt.Sprintf("this side: the NAT maps each destination to another public port (hard NAT; public %v): direct paths need the other side to be reachable", rep.GlobalV4))
+		lines = append(lines, fmt.Sprintf("this side: the NAT maps each destination to another public port (hard NAT, endpoint-dependent mapping; public %v): a direct path needs the other side to be reachable", rep.GlobalV4))
 	default:
-		lines = append(lines, "this side: UDP works; "+describeMapping(rep.GlobalV4, ourEPs))
+		d := describeMapping(rep.GlobalV4, ourEPs)
+		if mapping != "" {
+			d = strings.Replace(d, " (endpoint-independent NAT, as far as one STUN server can tell)", "", 1)
+		}
+		lines = append(lines, "this side: UDP works; "+d+mapping)
 	}
 
 	pub, priv := splitEndpoints(peerEPs)
@@ -62,6 +80,18 @@ func (c *Conn) WhyNotDirect(ctx context.Context, ip netip.Addr, peerName string)
 		lines = append(lines, fmt.Sprintf("so: both sides reach the internet over UDP, yet no direct packet got through. Suspect a firewall between that drops UDP to %v, or a router in front of the workspace that accepts unsolicited UDP (a Kubernetes node masquerading pods, INPUT policy accept): a conntrack entry left by early packets makes masquerade move the agent's flow to another port. This client lets the agent send first, which avoids that clash; if it persists, drop new inbound UDP on that node's public interface (nft: iifname <wan> meta l4proto udp ct state new drop) or give the agent a fixed UDP port published on the node (agent run --listen-port)", pub[0]))
 	}
 	return lines
+}
+
+// hasSecondSTUN reports whether a node offers a second STUN port.
+func (m *DERPMap) hasSecondSTUN() bool {
+	for _, r := range m.Regions {
+		for _, n := range r.Nodes {
+			if n.STUNPort2 != 0 && n.STUNPort >= 0 {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // describeMapping says whether the public endpoint kept the local port.

@@ -35,6 +35,9 @@ Administer it with "agent admin" while it runs (over a unix socket in the
 data directory).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if cfg.STUNAddr2 == "off" {
+				cfg.STUNAddr2 = ""
+			}
 			if cfg.STUNAddr == "off" {
 				cfg.STUNAddr = ""
 			}
@@ -71,6 +74,7 @@ data directory).`,
 	fs.StringVar(&cfg.DataDir, "data-dir", envOr(env, "AGENT_COORDINATOR_DATA_DIR", defaultCoordinatorDataDir), "directory for the store, the TLS certificate and the admin socket (env AGENT_COORDINATOR_DATA_DIR)")
 	fs.StringVar(&cfg.Listen, "listen", ":8443", "HTTPS listen address")
 	fs.StringVar(&cfg.STUNAddr, "stun-addr", ":3478", `STUN UDP listen address ("off" to disable)`)
+	fs.StringVar(&cfg.STUNAddr2, "stun-addr2", "off", `second STUN UDP listen address, e.g. ":3479", so network checks can tell a NAT's mapping behaviour ("off" for none)`)
 	fs.BoolVar(&cfg.InsecureHTTP, "insecure-http", false, "serve plain HTTP instead of HTTPS (tests only: tokens travel in the clear)")
 	fs.StringVar(&metricsAddr, "metrics-addr", envOr(env, "AGENT_COORDINATOR_METRICS_ADDR", "127.0.0.1:2114"), `serve Prometheus /metrics here, plain HTTP ("" disables; env AGENT_COORDINATOR_METRICS_ADDR)`)
 	fs.StringVar(&cfg.AccessURL, "access-url", "", "URL peers use to reach this coordinator, e.g. https://coord.example.com:8443 (shown in instructions; added to the certificate's names on first start)")

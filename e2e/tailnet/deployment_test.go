@@ -115,7 +115,8 @@ func (d *deployment) startCoordinator() {
 	d.coord = d.sites.Coordinator.Start(d.bin, "coordinator",
 		"--data-dir", d.dataDir,
 		"--listen", d.sites.CoordinatorAddr.String()+":"+coordPort,
-		"--stun-addr", d.sites.CoordinatorAddr.String()+":3478")
+		"--stun-addr", d.sites.CoordinatorAddr.String()+":3478",
+		"--stun-addr2", d.sites.CoordinatorAddr.String()+":3479")
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		var info struct {

@@ -231,19 +231,22 @@ func TestCoordinatorReturn(t *testing.T) {
 func TestWhyNotDirect(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
+		mode  netlab.NATMode
 		block func(d *deployment)
 		want  []string
 	}{
-		{"UDPBlockedAtWorkspace", func(d *deployment) { d.sites.Site1.Router.DropUDP() },
+		{"HardNATBothSides", netlab.NATEndpointDependent, func(*deployment) {},
+			[]string{"this side: the NAT maps each destination to another public port", "so: both NATs change ports per destination"}},
+		{"UDPBlockedAtWorkspace", netlab.NATEndpointIndependent, func(d *deployment) { d.sites.Site1.Router.DropUDP() },
 			[]string{"this side: UDP works", "ws1: announces only private addresses", "so: UDP is blocked on at least one side"}},
-		{"FirewallBetween", func(d *deployment) {
+		{"FirewallBetween", netlab.NATEndpointIndependent, func(d *deployment) {
 			// UDP from the laptop's router never reaches the workspace's
 			// LAN; STUN still works on both sides.
 			d.sites.Site1.Router.Nft(fmt.Sprintf("table ip whynot {\n\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tip saddr %s meta l4proto udp drop\n\t}\n}\n", d.sites.Site2.Public))
-		}, []string{"this side: UDP works", "ws1: UDP works", "so: both sides reach the internet over UDP", "conntrack"}},
+		}, []string{"this side: UDP works", "checked against two STUN ports", "ws1: UDP works", "so: both sides reach the internet over UDP", "conntrack"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			d := newDeployment(t, netlab.NATEndpointIndependent)
+			d := newDeployment(t, tc.mode)
 			d.stopAgent()
 			tc.block(d)
 			d.startAgent()
