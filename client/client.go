@@ -263,6 +263,12 @@ func (w *Workspace) Ping(ctx context.Context) (tailnet.PingResult, error) {
 	return res, err
 }
 
+// WhyNotDirect explains from both sides' measurements why the path to the
+// workspace is relayed, and what to change (one finding per line).
+func (w *Workspace) WhyNotDirect(ctx context.Context) []string {
+	return w.conn.WhyNotDirect(ctx, w.Addr(), w.name)
+}
+
 // Network is the agent's latest network verdict as the coordinator passed
 // it on (nil when it has none, or speaks protocol version 1).
 func (w *Workspace) Network() *protocol.NetworkVerdict {

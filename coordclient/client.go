@@ -42,8 +42,9 @@ type Config struct {
 	Software string
 
 	// MinBackoff and MaxBackoff bound the wait between reconnects
-	// (defaults 500ms and 30s); each wait is drawn at random from the upper
-	// half of the current step, so peers restarted together spread out.
+	// (defaults DefaultMinBackoff and DefaultMaxBackoff); each wait is drawn
+	// at random from the upper half of the current step, so peers restarted
+	// together spread out.
 	MinBackoff, MaxBackoff time.Duration
 	// PingInterval is how often the connection is checked (default 15s).
 	PingInterval time.Duration
@@ -152,16 +153,27 @@ type Client struct {
 	networkHistory []protocol.NetworkVerdict
 }
 
+// Reconnect backoff defaults. The cap is low because the wait after the
+// coordinator's return is at most one step: a peer must be back within 2 s
+// of it, however long the outage was. A failed attempt against a
+// coordinator that is down costs it nothing, and the jitter still spreads
+// N peers' returns evenly over the last step (DefaultMaxBackoff/2 to
+// DefaultMaxBackoff) instead of letting them arrive at once.
+const (
+	DefaultMinBackoff = 250 * time.Millisecond
+	DefaultMaxBackoff = 1200 * time.Millisecond
+)
+
 // New returns a client; Run connects it.
 func New(cfg Config, h Handler) *Client {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	if cfg.MinBackoff <= 0 {
-		cfg.MinBackoff = 500 * time.Millisecond
+		cfg.MinBackoff = DefaultMinBackoff
 	}
 	if cfg.MaxBackoff <= 0 {
-		cfg.MaxBackoff = 30 * time.Second
+		cfg.MaxBackoff = DefaultMaxBackoff
 	}
 	if cfg.MaxBackoff < cfg.MinBackoff {
 		cfg.MaxBackoff = cfg.MinBackoff
@@ -286,7 +298,7 @@ func (c *Client) Run(ctx context.Context) error {
 				backoff = c.cfg.MinBackoff
 			}
 		}
-		wait := backoff/2 + rand.N(backoff/2+1)
+		wait := jittered(backoff)
 		c.logger.Warn("waiting to reconnect to the coordinator", "url", c.cfg.URL, "in", wait.Round(time.Millisecond), "err", err)
 		select {
 		case <-ctx.Done():
@@ -295,6 +307,11 @@ func (c *Client) Run(ctx context.Context) error {
 		}
 		backoff = min(backoff*2, c.cfg.MaxBackoff)
 	}
+}
+
+// jittered draws a wait from the upper half of step.
+func jittered(step time.Duration) time.Duration {
+	return step/2 + rand.N(step/2+1)
 }
 
 func coordinateURL(base string) (string, error) {

@@ -3,6 +3,7 @@ package coordclient
 import (
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestNormalizeFingerprint(t *testing.T) {
@@ -69,5 +70,29 @@ func TestProfileEnvOverridesFile(t *testing.T) {
 	// HOME fallback.
 	if path, _ := ProfilePath(func(k string) string { return map[string]string{"HOME": "/home/x"}[k] }); path != "/home/x/.config/agent/config.json" {
 		t.Fatalf("HOME fallback: %q", path)
+	}
+}
+
+// The reconnect schedule never waits longer than DefaultMaxBackoff (so a
+// peer is back within 2 s of the coordinator's return after any outage),
+// and its waits at the cap spread over the cap's upper half.
+func TestBackoffBounded(t *testing.T) {
+	if DefaultMaxBackoff > 2*time.Second {
+		t.Fatalf("DefaultMaxBackoff %v: a peer could return more than 2 s after the coordinator", DefaultMaxBackoff)
+	}
+	step := DefaultMinBackoff
+	lo, hi := time.Hour, time.Duration(0)
+	for range 1000 {
+		w := jittered(step)
+		if w < step/2 || w > step {
+			t.Fatalf("wait %v outside [%v, %v]", w, step/2, step)
+		}
+		if step == DefaultMaxBackoff {
+			lo, hi = min(lo, w), max(hi, w)
+		}
+		step = min(step*2, DefaultMaxBackoff)
+	}
+	if hi-lo < DefaultMaxBackoff/4 {
+		t.Errorf("waits at the cap span only %v to %v: peers would return together", lo, hi)
 	}
 }

@@ -39,6 +39,10 @@ type Config struct {
 	Listen string
 	// STUNAddr is the UDP address of the STUN server; "" disables STUN.
 	STUNAddr string
+	// STUNAddr2 is a second STUN address (another port, or another
+	// address) on this host, "" for none. With two, a network check can
+	// tell whether a NAT keeps one public port for every destination.
+	STUNAddr2 string
 	// InsecureHTTP serves plain HTTP instead of TLS. Tests only: tokens
 	// cross the network in the clear.
 	InsecureHTTP bool
@@ -122,6 +126,7 @@ type Server struct {
 	core        *core
 	derp        *tailnet.DERPServer
 	stun        *tailnet.STUNServer
+	stun2       *tailnet.STUNServer
 	ln          net.Listener
 	adminLn     net.Listener
 	httpSrv     *http.Server
@@ -216,6 +221,15 @@ func New(cfg Config) (s *Server, err error) {
 		s.stun, err = tailnet.ListenSTUN(context.Background(), cfg.STUNAddr, cfg.Logger.With("component", "stun"))
 		if err != nil {
 			return nil, fmt.Errorf("%w (use --stun-addr to pick another UDP port)", err)
+		}
+	}
+	if cfg.STUNAddr2 != "" {
+		s.stun2, err = tailnet.ListenSTUN(context.Background(), cfg.STUNAddr2, cfg.Logger.With("component", "stun2"))
+		if err != nil {
+			if s.stun != nil {
+				s.stun.Close()
+			}
+			return nil, fmt.Errorf("%w (use --stun-addr2 to pick another UDP port)", err)
 		}
 	}
 
@@ -352,6 +366,9 @@ func (s *Server) closeAll() {
 	if s.stun != nil {
 		s.stun.Close()
 	}
+	if s.stun2 != nil {
+		s.stun2.Close()
+	}
 	if s.store != nil {
 		s.store.Close()
 	}
@@ -421,7 +438,14 @@ func (s *Server) derpMapFor(host string) (*tailnet.DERPMap, error) {
 	if a, ok := s.STUNAddr().(*net.UDPAddr); ok && a != nil {
 		stunPort = a.Port
 	}
-	return tailnet.CoordinatorDERPMap(host, stunPort, s.fingerprint)
+	m, err := tailnet.CoordinatorDERPMap(host, stunPort, s.fingerprint)
+	if err != nil || s.stun2 == nil || stunPort < 0 {
+		return m, err
+	}
+	if a, ok := s.stun2.LocalAddr().(*net.UDPAddr); ok && a != nil {
+		m.Regions[0].Nodes[0].STUNPort2 = a.Port
+	}
+	return m, m.Validate()
 }
 
 // authenticate checks the bearer token of a request.

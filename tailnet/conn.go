@@ -52,7 +52,8 @@ type Options struct {
 	// ListenPort is the UDP port for WireGuard and disco; 0 picks one.
 	ListenPort uint16
 	// AcceptInbound lets peers open new TCP/UDP flows to us (an agent).
-	// When false (a client), only replies to flows we opened get in.
+	// When false (a client), only replies to flows we opened get in, and
+	// peers punch the direct path first: see holdPeerEndpoints.
 	AcceptInbound bool
 	// BlockDirect makes all traffic go through DERP. Tailscale only offers
 	// this as a process-wide switch (TS_DEBUG_ALWAYS_USE_DERP), so once one
@@ -107,7 +108,32 @@ type peer struct {
 	tsn   *tailcfg.Node
 	key   key.NodePublic
 	disco key.DiscoPublic
+	// holdUntil, while set, is when the peer's endpoints are given to
+	// magicsock at the latest; until then it knows only the peer's relay
+	// (see holdPeerEndpoints).
+	holdUntil time.Time
 }
+
+// holdPeerEndpoints is how long a client keeps a new (or restarted) peer's
+// direct endpoints from magicsock unless a direct path forms first.
+//
+// Magicsock pings every endpoint it knows the moment the first packet goes
+// out. A client's pings then reach the agent's NAT before the agent's own
+// packets do; a router that accepts unsolicited UDP (a Kubernetes node
+// masquerading its pods, INPUT policy accept) confirms a conntrack entry
+// for that tuple, masquerade gives the agent's flow to the client another
+// public port, and the client's router drops it: no direct path, ever, as
+// every later ping keeps the bad entry alive. Without the endpoints the
+// agent pings first, when it answers our first packet, and calls us through
+// the relay (disco CallMeMaybe) with its endpoints; our pings then arrive as
+// replies to the agent's flow on its router, and on a home router that
+// drops unsolicited UDP nothing changes. After the hold the endpoints are
+// given anyway, so a peer that never calls still gets today's attempt.
+const holdPeerEndpoints = 5 * time.Second
+
+// punchLead is how long an agent's first pings to a new client's endpoints
+// lead its call-me-maybe to that client.
+const punchLead = 30 * time.Millisecond
 
 // Conn is a node on the tailnet: a userspace WireGuard engine with magicsock
 // (disco, DERP, NAT traversal) and a gVisor TCP/IP stack. It needs no TUN
@@ -147,6 +173,7 @@ type Conn struct {
 	closed      bool
 
 	nodeNotify chan struct{}
+	holdNotify chan struct{}
 	closeCh    chan struct{}
 	closeOnce  sync.Once
 }
@@ -214,6 +241,7 @@ func NewConn(opts Options) (*Conn, error) {
 		byIP:       map[netip.Addr]*peer{},
 		derpMap:    opts.DERPMap.Clone(),
 		nodeNotify: make(chan struct{}, 1),
+		holdNotify: make(chan struct{}, 1),
 		closeCh:    make(chan struct{}),
 	}
 	if err := c.start(); err != nil {
@@ -221,6 +249,8 @@ func NewConn(opts Options) (*Conn, error) {
 		return nil, err
 	}
 	go c.nodeLoop()
+	go c.holdLoop()
+	go c.pathLoop()
 	return c, nil
 }
 
@@ -310,6 +340,7 @@ func (c *Conn) start() error {
 		return fmt.Errorf("tailnet: configure WireGuard: %w", err)
 	}
 	c.mc.SetNetworkMap(c.self.View(), nil)
+	c.homeOnlyRegion() // after Reconfig: the relay connection authenticates with our node key
 	ns.UpdateNetstackIPs(&netmap.NetworkMap{SelfNode: c.self.View(), NodeKey: c.priv.Public()})
 	return nil
 }
@@ -588,6 +619,15 @@ func (c *Conn) UpsertPeer(n *Node) error {
 		Hostinfo:   (&tailcfg.Hostinfo{}).View(),
 	}
 	p := &peer{node: n, tsn: tsn, key: nk, disco: dk}
+	if !c.opts.AcceptInbound {
+		switch {
+		case old == nil || old.disco != dk:
+			p.holdUntil = time.Now().Add(holdPeerEndpoints)
+		default:
+			p.holdUntil = old.holdUntil
+		}
+	}
+	toMagicsock := c.magicsockViewLocked(p)
 	c.peers[n.ID] = p
 	c.byKey[nk] = p
 	for _, a := range n.Addresses {
@@ -601,7 +641,36 @@ func (c *Conn) UpsertPeer(n *Node) error {
 	for _, k := range staleKeys {
 		c.eng.SyncDevicePeer(k)
 	}
-	c.mc.UpsertPeer(tsn.View())
+	c.mc.UpsertPeer(toMagicsock)
+	if c.opts.AcceptInbound && len(n.Endpoints) > 0 && (old == nil || old.disco != dk || !slices.Equal(old.node.Endpoints, n.Endpoints)) {
+		// Punch first (see holdPeerEndpoints). A disco ping now pings the
+		// peer's endpoints at once, before anything makes magicsock call
+		// the peer: its answer to the call must find our conntrack entry
+		// already there. Then, once our relay has admitted us (before that
+		// the call is lost, and magicsock repeats it only 5 s later), a
+		// packet through WireGuard makes magicsock ping again and call the
+		// peer with our endpoints, even when the peer itself sends only
+		// disco pings. TSMP is answered by the peer's WireGuard layer.
+		ip := n.Addresses[0].Addr()
+		c.eng.Ping(ip, tailcfg.PingDisco, 0, func(*ipnstate.PingResult) {})
+		go func() {
+			if c.awaitHomeDERP(context.Background()) != nil {
+				return
+			}
+			select {
+			case <-time.After(punchLead):
+			case <-c.closeCh:
+				return
+			}
+			c.eng.Ping(ip, tailcfg.PingTSMP, 0, func(*ipnstate.PingResult) {})
+		}()
+	}
+	if !p.holdUntil.IsZero() {
+		select {
+		case c.holdNotify <- struct{}{}:
+		default:
+		}
+	}
 	if resetSession {
 		c.logger.Info("peer restarted (new disco key); resetting WireGuard session", "peer", n.ID)
 		c.eng.ResetDevicePeer(nk)
@@ -611,6 +680,87 @@ func (c *Conn) UpsertPeer(n *Node) error {
 		c.updateFilterLocked()
 	}
 	return nil
+}
+
+// magicsockViewLocked is the peer's node as magicsock may see it: without
+// endpoints while they are held. c.mu must be held.
+func (c *Conn) magicsockViewLocked(p *peer) tailcfg.NodeView {
+	if p.holdUntil.IsZero() {
+		return p.tsn.View()
+	}
+	held := *p.tsn
+	held.Endpoints = nil
+	return held.View()
+}
+
+// holdLoop gives held peers' endpoints to magicsock once their path is
+// direct (the peer punched first) or their hold has run out.
+func (c *Conn) holdLoop() {
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-c.closeCh:
+			return
+		case <-c.holdNotify:
+		}
+		for c.releaseHeld() {
+			select {
+			case <-c.closeCh:
+				return
+			case <-tick.C:
+			}
+		}
+	}
+}
+
+// releaseHeld releases the held peers that are due and reports whether
+// any are still held.
+func (c *Conn) releaseHeld() (stillHeld bool) {
+	type heldPeer struct {
+		p     *peer
+		until time.Time
+	}
+	c.mu.RLock()
+	var held []heldPeer
+	for _, p := range c.peers {
+		if !p.holdUntil.IsZero() {
+			held = append(held, heldPeer{p, p.holdUntil})
+		}
+	}
+	c.mu.RUnlock()
+	if len(held) == 0 {
+		return false
+	}
+	sb := &ipnstate.StatusBuilder{WantPeers: true}
+	c.eng.UpdateStatus(sb)
+	st := sb.Status()
+	now := time.Now()
+	for _, h := range held {
+		p := h.p
+		direct := false
+		if ps, ok := st.Peer[p.key]; ok && ps != nil {
+			direct = ps.CurAddr != ""
+		}
+		if !direct && now.Before(h.until) {
+			stillHeld = true
+			continue
+		}
+		c.configMu.Lock()
+		c.mu.Lock()
+		cur, ok := c.peers[p.node.ID]
+		release := ok && cur == p && !c.closed
+		if release {
+			p.holdUntil = time.Time{}
+		}
+		c.mu.Unlock()
+		if release {
+			c.mc.UpsertPeer(p.tsn.View())
+			c.logger.Debug("peer endpoints given to magicsock", "peer", p.node.ID, "direct_already", direct)
+		}
+		c.configMu.Unlock()
+	}
+	return stillHeld
 }
 
 // removeLocked drops p from the tables. c.mu must be held for writing.
@@ -681,6 +831,28 @@ func (c *Conn) updateFilterLocked() {
 	c.eng.SetFilter(f)
 }
 
+// homeOnlyRegion makes a map's only region our home at once. Magicsock
+// would pick it too, but only after its network check, which waits 3 s for
+// STUN answers when UDP is blocked before it measures the relays over
+// HTTPS; until then nobody can reach us. (Without a control server,
+// magicsock never moves an established home anyway.)
+func (c *Conn) homeOnlyRegion() {
+	c.mu.Lock()
+	if len(c.derpMap.Regions) != 1 || c.closed {
+		c.mu.Unlock()
+		return
+	}
+	id := c.derpMap.Regions[0].ID
+	changed := c.homeDERP != id
+	c.mu.Unlock()
+	if c.mc.ForceSetNearestDERP(id) != id {
+		return
+	}
+	if changed {
+		c.onNetInfo(&tailcfg.NetInfo{PreferredDERP: id})
+	}
+}
+
 // SetDERPMap replaces the relay map.
 func (c *Conn) SetDERPMap(m *DERPMap) {
 	if err := m.Validate(); err != nil {
@@ -699,6 +871,7 @@ func (c *Conn) SetDERPMap(m *DERPMap) {
 	}
 	c.mc.SetDERPMap(m.toTailcfg())
 	if homeGone {
+		c.homeOnlyRegion()
 		go c.recheckHome()
 	}
 }
@@ -908,35 +1081,77 @@ func (c *Conn) Ping(ctx context.Context, ip netip.Addr) (PingResult, error) {
 	if !c.isPeerIP(ip) {
 		return PingResult{}, fmt.Errorf("tailnet: no peer has address %v", ip)
 	}
+	// A ping sent before our relay connection is up is lost, and its
+	// caller would wait its whole timeout for nothing.
+	if err := c.awaitHomeDERP(ctx); err != nil {
+		return PingResult{}, fmt.Errorf("tailnet: ping %v: %w", ip, err)
+	}
+	// A ping or pong can be lost (a relay connection of the peer's just
+	// being set up); rather than wait out the caller's whole timeout, ping
+	// again every pingRetry and take the first answer.
 	res := make(chan *ipnstate.PingResult, 1)
-	c.eng.Ping(ip, tailcfg.PingDisco, 0, func(r *ipnstate.PingResult) {
-		select {
-		case res <- r:
-		default:
-		}
-	})
-	select {
-	case <-ctx.Done():
-		return PingResult{}, fmt.Errorf("tailnet: ping %v: %w", ip, ctx.Err())
-	case <-c.closeCh:
-		return PingResult{}, net.ErrClosed
-	case r := <-res:
-		if r.Err != "" {
-			return PingResult{}, fmt.Errorf("tailnet: ping %v: %s", ip, r.Err)
-		}
-		out := PingResult{
-			Latency:        time.Duration(r.LatencySeconds * float64(time.Second)),
-			DERPRegionID:   r.DERPRegionID,
-			DERPRegionCode: r.DERPRegionCode,
-		}
-		if r.Endpoint != "" {
-			ap, err := netip.ParseAddrPort(r.Endpoint)
-			if err != nil {
-				return PingResult{}, fmt.Errorf("tailnet: ping %v: engine reported endpoint %q: %w", ip, r.Endpoint, err)
+	send := func() {
+		c.eng.Ping(ip, tailcfg.PingDisco, 0, func(r *ipnstate.PingResult) {
+			select {
+			case res <- r:
+			default:
 			}
-			out.Endpoint = ap
+		})
+	}
+	send()
+	retry := time.NewTicker(pingRetry)
+	defer retry.Stop()
+	var r *ipnstate.PingResult
+	for r == nil {
+		select {
+		case <-ctx.Done():
+			return PingResult{}, fmt.Errorf("tailnet: ping %v: %w", ip, ctx.Err())
+		case <-c.closeCh:
+			return PingResult{}, net.ErrClosed
+		case <-retry.C:
+			send()
+		case r = <-res:
 		}
-		return out, nil
+	}
+	if r.Err != "" {
+		return PingResult{}, fmt.Errorf("tailnet: ping %v: %s", ip, r.Err)
+	}
+	out := PingResult{
+		Latency:        time.Duration(r.LatencySeconds * float64(time.Second)),
+		DERPRegionID:   r.DERPRegionID,
+		DERPRegionCode: r.DERPRegionCode,
+	}
+	if r.Endpoint != "" {
+		ap, err := netip.ParseAddrPort(r.Endpoint)
+		if err != nil {
+			return PingResult{}, fmt.Errorf("tailnet: ping %v: engine reported endpoint %q: %w", ip, r.Endpoint, err)
+		}
+		out.Endpoint = ap
+	}
+	return out, nil
+}
+
+// pingRetry is how long Ping waits for a pong before pinging again.
+const pingRetry = time.Second
+
+// awaitHomeDERP returns once the home relay has admitted us, or after
+// homeDERPGrace (direct paths may work without it).
+func (c *Conn) awaitHomeDERP(ctx context.Context) error {
+	deadline := time.Now().Add(homeDERPGrace)
+	for {
+		c.mu.RLock()
+		home := c.homeDERP
+		c.mu.RUnlock()
+		if (home != 0 && c.derpConnected(home)) || time.Now().After(deadline) {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for the home relay: %w", ctx.Err())
+		case <-c.closeCh:
+			return net.ErrClosed
+		case <-time.After(20 * time.Millisecond):
+		}
 	}
 }
 

@@ -46,6 +46,11 @@ type DERPNode struct {
 	DERPPort int `json:"derp_port,omitempty"`
 	// STUNPort is the UDP STUN port; 0 means 3478, -1 disables STUN.
 	STUNPort int `json:"stun_port,omitempty"`
+	// STUNPort2 is a second STUN port on the same host, 0 for none. Only
+	// standalone network checks (Netcheck) use it: answers from two
+	// ports tell whether a NAT keeps one public port for every
+	// destination. Older clients ignore the field.
+	STUNPort2 int `json:"stun_port2,omitempty"`
 	// CertFingerprint, if set, is the hex SHA-256 of the server's DER
 	// certificate. The client then accepts exactly that certificate (a
 	// self-signed one, typically) instead of verifying a CA chain.
@@ -129,6 +134,9 @@ func (m *DERPMap) Validate() error {
 			if n.STUNPort < -1 || n.STUNPort > 65535 {
 				return fmt.Errorf("DERP region %d node %q: STUN port %d out of range", r.ID, n.Name, n.STUNPort)
 			}
+			if n.STUNPort2 < 0 || n.STUNPort2 > 65535 || (n.STUNPort2 != 0 && n.STUNPort2 == n.STUNPort) {
+				return fmt.Errorf("DERP region %d node %q: second STUN port %d must be 1-65535 and differ from the first", r.ID, n.Name, n.STUNPort2)
+			}
 			if fp := n.CertFingerprint; fp != "" {
 				if b, err := hex.DecodeString(fp); err != nil || len(b) != sha256.Size {
 					return fmt.Errorf("DERP region %d node %q: cert fingerprint must be 64 hex digits (sha256 of the DER certificate)", r.ID, n.Name)
@@ -171,6 +179,33 @@ func (m *DERPMap) regionCode(id int) string {
 		}
 	}
 	return ""
+}
+
+// secondSTUNRegionBase offsets the IDs of the STUN-only regions that
+// withSecondSTUN adds; they never leave a standalone network check.
+const secondSTUNRegionBase = 1 << 20
+
+// withSecondSTUN is toTailcfg plus, for each node with a second STUN port,
+// a STUN-only region (to be avoided as home) probing that port, so that a
+// network check gets two answers and can tell the NAT's mapping.
+func (m *DERPMap) withSecondSTUN() *tailcfg.DERPMap {
+	dm := m.toTailcfg()
+	for _, r := range m.Regions {
+		for i, n := range r.Nodes {
+			if n.STUNPort2 == 0 || n.STUNPort < 0 {
+				continue
+			}
+			id := secondSTUNRegionBase + r.ID*16 + i
+			dm.Regions[id] = &tailcfg.DERPRegion{
+				RegionID: id, RegionCode: r.Code + "-stun2", RegionName: r.Name + " (second STUN port)", Avoid: true,
+				Nodes: []*tailcfg.DERPNode{{
+					Name: fmt.Sprintf("%d-stun2", id), RegionID: id, HostName: n.HostName,
+					IPv4: n.IPv4, IPv6: n.IPv6, STUNPort: n.STUNPort2, STUNOnly: true,
+				}},
+			}
+		}
+	}
+	return dm
 }
 
 // toTailcfg converts the map to Tailscale's type.

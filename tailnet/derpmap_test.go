@@ -155,3 +155,36 @@ func TestSetDERPMapMovesHome(t *testing.T) {
 		}
 	}
 }
+
+func TestSecondSTUNPort(t *testing.T) {
+	m, err := CoordinatorDERPMap("203.0.113.10:8443", 3478, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.hasSecondSTUN() || len(m.withSecondSTUN().Regions) != 1 {
+		t.Fatal("a map without a second STUN port grew one")
+	}
+	m.Regions[0].Nodes[0].STUNPort2 = 3478
+	if err := m.Validate(); err == nil {
+		t.Error("a second STUN port equal to the first was accepted")
+	}
+	m.Regions[0].Nodes[0].STUNPort2 = 3479
+	if err := m.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	dm := m.withSecondSTUN()
+	if len(dm.Regions) != 2 {
+		t.Fatalf("want the relay region and one STUN-only region, got %d regions", len(dm.Regions))
+	}
+	for id, r := range dm.Regions {
+		if id == m.Regions[0].ID {
+			continue
+		}
+		if !r.Avoid || len(r.Nodes) != 1 || !r.Nodes[0].STUNOnly || r.Nodes[0].STUNPort != 3479 || r.Nodes[0].IPv4 != "203.0.113.10" {
+			t.Errorf("second-port region %d: %+v %+v", id, r, r.Nodes[0])
+		}
+	}
+	if len(m.toTailcfg().Regions) != 1 {
+		t.Error("the map magicsock gets must not carry the second port")
+	}
+}

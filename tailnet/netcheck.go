@@ -75,7 +75,7 @@ func Netcheck(ctx context.Context, logger *slog.Logger, m *DERPMap) (*NetcheckRe
 	if err := client.Standalone(ctx, ":0"); err != nil {
 		return nil, fmt.Errorf("netcheck: open UDP sockets: %w", err)
 	}
-	r, err := client.GetReport(ctx, m.toTailcfg(), nil)
+	r, err := client.GetReport(ctx, m.withSecondSTUN(), nil)
 	if err != nil {
 		return nil, fmt.Errorf("netcheck: %w", err)
 	}
@@ -102,6 +102,18 @@ func Netcheck(ctx context.Context, logger *slog.Logger, m *DERPMap) (*NetcheckRe
 	}
 	if v, ok := r.MappingVariesByDestIP.Get(); ok {
 		out.MappingVariesByDestIP = &v
+	}
+	// The second-port regions only serve the mapping check.
+	for _, lat := range []map[int]time.Duration{out.RegionLatency, out.RegionV4Latency, out.RegionV6Latency} {
+		maps.DeleteFunc(lat, func(id int, _ time.Duration) bool { return id >= secondSTUNRegionBase })
+	}
+	if out.PreferredDERP >= secondSTUNRegionBase {
+		out.PreferredDERP = 0
+		for id, d := range out.RegionLatency {
+			if out.PreferredDERP == 0 || d < out.RegionLatency[out.PreferredDERP] {
+				out.PreferredDERP = id
+			}
+		}
 	}
 	return out, nil
 }

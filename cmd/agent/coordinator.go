@@ -50,6 +50,9 @@ one certificate whichever replica answers.`,
 			if cfg.MeshKey == "" {
 				cfg.MeshKey = env.Getenv("AGENT_MESH_KEY") // a secret, like the URL
 			}
+			if cfg.STUNAddr2 == "off" {
+				cfg.STUNAddr2 = ""
+			}
 			if cfg.STUNAddr == "off" {
 				cfg.STUNAddr = ""
 			}
@@ -86,6 +89,7 @@ one certificate whichever replica answers.`,
 	fs.StringVar(&cfg.DataDir, "data-dir", envOr(env, "AGENT_COORDINATOR_DATA_DIR", defaultCoordinatorDataDir), "directory for the store, the TLS certificate and the admin socket (env AGENT_COORDINATOR_DATA_DIR)")
 	fs.StringVar(&cfg.Listen, "listen", ":8443", "HTTPS listen address")
 	fs.StringVar(&cfg.STUNAddr, "stun-addr", ":3478", `STUN UDP listen address ("off" to disable)`)
+	fs.StringVar(&cfg.STUNAddr2, "stun-addr2", "off", `second STUN UDP listen address, e.g. ":3479", so network checks can tell a NAT's mapping behaviour ("off" for none)`)
 	fs.BoolVar(&cfg.InsecureHTTP, "insecure-http", false, "serve plain HTTP instead of HTTPS (tests only: tokens travel in the clear)")
 	fs.StringVar(&metricsAddr, "metrics-addr", envOr(env, "AGENT_COORDINATOR_METRICS_ADDR", "127.0.0.1:2114"), `serve Prometheus /metrics here, plain HTTP ("" disables; env AGENT_COORDINATOR_METRICS_ADDR)`)
 	fs.StringVar(&cfg.PostgresURL, "postgres-url", "", "keep the store in PostgreSQL, e.g. postgres://USER:PASSWORD@HOST:5432/DATABASE, shared by every coordinator replica (env AGENT_POSTGRES_URL; default: a file in --data-dir)")

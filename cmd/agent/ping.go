@@ -77,7 +77,10 @@ took to come up.`,
 				fmt.Fprintln(out)
 			}
 			if untilDirect && firstDirect == 0 {
-				fmt.Fprintf(out, "no direct path to %s: traffic is relayed through DERP (UDP blocked, or both sides behind hard NAT)\n", ws.Name())
+				fmt.Fprintf(out, "no direct path to %s: traffic is relayed through DERP. Why:\n", ws.Name())
+				for _, line := range ws.WhyNotDirect(ctx) {
+					fmt.Fprintf(out, "  %s\n", line)
+				}
 				return &exitError{code: 1}
 			}
 			if lost > 0 && firstPong == 0 {

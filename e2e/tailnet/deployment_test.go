@@ -77,13 +77,20 @@ type deployment struct {
 
 func newDeployment(t *testing.T, mode netlab.NATMode) *deployment {
 	t.Helper()
+	return newDeploymentWith(t, mode, netlab.DropUnsolicited)
+}
+
+// newDeploymentWith is newDeployment with the workspace router's treatment
+// of unsolicited inbound UDP given (the laptop's router always drops it).
+func newDeploymentWith(t *testing.T, mode netlab.NATMode, workspaceFW netlab.Firewall) *deployment {
+	t.Helper()
 	lab := netlab.New(t)
 	bin := buildAgent(t)
 	d := &deployment{
 		t:       t,
 		bin:     bin,
 		lab:     lab,
-		sites:   lab.NewTwoSites(mode),
+		sites:   lab.NewTwoSitesWith(mode, workspaceFW, netlab.DropUnsolicited),
 		dataDir: t.TempDir(),
 		home:    t.TempDir(),
 	}
@@ -108,7 +115,8 @@ func (d *deployment) startCoordinator() {
 	d.coord = d.sites.Coordinator.Start(d.bin, "coordinator",
 		"--data-dir", d.dataDir,
 		"--listen", d.sites.CoordinatorAddr.String()+":"+coordPort,
-		"--stun-addr", d.sites.CoordinatorAddr.String()+":3478")
+		"--stun-addr", d.sites.CoordinatorAddr.String()+":3478",
+		"--stun-addr2", d.sites.CoordinatorAddr.String()+":3479")
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		var info struct {

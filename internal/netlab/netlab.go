@@ -395,8 +395,33 @@ const (
 	NATEndpointDependent
 )
 
-// Masquerade NATs everything leaving through outIf to outIf's address.
+// Firewall says what a NAT router does with unsolicited inbound UDP to its
+// own public address.
+type Firewall int
+
+const (
+	// DropUnsolicited is a home router's firewall: new inbound UDP to the
+	// public address is dropped before its conntrack entry is confirmed, so
+	// only replies to flows from the LAN get in.
+	DropUnsolicited Firewall = iota
+	// AcceptUnsolicited is a Kubernetes node masquerading its pods with the
+	// default INPUT policy accept: a peer's packet that arrives before the
+	// pod's own leaves a confirmed conntrack entry for the tuple, and
+	// masquerade then gives the pod's outbound flow to that peer another
+	// public port.
+	AcceptUnsolicited
+)
+
+// Masquerade NATs everything leaving through outIf to outIf's address,
+// with a home router's firewall (DropUnsolicited).
 func (ns *Namespace) Masquerade(outIf string, mode NATMode) {
+	ns.lab.t.Helper()
+	ns.MasqueradeWith(outIf, mode, DropUnsolicited)
+}
+
+// MasqueradeWith is Masquerade with the given treatment of unsolicited
+// inbound UDP.
+func (ns *Namespace) MasqueradeWith(outIf string, mode NATMode, fw Firewall) {
 	ns.lab.t.Helper()
 	action := "masquerade"
 	if mode == NATEndpointDependent {
@@ -408,6 +433,10 @@ func (ns *Namespace) Masquerade(outIf string, mode NATMode) {
 	// owns the public port, and masquerade then moves our own outbound flow
 	// to another port, so the mapping would no longer be endpoint
 	// independent.
+	input := fmt.Sprintf("\t\tiifname %q meta l4proto udp ct state new drop\n", outIf)
+	if fw == AcceptUnsolicited {
+		input = ""
+	}
 	ns.Nft(fmt.Sprintf(`table ip netlab_nat {
 	chain postrouting {
 		type nat hook postrouting priority srcnat; policy accept;
@@ -415,10 +444,9 @@ func (ns *Namespace) Masquerade(outIf string, mode NATMode) {
 	}
 	chain input {
 		type filter hook input priority filter; policy accept;
-		iifname %q meta l4proto udp ct state new drop
-	}
+%s	}
 }
-`, outIf, action, outIf))
+`, outIf, action, input))
 }
 
 // DropUDP drops UDP that the namespace forwards or sends, except to or from

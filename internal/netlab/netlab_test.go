@@ -226,3 +226,58 @@ func TestBridgeAndMTU(t *testing.T) {
 		pod.MustRun("ping", "-c", "1", "-W", "2", "10.88.0.1")
 	}
 }
+
+// TestConntrackClash shows the two router kinds apart. Host2 sends to
+// host1's public address and port first (a laptop's early hole punching),
+// then host1 sends from that port to host2. Behind a home router
+// (DropUnsolicited) host1's packet leaves with its port kept and host2's
+// router lets it in as a reply. Behind a router that accepts unsolicited
+// UDP, host2's packet left a conntrack entry on router1 that owns the port,
+// so host1's flow leaves from another port and host2's router drops it.
+func TestConntrackClash(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		fw       Firewall
+		wantRecv bool
+	}{
+		{"DropUnsolicited", DropUnsolicited, true},
+		{"AcceptUnsolicited", AcceptUnsolicited, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			lab := New(t)
+			ts := lab.NewTwoSitesWith(NATEndpointIndependent, tc.fw, DropUnsolicited)
+			h1, err := ts.Host1.ListenPacket("udp4", ":0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer h1.Close()
+			h2, err := ts.Host2.ListenPacket("udp4", ":0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer h2.Close()
+			p1 := h1.LocalAddr().(*net.UDPAddr).Port
+			p2 := h2.LocalAddr().(*net.UDPAddr).Port
+			// Endpoint-independent mapping keeps the ports when they are free.
+			pub1 := &net.UDPAddr{IP: ts.Site1.Public.AsSlice(), Port: p1}
+			pub2 := &net.UDPAddr{IP: ts.Site2.Public.AsSlice(), Port: p2}
+			if _, err := h2.WriteTo([]byte("early"), pub1); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(100 * time.Millisecond)
+			if _, err := h1.WriteTo([]byte("hello"), pub2); err != nil {
+				t.Fatal(err)
+			}
+			_ = h2.SetReadDeadline(time.Now().Add(time.Second))
+			buf := make([]byte, 100)
+			n, from, err := h2.ReadFrom(buf)
+			got := err == nil && string(buf[:n]) == "hello"
+			if got != tc.wantRecv {
+				t.Errorf("host2 received host1's packet: %v (from %v, err %v), want %v", got, from, err, tc.wantRecv)
+			}
+			if got && from.String() != pub1.String() {
+				t.Errorf("host1's packet came from %v, want its kept port %v", from, pub1)
+			}
+		})
+	}
+}

@@ -89,6 +89,14 @@ type Site struct {
 // wan0 in the given mode.
 func (in *Internet) NATRouter(name, publicAddr, lanCIDR string, mode NATMode) *Site {
 	in.lab.t.Helper()
+	return in.NATRouterWith(name, publicAddr, lanCIDR, mode, DropUnsolicited)
+}
+
+// NATRouterWith is NATRouter with the given treatment of unsolicited
+// inbound UDP: DropUnsolicited for a home router, AcceptUnsolicited for a
+// Kubernetes node.
+func (in *Internet) NATRouterWith(name, publicAddr, lanCIDR string, mode NATMode, fw Firewall) *Site {
+	in.lab.t.Helper()
 	pub := netip.MustParseAddr(publicAddr)
 	lan := netip.MustParsePrefix(lanCIDR).Masked()
 	gw := lan.Addr().Next()
@@ -97,7 +105,7 @@ func (in *Internet) NATRouter(name, publicAddr, lanCIDR string, mode NATMode) *S
 	r.Route("default via " + in.Gateway.String())
 	r.Bridge("lan0", cidr(gw, lan))
 	r.EnableForwarding()
-	r.Masquerade("wan0", mode)
+	r.MasqueradeWith("wan0", mode, fw)
 	return &Site{lab: in.lab, Router: r, Public: pub, LAN: lan, Gateway: gw}
 }
 
@@ -146,11 +154,20 @@ type TwoSites struct {
 // NAT mode.
 func (l *Lab) NewTwoSites(mode NATMode) *TwoSites {
 	l.t.Helper()
+	return l.NewTwoSitesWith(mode, DropUnsolicited, DropUnsolicited)
+}
+
+// NewTwoSitesWith builds the TwoSites topology with each router's treatment
+// of unsolicited inbound UDP given: site1 (the workspace's, in the e2e
+// tests) AcceptUnsolicited and site2 DropUnsolicited is a pod on a
+// Kubernetes node reached from a laptop at home.
+func (l *Lab) NewTwoSitesWith(mode NATMode, site1, site2 Firewall) *TwoSites {
+	l.t.Helper()
 	in := l.Internet()
 	ts := &TwoSites{Internet: in, CoordinatorAddr: netip.MustParseAddr("203.0.113.10")}
 	ts.Coordinator = in.Host("coord", ts.CoordinatorAddr.String())
-	ts.Site1 = in.NATRouter("router1", "203.0.113.11", "10.1.0.0/24", mode)
-	ts.Site2 = in.NATRouter("router2", "203.0.113.12", "10.2.0.0/24", mode)
+	ts.Site1 = in.NATRouterWith("router1", "203.0.113.11", "10.1.0.0/24", mode, site1)
+	ts.Site2 = in.NATRouterWith("router2", "203.0.113.12", "10.2.0.0/24", mode, site2)
 	ts.Host1, ts.Host1Addr = ts.Site1.Host("host1")
 	ts.Host2, ts.Host2Addr = ts.Site2.Host("host2")
 	return ts
