@@ -15,7 +15,6 @@ import (
 	"maps"
 	"math/rand/v2"
 	"net/http"
-	"net/url"
 	"slices"
 	"strings"
 	"sync"
@@ -37,7 +36,10 @@ type Config struct {
 	// Fingerprint pins the coordinator's certificate (hex SHA-256 of its
 	// DER encoding). Empty: verify with the system roots.
 	Fingerprint string
-	Logger      *slog.Logger
+	// InsecureHTTP allows an http:// URL, sending the token in cleartext.
+	// Without it such a URL is refused before anything is sent.
+	InsecureHTTP bool
+	Logger       *slog.Logger
 	// Software names this program in the coordinator's logs.
 	Software string
 
@@ -254,7 +256,7 @@ func (c *Client) wake() {
 // so peers learn this peer left on purpose, and returns ctx's error) or the
 // coordinator refuses the credentials for good (*PermanentError).
 func (c *Client) Run(ctx context.Context) error {
-	wsURL, err := coordinateURL(c.cfg.URL)
+	wsURL, err := coordinateURL(c.cfg.URL, c.cfg.Fingerprint, c.cfg.InsecureHTTP)
 	if err != nil {
 		return err
 	}
@@ -297,18 +299,10 @@ func (c *Client) Run(ctx context.Context) error {
 	}
 }
 
-func coordinateURL(base string) (string, error) {
-	u, err := url.Parse(strings.TrimSpace(base))
-	if err != nil || u.Host == "" {
-		return "", fmt.Errorf("coordinator URL %q: want https://host[:port]", base)
-	}
-	switch u.Scheme {
-	case "https", "wss":
-		u.Scheme = "https"
-	case "http", "ws":
-		u.Scheme = "http"
-	default:
-		return "", fmt.Errorf("coordinator URL %q: scheme must be https (or http for tests)", base)
+func coordinateURL(base, fingerprint string, insecureHTTP bool) (string, error) {
+	u, err := ParseURL(base, fingerprint, insecureHTTP)
+	if err != nil {
+		return "", err
 	}
 	u.Path = strings.TrimRight(u.Path, "/") + protocol.CoordinatePath
 	u.RawQuery, u.Fragment = "", ""
