@@ -133,6 +133,12 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		defer stop()
 	}
+	if stop, err := a.serveStatusSocket(); err != nil {
+		// Health and service go on; only the owner's detailed view is lost.
+		a.log.Warn("no owner-only status socket", "err", err)
+	} else {
+		defer stop()
+	}
 
 	coordDone := make(chan error, 1)
 	go func() { coordDone <- a.coord.Run(ctx) }()

@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
 
 	"github.com/agentd/agent/agent"
 	"github.com/agentd/agent/agent/reaper"
@@ -40,6 +41,13 @@ whose group has other members is warned about. See docs/security.md.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log := env.Logger()
+			// Before the token is in memory: processes of the same uid
+			// (every SSH session) may not read /proc/PID/environ or mem of
+			// the agent, nor attach a debugger. OpenSSH's sshd does the
+			// same. Children are dumpable again after exec.
+			if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
+				log.Warn("could not protect the agent's memory from processes of the same user", "err", err)
+			}
 			tok, src, err := loadToken(env, token, tokenFile)
 			if err != nil {
 				return err

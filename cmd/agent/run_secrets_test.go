@@ -4,11 +4,15 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -104,12 +108,21 @@ func TestRunRefusesExposedSecretsAndPlainHTTP(t *testing.T) {
 		"a pin needs https://")
 }
 
-// TestRunScrubsTokenFromProcess starts the real agent with its token on
-// the command line and in the environment, as the issue's attacker found
-// it, and checks that neither /proc/PID/cmdline nor /proc/PID/environ of
-// the running agent nor an SSH session's environment shows it.
+// TestRunScrubsTokenFromProcess starts the real agent as an unprivileged
+// user with its token on the command line and in the
+// environment, as the issue's attacker found it, and checks that neither
+// /proc/PID/cmdline nor /proc/PID/environ of the running agent nor an SSH
+// session's environment shows it, and that a session (same uid as the
+// agent) cannot read the agent's environment at all.
+//
+// It also checks what another local user gets from the health listener
+// and the status socket.
 func TestRunScrubsTokenFromProcess(t *testing.T) {
+	// A bare numeric uid, as containers often run the agent: its sessions
+	// get /bin/sh.
+	const agentUID, stranger = 4243, 4242
 	bin := buildAgent(t)
+	openPath(t, filepath.Dir(bin))
 	dir := t.TempDir()
 	coordDir := filepath.Join(dir, "coord")
 	if err := os.Mkdir(coordDir, 0o700); err != nil {
@@ -140,10 +153,22 @@ func TestRunScrubsTokenFromProcess(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	home := t.TempDir()
+	openPath(t, home)
+	if err := os.Chown(home, agentUID, agentUID); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(home, 0o700); err != nil {
+		t.Fatal(err)
+	}
 	var logs lockedBuffer
+	healthAddr := freeTCPAddr(t)
+	stateDir := filepath.Join(home, "agent-state")
 	agentCmd := exec.Command(bin, "run", "--coordinator-url", srv.URL(), "--fingerprint", srv.Fingerprint(),
-		"--token", ws.Secret, "--data-dir", filepath.Join(dir, "agent-state"), "--health-addr", "")
-	agentCmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + dir, "AGENT_TOKEN=" + ws.Secret}
+		"--token", ws.Secret, "--data-dir", stateDir, "--health-addr", healthAddr)
+	agentCmd.Env = []string{"PATH=/usr/local/bin:/usr/bin:/bin", "HOME=" + home, "AGENT_TOKEN=" + ws.Secret}
+	agentCmd.Dir = home
+	agentCmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: agentUID, Gid: agentUID}}
 	agentCmd.Stdout, agentCmd.Stderr = &logs, &logs
 	if err := agentCmd.Start(); err != nil {
 		t.Fatal(err)
@@ -181,30 +206,159 @@ func TestRunScrubsTokenFromProcess(t *testing.T) {
 		t.Errorf("the agent logged its token:\n%s", logs.String())
 	}
 
-	// A session started by the agent sees neither the token nor where it was.
+	// A session started by the agent sees neither the token nor where it
+	// was, and cannot read the agent's environment.
 	sctx, scancel := context.WithTimeout(ctx, 60*time.Second)
 	defer scancel()
-	ssh := exec.CommandContext(sctx, bin, "ssh", "ws1", "--", "sh", "-c", fmt.Sprintf("env; echo; tr '\\0' '\\n' </proc/%d/environ", pid))
+	ssh := exec.CommandContext(sctx, bin, "ssh", "ws1", "--", "sh", "-c",
+		fmt.Sprintf("env; echo; cat /proc/%d/environ >/dev/null 2>&1 && echo AGENT-ENVIRON-READABLE || echo AGENT-ENVIRON-DENIED", pid))
 	ssh.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + dir, "XDG_CONFIG_HOME=" + dir,
 		"AGENT_URL=" + srv.URL(), "AGENT_TOKEN=" + ut.Secret, "AGENT_FINGERPRINT=" + srv.Fingerprint()}
 	out, err := ssh.CombinedOutput()
 	if err != nil {
 		t.Fatalf("agent ssh: %v\n%s\nagent log:\n%s", err, out, logs.String())
 	}
-	if !strings.Contains(string(out), "PATH=") {
+	session, verdict, _ := strings.Cut(string(out), "\n\n")
+	if !strings.Contains(session, "PATH=") {
 		t.Fatalf("the session printed no environment:\n%s", out)
 	}
-	// The session's own environment, then the agent's as the session sees
-	// it: the descriptor number it was handed the token on may show there.
-	session, agentEnv, _ := strings.Cut(string(out), "\n\n")
 	for _, bad := range []string{ws.Secret, "AGENT_TOKEN"} {
 		if strings.Contains(session, bad) {
 			t.Errorf("a session's environment contains %q:\n%s", bad, session)
 		}
 	}
-	for _, bad := range []string{ws.Secret, "AGENT_TOKEN="} {
-		if strings.Contains(agentEnv, bad) {
-			t.Errorf("the agent's environment, read from a session, contains %q:\n%s", bad, agentEnv)
+	if !strings.Contains(verdict, "AGENT-ENVIRON-DENIED") {
+		t.Errorf("a session running as the agent's uid could read /proc/%d/environ: %s", pid, verdict)
+	}
+
+	checkHealthForOtherUsers(t, healthAddr, stateDir, agentUID, stranger)
+}
+
+// openPath lets other users traverse dir and its parent (test temporary
+// directories are 0700 root).
+func openPath(t *testing.T, dir string) {
+	t.Helper()
+	for _, d := range []string{dir, filepath.Dir(dir)} {
+		if err := os.Chmod(d, 0o711); err != nil {
+			t.Fatal(err)
 		}
+	}
+}
+
+// freeTCPAddr returns a loopback address nothing listens on just now.
+func freeTCPAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// curlAs runs curl as uid and returns the HTTP status code and body; code
+// 0 means no HTTP answer.
+func curlAs(t *testing.T, uid uint32, args ...string) (int, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "curl", append([]string{"-s", "-w", "\n%{http_code}"}, args...)...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
+	out, _ := cmd.Output()
+	s := strings.TrimRight(string(out), "\n")
+	i := strings.LastIndex(s, "\n")
+	code, _ := strconv.Atoi(s[i+1:])
+	if i < 0 {
+		return code, ""
+	}
+	return code, s[:i]
+}
+
+// checkHealthForOtherUsers: another local user gets the bare health and
+// readiness, never peers or users; the owner gets the full status on the
+// socket in the data directory, and nobody else does even when the socket
+// is opened up by mistake.
+func checkHealthForOtherUsers(t *testing.T, healthAddr, stateDir string, owner, other uint32) {
+	base := "http://" + healthAddr
+	code, body := curlAs(t, other, base+"/readyz")
+	if code != http.StatusOK || !strings.Contains(body, `"ready": true`) || !strings.Contains(body, `"name": "ws1"`) {
+		t.Errorf("/readyz for another user: %d %s", code, body)
+	}
+	for _, leak := range []string{"peers", "alice", "addresses"} {
+		if strings.Contains(body, leak) {
+			t.Errorf("/readyz shows %q to every local user:\n%s", leak, body)
+		}
+	}
+	if code, body := curlAs(t, other, base+"/status"); code != http.StatusForbidden || !strings.Contains(body, "status.sock") {
+		t.Errorf("/status for another user: %d %s", code, body)
+	}
+	if code, body := curlAs(t, other, base+"/metrics"); code != http.StatusOK || strings.Contains(body, "agent_peer_path") || !strings.Contains(body, "agent_connections_total") {
+		t.Errorf("/metrics for another user: %d, peer_path shown=%v", code, strings.Contains(body, "agent_peer_path"))
+	}
+
+	sock := filepath.Join(stateDir, "status.sock")
+	code, body = curlAs(t, owner, "--unix-socket", sock, "http://agent/status")
+	if code != http.StatusOK || !strings.Contains(body, `"peers"`) || !strings.Contains(body, `"name": "ws1"`) {
+		t.Errorf("owner's /status on %s: %d %s", sock, code, body)
+	}
+	if st, err := os.Stat(sock); err != nil || st.Mode().Perm() != 0o600 {
+		t.Errorf("status socket: %v, want mode 0600", err)
+	}
+	if code, body := curlAs(t, other, "--unix-socket", sock, "http://agent/status"); code == http.StatusOK || strings.Contains(body, "peers") {
+		t.Errorf("another user on the status socket: %d %s", code, body)
+	}
+	// Opened up by mistake: the peer credential check still refuses.
+	for _, d := range []string{stateDir, filepath.Dir(stateDir)} {
+		if err := os.Chmod(d, 0o711); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Chmod(sock, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	if code, body := curlAs(t, other, "--unix-socket", sock, "http://agent/status"); code != http.StatusForbidden || strings.Contains(body, "peers") {
+		t.Errorf("another user on an opened-up status socket: %d %s", code, body)
+	}
+}
+
+// TestAdminAsAnotherUserSaysWhatItNeeds runs the real `agent admin` as a
+// user who neither is root nor owns the data directory, with and without a
+// running coordinator: one line saying who may, not a database error.
+func TestAdminAsAnotherUserSaysWhatItNeeds(t *testing.T) {
+	const stranger = 4242
+	bin := buildAgent(t)
+	openPath(t, filepath.Dir(bin))
+	dir := t.TempDir()
+	openPath(t, dir)
+	coordDir := filepath.Join(dir, "coord")
+	if err := os.Mkdir(coordDir, 0o755); err != nil { // readable, as a careless install leaves it
+		t.Fatal(err)
+	}
+	run := func() string {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, bin, "admin", "--data-dir", coordDir, "list")
+		cmd.Env = []string{"PATH=/usr/bin:/bin", "HOME=/"}
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: stranger, Gid: stranger}}
+		out, err := cmd.CombinedOutput()
+		if err == nil {
+			t.Fatalf("agent admin as uid %d succeeded:\n%s", stranger, out)
+		}
+		return string(out)
+	}
+	want := "needs root or the owner of the coordinator's data directory " + coordDir
+	if out := run(); !strings.Contains(out, want) || !strings.Contains(out, "root (uid 0)") || strings.Contains(out, "bolt") || strings.Contains(out, ".db") {
+		t.Errorf("offline: %s", out)
+	}
+	srv, err := coordinator.New(coordinator.Config{DataDir: coordDir, Listen: "127.0.0.1:0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	if out := run(); !strings.Contains(out, want) {
+		t.Errorf("with a running coordinator: %s", out)
 	}
 }
