@@ -272,6 +272,8 @@ func (a *Agent) startServices(ctx context.Context, conn *tailnet.Conn) (*service
 	s := &services{ssh: ssh, forward: fwd, api: &http.Server{
 		Handler:           a.apiHandler(),
 		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       90 * time.Second,
+		MaxHeaderBytes:    64 << 10,
 	}}
 	s.wg.Add(2)
 	go func() {

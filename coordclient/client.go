@@ -16,6 +16,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -289,6 +290,11 @@ func (c *Client) Run(ctx context.Context) error {
 			}
 		}
 		wait := backoff/2 + rand.N(backoff/2+1)
+		var later *retryLaterError
+		if errors.As(err, &later) && wait < later.after {
+			// The coordinator said when: come back then, spread a little.
+			wait = later.after + rand.N(later.after/4+1)
+		}
 		c.logger.Warn("waiting to reconnect to the coordinator", "url", c.cfg.URL, "in", wait.Round(time.Millisecond), "err", err)
 		select {
 		case <-ctx.Done():
@@ -588,8 +594,30 @@ func (c *Client) pingLoop(ctx context.Context, conn *websocket.Conn, cancel cont
 	}
 }
 
+// retryLaterError is a refusal that says when to try again (HTTP 429
+// with Retry-After): the coordinator's per-token or per-address limits.
+type retryLaterError struct {
+	err   error
+	after time.Duration
+}
+
+func (e *retryLaterError) Error() string { return e.err.Error() }
+func (e *retryLaterError) Unwrap() error { return e.err }
+
 // dialError words a failed dial; a refusal of the token is permanent.
 func dialError(err error, resp *http.Response) error {
+	err = dialErrorText(err, resp)
+	if resp != nil && resp.StatusCode == http.StatusTooManyRequests {
+		secs, perr := strconv.Atoi(resp.Header.Get("Retry-After"))
+		if perr != nil || secs < 1 {
+			secs = 1
+		}
+		return &retryLaterError{err: err, after: time.Duration(min(secs, 300)) * time.Second}
+	}
+	return err
+}
+
+func dialErrorText(err error, resp *http.Response) error {
 	var mm *MismatchError
 	if errors.As(err, &mm) {
 		return &PermanentError{Err: &protocol.Error{Code: CodeCertificateMismatch, Message: mm.Error()}}

@@ -57,6 +57,9 @@ type Config struct {
 	ReauthInterval time.Duration
 	// MaxTunnels bounds the tunnels one client session may hold (default 256).
 	MaxTunnels int
+	// Limits bounds sessions per token and per address, and HTTP idle and
+	// header times (see EdgeLimits for the defaults).
+	Limits EdgeLimits
 
 	// Metrics, if set, receives the coordinator's metric set; serving it
 	// (on a private address) is the caller's job.
@@ -85,6 +88,7 @@ func (c *Config) setDefaults() {
 	if c.MaxTunnels <= 0 {
 		c.MaxTunnels = 256
 	}
+	c.Limits.setDefaults()
 }
 
 // errShutdown ends sessions when the coordinator stops.
@@ -103,6 +107,7 @@ type Server struct {
 	httpSrv     *http.Server
 	adminSrv    *http.Server
 	metrics     *metrics.Coordinator
+	edge        *edge
 	fingerprint string
 	firstStart  bool
 	resume      resumeSigner
@@ -137,7 +142,7 @@ func New(cfg Config) (s *Server, err error) {
 	if cfg.Metrics != nil {
 		m = metrics.NewCoordinator(cfg.Metrics)
 	}
-	s = &Server{cfg: cfg, logger: cfg.Logger, store: st, core: newCore(m), metrics: m, reauthKick: make(chan struct{}, 1)}
+	s = &Server{cfg: cfg, logger: cfg.Logger, store: st, core: newCore(m), metrics: m, edge: newEdge(cfg.Limits, m), reauthKick: make(chan struct{}, 1)}
 	defer func() {
 		if err != nil {
 			s.closeAll()
@@ -209,14 +214,20 @@ func New(cfg Config) (s *Server, err error) {
 	errLog := slog.NewLogLogger(cfg.Logger.With("component", "http").Handler(), slog.LevelDebug)
 	s.httpSrv = &http.Server{
 		Handler:           s.routes(),
-		ReadHeaderTimeout: 10 * time.Second,
-		ErrorLog:          errLog,
+		ReadHeaderTimeout: cfg.Limits.HTTPHeaderTimeout,
+		// Idle keep-alive connections are closed; upgraded ones
+		// (coordination, DERP) are hijacked and keep their own pings.
+		IdleTimeout:    cfg.Limits.HTTPIdleTimeout,
+		MaxHeaderBytes: 64 << 10,
+		ErrorLog:       errLog,
 		// An empty map turns HTTP/2 off (see tlsCfg).
 		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
 	}
 	s.adminSrv = &http.Server{
-		Handler:  admin.NewHandler(&admin.Local{Store: st, InfoFn: s.info, Changed: s.kickReauth}),
-		ErrorLog: errLog,
+		Handler:           admin.NewHandler(&admin.Local{Store: st, InfoFn: s.info, Changed: s.kickReauth}),
+		ReadHeaderTimeout: cfg.Limits.HTTPHeaderTimeout,
+		IdleTimeout:       cfg.Limits.HTTPIdleTimeout,
+		ErrorLog:          errLog,
 	}
 	return s, nil
 }

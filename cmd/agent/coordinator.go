@@ -55,7 +55,8 @@ data directory).`,
 			if metricsLn != nil {
 				mux := http.NewServeMux()
 				mux.Handle("/metrics", cfg.Metrics.Handler())
-				ms := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+				ms := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second,
+					WriteTimeout: 30 * time.Second, IdleTimeout: cfg.Limits.HTTPIdleTimeout}
 				go ms.Serve(metricsLn)
 				defer ms.Close()
 			}
@@ -73,6 +74,15 @@ data directory).`,
 	fs.StringVar(&cfg.STUNAddr, "stun-addr", ":3478", `STUN UDP listen address ("off" to disable)`)
 	fs.BoolVar(&cfg.InsecureHTTP, "insecure-http", false, "serve plain HTTP instead of HTTPS (tests only: tokens travel in the clear)")
 	fs.StringVar(&metricsAddr, "metrics-addr", envOr(env, "AGENT_COORDINATOR_METRICS_ADDR", "127.0.0.1:2114"), `serve Prometheus /metrics here, plain HTTP ("" disables; env AGENT_COORDINATOR_METRICS_ADDR)`)
+	l := &cfg.Limits
+	fs.IntVar(&l.MaxSessionsPerToken, "max-sessions-per-token", coordinator.DefaultMaxSessionsPerToken, "coordination sessions one token may hold open at once (each agent ssh / port-forward holds one)")
+	fs.IntVar(&l.MaxSessionsPerAddress, "max-sessions-per-address", coordinator.DefaultMaxSessionsPerAddress, "coordination sessions one client IP address may hold open at once (behind a reverse proxy, every client has its address)")
+	fs.Float64Var(&l.SessionRatePerToken, "session-rate-per-token", coordinator.DefaultSessionRatePerToken, "new coordination sessions per second one token may open, after --session-burst-per-token")
+	fs.IntVar(&l.SessionBurstPerToken, "session-burst-per-token", coordinator.DefaultSessionBurstPerToken, "new coordination sessions one token may open at once")
+	fs.Float64Var(&l.SessionRatePerAddress, "session-rate-per-address", coordinator.DefaultSessionRatePerAddress, "new coordination sessions per second one client IP address may open, after --session-burst-per-address (counted before the token is checked)")
+	fs.IntVar(&l.SessionBurstPerAddress, "session-burst-per-address", coordinator.DefaultSessionBurstPerAddr, "new coordination sessions one client IP address may open at once")
+	fs.DurationVar(&l.HTTPIdleTimeout, "http-idle-timeout", coordinator.DefaultHTTPIdleTimeout, "close keep-alive HTTP connections idle this long (coordination and DERP connections keep their own pings)")
+	fs.DurationVar(&l.HTTPHeaderTimeout, "http-header-timeout", coordinator.DefaultHTTPHeaderTimeout, "close connections that take longer to send a request's headers")
 	fs.StringVar(&cfg.AccessURL, "access-url", "", "URL peers use to reach this coordinator, e.g. https://coord.example.com:8443 (shown in instructions; added to the certificate's names on first start)")
 	return cmd
 }
