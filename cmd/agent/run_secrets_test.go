@@ -69,6 +69,31 @@ func runAgentOnce(t *testing.T, bin string, env []string, args []string, wants .
 	}
 }
 
+// startedOutput runs the agent until it is waiting for the (unreachable)
+// coordinator and returns what it logged by then.
+func startedOutput(t *testing.T, bin string, env, args []string) string {
+	t.Helper()
+	var out lockedBuffer
+	cmd := exec.Command(bin, args...)
+	cmd.Env = env
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+	}()
+	deadline := time.Now().Add(20 * time.Second)
+	for !strings.Contains(out.String(), "waiting for the coordinator") {
+		if time.Now().After(deadline) {
+			t.Fatalf("agent %s: not waiting for the coordinator within 20 s:\n%s", strings.Join(args, " "), out.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return out.String()
+}
+
 // TestRunRefusesExposedSecretsAndPlainHTTP runs the real `agent run` on
 // files with the permissions an attacker hopes for; each is refused before
 // anything is sent, with the command that fixes it.
@@ -101,6 +126,29 @@ func TestRunRefusesExposedSecretsAndPlainHTTP(t *testing.T) {
 		"readable by every local user", "chmod 600 "+openTok, "--allow-insecure-permissions")
 	runAgentOnce(t, bin, env, append(base, "--token-file", goodTok, "--data-dir", openDir),
 		"writable by every local user", "chmod 700 "+openDir)
+	// A group-readable file: a warning when the group has other members
+	// (nogroup holds nobody), none for a group of the agent's own (root's
+	// group here, as a Kubernetes fsGroup Secret is the pod's own).
+	sharedTok := filepath.Join(dir, "shared.token")
+	if err := os.WriteFile(sharedTok, []byte("agt_x\n"), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(sharedTok, 0, 65534); err != nil {
+		t.Fatal(err)
+	}
+	if out := startedOutput(t, bin, env, append(base, "--token-file", sharedTok, "--data-dir", data)); !strings.Contains(out, "readable by group nogroup") || !strings.Contains(out, "nobody") {
+		t.Errorf("a token file readable by nogroup: no warning naming the group and its members:\n%s", out)
+	}
+	if out := startedOutput(t, bin, env, append(base, "--token-file", goodTok, "--data-dir", data)); strings.Contains(out, "readable by group") {
+		t.Errorf("a 0600 token file drew a warning:\n%s", out)
+	}
+	ownGroupTok := filepath.Join(dir, "own-group.token")
+	if err := os.WriteFile(ownGroupTok, []byte("agt_x\n"), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	if out := startedOutput(t, bin, env, append(base, "--token-file", ownGroupTok, "--data-dir", data)); strings.Contains(out, "readable by group") {
+		t.Errorf("a token file readable only by the agent's own group drew a warning:\n%s", out)
+	}
 	runAgentOnce(t, bin, env, []string{"run", "--health-addr", "", "--coordinator-url", "http://192.0.2.1:1", "--token-file", goodTok, "--data-dir", data},
 		"plain HTTP", "--insecure-http")
 	runAgentOnce(t, bin, env, []string{"run", "--health-addr", "", "--coordinator-url", "http://192.0.2.1:1", "--insecure-http",
