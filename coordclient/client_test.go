@@ -2,6 +2,7 @@ package coordclient
 
 import (
 	"context"
+	"io"
 	"net"
 	"net/http"
 	"strings"
@@ -137,5 +138,42 @@ func TestProfileEnvOverridesFile(t *testing.T) {
 	// HOME fallback.
 	if path, _ := ProfilePath(func(k string) string { return map[string]string{"HOME": "/home/x"}[k] }); path != "/home/x/.config/agent/config.json" {
 		t.Fatalf("HOME fallback: %q", path)
+	}
+}
+
+// TestRetryAfterIsHonoured: a coordinator that refuses with 429 and
+// Retry-After (its per-token or per-address limits) is not dialled again
+// before that time, however short the client's own backoff.
+func TestRetryAfterIsHonoured(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var attempts []time.Time
+	srv := &http.Server{ReadHeaderTimeout: 5 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		attempts = append(attempts, time.Now())
+		mu.Unlock()
+		w.Header().Set("Retry-After", "2")
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusTooManyRequests)
+		io.WriteString(w, `{"code":"limit_exceeded","message":"too many coordination sessions from this token; retry in 2s"}`)
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+
+	ctx, cancel := context.WithTimeout(context.Background(), 3500*time.Millisecond)
+	defer cancel()
+	c := New(Config{URL: "http://" + ln.Addr().String(), Token: "usr_x", InsecureHTTP: true,
+		MinBackoff: 10 * time.Millisecond, MaxBackoff: 20 * time.Millisecond}, HandlerFuncs{})
+	c.Run(ctx)
+	mu.Lock()
+	defer mu.Unlock()
+	if len(attempts) != 2 {
+		t.Fatalf("%d attempts in 3.5 s against Retry-After: 2, want 2", len(attempts))
+	}
+	if gap := attempts[1].Sub(attempts[0]); gap < 2*time.Second {
+		t.Fatalf("retried after %v, before the coordinator's Retry-After of 2 s", gap)
 	}
 }

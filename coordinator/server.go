@@ -430,6 +430,13 @@ func writeHTTPError(w http.ResponseWriter, status int, e *protocol.Error) {
 }
 
 func (s *Server) handleWhoAmI(w http.ResponseWriter, r *http.Request) {
+	// The per-address bucket slows down guessing tokens here too.
+	release, le := s.edge.byAddr.admit(addrKey(r.RemoteAddr), time.Now())
+	if le != nil {
+		s.edge.refuse(w, le)
+		return
+	}
+	defer release()
 	p, perr := s.authenticate(r)
 	if perr != nil {
 		writeHTTPError(w, http.StatusUnauthorized, perr)
