@@ -172,34 +172,8 @@ func TestRunScrubsTokenFromProcess(t *testing.T) {
 	bin := buildAgent(t)
 	openPath(t, filepath.Dir(bin))
 	dir := t.TempDir()
-	coordDir := filepath.Join(dir, "coord")
-	if err := os.Mkdir(coordDir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	srv, err := coordinator.New(coordinator.Config{DataDir: coordDir, Listen: "127.0.0.1:0"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
-
-	ac, err := admin.DialSocket(ctx, admin.SocketPath(coordDir))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := ac.CreateUser("alice"); err != nil {
-		t.Fatal(err)
-	}
-	ws, err := ac.CreateAgent("ws1", "alice")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ut, err := ac.CreateToken(store.KindUser, "alice", time.Time{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ctx := context.Background()
+	srv, ac, ws, ut := startSecretsCoordinator(t, dir)
 
 	home := t.TempDir()
 	openPath(t, home)
@@ -227,17 +201,7 @@ func TestRunScrubsTokenFromProcess(t *testing.T) {
 		agentCmd.Wait()
 	})
 
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		info, err := ac.Info()
-		if err == nil && len(info.Peers) > 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the agent did not register within 30 s:\n%s", logs.String())
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	waitRegistered(t, ac, &logs)
 	for _, f := range []string{"cmdline", "environ"} {
 		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/%s", pid, f))
 		if err != nil {
@@ -280,6 +244,127 @@ func TestRunScrubsTokenFromProcess(t *testing.T) {
 	}
 
 	checkHealthForOtherUsers(t, healthAddr, stateDir, agentUID, stranger)
+}
+
+// startSecretsCoordinator runs a coordinator with user alice, her agent
+// ws1 and a user token.
+func startSecretsCoordinator(t *testing.T, dir string) (*coordinator.Server, *admin.Client, admin.AgentCreated, admin.TokenCreated) {
+	t.Helper()
+	coordDir := filepath.Join(dir, "coord")
+	if err := os.Mkdir(coordDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	srv, err := coordinator.New(coordinator.Config{DataDir: coordDir, Listen: "127.0.0.1:0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	ac, err := admin.DialSocket(ctx, admin.SocketPath(coordDir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ac.CreateUser("alice"); err != nil {
+		t.Fatal(err)
+	}
+	ws, err := ac.CreateAgent("ws1", "alice")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ut, err := ac.CreateToken(store.KindUser, "alice", time.Time{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return srv, ac, ws, ut
+}
+
+// waitRegistered waits until an agent is connected to the coordinator.
+func waitRegistered(t *testing.T, ac *admin.Client, logs *lockedBuffer) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		info, err := ac.Info()
+		if err == nil && len(info.Peers) > 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the agent did not register within 30 s:\n%s", logs.String())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestRunAsPID1HandsTheTokenToItsChild runs the agent as PID 1 of a new
+// PID namespace, as a container starts it, with the token in its
+// environment: PID 1 re-executes itself without it, reaps, and hands the
+// token to the agent child on a pipe; the agent registers, and neither
+// process's /proc environment or command line shows the token.
+func TestRunAsPID1HandsTheTokenToItsChild(t *testing.T) {
+	bin := buildAgent(t)
+	dir := t.TempDir()
+	srv, ac, ws, _ := startSecretsCoordinator(t, dir)
+	var logs lockedBuffer
+	cmd := exec.Command("unshare", "--pid", "--fork", "--kill-child", bin, "run", "--coordinator-url", srv.URL(),
+		"--fingerprint", srv.Fingerprint(), "--data-dir", filepath.Join(dir, "state"), "--health-addr", "")
+	cmd.Env = []string{"PATH=/usr/local/bin:/usr/bin:/bin", "HOME=" + dir, "AGENT_TOKEN=" + ws.Secret}
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	// unshare's child is the namespace's PID 1; the agent is its child.
+	// Killing PID 1 ends the namespace, then unshare returns; WaitDelay
+	// keeps a failure before PID 1 is known from hanging the test.
+	cmd.WaitDelay = 5 * time.Second
+	var pid1 int
+	t.Cleanup(func() {
+		if pid1 > 0 {
+			syscall.Kill(pid1, syscall.SIGKILL)
+		}
+		cmd.Process.Kill()
+		cmd.Wait()
+	})
+	pid1 = onlyChild(t, cmd.Process.Pid)
+	waitRegistered(t, ac, &logs)
+	if !strings.Contains(logs.String(), "running as PID 1") {
+		t.Fatalf("the agent did not run as PID 1 with a reaper:\n%s", logs.String())
+	}
+	agentPID := onlyChild(t, pid1)
+	for _, pid := range []int{pid1, agentPID} {
+		for _, f := range []string{"cmdline", "environ"} {
+			b, err := os.ReadFile(fmt.Sprintf("/proc/%d/%s", pid, f))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if bytes.Contains(b, []byte(ws.Secret)) {
+				t.Errorf("/proc/%d/%s shows the token", pid, f)
+			}
+		}
+	}
+}
+
+// onlyChild returns the one child of pid. Children are listed per thread
+// that forked them, so every thread is read.
+func onlyChild(t *testing.T, pid int) int {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var kids []string
+		tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
+		for _, task := range tasks {
+			b, _ := os.ReadFile(task)
+			kids = append(kids, strings.Fields(string(b))...)
+		}
+		if len(kids) == 1 {
+			n, _ := strconv.Atoi(kids[0])
+			return n
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("process %d has children %q, want one", pid, kids)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // openPath lets other users traverse dir and its parent (test temporary
