@@ -21,8 +21,8 @@ import (
 const (
 	DefaultMaxSessionsPerToken   = 256
 	DefaultMaxSessionsPerAddress = 4096
-	DefaultSessionRatePerToken   = 20 // new sessions per second, sustained
-	DefaultSessionBurstPerToken  = 200
+	DefaultSessionRatePerToken   = 50 // new sessions per second, sustained
+	DefaultSessionBurstPerToken  = 500
 	DefaultSessionRatePerAddress = 200
 	DefaultSessionBurstPerAddr   = 2000
 	DefaultHTTPIdleTimeout       = 90 * time.Second
