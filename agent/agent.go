@@ -133,6 +133,12 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		defer stop()
 	}
+	if stop, err := a.serveStatusSocket(); err != nil {
+		// Health and service go on; only the owner's detailed view is lost.
+		a.log.Warn("no owner-only status socket", "err", err)
+	} else {
+		defer stop()
+	}
 
 	coordDone := make(chan error, 1)
 	go func() { coordDone <- a.coord.Run(ctx) }()
@@ -266,6 +272,8 @@ func (a *Agent) startServices(ctx context.Context, conn *tailnet.Conn) (*service
 	s := &services{ssh: ssh, forward: fwd, api: &http.Server{
 		Handler:           a.apiHandler(),
 		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       90 * time.Second,
+		MaxHeaderBytes:    64 << 10,
 	}}
 	s.wg.Add(2)
 	go func() {

@@ -15,8 +15,8 @@ import (
 	"maps"
 	"math/rand/v2"
 	"net/http"
-	"net/url"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -37,7 +37,10 @@ type Config struct {
 	// Fingerprint pins the coordinator's certificate (hex SHA-256 of its
 	// DER encoding). Empty: verify with the system roots.
 	Fingerprint string
-	Logger      *slog.Logger
+	// InsecureHTTP allows an http:// URL, sending the token in cleartext.
+	// Without it such a URL is refused before anything is sent.
+	InsecureHTTP bool
+	Logger       *slog.Logger
 	// Software names this program in the coordinator's logs.
 	Software string
 
@@ -266,7 +269,7 @@ func (c *Client) wake() {
 // so peers learn this peer left on purpose, and returns ctx's error) or the
 // coordinator refuses the credentials for good (*PermanentError).
 func (c *Client) Run(ctx context.Context) error {
-	wsURL, err := coordinateURL(c.cfg.URL)
+	wsURL, err := coordinateURL(c.cfg.URL, c.cfg.Fingerprint, c.cfg.InsecureHTTP)
 	if err != nil {
 		return err
 	}
@@ -299,6 +302,11 @@ func (c *Client) Run(ctx context.Context) error {
 			}
 		}
 		wait := jittered(backoff)
+		var later *retryLaterError
+		if errors.As(err, &later) && wait < later.after {
+			// The coordinator said when: come back then, spread a little.
+			wait = later.after + rand.N(later.after/4+1)
+		}
 		c.logger.Warn("waiting to reconnect to the coordinator", "url", c.cfg.URL, "in", wait.Round(time.Millisecond), "err", err)
 		select {
 		case <-ctx.Done():
@@ -314,18 +322,10 @@ func jittered(step time.Duration) time.Duration {
 	return step/2 + rand.N(step/2+1)
 }
 
-func coordinateURL(base string) (string, error) {
-	u, err := url.Parse(strings.TrimSpace(base))
-	if err != nil || u.Host == "" {
-		return "", fmt.Errorf("coordinator URL %q: want https://host[:port]", base)
-	}
-	switch u.Scheme {
-	case "https", "wss":
-		u.Scheme = "https"
-	case "http", "ws":
-		u.Scheme = "http"
-	default:
-		return "", fmt.Errorf("coordinator URL %q: scheme must be https (or http for tests)", base)
+func coordinateURL(base, fingerprint string, insecureHTTP bool) (string, error) {
+	u, err := ParseURL(base, fingerprint, insecureHTTP)
+	if err != nil {
+		return "", err
 	}
 	u.Path = strings.TrimRight(u.Path, "/") + protocol.CoordinatePath
 	u.RawQuery, u.Fragment = "", ""
@@ -611,8 +611,30 @@ func (c *Client) pingLoop(ctx context.Context, conn *websocket.Conn, cancel cont
 	}
 }
 
+// retryLaterError is a refusal that says when to try again (HTTP 429
+// with Retry-After): the coordinator's per-token or per-address limits.
+type retryLaterError struct {
+	err   error
+	after time.Duration
+}
+
+func (e *retryLaterError) Error() string { return e.err.Error() }
+func (e *retryLaterError) Unwrap() error { return e.err }
+
 // dialError words a failed dial; a refusal of the token is permanent.
 func dialError(err error, resp *http.Response) error {
+	err = dialErrorText(err, resp)
+	if resp != nil && resp.StatusCode == http.StatusTooManyRequests {
+		secs, perr := strconv.Atoi(resp.Header.Get("Retry-After"))
+		if perr != nil || secs < 1 {
+			secs = 1
+		}
+		return &retryLaterError{err: err, after: time.Duration(min(secs, 300)) * time.Second}
+	}
+	return err
+}
+
+func dialErrorText(err error, resp *http.Response) error {
 	var mm *MismatchError
 	if errors.As(err, &mm) {
 		return &PermanentError{Err: &protocol.Error{Code: CodeCertificateMismatch, Message: mm.Error()}}

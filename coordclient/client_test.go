@@ -1,7 +1,12 @@
 package coordclient
 
 import (
+	"context"
+	"io"
+	"net"
+	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -30,15 +35,78 @@ func TestCoordinateURL(t *testing.T) {
 		"wss://c.example":             "https://c.example/api/v1/coordinate",
 		"http://127.0.0.1:1234?x=y#f": "http://127.0.0.1:1234/api/v1/coordinate",
 	} {
-		got, err := coordinateURL(in)
+		got, err := coordinateURL(in, "", true)
 		if err != nil || got != want {
 			t.Errorf("%q: %q %v, want %q", in, got, err, want)
 		}
 	}
 	for _, bad := range []string{"", "c.example:8443", "ftp://c.example", "https://"} {
-		if _, err := coordinateURL(bad); err == nil {
+		if _, err := coordinateURL(bad, "", true); err == nil {
 			t.Errorf("%q accepted", bad)
 		}
+	}
+}
+
+// TestPlainHTTPNeedsTheFlag sends nothing to a plain-HTTP coordinator
+// unless the caller said --insecure-http, and never with a pin: a real
+// listener records every request that reaches it.
+func TestPlainHTTPNeedsTheFlag(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var auths []string
+	srv := &http.Server{ReadHeaderTimeout: 5 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		auths = append(auths, r.Header.Get("Authorization"))
+		mu.Unlock()
+		http.Error(w, `{"code":"token_invalid","message":"no"}`, http.StatusUnauthorized)
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	base := "http://" + ln.Addr().String()
+	received := func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(auths)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	hc, err := HTTPClient("")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// Refused before anything is sent, with a line that names the flag.
+	_, err = WhoAmI(ctx, hc, base, "", false, "usr_secret")
+	if err == nil || !strings.Contains(err.Error(), "--insecure-http") {
+		t.Fatalf("whoami over http without the flag: %v", err)
+	}
+	err = New(Config{URL: base, Token: "usr_secret"}, HandlerFuncs{}).Run(ctx)
+	if err == nil || !strings.Contains(err.Error(), "--insecure-http") {
+		t.Fatalf("coordination over http without the flag: %v", err)
+	}
+	// A pin cannot be honoured over http: an error even with the flag.
+	fp := strings.Repeat("ab", 32)
+	_, err = WhoAmI(ctx, hc, base, fp, true, "usr_secret")
+	if err == nil || !strings.Contains(err.Error(), "pin") {
+		t.Fatalf("whoami over http with a pin: %v", err)
+	}
+	err = New(Config{URL: base, Token: "usr_secret", Fingerprint: fp, InsecureHTTP: true}, HandlerFuncs{}).Run(ctx)
+	if err == nil || !strings.Contains(err.Error(), "pin") {
+		t.Fatalf("coordination over http with a pin: %v", err)
+	}
+	if n := received(); n != 0 {
+		t.Fatalf("the plain-HTTP server received %d requests; the token went out in cleartext", n)
+	}
+
+	// With the flag, the request goes out.
+	if _, err := WhoAmI(ctx, hc, base, "", true, "usr_secret"); err == nil {
+		t.Fatal("the recording server refused, yet whoami succeeded")
+	}
+	if n := received(); n != 1 {
+		t.Fatalf("with --insecure-http the server received %d requests, want 1", n)
 	}
 }
 
@@ -94,5 +162,42 @@ func TestBackoffBounded(t *testing.T) {
 	}
 	if hi-lo < DefaultMaxBackoff/4 {
 		t.Errorf("waits at the cap span only %v to %v: peers would return together", lo, hi)
+	}
+}
+
+// TestRetryAfterIsHonoured: a coordinator that refuses with 429 and
+// Retry-After (its per-token or per-address limits) is not dialled again
+// before that time, however short the client's own backoff.
+func TestRetryAfterIsHonoured(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var attempts []time.Time
+	srv := &http.Server{ReadHeaderTimeout: 5 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		attempts = append(attempts, time.Now())
+		mu.Unlock()
+		w.Header().Set("Retry-After", "2")
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusTooManyRequests)
+		io.WriteString(w, `{"code":"limit_exceeded","message":"too many coordination sessions from this token; retry in 2s"}`)
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+
+	ctx, cancel := context.WithTimeout(context.Background(), 3500*time.Millisecond)
+	defer cancel()
+	c := New(Config{URL: "http://" + ln.Addr().String(), Token: "usr_x", InsecureHTTP: true,
+		MinBackoff: 10 * time.Millisecond, MaxBackoff: 20 * time.Millisecond}, HandlerFuncs{})
+	c.Run(ctx)
+	mu.Lock()
+	defer mu.Unlock()
+	if len(attempts) != 2 {
+		t.Fatalf("%d attempts in 3.5 s against Retry-After: 2, want 2", len(attempts))
+	}
+	if gap := attempts[1].Sub(attempts[0]); gap < 2*time.Second {
+		t.Fatalf("retried after %v, before the coordinator's Retry-After of 2 s", gap)
 	}
 }

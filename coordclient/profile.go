@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 )
 
 // Profile is what a laptop client needs to reach a coordinator, saved by
@@ -16,6 +17,9 @@ type Profile struct {
 	URL         string `json:"url"`
 	Token       string `json:"token"`
 	Fingerprint string `json:"fingerprint,omitempty"`
+	// InsecureHTTP allows an http:// URL (the token travels in cleartext);
+	// saved by `agent login --insecure-http`.
+	InsecureHTTP bool `json:"insecure_http,omitempty"`
 }
 
 // Environment variables that override the saved profile, field by field.
@@ -23,7 +27,19 @@ const (
 	EnvURL         = "AGENT_URL"
 	EnvToken       = "AGENT_TOKEN"
 	EnvFingerprint = "AGENT_FINGERPRINT"
+	// EnvInsecureHTTP set to 1 or true allows a plain-HTTP coordinator URL.
+	EnvInsecureHTTP = "AGENT_INSECURE_HTTP"
 )
+
+// InsecureHTTPFromEnv reports whether an environment value such as
+// AGENT_INSECURE_HTTP's says yes (1, true, yes).
+func InsecureHTTPFromEnv(v string) bool {
+	switch strings.ToLower(strings.TrimSpace(v)) {
+	case "1", "true", "yes":
+		return true
+	}
+	return false
+}
 
 // ProfilePath is $XDG_CONFIG_HOME/agent/config.json, or
 // $HOME/.config/agent/config.json when XDG_CONFIG_HOME is unset.
@@ -63,6 +79,9 @@ func LoadProfile(getenv func(string) string) (Profile, error) {
 	}
 	if v := getenv(EnvFingerprint); v != "" {
 		p.Fingerprint = v
+	}
+	if InsecureHTTPFromEnv(getenv(EnvInsecureHTTP)) {
+		p.InsecureHTTP = true
 	}
 	if p.URL == "" || p.Token == "" {
 		return Profile{}, errors.New("not logged in: run `agent login URL --token TOKEN`, or set AGENT_URL and AGENT_TOKEN")

@@ -93,13 +93,42 @@ func HTTPClient(fingerprint string) (*http.Client, error) {
 	}, nil
 }
 
-// WhoAmI asks the coordinator whom token belongs to, without joining the
-// tailnet. A refused token is a *PermanentError.
-func WhoAmI(ctx context.Context, hc *http.Client, baseURL, token string) (protocol.WhoAmI, error) {
-	u, err := url.Parse(strings.TrimSpace(baseURL))
-	if err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http") {
-		return protocol.WhoAmI{}, fmt.Errorf("coordinator URL %q: want https://host[:port]", baseURL)
+// ParseURL checks a coordinator base URL before any token is sent to it.
+// Plain HTTP (http:// or ws://) is refused unless insecureHTTP is set, since
+// the token would cross the network in cleartext, and it is always refused
+// with a certificate pin, which plain HTTP has no certificate to honour.
+// The result has scheme https or http.
+func ParseURL(base, fingerprint string, insecureHTTP bool) (*url.URL, error) {
+	u, err := url.Parse(strings.TrimSpace(base))
+	if err != nil || u.Host == "" {
+		return nil, fmt.Errorf("coordinator URL %q: want https://host[:port]", base)
 	}
+	switch u.Scheme {
+	case "https", "wss":
+		u.Scheme = "https"
+	case "http", "ws":
+		if fingerprint != "" {
+			return nil, fmt.Errorf("coordinator URL %q is plain HTTP but a certificate fingerprint is pinned: a pin needs https://; fix the URL (or drop the pin)", base)
+		}
+		if !insecureHTTP {
+			return nil, fmt.Errorf("coordinator URL %q is plain HTTP: the token would cross the network in cleartext; use https://, or pass --insecure-http (env AGENT_INSECURE_HTTP=1) if you accept that", base)
+		}
+		u.Scheme = "http"
+	default:
+		return nil, fmt.Errorf("coordinator URL %q: scheme must be https", base)
+	}
+	return u, nil
+}
+
+// WhoAmI asks the coordinator whom token belongs to, without joining the
+// tailnet. A refused token is a *PermanentError. Plain HTTP is refused
+// unless insecureHTTP is set (see ParseURL).
+func WhoAmI(ctx context.Context, hc *http.Client, baseURL, fingerprint string, insecureHTTP bool, token string) (protocol.WhoAmI, error) {
+	u, err := ParseURL(baseURL, fingerprint, insecureHTTP)
+	if err != nil {
+		return protocol.WhoAmI{}, err
+	}
+	u.RawQuery, u.Fragment = "", ""
 	u.Path = strings.TrimRight(u.Path, "/") + protocol.WhoAmIPath
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
 	if err != nil {

@@ -382,14 +382,14 @@ func TestWhoAmIAndPlainHTTP(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	who, err := coordclient.WhoAmI(context.Background(), hc, f.tc.URL(), f.ws1Token)
+	who, err := coordclient.WhoAmI(context.Background(), hc, f.tc.URL(), "", true, f.ws1Token)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if who.Role != protocol.RoleAgent || who.Name != "ws1" || who.User != "alice" {
 		t.Fatalf("whoami %+v", who)
 	}
-	if _, err := coordclient.WhoAmI(context.Background(), hc, f.tc.URL(), "usr_nope"); errCode(err) != protocol.CodeTokenInvalid {
+	if _, err := coordclient.WhoAmI(context.Background(), hc, f.tc.URL(), "", true, "usr_nope"); errCode(err) != protocol.CodeTokenInvalid {
 		t.Fatalf("whoami with a bad token: %v", err)
 	}
 	pc := startClient(t, f.tc, f.aliceToken)

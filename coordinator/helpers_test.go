@@ -177,7 +177,7 @@ func startClient(t *testing.T, tc *testCoordinator, token string) *peerClient {
 	rec := newRecorder()
 	fp := tc.Fingerprint()
 	c := coordclient.New(coordclient.Config{
-		URL: tc.URL(), Token: token, Fingerprint: fp, Logger: testLogger(t), Software: "test",
+		URL: tc.URL(), Token: token, Fingerprint: fp, InsecureHTTP: fp == "", Logger: testLogger(t), Software: "test",
 		MinBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
 	}, rec)
 	ctx, cancel := context.WithCancel(context.Background())

@@ -105,7 +105,7 @@ func TestPostgresOutageKeepsSessions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = coordclient.WhoAmI(context.Background(), hc, f.tc.URL(), f.bobToken)
+	_, err = coordclient.WhoAmI(context.Background(), hc, f.tc.URL(), "", true, f.bobToken)
 	if err == nil || errCode(err) != protocol.CodeInternal || !strings.Contains(err.Error(), "cannot reach its database") {
 		t.Fatalf("whoami while the database is down: %v", err)
 	}
@@ -113,7 +113,7 @@ func TestPostgresOutageKeepsSessions(t *testing.T) {
 	pg.Start()
 	back := time.Now()
 	for {
-		who, err := coordclient.WhoAmI(context.Background(), hc, f.tc.URL(), f.bobToken)
+		who, err := coordclient.WhoAmI(context.Background(), hc, f.tc.URL(), "", true, f.bobToken)
 		if err == nil {
 			if who.Name != "bob" {
 				t.Fatalf("whoami %+v", who)

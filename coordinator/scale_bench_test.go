@@ -217,10 +217,13 @@ func serveScaleChild(b *testing.B) {
 	var serveErr chan error
 	switch mode := os.Getenv(scaleModeEnv); mode {
 	case "coordinator":
+		// Every simulated machine dials from loopback: lift the
+		// per-address limits, which would otherwise see one huge site.
 		srv, err := coordinator.New(coordinator.Config{
 			DataDir: os.Getenv(scaleDirEnv),
 			Listen:  "127.0.0.1:0",
 			Logger:  slog.New(slog.DiscardHandler),
+			Limits:  coordinator.EdgeLimits{MaxSessionsPerAddress: 1 << 20, SessionRatePerAddress: 1 << 20, SessionBurstPerAddress: 1 << 20},
 		})
 		if err != nil {
 			b.Fatal(err)

@@ -79,6 +79,9 @@ type Config struct {
 	// one keep one fingerprint for clients.
 	TLSCertFile string
 	TLSKeyFile  string
+	// Limits bounds sessions per token and per address, and HTTP idle and
+	// header times (see EdgeLimits for the defaults).
+	Limits EdgeLimits
 
 	// Metrics, if set, receives the coordinator's metric set; serving it
 	// (on a private address) is the caller's job.
@@ -113,6 +116,7 @@ func (c *Config) setDefaults() {
 	if c.ReplicaDeadAfter <= 0 {
 		c.ReplicaDeadAfter = 5 * time.Second
 	}
+	c.Limits.setDefaults()
 }
 
 // errShutdown ends sessions when the coordinator stops.
@@ -132,6 +136,7 @@ type Server struct {
 	httpSrv     *http.Server
 	adminSrv    *http.Server
 	metrics     *metrics.Coordinator
+	edge        *edge
 	fingerprint string
 	firstStart  bool
 	resume      resumeSigner
@@ -169,7 +174,7 @@ func New(cfg Config) (s *Server, err error) {
 	if cfg.Metrics != nil {
 		m = metrics.NewCoordinator(cfg.Metrics)
 	}
-	s = &Server{cfg: cfg, logger: cfg.Logger, store: st, core: newCore(m), metrics: m, reauthKick: make(chan struct{}, 1)}
+	s = &Server{cfg: cfg, logger: cfg.Logger, store: st, core: newCore(m), metrics: m, edge: newEdge(cfg.Limits, m), reauthKick: make(chan struct{}, 1)}
 	srv := s // the named result is nil by the time an error return runs this
 	defer func() {
 		if err != nil {
@@ -259,14 +264,20 @@ func New(cfg Config) (s *Server, err error) {
 	errLog := slog.NewLogLogger(cfg.Logger.With("component", "http").Handler(), slog.LevelDebug)
 	s.httpSrv = &http.Server{
 		Handler:           s.routes(),
-		ReadHeaderTimeout: 10 * time.Second,
-		ErrorLog:          errLog,
+		ReadHeaderTimeout: cfg.Limits.HTTPHeaderTimeout,
+		// Idle keep-alive connections are closed; upgraded ones
+		// (coordination, DERP) are hijacked and keep their own pings.
+		IdleTimeout:    cfg.Limits.HTTPIdleTimeout,
+		MaxHeaderBytes: 64 << 10,
+		ErrorLog:       errLog,
 		// An empty map turns HTTP/2 off (see tlsCfg).
 		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
 	}
 	s.adminSrv = &http.Server{
-		Handler:  admin.NewHandler(&admin.Local{Store: st, InfoFn: s.info, Changed: s.kickReauth}),
-		ErrorLog: errLog,
+		Handler:           admin.NewHandler(&admin.Local{Store: st, InfoFn: s.info, Changed: s.kickReauth}),
+		ReadHeaderTimeout: cfg.Limits.HTTPHeaderTimeout,
+		IdleTimeout:       cfg.Limits.HTTPIdleTimeout,
+		ErrorLog:          errLog,
 	}
 	if err := s.setupReplication(); err != nil {
 		return nil, err
@@ -502,6 +513,13 @@ func writeHTTPError(w http.ResponseWriter, status int, e *protocol.Error) {
 }
 
 func (s *Server) handleWhoAmI(w http.ResponseWriter, r *http.Request) {
+	// The per-address bucket slows down guessing tokens here too.
+	release, le := s.edge.byAddr.admit(addrKey(r.RemoteAddr), time.Now())
+	if le != nil {
+		s.edge.refuse(w, le)
+		return
+	}
+	defer release()
 	p, perr := s.authenticate(r)
 	if perr != nil {
 		writeHTTPError(w, authStatus(perr), perr)

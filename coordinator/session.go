@@ -29,6 +29,14 @@ func (e *lostError) Error() string { return "connection lost: " + e.err.Error() 
 func (e *lostError) Unwrap() error { return e.err }
 
 func (s *Server) handleCoordinate(w http.ResponseWriter, r *http.Request) {
+	// Per-address limits first: they also slow down guessing tokens.
+	releaseAddr, le := s.edge.byAddr.admit(addrKey(r.RemoteAddr), time.Now())
+	if le != nil {
+		s.logger.Info("refused a session over the per-address limits", "remote", r.RemoteAddr, "why", le.msg)
+		s.edge.refuse(w, le)
+		return
+	}
+	defer releaseAddr()
 	principal, perr := s.authenticate(r)
 	if perr != nil {
 		s.metrics.MessageRejected(metrics.RejectUnauthorized)
@@ -36,6 +44,13 @@ func (s *Server) handleCoordinate(w http.ResponseWriter, r *http.Request) {
 		writeHTTPError(w, authStatus(perr), perr)
 		return
 	}
+	releaseToken, le := s.edge.byToken.admit(principal.Token.ID, time.Now())
+	if le != nil {
+		s.logger.Info("refused a session over the per-token limits", "remote", r.RemoteAddr, "user", principal.User.Name, "token", principal.Token.ID, "why", le.msg)
+		s.edge.refuse(w, le)
+		return
+	}
+	defer releaseToken()
 	if strings.EqualFold(r.Header.Get("Upgrade"), "websocket") && !offersSubprotocol(r) {
 		writeHTTPError(w, http.StatusBadRequest, &protocol.Error{Code: protocol.CodeUnsupportedVer, Fatal: true,
 			Message: fmt.Sprintf("offer one of the WebSocket subprotocols %s: this coordinator speaks protocol versions %d to %d; upgrade the older side",

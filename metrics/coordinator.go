@@ -25,7 +25,7 @@ const (
 	RejectUnauthorized RejectReason = "unauthorized" // token missing, unknown or revoked
 	RejectForbidden    RejectReason = "forbidden"    // authenticated, but no grant for the target
 	RejectUnknownPeer  RejectReason = "unknown_peer" // refers to a peer the coordinator does not know
-	RejectRateLimited  RejectReason = "rate_limited" // sender over its message rate
+	RejectRateLimited  RejectReason = "rate_limited" // sender over its message rate, or a new session over the per-token or per-address limits
 )
 
 // Coordinator is the metric set of `agent coordinator`.

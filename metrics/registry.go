@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	dto "github.com/prometheus/client_model/go"
 )
 
 // Registry is the set of metrics one process exposes.
@@ -50,6 +51,29 @@ func (r *Registry) Register(c prometheus.Collector) error {
 // not hide the others: the handler serves what it gathered.
 func (r *Registry) Handler() http.Handler {
 	return promhttp.HandlerFor(r.reg, promhttp.HandlerOpts{
+		ErrorHandling:     promhttp.ContinueOnError,
+		EnableOpenMetrics: true,
+	})
+}
+
+// HandlerWithout is Handler minus the named metric families, for a
+// listener that must not show them (peer names to every local user).
+func (r *Registry) HandlerWithout(families ...string) http.Handler {
+	drop := make(map[string]bool, len(families))
+	for _, f := range families {
+		drop[f] = true
+	}
+	g := prometheus.GathererFunc(func() ([]*dto.MetricFamily, error) {
+		mfs, err := r.reg.Gather()
+		kept := mfs[:0]
+		for _, mf := range mfs {
+			if !drop[mf.GetName()] {
+				kept = append(kept, mf)
+			}
+		}
+		return kept, err
+	})
+	return promhttp.HandlerFor(g, promhttp.HandlerOpts{
 		ErrorHandling:     promhttp.ContinueOnError,
 		EnableOpenMetrics: true,
 	})

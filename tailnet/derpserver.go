@@ -2,6 +2,9 @@ package tailnet
 
 import (
 	"context"
+	"crypto/rand"
+	"crypto/subtle"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -34,6 +37,9 @@ type DERPServer struct {
 	srv    *derpserver.Server
 	admit  *http.Server
 	ln     net.Listener
+	// secret is the password the relay sends with each admission call, so
+	// that other local users cannot ask which node keys are registered.
+	secret string
 
 	mu      sync.RWMutex
 	admitFn func(nodeKey string) bool
@@ -59,16 +65,26 @@ func NewDERPServer(logger *slog.Logger) (*DERPServer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("tailnet: DERP admission listener on loopback: %w", err)
 	}
-	d := &DERPServer{logger: logger, ln: ln}
+	var sec [32]byte
+	if _, err := rand.Read(sec[:]); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("tailnet: DERP admission secret: %w", err)
+	}
+	d := &DERPServer{logger: logger, ln: ln, secret: hex.EncodeToString(sec[:])}
 	logf := func(format string, args ...any) {
 		logger.Debug(strings.TrimSpace(fmt.Sprintf(format, args...)), "component", "derp")
 	}
 	d.srv = derpserver.New(key.NewNode(), logf)
-	d.srv.SetVerifyClientURL("http://" + ln.Addr().String() + "/derp-admit")
+	// Upstream calls this URL with net/http's default client, which turns
+	// the URL's user information into Basic authentication (and keeps the
+	// password out of its error messages). Any local user can reach a
+	// loopback port; only the relay knows the password.
+	d.srv.SetVerifyClientURL((&url.URL{Scheme: "http", User: url.UserPassword("derp", d.secret), Host: ln.Addr().String(), Path: "/derp-admit"}).String())
 	d.srv.SetVerifyClientURLFailOpen(false)
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /derp-admit", d.serveAdmit)
-	d.admit = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	d.admit = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
+		WriteTimeout: 10 * time.Second, IdleTimeout: 60 * time.Second, MaxHeaderBytes: 16 << 10}
 	go func() {
 		if err := d.admit.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			logger.Error("DERP admission listener stopped", "err", err)
@@ -87,6 +103,11 @@ func (d *DERPServer) SetAdmitFunc(fn func(nodeKey string) bool) {
 }
 
 func (d *DERPServer) serveAdmit(w http.ResponseWriter, r *http.Request) {
+	if _, pass, ok := r.BasicAuth(); !ok || subtle.ConstantTimeCompare([]byte(pass), []byte(d.secret)) != 1 {
+		d.logger.Warn("DERP admission endpoint called without the relay's password; refused (another local process probing it?)", "remote", r.RemoteAddr)
+		http.Error(w, "the DERP admission endpoint answers only the coordinator's own relay", http.StatusUnauthorized)
+		return
+	}
 	var req tailcfg.DERPAdmitClientRequest
 	if err := json.NewDecoder(io.LimitReader(r.Body, 4<<10)).Decode(&req); err != nil {
 		http.Error(w, "bad admission request", http.StatusBadRequest)

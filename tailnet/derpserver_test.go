@@ -94,7 +94,7 @@ func TestDERPAdmissionFailsClosed(t *testing.T) {
 	defer d.Close()
 	// No admit function at all: nobody gets in.
 	body, _ := json.Marshal(tailcfg.DERPAdmitClientRequest{NodePublic: key.NewNode().Public()})
-	res, err := http.Post("http://"+d.ln.Addr().String()+"/derp-admit", "application/json", bytes.NewReader(body))
+	res, err := http.Post("http://derp:"+d.secret+"@"+d.ln.Addr().String()+"/derp-admit", "application/json", bytes.NewReader(body))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -107,6 +107,35 @@ func TestDERPAdmissionFailsClosed(t *testing.T) {
 	// The admission listener is loopback only.
 	if ip := d.ln.Addr().(*net.TCPAddr).IP; !ip.IsLoopback() {
 		t.Fatalf("admission listener on %v", ip)
+	}
+}
+
+// TestDERPAdmissionAnswersOnlyTheRelay: any local user can connect to the
+// loopback admission listener, but without the relay's password it says
+// nothing about which node keys are registered.
+func TestDERPAdmissionAnswersOnlyTheRelay(t *testing.T) {
+	d, err := NewDERPServer(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	k := key.NewNode().Public()
+	d.SetAdmitFunc(func(string) bool { return true })
+	body, _ := json.Marshal(tailcfg.DERPAdmitClientRequest{NodePublic: k})
+	for _, u := range []string{
+		"http://" + d.ln.Addr().String() + "/derp-admit",
+		"http://derp:wrong@" + d.ln.Addr().String() + "/derp-admit",
+	} {
+		res, err := http.Post(u, "application/json", bytes.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out tailcfg.DERPAdmitClientResponse
+		json.NewDecoder(res.Body).Decode(&out)
+		res.Body.Close()
+		if res.StatusCode != http.StatusUnauthorized || out.Allow {
+			t.Fatalf("admission without the relay's password: %s allow=%v, want 401", res.Status, out.Allow)
+		}
 	}
 }
 

@@ -37,8 +37,30 @@ var forwarded = []os.Signal{
 // only if the child cannot be started. Call it first thing in `agent run`,
 // before opening listeners or files.
 func ReapOrphansIfPID1(logger *slog.Logger) error {
+	return ReapOrphansIfPID1With(logger, Child{})
+}
+
+// Child is what the agent child starts with, when it differs from this
+// process: a secret handed over on a descriptor instead of the
+// environment, for instance.
+type Child struct {
+	Args []string // default os.Args
+	Env  []string // default os.Environ()
+	// Files become the child's descriptors 3, 4, ...
+	Files []*os.File
+}
+
+// ReapOrphansIfPID1With is ReapOrphansIfPID1 starting the agent child as
+// c says.
+func ReapOrphansIfPID1With(logger *slog.Logger, c Child) error {
 	if os.Getpid() != 1 {
 		return nil
+	}
+	if c.Args == nil {
+		c.Args = os.Args
+	}
+	if c.Env == nil {
+		c.Env = os.Environ()
 	}
 	// Catch signals before the child exists, so none is lost in between.
 	sigs := make(chan os.Signal, 16)
@@ -48,10 +70,13 @@ func ReapOrphansIfPID1(logger *slog.Logger) error {
 	if err != nil {
 		exe = "/proc/self/exe"
 	}
-	proc, err := os.StartProcess(exe, os.Args, &os.ProcAttr{
-		Env:   os.Environ(),
-		Files: []*os.File{os.Stdin, os.Stdout, os.Stderr},
+	proc, err := os.StartProcess(exe, c.Args, &os.ProcAttr{
+		Env:   c.Env,
+		Files: append([]*os.File{os.Stdin, os.Stdout, os.Stderr}, c.Files...),
 	})
+	for _, f := range c.Files {
+		f.Close() // the child has its copy
+	}
 	if err != nil {
 		signal.Stop(sigs)
 		return fmt.Errorf("running as PID 1: start the agent under a reaping init: %w", err)

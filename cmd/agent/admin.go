@@ -6,9 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
+	"os/user"
 	"strconv"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -37,8 +40,17 @@ func (f *adminFlags) open(ctx context.Context) (admin.Ops, func(), error) {
 	if f.postgresURL != "" {
 		return f.openPostgres(ctx)
 	}
-	if st, err := os.Stat(f.dataDir); err != nil || !st.IsDir() {
+	info, err := os.Stat(f.dataDir)
+	if errors.Is(err, fs.ErrPermission) {
+		return nil, nil, adminAccessError(f.dataDir, nil)
+	}
+	if err != nil || !info.IsDir() {
 		return nil, nil, fmt.Errorf("data directory %s does not exist; pass the coordinator's --data-dir (or set AGENT_COORDINATOR_DATA_DIR)", f.dataDir)
+	}
+	// The admin socket and the store are the owner's alone; say so
+	// instead of failing on whichever file is touched first.
+	if sys, ok := info.Sys().(*syscall.Stat_t); ok && os.Geteuid() != 0 && int(sys.Uid) != os.Geteuid() {
+		return nil, nil, adminAccessError(f.dataDir, sys)
 	}
 	sock := admin.SocketPath(f.dataDir)
 	dctx, cancel := context.WithTimeout(ctx, 2*time.Second)
@@ -47,9 +59,15 @@ func (f *adminFlags) open(ctx context.Context) (admin.Ops, func(), error) {
 	if err == nil {
 		return c, func() {}, nil
 	}
+	if errors.Is(err, fs.ErrPermission) {
+		return nil, nil, adminAccessError(f.dataDir, nil)
+	}
 	st, err := store.Open(f.dataDir)
 	if errors.Is(err, store.ErrLocked) {
 		return nil, nil, fmt.Errorf("a coordinator holds %s but its admin socket %s does not answer; is it running as another user?", f.dataDir, sock)
+	}
+	if errors.Is(err, fs.ErrPermission) {
+		return nil, nil, adminAccessError(f.dataDir, nil)
 	}
 	if err != nil {
 		return nil, nil, err
@@ -82,6 +100,23 @@ func (f *adminFlags) openPostgres(ctx context.Context) (admin.Ops, func(), error
 		return admin.Info{Running: false, DataDir: "(PostgreSQL " + st.Target() + ")"}
 	}}
 	return local, func() { st.Close() }, nil
+}
+
+// adminAccessError says who may run agent admin on dataDir.
+func adminAccessError(dataDir string, owner *syscall.Stat_t) error {
+	me := strconv.Itoa(os.Geteuid())
+	if u, err := user.Current(); err == nil {
+		me = u.Username + " (uid " + me + ")"
+	}
+	if owner == nil {
+		return fmt.Errorf("agent admin needs root or the owner of the coordinator's data directory %s, and you (%s) are neither: run it as the user that runs the coordinator (sudo -u THAT-USER agent admin ...) or as root", dataDir, me)
+	}
+	uid := strconv.Itoa(int(owner.Uid))
+	who, sudoAs := "uid "+uid, "'#"+uid+"'"
+	if u, err := user.LookupId(uid); err == nil {
+		who, sudoAs = u.Username+" (uid "+uid+")", u.Username
+	}
+	return fmt.Errorf("agent admin needs root or the owner of the coordinator's data directory %s, which is %s; you are %s: run it as that user (sudo -u %s agent admin ...) or as root", dataDir, who, me, sudoAs)
 }
 
 func newAdminCmd(env *cliEnv) *cobra.Command {

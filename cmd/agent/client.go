@@ -13,8 +13,8 @@ import (
 // clientFlags say how a laptop-side command reaches the coordinator. Each
 // field falls back to the environment, then to what `agent login` saved.
 type clientFlags struct {
-	url, token, fingerprint string
-	blockDirect             bool
+	url, token, fingerprint   string
+	blockDirect, insecureHTTP bool
 }
 
 func (f *clientFlags) register(cmd *cobra.Command, env *cliEnv) {
@@ -22,6 +22,7 @@ func (f *clientFlags) register(cmd *cobra.Command, env *cliEnv) {
 	fs.StringVar(&f.url, "url", "", "coordinator URL (env AGENT_URL; default: what 'agent login' saved)")
 	fs.StringVar(&f.token, "token", "", "user token (env AGENT_TOKEN; default: what 'agent login' saved)")
 	fs.StringVar(&f.fingerprint, "fingerprint", "", "pinned coordinator certificate fingerprint (env AGENT_FINGERPRINT)")
+	fs.BoolVar(&f.insecureHTTP, "insecure-http", false, "allow an http:// coordinator URL: the token travels in cleartext (env AGENT_INSECURE_HTTP=1)")
 	fs.BoolVar(&f.blockDirect, "derp-only", false, "relay everything through the coordinator's DERP server (no direct UDP path)")
 }
 
@@ -42,6 +43,10 @@ func (f *clientFlags) resolve(env *cliEnv) (coordclient.Config, error) {
 			if f.fingerprint != "" {
 				return f.fingerprint
 			}
+		case coordclient.EnvInsecureHTTP:
+			if f.insecureHTTP {
+				return "1"
+			}
 		}
 		return env.Getenv(name)
 	}
@@ -49,7 +54,10 @@ func (f *clientFlags) resolve(env *cliEnv) (coordclient.Config, error) {
 	if err != nil {
 		return coordclient.Config{}, err
 	}
-	return coordclient.Config{URL: p.URL, Token: p.Token, Fingerprint: p.Fingerprint, Software: "agent-client"}, nil
+	if _, err := coordclient.ParseURL(p.URL, p.Fingerprint, p.InsecureHTTP); err != nil {
+		return coordclient.Config{}, err
+	}
+	return coordclient.Config{URL: p.URL, Token: p.Token, Fingerprint: p.Fingerprint, InsecureHTTP: p.InsecureHTTP, Software: "agent-client"}, nil
 }
 
 // connectWorkspace opens a tunnel to a workspace. The name may carry the

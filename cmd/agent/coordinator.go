@@ -73,7 +73,8 @@ one certificate whichever replica answers.`,
 			if metricsLn != nil {
 				mux := http.NewServeMux()
 				mux.Handle("/metrics", cfg.Metrics.Handler())
-				ms := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+				ms := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second,
+					WriteTimeout: 30 * time.Second, IdleTimeout: cfg.Limits.HTTPIdleTimeout}
 				go ms.Serve(metricsLn)
 				defer ms.Close()
 			}
@@ -97,6 +98,15 @@ one certificate whichever replica answers.`,
 	fs.StringVar(&cfg.MeshURL, "mesh-url", envOr(env, "AGENT_MESH_URL", ""), "URL the other replicas use to reach this one's relay, e.g. https://POD_IP:8443 (env AGENT_MESH_URL; default: --access-url, or one built from --listen)")
 	fs.StringVar(&cfg.TLSCertFile, "tls-cert", envOr(env, "AGENT_TLS_CERT", ""), "PEM certificate to serve instead of the self-signed one in --data-dir; give every replica the same one (env AGENT_TLS_CERT)")
 	fs.StringVar(&cfg.TLSKeyFile, "tls-key", envOr(env, "AGENT_TLS_KEY", ""), "PEM private key of --tls-cert (env AGENT_TLS_KEY)")
+	l := &cfg.Limits
+	fs.IntVar(&l.MaxSessionsPerToken, "max-sessions-per-token", coordinator.DefaultMaxSessionsPerToken, "coordination sessions one token may hold open at once (each agent ssh / port-forward holds one)")
+	fs.IntVar(&l.MaxSessionsPerAddress, "max-sessions-per-address", coordinator.DefaultMaxSessionsPerAddress, "coordination sessions one client IP address may hold open at once (behind a reverse proxy, every client has its address)")
+	fs.Float64Var(&l.SessionRatePerToken, "session-rate-per-token", coordinator.DefaultSessionRatePerToken, "new coordination sessions per second one token may open, after --session-burst-per-token")
+	fs.IntVar(&l.SessionBurstPerToken, "session-burst-per-token", coordinator.DefaultSessionBurstPerToken, "new coordination sessions one token may open at once")
+	fs.Float64Var(&l.SessionRatePerAddress, "session-rate-per-address", coordinator.DefaultSessionRatePerAddress, "new coordination sessions per second one client IP address may open, after --session-burst-per-address (counted before the token is checked)")
+	fs.IntVar(&l.SessionBurstPerAddress, "session-burst-per-address", coordinator.DefaultSessionBurstPerAddr, "new coordination sessions one client IP address may open at once")
+	fs.DurationVar(&l.HTTPIdleTimeout, "http-idle-timeout", coordinator.DefaultHTTPIdleTimeout, "close keep-alive HTTP connections idle this long (coordination and DERP connections keep their own pings)")
+	fs.DurationVar(&l.HTTPHeaderTimeout, "http-header-timeout", coordinator.DefaultHTTPHeaderTimeout, "close connections that take longer to send a request's headers")
 	fs.StringVar(&cfg.AccessURL, "access-url", "", "URL peers use to reach this coordinator, e.g. https://coord.example.com:8443 (shown in instructions; added to the certificate's names on first start)")
 	return cmd
 }

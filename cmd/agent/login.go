@@ -22,6 +22,7 @@ import (
 
 func newLoginCmd(env *cliEnv) *cobra.Command {
 	var token, tokenFile, fingerprint string
+	var insecureHTTP bool
 	cmd := &cobra.Command{
 		Use:   "login URL --token TOKEN [--fingerprint HEX]",
 		Short: "Save the coordinator URL and your user token for the client commands",
@@ -32,22 +33,26 @@ AGENT_FINGERPRINT override the saved values.
 
 A coordinator with a self-signed certificate needs --fingerprint: an admin
 prints it with "agent admin info" (the coordinator also prints it at start).
-The token may come from --token, --token-file, or standard input (--token -).`,
+The token may come from --token, --token-file, or standard input (--token -).
+An http:// URL is refused unless --insecure-http says the token may travel in
+cleartext; a pinned fingerprint always needs https://.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			base := strings.TrimRight(strings.TrimSpace(args[0]), "/")
-			u, err := url.Parse(base)
-			if err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http") {
-				return fmt.Errorf("%q is not a coordinator URL: want https://host[:port]", args[0])
+			insecureHTTP = insecureHTTP || coordclient.InsecureHTTPFromEnv(env.Getenv(coordclient.EnvInsecureHTTP))
+			if fingerprint != "" {
+				var err error
+				if fingerprint, err = coordclient.NormalizeFingerprint(fingerprint); err != nil {
+					return err
+				}
+			}
+			u, err := coordclient.ParseURL(base, fingerprint, insecureHTTP)
+			if err != nil {
+				return err
 			}
 			tok, err := readLoginToken(env, token, tokenFile)
 			if err != nil {
 				return err
-			}
-			if fingerprint != "" {
-				if fingerprint, err = coordclient.NormalizeFingerprint(fingerprint); err != nil {
-					return err
-				}
 			}
 			hc, err := coordclient.HTTPClient(fingerprint)
 			if err != nil {
@@ -55,7 +60,7 @@ The token may come from --token, --token-file, or standard input (--token -).`,
 			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), 20*time.Second)
 			defer cancel()
-			who, err := coordclient.WhoAmI(ctx, hc, base, tok)
+			who, err := coordclient.WhoAmI(ctx, hc, base, fingerprint, insecureHTTP, tok)
 			if err != nil {
 				var unknownCA x509.UnknownAuthorityError
 				if fingerprint == "" && u.Scheme == "https" && errors.As(err, &unknownCA) {
@@ -66,7 +71,7 @@ The token may come from --token, --token-file, or standard input (--token -).`,
 			if who.Role != protocol.RoleClient {
 				return fmt.Errorf("this is the token of agent %s (for agent run); log in with a user token (agent admin token create --user NAME)", who.Name)
 			}
-			path, err := coordclient.SaveProfile(env.Getenv, coordclient.Profile{URL: base, Token: tok, Fingerprint: fingerprint})
+			path, err := coordclient.SaveProfile(env.Getenv, coordclient.Profile{URL: base, Token: tok, Fingerprint: fingerprint, InsecureHTTP: insecureHTTP})
 			if err != nil {
 				return err
 			}
@@ -82,6 +87,7 @@ The token may come from --token, --token-file, or standard input (--token -).`,
 	f.StringVar(&token, "token", "", `user token ("-" reads it from standard input; visible in the process list otherwise: prefer --token-file)`)
 	f.StringVar(&tokenFile, "token-file", "", "file holding the user token")
 	f.StringVar(&fingerprint, "fingerprint", "", "SHA-256 fingerprint of the coordinator's certificate to pin (agent admin info shows it)")
+	f.BoolVar(&insecureHTTP, "insecure-http", false, "allow an http:// coordinator URL: the token travels in cleartext (env AGENT_INSECURE_HTTP=1); saved for later commands")
 	return cmd
 }
 

@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
 
 	"github.com/agentd/agent/agent"
 	"github.com/agentd/agent/agent/reaper"
@@ -19,6 +20,7 @@ func newRunCmd(env *cliEnv) *cobra.Command {
 		url, token, tokenFile, fingerprint string
 		dataDir, healthAddr, memoryLimit   string
 		listenPort                         uint16
+		insecureHTTP, allowInsecurePerms   bool
 	)
 	cmd := &cobra.Command{
 		Use:   "run",
@@ -30,14 +32,67 @@ localhost. While the coordinator is away, established tunnels keep working and
 the agent reconnects with backoff.
 
 The token is read from --token-file (preferred), AGENT_TOKEN_FILE, --token or
-AGENT_TOKEN, and is never passed to processes the agent starts.`,
+AGENT_TOKEN, and is never passed to processes the agent starts. Given by
+--token or AGENT_TOKEN, the agent re-executes itself (same PID) without it, so
+/proc/PID/cmdline and /proc/PID/environ do not show it. A token file readable
+by every local user, or a data directory writable by every local user, is
+refused (--allow-insecure-permissions overrides); a group-readable token file
+whose group has other members is warned about. See docs/security.md.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log := env.Logger()
-			// As PID 1 in a container, stay PID 1 only to reap orphans and
-			// pass signals on, and run the agent itself as a child.
-			if err := reaper.ReapOrphansIfPID1(log); err != nil {
+			// Before the token is in memory: processes of the same uid
+			// (every SSH session) may not read /proc/PID/environ or mem of
+			// the agent, nor attach a debugger. OpenSSH's sshd does the
+			// same. Children are dumpable again after exec.
+			if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
+				log.Warn("could not protect the agent's memory from processes of the same user", "err", err)
+			}
+			tok, src, err := loadToken(env, token, tokenFile)
+			if err != nil {
 				return err
+			}
+			if dataDir == "" {
+				dataDir = defaultDataDir(env)
+			}
+			policy := permissionPolicy{allowInsecure: allowInsecurePerms, log: log}
+			if src == tokenFromFile {
+				if err := policy.checkTokenFile(tokenFile); err != nil {
+					return err
+				}
+			}
+			if err := policy.checkDataDir(dataDir); err != nil {
+				return err
+			}
+			if url == "" {
+				return errors.New("no coordinator URL: pass --coordinator-url or set AGENT_URL")
+			}
+			if _, err := coordclient.ParseURL(url, fingerprint, insecureHTTP); err != nil {
+				return err
+			}
+			// A token on the command line or in the environment stays
+			// visible in /proc/PID/cmdline and /proc/PID/environ however
+			// the process changes its variables: start afresh without it.
+			if tokenInProcessImage(tok) {
+				return reexecWithoutToken(tok)
+			}
+			// As PID 1 in a container, stay PID 1 only to reap orphans and
+			// pass signals on, and run the agent itself as a child, handing
+			// it the token on descriptor 3.
+			if os.Getpid() == 1 {
+				r, err := tokenPipe(tok)
+				if err != nil {
+					return err
+				}
+				args, childEnv := withoutToken(os.Args, os.Environ(), 3)
+				if err := reaper.ReapOrphansIfPID1With(log, reaper.Child{Args: args, Env: childEnv, Files: []*os.File{r}}); err != nil {
+					return err
+				}
+			}
+			// Children (SSH sessions) must not inherit the token or know
+			// where it was.
+			for _, k := range []string{"AGENT_TOKEN", "AGENT_TOKEN_FILE", envTokenFD} {
+				os.Unsetenv(k)
 			}
 			limit, err := applyMemoryLimit(env, memoryLimit)
 			if err != nil {
@@ -46,22 +101,9 @@ AGENT_TOKEN, and is never passed to processes the agent starts.`,
 			if limit > 0 {
 				log.Debug("soft memory limit", "bytes", limit)
 			}
-			tok, err := loadToken(token, tokenFile)
-			if err != nil {
-				return err
-			}
-			// Children (SSH sessions) must not inherit the token.
-			os.Unsetenv("AGENT_TOKEN")
-			os.Unsetenv("AGENT_TOKEN_FILE")
-			if url == "" {
-				return errors.New("no coordinator URL: pass --coordinator-url or set AGENT_URL")
-			}
-			if dataDir == "" {
-				dataDir = defaultDataDir(env)
-			}
 			a, err := agent.New(agent.Options{
 				Logger:      log,
-				Coordinator: coordclient.Config{URL: url, Token: tok, Fingerprint: fingerprint},
+				Coordinator: coordclient.Config{URL: url, Token: tok, Fingerprint: fingerprint, InsecureHTTP: insecureHTTP},
 				DataDir:     dataDir,
 				HealthAddr:  healthAddr,
 				ListenPort:  listenPort,
@@ -77,6 +119,8 @@ AGENT_TOKEN, and is never passed to processes the agent starts.`,
 	f.StringVar(&tokenFile, "token-file", env.Getenv("AGENT_TOKEN_FILE"), "file holding the agent token (env AGENT_TOKEN_FILE; preferred over --token)")
 	f.StringVar(&token, "token", env.Getenv("AGENT_TOKEN"), "agent token (env AGENT_TOKEN; visible in the process list: prefer --token-file)")
 	f.StringVar(&fingerprint, "fingerprint", env.Getenv("AGENT_FINGERPRINT"), "SHA-256 fingerprint of the coordinator's self-signed certificate to pin (env AGENT_FINGERPRINT)")
+	f.BoolVar(&insecureHTTP, "insecure-http", coordclient.InsecureHTTPFromEnv(env.Getenv(coordclient.EnvInsecureHTTP)), "allow an http:// coordinator URL: the token travels in cleartext (env AGENT_INSECURE_HTTP=1)")
+	f.BoolVar(&allowInsecurePerms, "allow-insecure-permissions", coordclient.InsecureHTTPFromEnv(env.Getenv("AGENT_ALLOW_INSECURE_PERMISSIONS")), "run even when the token file is readable by every local user or the data directory writable by every local user (env AGENT_ALLOW_INSECURE_PERMISSIONS=1)")
 	f.StringVar(&dataDir, "data-dir", env.Getenv("AGENT_DATA_DIR"), "directory for state kept across restarts, e.g. the SSH host key (env AGENT_DATA_DIR; default ~/.local/state/agent)")
 	f.StringVar(&healthAddr, "health-addr", envOr(env, "AGENT_HEALTH_ADDR", "127.0.0.1:2113"), "serve /healthz, /readyz and /metrics here; empty disables (env AGENT_HEALTH_ADDR)")
 	f.StringVar(&memoryLimit, "memory-limit", envOr(env, "AGENT_MEMORY_LIMIT", defaultMemoryLimit), "soft limit for the agent's heap, e.g. 96MiB; the garbage collector works harder near it; 0 for none; GOMEMLIMIT, if set, wins (env AGENT_MEMORY_LIMIT)")
@@ -84,24 +128,47 @@ AGENT_TOKEN, and is never passed to processes the agent starts.`,
 	return cmd
 }
 
-// loadToken reads the token from a file when one is named, else takes the
-// literal. A file wins because it keeps the token out of the process list.
-func loadToken(literal, file string) (string, error) {
+// loadToken finds the token: handed over on a descriptor by agent run
+// itself, else read from a file when one is named, else the literal from
+// --token or AGENT_TOKEN. A file wins because it keeps the token out of the
+// process list.
+func loadToken(env *cliEnv, literal, file string) (string, tokenSource, error) {
+	if v := env.Getenv(envTokenFD); v != "" {
+		tok, err := readTokenFD(v)
+		return tok, tokenFromFD, err
+	}
 	if file != "" {
 		b, err := os.ReadFile(file)
 		if err != nil {
-			return "", fmt.Errorf("read the token file: %w (check --token-file / AGENT_TOKEN_FILE)", err)
+			return "", tokenFromFile, fmt.Errorf("read the token file: %w (check --token-file / AGENT_TOKEN_FILE)", err)
 		}
 		tok := strings.TrimSpace(string(b))
 		if tok == "" {
-			return "", fmt.Errorf("the token file %s is empty: write the agent token into it", file)
+			return "", tokenFromFile, fmt.Errorf("the token file %s is empty: write the agent token into it", file)
 		}
-		return tok, nil
+		return tok, tokenFromFile, nil
 	}
 	if literal == "" {
-		return "", errors.New("no agent token: pass --token-file (or AGENT_TOKEN_FILE) naming a file with the token that `agent admin agent create` printed")
+		return "", tokenFromFlag, errors.New("no agent token: pass --token-file (or AGENT_TOKEN_FILE) naming a file with the token that `agent admin agent create` printed")
 	}
-	return literal, nil
+	if env.Getenv("AGENT_TOKEN") == literal {
+		return literal, tokenFromEnv, nil
+	}
+	return literal, tokenFromFlag, nil
+}
+
+// tokenInProcessImage reports whether this process's command line or
+// initial environment carries the token.
+func tokenInProcessImage(tok string) bool {
+	if os.Getenv("AGENT_TOKEN") != "" {
+		return true
+	}
+	for _, a := range os.Args {
+		if strings.Contains(a, tok) {
+			return true
+		}
+	}
+	return false
 }
 
 // defaultDataDir is ~/.local/state/agent, honouring XDG_STATE_HOME.
