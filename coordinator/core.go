@@ -34,6 +34,8 @@ type peer struct {
 	// Guarded by core.mu.
 	node    *tailnet.Node
 	tunnels map[tailnet.NodeID]string // client: agent ID -> agent name
+	// revokedWhy says, for an agent's clients, why the agent was cut off.
+	revokedWhy string
 }
 
 // core is the coordinator's in-memory picture: who is connected, their
@@ -57,6 +59,9 @@ type core struct {
 	tunnelsChanged bool
 	closed         bool
 	onEvict        func(p *peer)
+	// onRevoke drops a revoked peer's relay connections (the DERP server's
+	// ClosePeer); called without the lock.
+	onRevoke func(nodeKey string)
 	metrics        *metrics.Coordinator
 }
 
@@ -205,6 +210,16 @@ func (c *core) dropLocked(p *peer, reason protocol.GoneReason) {
 				c.sendLocked(cl, goneMessage(p, reason))
 			}
 		}
+		if reason == protocol.GoneRevoked {
+			// An access decision about the agent ends its clients' tunnels:
+			// they must not wait for it to come back.
+			for _, cl := range c.clientsOf[p.id] {
+				c.sendLocked(cl, &protocol.ServerMessage{Type: protocol.TypeError, Error: &protocol.Error{
+					Code: protocol.CodeForbidden, Agent: p.name, Message: p.revokedWhy,
+				}})
+				c.untunnelLocked(cl, p.id, "")
+			}
+		}
 		if reason == protocol.GoneLost || reason == protocol.GoneDisconnected {
 			st := c.agentLocked(p.id)
 			st.offlineSince, st.offlineReason = time.Now(), reason
@@ -214,6 +229,30 @@ func (c *core) dropLocked(p *peer, reason protocol.GoneReason) {
 		for agentID := range p.tunnels {
 			c.untunnelLocked(p, agentID, reason)
 		}
+	}
+}
+
+// revoke ends p's session for an access decision (token revoked or
+// expired, user or agent deleted): unlike a lost connection, its peers are
+// told "revoked" at once so they cut the tunnel now, and its relay
+// connections are closed. e is what p itself is told; why is what an
+// agent's clients are told.
+func (c *core) revoke(p *peer, e *protocol.Error, why string) {
+	c.mu.Lock()
+	var key string
+	if c.peers[p.id] == p {
+		if p.node != nil {
+			key = p.node.Key
+		}
+		p.revokedWhy = why
+		c.dropLocked(p, protocol.GoneRevoked)
+	}
+	c.flushLocked()
+	onRevoke := c.onRevoke
+	c.mu.Unlock()
+	p.kill(e)
+	if key != "" && onRevoke != nil {
+		onRevoke(key)
 	}
 }
 
@@ -309,8 +348,8 @@ func (c *core) untunnelLocked(cl *peer, agentID tailnet.NodeID, reason protocol.
 }
 
 // revokeTunnel removes a tunnel that is no longer allowed and tells both
-// ends to forget each other.
-func (c *core) revokeTunnel(cl *peer, agentID tailnet.NodeID) {
+// ends to forget each other; why is the client's one line.
+func (c *core) revokeTunnel(cl *peer, agentID tailnet.NodeID, why string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	defer c.flushLocked()
@@ -324,7 +363,7 @@ func (c *core) revokeTunnel(cl *peer, agentID tailnet.NodeID) {
 	}
 	c.sendLocked(cl, &protocol.ServerMessage{Type: protocol.TypeError, Error: &protocol.Error{
 		Code: protocol.CodeForbidden, Agent: name,
-		Message: "your access to this agent was revoked; ask an admin for a grant",
+		Message: why + "; ask an admin for a grant (agent admin grant)",
 	}})
 }
 

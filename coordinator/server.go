@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -176,6 +177,7 @@ func New(cfg Config) (s *Server, err error) {
 		return nil, err
 	}
 	s.derp.SetAdmitFunc(s.core.admits)
+	s.core.onRevoke = func(k string) { s.derp.ClosePeer(k) }
 	if cfg.STUNAddr != "" {
 		s.stun, err = tailnet.ListenSTUN(context.Background(), cfg.STUNAddr, cfg.Logger.With("component", "stun"))
 		if err != nil {
@@ -459,8 +461,16 @@ func (s *Server) reauthLoop() {
 func (s *Server) reauthorize() {
 	for _, p := range s.core.peersSnapshot() {
 		if err := s.store.CheckToken(p.tokenID); err != nil {
-			s.logger.Info("disconnecting a peer whose token is no longer valid", "name", p.name, "role", p.role, "reason", err)
-			p.kill(tokenError(err, store.Token{}))
+			if !errors.Is(err, store.ErrTokenExpired) && !errors.Is(err, store.ErrTokenRevoked) && !errors.Is(err, store.ErrTokenInvalid) {
+				// A failing store is not an access decision.
+				s.logger.Error("re-checking a peer's token failed", "name", p.name, "role", p.role, "err", err)
+				continue
+			}
+			why := s.revokedReason(p, err)
+			s.logger.Info("cutting off a peer whose access ended", "name", p.name, "role", p.role, "reason", why)
+			e := tokenError(err, store.Token{})
+			e.Message = why + "; ask an admin for a new token (agent admin token create)"
+			s.core.revoke(p, e, why)
 			continue
 		}
 		if p.role != protocol.RoleClient {
@@ -472,7 +482,32 @@ func (s *Server) reauthorize() {
 				continue
 			}
 			s.logger.Info("removing a tunnel that is no longer allowed", "user", p.user, "agent", name)
-			s.core.revokeTunnel(p, id)
+			why := fmt.Sprintf("user %s's grant for agent %s was withdrawn", p.user, name)
+			if errors.Is(err, store.ErrNotFound) || (err == nil && a.ID != id) {
+				why = fmt.Sprintf("agent %s was deleted", name)
+			}
+			s.core.revokeTunnel(p, id, why)
 		}
 	}
+}
+
+// revokedReason words, in one line, why a session's token stopped being
+// valid: expired, revoked, or its user or agent deleted.
+func (s *Server) revokedReason(p *peer, err error) string {
+	if errors.Is(err, store.ErrTokenExpired) {
+		if p.role == protocol.RoleAgent {
+			return fmt.Sprintf("agent %s's token expired", p.name)
+		}
+		return fmt.Sprintf("user %s's token expired", p.user)
+	}
+	if p.role == protocol.RoleAgent {
+		if _, e := s.store.AgentByID(p.id); errors.Is(e, store.ErrNotFound) {
+			return fmt.Sprintf("agent %s was deleted", p.name)
+		}
+		return fmt.Sprintf("agent %s's token was revoked", p.name)
+	}
+	if snap, e := s.store.List(); e == nil && !slices.ContainsFunc(snap.Users, func(u store.User) bool { return u.Name == p.user }) {
+		return fmt.Sprintf("user %s was deleted", p.user)
+	}
+	return fmt.Sprintf("user %s's token was revoked", p.user)
 }

@@ -147,6 +147,12 @@ func (ss *session) run() {
 		}
 		defer s.metrics.PeerConnected(role)()
 		ss.logger.Info("peer connected", "node_id", ss.p.id)
+		// Expiry is enforced on open sessions too, at the moment it
+		// happens, not at the next periodic re-check.
+		if exp := ss.principal.Token.Expires; !exp.IsZero() {
+			t := time.AfterFunc(time.Until(exp), s.kickReauth)
+			defer t.Stop()
+		}
 		go ss.pingLoop()
 		ss.readLoop(in)
 	}

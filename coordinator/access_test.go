@@ -1,0 +1,153 @@
+package coordinator_test
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/agentd/agent/coordinator/admin"
+	"github.com/agentd/agent/coordinator/store"
+	"github.com/agentd/agent/protocol"
+)
+
+// accessBound is how soon an access decision must reach the peers.
+const accessBound = 2 * time.Second
+
+// TestAccessEndsWithinBound checks every kind of access decision: the
+// other end hears "revoked" (not "lost") within the bound, and the peer
+// cut off gets one line naming the reason.
+func TestAccessEndsWithinBound(t *testing.T) {
+	cases := []struct {
+		name string
+		// act withdraws access; it gets the user token used and may
+		// return a time to measure from other than now.
+		act func(t *testing.T, a admin.Ops, userTokenID string) time.Time
+		// agentCut: the agent is cut off (its clients hear it), not the user.
+		agentCut bool
+		// userErr is the error code the user's session ends with, "" when
+		// only its tunnel ends.
+		userErr protocol.ErrorCode
+		reason  string
+	}{
+		{name: "token revoked", userErr: protocol.CodeTokenRevoked, reason: "carol's token was revoked",
+			act: func(t *testing.T, a admin.Ops, id string) time.Time {
+				must[store.Token](t)(a.RevokeToken(id))
+				return time.Now()
+			}},
+		{name: "user deleted", userErr: protocol.CodeTokenRevoked, reason: "user carol was deleted",
+			act: func(t *testing.T, a admin.Ops, _ string) time.Time {
+				if err := a.DeleteUser("carol"); err != nil {
+					t.Fatal(err)
+				}
+				return time.Now()
+			}},
+		{name: "ungranted", reason: "carol's grant for agent ws1 was withdrawn",
+			act: func(t *testing.T, a admin.Ops, _ string) time.Time {
+				if err := a.RemoveGrant("carol", "ws1"); err != nil {
+					t.Fatal(err)
+				}
+				return time.Now()
+			}},
+		{name: "agent deleted", agentCut: true, reason: "agent ws1 was deleted",
+			act: func(t *testing.T, a admin.Ops, _ string) time.Time {
+				if err := a.DeleteAgent("ws1"); err != nil {
+					t.Fatal(err)
+				}
+				return time.Now()
+			}},
+		{name: "agent token revoked", agentCut: true, reason: "agent ws1's token was revoked",
+			act: func(t *testing.T, a admin.Ops, _ string) time.Time {
+				for _, tok := range must[store.Snapshot](t)(a.List()).Tokens {
+					if tok.Kind == store.KindAgent && tok.Subject == "ws1" {
+						must[store.Token](t)(a.RevokeToken(tok.ID))
+					}
+				}
+				return time.Now()
+			}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			f := newFixture(t, coordOpts{})
+			a := f.tc.admin(t)
+			must[store.Grant](t)(a.AddGrant("carol", "ws1"))
+			carolTok := must[admin.TokenCreated](t)(a.CreateToken(store.KindUser, "carol", time.Time{}))
+			ws1, carol := connectPair(t, f, carolTok.Secret)
+
+			start := c.act(t, a, carolTok.Token.ID)
+			if c.agentCut {
+				g := recv(t, carol.rec.gone, "ws1 gone at carol")
+				if took := time.Since(start); took > accessBound {
+					t.Errorf("carol heard after %v, want within %v", took, accessBound)
+				}
+				if g.Reason != protocol.GoneRevoked {
+					t.Fatalf("carol got %+v, want reason revoked", g)
+				}
+				e := recv(t, carol.rec.errs, "why ws1 is gone")
+				if e.Code != protocol.CodeForbidden || e.Agent != "ws1" || !strings.Contains(e.Message, c.reason) {
+					t.Fatalf("carol got %+v, want forbidden naming %q", e, c.reason)
+				}
+				if err := ws1.runResult(t); errCode(err) != protocol.CodeTokenRevoked {
+					t.Fatalf("agent Run returned %v, want token_revoked", err)
+				}
+				return
+			}
+			g := recv(t, ws1.rec.gone, "carol gone at ws1")
+			if took := time.Since(start); took > accessBound {
+				t.Errorf("ws1 heard after %v, want within %v", took, accessBound)
+			}
+			if g.Reason != protocol.GoneRevoked {
+				t.Fatalf("ws1 got %+v, want reason revoked", g)
+			}
+			if c.userErr == "" {
+				e := recv(t, carol.rec.errs, "why the tunnel ended")
+				if e.Code != protocol.CodeForbidden || !strings.Contains(e.Message, c.reason) {
+					t.Fatalf("carol got %+v, want forbidden naming %q", e, c.reason)
+				}
+				return
+			}
+			err := carol.runResult(t)
+			if errCode(err) != c.userErr || !strings.Contains(err.Error(), c.reason) {
+				t.Fatalf("carol's Run returned %v, want %s naming %q", err, c.userErr, c.reason)
+			}
+			// The agent stays connected and is not told anything else.
+			nothing(t, ws1.rec.discs, "agent disconnect")
+		})
+	}
+}
+
+// TestExpiryEndsOpenSession: a token expiring during a session ends it when
+// it expires, not at the next periodic check (30 s by default).
+func TestExpiryEndsOpenSession(t *testing.T) {
+	f := newFixture(t, coordOpts{})
+	a := f.tc.admin(t)
+	must[store.Grant](t)(a.AddGrant("carol", "ws1"))
+	expires := time.Now().Add(1500 * time.Millisecond)
+	carolTok := must[admin.TokenCreated](t)(a.CreateToken(store.KindUser, "carol", expires))
+	ws1, carol := connectPair(t, f, carolTok.Secret)
+	g := recv(t, ws1.rec.gone, "carol gone at ws1")
+	if late := time.Since(expires); late > accessBound {
+		t.Errorf("ws1 heard %v after the expiry, want within %v", late, accessBound)
+	}
+	if g.Reason != protocol.GoneRevoked {
+		t.Fatalf("ws1 got %+v, want reason revoked", g)
+	}
+	if err := carol.runResult(t); errCode(err) != protocol.CodeTokenExpired || !strings.Contains(err.Error(), "carol's token expired") {
+		t.Fatalf("carol's Run returned %v, want token_expired naming the expiry", err)
+	}
+}
+
+// connectPair connects ws1 and a client with token, tunneled to ws1, both
+// with nodes.
+func connectPair(t *testing.T, f *fixture, token string) (ws1, cl *peerClient) {
+	t.Helper()
+	ws1 = startClient(t, f.tc, f.ws1Token)
+	h1 := recv(t, ws1.rec.hellos, "ws1 hello")
+	ws1.UpdateNode(fakeNode(t, h1))
+	cl = startClient(t, f.tc, token)
+	hc := recv(t, cl.rec.hellos, "client hello")
+	cl.UpdateNode(fakeNode(t, hc))
+	cl.AddTunnel("ws1")
+	recv(t, cl.rec.peers, "ws1 at the client")
+	recv(t, ws1.rec.peers, "the client at ws1")
+	return ws1, cl
+}
