@@ -62,7 +62,7 @@ type core struct {
 	// onRevoke drops a revoked peer's relay connections (the DERP server's
 	// ClosePeer); called without the lock.
 	onRevoke func(nodeKey string)
-	metrics        *metrics.Coordinator
+	metrics  *metrics.Coordinator
 }
 
 func newCore(m *metrics.Coordinator) *core {
