@@ -84,6 +84,9 @@ type Agent struct {
 	byAddr     map[netip.Addr]*peerInfo
 	pendingOps []func(*tailnet.Conn) // peer changes that arrived before the tailnet was up
 	network    *netcheck.Brief
+
+	// flows are the peers' open connections, ended when access ends.
+	flows *flows
 }
 
 type peerInfo struct {
@@ -113,6 +116,7 @@ func New(opts Options) (*Agent, error) {
 		helloCh: make(chan protocol.Hello, 1),
 		peers:   make(map[tailnet.NodeID]*peerInfo),
 		byAddr:  make(map[netip.Addr]*peerInfo),
+		flows:   newFlows(),
 	}
 	cfg := opts.Coordinator
 	cfg.Logger = opts.Logger.With("component", "coordination")
@@ -260,8 +264,9 @@ func (a *Agent) startServices(ctx context.Context, conn *tailnet.Conn) (*service
 		return nil, fmt.Errorf("listen on tailnet port %d for the agent API: %w", PortAPI, err)
 	}
 	fwd := portforward.New(portforward.Options{Logger: a.log.With("component", "port-forward")})
-	conn.SetTCPFallback(a.counted(metrics.KindPortForwardTCP, fwd.TCP))
-	conn.SetUDPFallback(a.counted(metrics.KindPortForwardUDP, fwd.UDP))
+	conn.SetTCPFallback(a.flows.handler(a.counted(metrics.KindPortForwardTCP, fwd.TCP)))
+	conn.SetUDPFallback(a.flows.handler(a.counted(metrics.KindPortForwardUDP, fwd.UDP)))
+	sshLn = a.flows.listener(sshLn)
 
 	s := &services{ssh: ssh, forward: fwd, api: &http.Server{
 		Handler:           a.apiHandler(),
@@ -286,16 +291,7 @@ func (a *Agent) startServices(ctx context.Context, conn *tailnet.Conn) (*service
 // peerIdentity names the coordinator user behind a tailnet address, for the
 // SSH server's session logs.
 func (a *Agent) peerIdentity(remote net.Addr) string {
-	var ip netip.Addr
-	switch ad := remote.(type) {
-	case *net.TCPAddr:
-		ip, _ = netip.AddrFromSlice(ad.IP)
-	default:
-		if ap, err := netip.ParseAddrPort(remote.String()); err == nil {
-			ip = ap.Addr()
-		}
-	}
-	ip = ip.Unmap()
+	ip := addrOf(remote)
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if p, ok := a.byAddr[ip]; ok {
@@ -493,6 +489,19 @@ func (h *coordHandler) PeerGone(g protocol.PeerGone) {
 		return
 	}
 	a.removePeerLocked(g.NodeID)
+	if g.Reason == protocol.GoneRevoked {
+		// An access decision: its SSH sessions and forwarded connections
+		// end now, not when keepalives give up.
+		var addrs []netip.Addr
+		for _, pre := range pi.peer.Node.Addresses {
+			addrs = append(addrs, pre.Addr())
+		}
+		go func() {
+			n := a.flows.closeFrom(addrs...)
+			a.log.Info("peer's access ended; hung up its connections", "peer", pi.peer.Name, "user", pi.peer.User, "connections", n)
+		}()
+		return
+	}
 	a.log.Info("peer gone", "peer", pi.peer.Name, "reason", g.Reason)
 }
 

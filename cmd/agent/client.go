@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -65,4 +66,33 @@ func (e *cliEnv) connectWorkspace(ctx context.Context, f *clientFlags, name stri
 		Logger:      e.ClientLogger(),
 		BlockDirect: f.blockDirect,
 	}, name)
+}
+
+// untilAccessEnds runs fn with a context that also ends when access to the
+// workspace ends (a revoked or expired token, a withdrawn grant, a deleted
+// user or workspace); then the access decision is the command's error, one
+// line naming the reason, whatever fn returned.
+func untilAccessEnds(ctx context.Context, ws *client.Workspace, fn func(context.Context) error) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-ws.Done():
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	err := fn(ctx)
+	if err != nil && ws.Err() == nil {
+		// The workspace hangs up at the same moment the coordinator
+		// tells us why; give the reason a moment to arrive.
+		select {
+		case <-ws.Done():
+		case <-time.After(time.Second):
+		}
+	}
+	if aerr := ws.Err(); aerr != nil {
+		return aerr
+	}
+	return err
 }

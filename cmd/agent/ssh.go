@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"strings"
 
@@ -36,27 +37,30 @@ workspace's SSH server, for OpenSSH's ProxyCommand:
 				return err
 			}
 			defer ws.Close()
-			conn, err := ws.DialTCP(ctx, client.PortSSH)
-			if err != nil {
-				return err
-			}
-			defer conn.Close()
-			if stdio {
-				if len(args) > 1 {
-					return fmt.Errorf("--stdio carries an SSH connection and takes no command (got %q)", strings.Join(args[1:], " "))
-				}
-				return sshclient.ProxyStdio(ctx, conn, env.Stdin, env.Stdout)
-			}
 			var code int
-			if len(args) > 1 && !forwardAgent {
-				code, err = sshclient.RunCommand(ctx, conn, strings.Join(args[1:], " "), env.Stdin, env.Stdout, env.Stderr)
-			} else {
-				opts := sshclient.InteractiveOptions{Stderr: env.Stderr, ForwardAgent: forwardAgent}
-				if len(args) > 1 {
-					opts.Command = strings.Join(args[1:], " ")
+			err = untilAccessEnds(ctx, ws, func(ctx context.Context) error {
+				conn, err := ws.DialTCP(ctx, client.PortSSH)
+				if err != nil {
+					return err
 				}
-				code, err = sshclient.RunInteractive(ctx, conn, opts)
-			}
+				defer conn.Close()
+				if stdio {
+					if len(args) > 1 {
+						return fmt.Errorf("--stdio carries an SSH connection and takes no command (got %q)", strings.Join(args[1:], " "))
+					}
+					return sshclient.ProxyStdio(ctx, conn, env.Stdin, env.Stdout)
+				}
+				if len(args) > 1 && !forwardAgent {
+					code, err = sshclient.RunCommand(ctx, conn, strings.Join(args[1:], " "), env.Stdin, env.Stdout, env.Stderr)
+				} else {
+					opts := sshclient.InteractiveOptions{Stderr: env.Stderr, ForwardAgent: forwardAgent}
+					if len(args) > 1 {
+						opts.Command = strings.Join(args[1:], " ")
+					}
+					code, err = sshclient.RunInteractive(ctx, conn, opts)
+				}
+				return err
+			})
 			if err != nil {
 				return err
 			}
