@@ -120,6 +120,7 @@ func New(opts Options) (*Agent, error) {
 	}
 	cfg := opts.Coordinator
 	cfg.Logger = opts.Logger.With("component", "coordination")
+	cfg.Role = protocol.RoleAgent
 	a.coord = coordclient.New(cfg, (*coordHandler)(a))
 	return a, nil
 }

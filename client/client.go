@@ -117,6 +117,7 @@ func Connect(ctx context.Context, cfg Config, workspace string) (*Workspace, err
 	}
 	cc := cfg.Coordinator
 	cc.Logger = log.With("component", "coordination")
+	cc.Role = protocol.RoleClient
 	w.coord = coordclient.New(cc, (*handler)(w))
 	go func() {
 		err := w.coord.Run(runCtx)

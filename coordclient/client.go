@@ -34,6 +34,10 @@ type Config struct {
 	// Token is an agent token (agt_...) or a user token (usr_...); the
 	// coordinator derives the role from it.
 	Token string
+	// Role, when set, is the role this program means to take: the
+	// coordinator refuses a token of the other kind for good
+	// (protocol.CodeWrongRole) instead of letting it act as one.
+	Role protocol.Role
 	// Fingerprint pins the coordinator's certificate (hex SHA-256 of its
 	// DER encoding). Empty: verify with the system roots.
 	Fingerprint string
@@ -319,9 +323,13 @@ func coordinateURL(base string) (string, error) {
 // said hello (the connection was really up).
 func (c *Client) session(ctx context.Context, wsURL string, hc *http.Client) (helloed bool, err error) {
 	dialCtx, cancelDial := context.WithTimeout(ctx, 30*time.Second)
+	header := http.Header{"Authorization": {"Bearer " + c.cfg.Token}}
+	if c.cfg.Role != "" {
+		header.Set(protocol.RoleHeader, string(c.cfg.Role))
+	}
 	conn, resp, err := websocket.Dial(dialCtx, wsURL, &websocket.DialOptions{
 		HTTPClient:   hc,
-		HTTPHeader:   http.Header{"Authorization": {"Bearer " + c.cfg.Token}},
+		HTTPHeader:   header,
 		Subprotocols: protocol.Subprotocols(),
 	})
 	cancelDial()

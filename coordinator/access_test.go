@@ -1,10 +1,13 @@
 package coordinator_test
 
 import (
+	"context"
+	"errors"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/agentd/agent/coordclient"
 	"github.com/agentd/agent/coordinator/admin"
 	"github.com/agentd/agent/coordinator/store"
 	"github.com/agentd/agent/protocol"
@@ -150,4 +153,37 @@ func connectPair(t *testing.T, f *fixture, token string) (ws1, cl *peerClient) {
 	recv(t, cl.rec.peers, "ws1 at the client")
 	recv(t, ws1.rec.peers, "the client at ws1")
 	return ws1, cl
+}
+
+// TestTokenRoleMismatchRefused: an agent token used by a client (or a user
+// token by an agent) is refused for good with one line, and the real agent
+// keeps its session.
+func TestTokenRoleMismatchRefused(t *testing.T) {
+	f := newFixture(t, coordOpts{})
+	ws1, alice := connectPair(t, f, f.aliceToken)
+	for _, c := range []struct {
+		name, token string
+		role        protocol.Role
+		says        string
+	}{
+		{"agent token as user", f.ws1Token, protocol.RoleClient, "agent token of workspace ws1"},
+		{"user token as agent", f.bobToken, protocol.RoleAgent, "user token of bob"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			rec := newRecorder()
+			cc := coordclient.New(coordclient.Config{URL: f.tc.URL(), Token: c.token, Fingerprint: f.tc.Fingerprint(), Role: c.role}, rec)
+			ctx, cancel := context.WithTimeout(context.Background(), waitFor)
+			defer cancel()
+			err := cc.Run(ctx)
+			var perm *coordclient.PermanentError
+			if !errors.As(err, &perm) || errCode(err) != protocol.CodeWrongRole || !strings.Contains(err.Error(), c.says) {
+				t.Fatalf("Run returned %v, want a permanent %s saying %q", err, protocol.CodeWrongRole, c.says)
+			}
+			if strings.Contains(err.Error(), "\n") {
+				t.Fatalf("error is not one line: %q", err)
+			}
+		})
+	}
+	nothing(t, ws1.rec.discs, "agent disconnect")
+	nothing(t, alice.rec.gone, "agent gone at alice")
 }

@@ -36,6 +36,12 @@ func (s *Server) handleCoordinate(w http.ResponseWriter, r *http.Request) {
 		writeHTTPError(w, http.StatusUnauthorized, perr)
 		return
 	}
+	if perr := roleMismatch(r, principal); perr != nil {
+		s.metrics.MessageRejected(metrics.RejectUnauthorized)
+		s.logger.Info("refused a token used in the wrong role", "remote", r.RemoteAddr, "token_id", principal.Token.ID)
+		writeHTTPError(w, http.StatusForbidden, perr)
+		return
+	}
 	if strings.EqualFold(r.Header.Get("Upgrade"), "websocket") && !offersSubprotocol(r) {
 		writeHTTPError(w, http.StatusBadRequest, &protocol.Error{Code: protocol.CodeUnsupportedVer, Fatal: true,
 			Message: fmt.Sprintf("offer one of the WebSocket subprotocols %s: this coordinator speaks protocol versions %d to %d; upgrade the older side",
@@ -58,6 +64,26 @@ func (s *Server) handleCoordinate(w http.ResponseWriter, r *http.Request) {
 	version := protocol.VersionOf(strings.ToLower(conn.Subprotocol()))
 	sess := &session{srv: s, conn: conn, principal: principal, host: r.Host, remote: r.RemoteAddr, version: version}
 	sess.run()
+}
+
+// roleMismatch refuses a token of the other kind than the role the peer
+// asks for (protocol.RoleHeader), before it can affect anyone.
+func roleMismatch(r *http.Request, p store.Principal) *protocol.Error {
+	want := protocol.Role(r.Header.Get(protocol.RoleHeader))
+	switch {
+	case want == "":
+		return nil
+	case want != protocol.RoleAgent && want != protocol.RoleClient:
+		return &protocol.Error{Code: protocol.CodeBadMessage, Fatal: true,
+			Message: fmt.Sprintf("header %s: %q is not a role; use %q or %q", protocol.RoleHeader, want, protocol.RoleAgent, protocol.RoleClient)}
+	case want == protocol.RoleClient && p.Agent != nil:
+		return &protocol.Error{Code: protocol.CodeWrongRole, Fatal: true,
+			Message: fmt.Sprintf("this is the agent token of workspace %s, not a user token; user commands need a user token (agent admin token create --user NAME)", p.Agent.Name)}
+	case want == protocol.RoleAgent && p.Agent == nil:
+		return &protocol.Error{Code: protocol.CodeWrongRole, Fatal: true,
+			Message: fmt.Sprintf("this is a user token of %s, not an agent token; agent run needs its workspace's agent token (agent admin agent create, or agent admin token create --agent NAME)", p.User.Name)}
+	}
+	return nil
 }
 
 // offersSubprotocol reports whether the request offers a version we speak.

@@ -63,6 +63,13 @@ func VersionOf(subprotocol string) int {
 // CoordinatePath is the HTTP path of the coordination WebSocket.
 const CoordinatePath = "/api/v1/coordinate"
 
+// RoleHeader is the HTTP request header in which a peer says which role it
+// means to take (RoleAgent or RoleClient). The coordinator refuses a token
+// of the other kind with CodeWrongRole before the WebSocket upgrade, so an
+// agent token pasted into a user command cannot take the agent's place.
+// Peers that send no header get the role of their token.
+const RoleHeader = "Agentd-Role"
+
 // WhoAmIPath answers, for a bearer token, who the token belongs to. It lets a
 // client check a token without joining the tailnet.
 const WhoAmIPath = "/api/v1/whoami"
@@ -264,6 +271,9 @@ const (
 	CodeTokenInvalid ErrorCode = "token_invalid"
 	CodeTokenExpired ErrorCode = "token_expired"
 	CodeTokenRevoked ErrorCode = "token_revoked"
+	// CodeWrongRole: an agent token used by a client or a user token by an
+	// agent (see RoleHeader).
+	CodeWrongRole ErrorCode = "token_wrong_role"
 	// Tunnel errors (not fatal).
 	CodeNoSuchAgent ErrorCode = "no_such_agent"
 	CodeForbidden   ErrorCode = "forbidden"
@@ -275,7 +285,7 @@ const (
 // pointless.
 func (c ErrorCode) Permanent() bool {
 	switch c {
-	case CodeTokenMissing, CodeTokenInvalid, CodeTokenExpired, CodeTokenRevoked, CodeUnsupportedVer:
+	case CodeTokenMissing, CodeTokenInvalid, CodeTokenExpired, CodeTokenRevoked, CodeWrongRole, CodeUnsupportedVer:
 		return true
 	}
 	return false
