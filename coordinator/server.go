@@ -227,6 +227,7 @@ func (s *Server) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc(protocol.CoordinatePath, s.handleCoordinate)
 	mux.HandleFunc(protocol.WhoAmIPath, s.handleWhoAmI)
+	mux.HandleFunc(protocol.HostKeyPath, s.handleHostKey)
 	derp := s.derp.Handler()
 	mux.Handle("/derp", derp)
 	mux.Handle("/derp/", derp)
@@ -432,6 +433,41 @@ func (s *Server) handleWhoAmI(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "application/json")
 	json.NewEncoder(w).Encode(who)
+}
+
+// handleHostKey tells a user who may reach an agent the SSH host key the
+// coordinator vouches for: the one the agent proved at registration.
+func (s *Server) handleHostKey(w http.ResponseWriter, r *http.Request) {
+	p, perr := s.authenticate(r)
+	if perr != nil {
+		writeHTTPError(w, http.StatusUnauthorized, perr)
+		return
+	}
+	if p.Agent != nil {
+		writeHTTPError(w, http.StatusForbidden, &protocol.Error{Code: protocol.CodeWrongRole,
+			Message: "this is an agent token; asking for a workspace's host key needs a user token"})
+		return
+	}
+	name := r.URL.Query().Get("agent")
+	if err := protocol.ValidAgentName(name); err != nil {
+		writeHTTPError(w, http.StatusBadRequest, &protocol.Error{Code: protocol.CodeBadMessage, Message: "agent: " + err.Error()})
+		return
+	}
+	a, err := s.store.MayReach(p.User.Name, name)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		writeHTTPError(w, http.StatusNotFound, &protocol.Error{Code: protocol.CodeNoSuchAgent, Agent: name, Message: "no agent has this name"})
+		return
+	case errors.Is(err, store.ErrForbidden):
+		writeHTTPError(w, http.StatusForbidden, &protocol.Error{Code: protocol.CodeForbidden, Agent: name,
+			Message: fmt.Sprintf("user %s has no grant for this agent", p.User.Name)})
+		return
+	case err != nil:
+		writeHTTPError(w, http.StatusInternalServerError, &protocol.Error{Code: protocol.CodeInternal, Message: err.Error()})
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(protocol.HostKeyAnswer{Agent: a.Name, HostKey: a.HostKey})
 }
 
 // kickReauth asks the re-authorisation loop to run now.
