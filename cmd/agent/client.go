@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"time"
 
@@ -66,6 +67,25 @@ func (e *cliEnv) connectWorkspace(ctx context.Context, f *clientFlags, name stri
 		Logger:      e.ClientLogger(),
 		BlockDirect: f.blockDirect,
 	}, name)
+}
+
+// vouchedHostKey is the SSH host key the coordinator vouches for the
+// workspace (the name may carry the ".agent" suffix); a workspace whose
+// agent never proved one is an error naming the fix.
+func (e *cliEnv) vouchedHostKey(ctx context.Context, f *clientFlags, name string) (string, error) {
+	cfg, err := f.resolve(e)
+	if err != nil {
+		return "", err
+	}
+	name = strings.TrimSuffix(name, ".agent")
+	key, err := client.VouchedHostKey(ctx, cfg, name)
+	if err != nil {
+		return "", err
+	}
+	if key == "" {
+		return "", fmt.Errorf("the coordinator vouches for no SSH host key for workspace %q yet: its agent has not registered since identity pinning (upgrade the agent and start it)", name)
+	}
+	return key, nil
 }
 
 // untilAccessEnds runs fn with a context that also ends when access to the
