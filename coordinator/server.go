@@ -445,7 +445,7 @@ func (s *Server) handleHostKey(w http.ResponseWriter, r *http.Request) {
 	}
 	if p.Agent != nil {
 		writeHTTPError(w, http.StatusForbidden, &protocol.Error{Code: protocol.CodeWrongRole,
-			Message: "this is an agent token; asking for a workspace's host key needs a user token"})
+			Message: fmt.Sprintf("this is the agent token of workspace %s, not a user token; user commands need a user token (agent admin token create --user NAME)", p.Agent.Name)})
 		return
 	}
 	name := r.URL.Query().Get("agent")

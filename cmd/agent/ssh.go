@@ -65,6 +65,14 @@ OpenSSH's KnownHostsCommand, so OpenSSH checks it too:
 					return err
 				}
 				defer conn.Close()
+				// Access ended: hang up now rather than wait for the
+				// workspace's close, which can no longer arrive.
+				stop := context.AfterFunc(ctx, func() {
+					if ws.Err() != nil {
+						conn.Close()
+					}
+				})
+				defer stop()
 				if vouched != "" {
 					if conn, err = sshclient.ExpectHostKey(conn, vouched); err != nil {
 						return err
