@@ -45,7 +45,7 @@ const (
 // ("lost", not "disconnected") stays configured. Its tunnel keeps working
 // meanwhile: a laptop on a flaky network, or a coordinator restart, must not
 // cut an established SSH session.
-const lostPeerGrace = 15 * time.Minute
+const lostPeerGrace = protocol.LostGrace
 
 // shutdownGrace bounds how long services get to finish on shutdown, so the
 // agent exits well inside a container runtime's SIGTERM grace period.

@@ -187,3 +187,49 @@ func TestTokenRoleMismatchRefused(t *testing.T) {
 	nothing(t, ws1.rec.discs, "agent disconnect")
 	nothing(t, alice.rec.gone, "agent gone at alice")
 }
+
+// TestDecisionDuringBlipReachesAgent: a client whose connection broke is
+// kept by the agent for the grace; revoking its token (or its grant)
+// meanwhile still reaches the agent as "revoked" within the bound.
+func TestDecisionDuringBlipReachesAgent(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		act  func(t *testing.T, a admin.Ops, tokenID string)
+	}{
+		{"token revoked", func(t *testing.T, a admin.Ops, id string) { must[store.Token](t)(a.RevokeToken(id)) }},
+		{"ungranted", func(t *testing.T, a admin.Ops, _ string) {
+			if err := a.RemoveGrant("carol", "ws1"); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			f := newFixture(t, coordOpts{})
+			a := f.tc.admin(t)
+			must[store.Grant](t)(a.AddGrant("carol", "ws1"))
+			carolTok := must[admin.TokenCreated](t)(a.CreateToken(store.KindUser, "carol", time.Time{}))
+			ws1 := startClient(t, f.tc, f.ws1Token)
+			ws1.UpdateNode(fakeNode(t, recv(t, ws1.rec.hellos, "ws1 hello")))
+
+			carol := dialRaw(t, f.tc, carolTok.Secret)
+			hc := carol.hello(t)
+			carol.send(t, &protocol.PeerMessage{Type: protocol.TypeNode, Node: &protocol.NodeUpdate{Node: *fakeNode(t, hc)}})
+			carol.send(t, &protocol.PeerMessage{Type: protocol.TypeTunnel, Tunnel: &protocol.TunnelRequest{Agent: "ws1"}})
+			recv(t, ws1.rec.peers, "carol at ws1")
+			carol.conn.CloseNow() // a blip: no goodbye
+			if g := recv(t, ws1.rec.gone, "carol lost at ws1"); g.Reason != protocol.GoneLost {
+				t.Fatalf("got %+v, want lost", g)
+			}
+
+			start := time.Now()
+			c.act(t, a, carolTok.Token.ID)
+			g := recv(t, ws1.rec.gone, "carol revoked at ws1")
+			if took := time.Since(start); took > accessBound {
+				t.Errorf("ws1 heard after %v, want within %v", took, accessBound)
+			}
+			if g.Reason != protocol.GoneRevoked || g.NodeID != hc.NodeID {
+				t.Fatalf("got %+v, want carol revoked", g)
+			}
+		})
+	}
+}

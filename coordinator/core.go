@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"maps"
 	"net/netip"
 	"slices"
 	"sync"
@@ -53,6 +54,11 @@ type core struct {
 	// lost learns the last thing it said.
 	agents map[tailnet.NodeID]*agentState
 	evict  []*peer
+	// lost remembers clients whose connection broke, with the agents they
+	// had tunnels to, for as long as those agents keep their tunnels
+	// (protocol.LostGrace): an access decision about such a client must
+	// still reach the agents.
+	lost map[tailnet.NodeID]*lostClient
 	// tunnelsChanged says the tunnel gauge needs recounting. Counting walks
 	// every agent, so doing it on each node update made an update storm
 	// from N agents cost N² under the lock.
@@ -72,7 +78,19 @@ func newCore(m *metrics.Coordinator) *core {
 		keys:      map[string]tailnet.NodeID{},
 		clientsOf: map[tailnet.NodeID]map[tailnet.NodeID]*peer{},
 		agents:    map[tailnet.NodeID]*agentState{},
+		lost:      map[tailnet.NodeID]*lostClient{},
 	}
+}
+
+// lostClient is a client whose connection broke, as the agents it had
+// tunnels to still know it.
+type lostClient struct {
+	p      *peer
+	agents map[tailnet.NodeID]string // agent ID -> name
+	until  time.Time
+	// revoked: the remaining agents (offline when it happened) learn it
+	// when they reconnect.
+	revoked bool
 }
 
 // agentState is what the core keeps about an agent across its sessions.
@@ -166,7 +184,18 @@ func (c *core) register(p *peer) bool {
 	}
 	p.tunnels = map[tailnet.NodeID]string{}
 	c.peers[p.id] = p
+	// A resumed client is re-checked as a session from now on.
+	delete(c.lost, p.id)
 	if p.role == protocol.RoleAgent {
+		for id, lc := range c.lost {
+			if _, ok := lc.agents[p.id]; ok && lc.revoked {
+				c.sendLocked(p, goneMessage(lc.p, protocol.GoneRevoked))
+				delete(lc.agents, p.id)
+				if len(lc.agents) == 0 {
+					delete(c.lost, id)
+				}
+			}
+		}
 		st := c.agentLocked(p.id)
 		st.offlineSince, st.offlineReason = time.Time{}, ""
 		c.agentChangedLocked(p.id)
@@ -226,9 +255,59 @@ func (c *core) dropLocked(p *peer, reason protocol.GoneReason) {
 			c.agentChangedLocked(p.id)
 		}
 	case protocol.RoleClient:
+		if reason == protocol.GoneLost && p.node != nil && len(p.tunnels) > 0 {
+			c.lost[p.id] = &lostClient{p: p, agents: maps.Clone(p.tunnels), until: time.Now().Add(protocol.LostGrace)}
+		}
 		for agentID := range p.tunnels {
 			c.untunnelLocked(p, agentID, reason)
 		}
+	}
+}
+
+// lostClients returns the lost clients still within the grace, with the
+// agents each had tunnels to, forgetting the expired ones.
+func (c *core) lostClients() map[*peer]map[tailnet.NodeID]string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := map[*peer]map[tailnet.NodeID]string{}
+	now := time.Now()
+	for id, lc := range c.lost {
+		if now.After(lc.until) {
+			delete(c.lost, id)
+			continue
+		}
+		if !lc.revoked {
+			out[lc.p] = maps.Clone(lc.agents)
+		}
+	}
+	return out
+}
+
+// revokeLost tells the agents (all of them when agentID is 0) that still
+// keep a lost client's tunnel that the client's access ended; agents
+// offline now are told when they reconnect.
+func (c *core) revokeLost(p *peer, agentID tailnet.NodeID) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	defer c.flushLocked()
+	lc := c.lost[p.id]
+	if lc == nil || lc.p != p {
+		return
+	}
+	for id := range lc.agents {
+		if agentID != 0 && id != agentID {
+			continue
+		}
+		if a := c.peers[id]; a != nil {
+			c.sendLocked(a, goneMessage(p, protocol.GoneRevoked))
+			delete(lc.agents, id)
+		}
+	}
+	if agentID == 0 {
+		lc.revoked = true
+	}
+	if len(lc.agents) == 0 {
+		delete(c.lost, p.id)
 	}
 }
 

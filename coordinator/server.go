@@ -525,6 +525,21 @@ func (s *Server) reauthorize() {
 			s.core.revokeTunnel(p, id, why)
 		}
 	}
+	// Clients in a blip: their agents keep the tunnel for the grace, so a
+	// decision about them must reach the agents all the same.
+	for p, agents := range s.core.lostClients() {
+		if err := s.store.CheckToken(p.tokenID); errors.Is(err, store.ErrTokenExpired) || errors.Is(err, store.ErrTokenRevoked) || errors.Is(err, store.ErrTokenInvalid) {
+			s.logger.Info("cutting off a lost client whose access ended", "name", p.name, "reason", s.revokedReason(p, err))
+			s.core.revokeLost(p, 0)
+			continue
+		}
+		for id, name := range agents {
+			if a, err := s.store.MayReach(p.user, name); errors.Is(err, store.ErrNotFound) || errors.Is(err, store.ErrForbidden) || (err == nil && a.ID != id) {
+				s.logger.Info("removing a lost client's tunnel that is no longer allowed", "user", p.user, "agent", name)
+				s.core.revokeLost(p, id)
+			}
+		}
+	}
 }
 
 // revokedReason words, in one line, why a session's token stopped being

@@ -185,7 +185,14 @@ func (ss *session) run() {
 		// happens, not at the next periodic re-check.
 		if exp := ss.principal.Token.Expires; !exp.IsZero() {
 			t := time.AfterFunc(time.Until(exp), s.kickReauth)
-			defer t.Stop()
+			defer func() {
+				// A lost client's agents keep its tunnel for the grace:
+				// its expiry within that time must still be noticed.
+				if !errors.Is(context.Cause(ss.ctx), errGraceful) && time.Until(exp) < protocol.LostGrace {
+					return
+				}
+				t.Stop()
+			}()
 		}
 		go ss.pingLoop()
 		ss.readLoop(in)

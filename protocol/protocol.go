@@ -270,6 +270,11 @@ const (
 	GoneRevoked GoneReason = "revoked"
 )
 
+// LostGrace is how long an agent keeps the tunnel of a client reported
+// GoneLost. The coordinator remembers lost clients as long, so that an
+// access decision about one during its blip still reaches the agents.
+const LostGrace = 15 * time.Minute
+
 // PeerGone says a peer left.
 type PeerGone struct {
 	NodeID tailnet.NodeID `json:"node_id"`
