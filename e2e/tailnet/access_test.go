@@ -51,7 +51,8 @@ func netnsOf(t *testing.T, ns *netlab.Namespace) string {
 // it with one line (the host key is not the one pinned at the workspace's
 // first registration), the real agent is not disturbed, and OpenSSH, checking
 // host keys strictly against the key the coordinator vouches for, reaches
-// the real workspace every time.
+// the real workspace every time, and refuses with its standard warning a
+// workspace holding another key than the one vouched for the name.
 func TestImpostorAgentRefused(t *testing.T) {
 	sshtest.RequireTools(t, "ssh")
 	d := newDeployment(t, netlab.NATEndpointIndependent)
@@ -97,6 +98,39 @@ func TestImpostorAgentRefused(t *testing.T) {
 		t.Fatalf("agent token as user token: %v, stderr %q", err, stderr)
 	}
 	reach("after the agent token was used as a user token")
+
+	// OpenSSH itself refuses a workspace whose key is not the one the
+	// coordinator vouches for, with its standard warning. A second
+	// workspace, ws2, is reached under ws1's name: OpenSSH looks up the
+	// key the coordinator vouches for ws1 (HostKeyAlias) and meets ws2's.
+	var ws2 struct {
+		Secret string `json:"secret"`
+	}
+	d.adminJSON(&ws2, "agent", "create", "ws2", "--owner", "alice")
+	ws2Token := filepath.Join(t.TempDir(), "ws2-token")
+	if err := os.WriteFile(ws2Token, []byte(ws2.Secret+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d.sites.Host1.Start(d.bin, "run", "--coordinator-url", d.url, "--token-file", ws2Token, "--fingerprint", d.fp,
+		"--data-dir", filepath.Join(t.TempDir(), "ws2-state"), "--health-addr", "")
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		cmd := d.sites.Host2.CommandContext(ctx, "ssh", "-F", config, "-o", "BatchMode=yes", "ws2.agent", "true")
+		cmd.Env = d.clientEnv(d.userToken)
+		if cmd.Run() == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("ws2 not reachable within 30 s")
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	cmd := d.sites.Host2.CommandContext(ctx, "ssh", "-F", config, "-o", "BatchMode=yes", "-o", "HostKeyAlias=ws1.agent", "ws2.agent", "echo reached")
+	cmd.Env = d.clientEnv(d.userToken)
+	out, err := cmd.CombinedOutput()
+	if err == nil || strings.Contains(string(out), "reached") || !strings.Contains(string(out), "REMOTE HOST IDENTIFICATION HAS CHANGED") {
+		t.Fatalf("a workspace holding another key than the vouched one: %v, output:\n%s\nwant OpenSSH's refusal", err, out)
+	}
 }
 
 // Revoking the user's token ends, within the bound, the user's OpenSSH
