@@ -43,21 +43,20 @@ OpenSSH's KnownHostsCommand, so OpenSSH checks it too:
 			if knownHosts {
 				return printKnownHost(ctx, env, &cf, args)
 			}
-			var vouched string
-			if !stdio {
-				// OpenSSH checks the key itself (config-ssh's
-				// KnownHostsCommand); here we do.
-				key, err := env.vouchedHostKey(ctx, &cf, args[0])
-				if err != nil {
-					return err
-				}
-				vouched = key
-			}
 			ws, err := env.connectWorkspace(ctx, &cf, args[0])
 			if err != nil {
 				return err
 			}
 			defer ws.Close()
+			var vouched string
+			if !stdio {
+				// With --stdio OpenSSH checks the key itself (config-ssh's
+				// KnownHostsCommand); here we do. Asked once the workspace
+				// is online, so a freshly started agent has proved its key.
+				if vouched, err = env.vouchedHostKey(ctx, &cf, args[0]); err != nil {
+					return err
+				}
+			}
 			var code int
 			err = untilAccessEnds(ctx, ws, func(ctx context.Context) error {
 				conn, err := ws.DialTCP(ctx, client.PortSSH)
