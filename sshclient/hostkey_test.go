@@ -60,7 +60,9 @@ func TestExpectHostKey(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), gossh.FingerprintSHA256(srv.HostKey())) || !strings.Contains(err.Error(), gossh.FingerprintSHA256(other)) {
 		t.Fatalf("another host key: %v, want a refusal naming both keys", err)
 	}
-	if _, err := sshclient.ExpectHostKey(dial(t, ln.Addr().String()), "not a key"); err == nil {
+	raw := dial(t, ln.Addr().String())
+	defer raw.Close()
+	if _, err := sshclient.ExpectHostKey(raw, "not a key"); err == nil {
 		t.Fatal("a malformed vouched key was accepted")
 	}
 }
