@@ -402,6 +402,7 @@ func TestRevocationHangsUpWithinBound(t *testing.T) {
 	}
 	select {
 	case at := <-fwdEnded:
+		t.Logf("the forwarded connection ended %v after the revocation", at.Sub(start))
 		if took := at.Sub(start); took > bound {
 			t.Errorf("the forwarded connection ended %v after the revocation, want within %v", took, bound)
 		}
@@ -410,6 +411,7 @@ func TestRevocationHangsUpWithinBound(t *testing.T) {
 	}
 	select {
 	case <-ws.Done():
+		t.Logf("the client learned %v after the revocation", time.Since(start))
 		if took := time.Since(start); took > bound {
 			t.Errorf("the client learned after %v, want within %v", took, bound)
 		}
@@ -422,6 +424,7 @@ func TestRevocationHangsUpWithinBound(t *testing.T) {
 	}
 	// The session's process was hung up (SIGHUP ends sleep at once).
 	deadline := time.Now().Add(bound)
+	defer func() { t.Logf("the session's process was gone %v after the revocation", time.Since(start)) }()
 	for syscall.Kill(pid, 0) == nil {
 		if time.Now().After(deadline) {
 			t.Fatalf("session process %d still runs %v after the revocation", pid, time.Since(start))

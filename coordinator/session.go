@@ -202,8 +202,14 @@ func (ss *session) run() {
 		cause = &lostError{errors.New("session ended")}
 	}
 	reason := protocol.GoneLost
-	if errors.Is(cause, errGraceful) {
+	var pe *protocol.Error
+	switch {
+	case errors.Is(cause, errGraceful):
 		reason = protocol.GoneDisconnected
+	case errors.As(cause, &pe) && (pe.Code == protocol.CodeTokenRevoked || pe.Code == protocol.CodeTokenExpired):
+		// Cut off by an access decision (core.revoke already told its
+		// peers).
+		reason = protocol.GoneRevoked
 	}
 	if registered {
 		s.core.unregister(ss.p, reason)

@@ -185,6 +185,7 @@ func TestRevocationEndsOpenSSHAndPortForward(t *testing.T) {
 		go func() { done <- cmd.Wait() }()
 		select {
 		case err := <-done:
+			t.Logf("%s exited %v after the revocation", name, time.Since(start))
 			if err == nil {
 				t.Errorf("%s exited 0 after the revocation", name)
 			}
@@ -200,6 +201,7 @@ func TestRevocationEndsOpenSSHAndPortForward(t *testing.T) {
 			t.Errorf("%s did not say why it ended:\n%s", name, out)
 		}
 	}
+	defer func() { t.Logf("the remote process was gone %v after the revocation", time.Since(start)) }()
 	for exec.Command("pgrep", "-f", mark).Run() == nil {
 		if time.Since(start) > bound+time.Second {
 			t.Fatalf("the remote process still runs %v after the revocation", time.Since(start))
