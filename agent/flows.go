@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"errors"
 	"net"
 	"net/netip"
 	"sync"
@@ -29,6 +30,22 @@ type trackedConn struct {
 func (c *trackedConn) Close() error {
 	c.once.Do(func() { c.f.forget(c) })
 	return c.Conn.Close()
+}
+
+// CloseWrite and SetLinger pass through, so half-closes and resets still
+// reach the peer.
+func (c *trackedConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return c.Close()
+}
+
+func (c *trackedConn) SetLinger(sec int) error {
+	if l, ok := c.Conn.(interface{ SetLinger(int) error }); ok {
+		return l.SetLinger(sec)
+	}
+	return errors.New("connection has no linger setting")
 }
 
 func (f *flows) track(c net.Conn, from netip.Addr) net.Conn {
