@@ -471,6 +471,26 @@ var ErrIdentityMismatch = errors.New("host key differs from the pinned one")
 // key already pinned it changes nothing and returns the pinned key with
 // ErrIdentityMismatch.
 func (s *Store) PinHostKey(tokenID, hostKey string) (pinned string, err error) {
+	// The common case, a known agent reconnecting, needs no write.
+	done := false
+	err = s.db.View(func(tx *bolt.Tx) error {
+		var t Token
+		var a Agent
+		if getJSON(tx.Bucket(bucketTokens), tokenID, &t) != nil || t.Kind != KindAgent || t.HostKey == "" {
+			return nil
+		}
+		if t.HostKey != hostKey {
+			pinned, done = t.HostKey, true
+			return ErrIdentityMismatch
+		}
+		if getJSON(tx.Bucket(bucketAgents), t.Subject, &a) == nil && a.HostKey == hostKey {
+			pinned, done = hostKey, true
+		}
+		return nil
+	})
+	if done {
+		return pinned, err
+	}
 	err = s.db.Update(func(tx *bolt.Tx) error {
 		var t Token
 		if err := getJSON(tx.Bucket(bucketTokens), tokenID, &t); err != nil {
