@@ -6,7 +6,10 @@
 package agent
 
 import (
+	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -16,8 +19,11 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"time"
+
+	gossh "golang.org/x/crypto/ssh"
 
 	"github.com/agentd/agent/agent/netcheck"
 	"github.com/agentd/agent/agent/portforward"
@@ -39,7 +45,7 @@ const (
 // ("lost", not "disconnected") stays configured. Its tunnel keeps working
 // meanwhile: a laptop on a flaky network, or a coordinator restart, must not
 // cut an established SSH session.
-const lostPeerGrace = 15 * time.Minute
+const lostPeerGrace = protocol.LostGrace
 
 // shutdownGrace bounds how long services get to finish on shutdown, so the
 // agent exits well inside a container runtime's SIGTERM grace period.
@@ -84,6 +90,11 @@ type Agent struct {
 	byAddr     map[netip.Addr]*peerInfo
 	pendingOps []func(*tailnet.Conn) // peer changes that arrived before the tailnet was up
 	network    *netcheck.Brief
+
+	// flows are the peers' open connections, ended when access ends.
+	flows *flows
+	// signer is the SSH host key, the identity the coordinator pins.
+	signer gossh.Signer
 }
 
 type peerInfo struct {
@@ -113,9 +124,12 @@ func New(opts Options) (*Agent, error) {
 		helloCh: make(chan protocol.Hello, 1),
 		peers:   make(map[tailnet.NodeID]*peerInfo),
 		byAddr:  make(map[netip.Addr]*peerInfo),
+		flows:   newFlows(),
 	}
 	cfg := opts.Coordinator
 	cfg.Logger = opts.Logger.With("component", "coordination")
+	cfg.Role = protocol.RoleAgent
+	cfg.Identity = a.identity
 	a.coord = coordclient.New(cfg, (*coordHandler)(a))
 	return a, nil
 }
@@ -140,6 +154,26 @@ func (a *Agent) Run(ctx context.Context) error {
 		defer stop()
 	}
 
+	// The SSH host key is the workspace's identity: the coordinator pins it
+	// at first registration, so it is loaded before connecting.
+	ssh, err := sshd.New(sshd.Options{
+		Logger:       a.log.With("component", "ssh"),
+		HostKeyPath:  a.hostKeyPath(),
+		PeerIdentity: a.peerIdentity,
+		Metrics:      a.metrics,
+	})
+	if err != nil {
+		return fmt.Errorf("start the SSH server: %w", err)
+	}
+	signer, err := loadSigner(a.hostKeyPath(), ssh.HostKey())
+	if err != nil {
+		ssh.Close()
+		return err
+	}
+	a.mu.Lock()
+	a.signer = signer
+	a.mu.Unlock()
+
 	coordDone := make(chan error, 1)
 	go func() { coordDone <- a.coord.Run(ctx) }()
 
@@ -148,8 +182,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	select {
 	case <-ctx.Done():
 		<-coordDone
+		ssh.Close()
 		return nil
 	case err := <-coordDone:
+		ssh.Close()
 		return fmt.Errorf("coordinator: %w", err)
 	case hello = <-a.helloCh:
 	}
@@ -163,6 +199,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		AcceptInbound: true,
 	})
 	if err != nil {
+		ssh.Close()
 		cancel()
 		<-coordDone
 		return fmt.Errorf("start the tailnet: %w", err)
@@ -170,7 +207,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	conn.SetNodeCallback(a.coord.UpdateNode)
 	a.coord.UpdateNode(conn.Node())
 
-	svc, err := a.startServices(ctx, conn)
+	svc, err := a.startServices(ctx, conn, ssh)
 	if err != nil {
 		conn.Close()
 		cancel()
@@ -244,16 +281,7 @@ func (s *services) close() {
 	}
 }
 
-func (a *Agent) startServices(ctx context.Context, conn *tailnet.Conn) (*services, error) {
-	ssh, err := sshd.New(sshd.Options{
-		Logger:       a.log.With("component", "ssh"),
-		HostKeyPath:  filepath.Join(a.opts.DataDir, "ssh_host_ed25519_key"),
-		PeerIdentity: a.peerIdentity,
-		Metrics:      a.metrics,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("start the SSH server: %w", err)
-	}
+func (a *Agent) startServices(ctx context.Context, conn *tailnet.Conn, ssh *sshd.Server) (*services, error) {
 	sshLn, err := conn.Listen(PortSSH)
 	if err != nil {
 		ssh.Close()
@@ -266,8 +294,9 @@ func (a *Agent) startServices(ctx context.Context, conn *tailnet.Conn) (*service
 		return nil, fmt.Errorf("listen on tailnet port %d for the agent API: %w", PortAPI, err)
 	}
 	fwd := portforward.New(portforward.Options{Logger: a.log.With("component", "port-forward")})
-	conn.SetTCPFallback(a.counted(metrics.KindPortForwardTCP, fwd.TCP))
-	conn.SetUDPFallback(a.counted(metrics.KindPortForwardUDP, fwd.UDP))
+	conn.SetTCPFallback(a.flows.handler(a.counted(metrics.KindPortForwardTCP, fwd.TCP)))
+	conn.SetUDPFallback(a.flows.handler(a.counted(metrics.KindPortForwardUDP, fwd.UDP)))
+	sshLn = a.flows.listener(sshLn)
 
 	s := &services{ssh: ssh, forward: fwd, api: &http.Server{
 		Handler:           a.apiHandler(),
@@ -291,19 +320,48 @@ func (a *Agent) startServices(ctx context.Context, conn *tailnet.Conn) (*service
 	return s, nil
 }
 
+func (a *Agent) hostKeyPath() string { return filepath.Join(a.opts.DataDir, "ssh_host_ed25519_key") }
+
+// loadSigner reads the SSH server's host key for signing the coordinator's
+// identity challenge, checking it is the key the server serves.
+func loadSigner(path string, served gossh.PublicKey) (gossh.Signer, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read the SSH host key: %w", err)
+	}
+	signer, err := gossh.ParsePrivateKey(data)
+	if err != nil {
+		return nil, fmt.Errorf("read the SSH host key %s: %w", path, err)
+	}
+	if !bytes.Equal(signer.PublicKey().Marshal(), served.Marshal()) {
+		return nil, fmt.Errorf("the SSH host key %s changed while the agent started; start it again", path)
+	}
+	return signer, nil
+}
+
+// identity proves to the coordinator that this agent holds the workspace's
+// SSH host key, by signing the connection's challenge.
+func (a *Agent) identity(challenge string) (*protocol.AgentIdentity, error) {
+	a.mu.Lock()
+	signer := a.signer
+	a.mu.Unlock()
+	if signer == nil {
+		return nil, errors.New("no SSH host key loaded")
+	}
+	sig, err := signer.Sign(rand.Reader, protocol.IdentityMessage(challenge))
+	if err != nil {
+		return nil, fmt.Errorf("signing with the SSH host key: %w", err)
+	}
+	return &protocol.AgentIdentity{
+		HostKey:   strings.TrimSpace(string(gossh.MarshalAuthorizedKey(signer.PublicKey()))),
+		Signature: base64.StdEncoding.EncodeToString(gossh.Marshal(sig)),
+	}, nil
+}
+
 // peerIdentity names the coordinator user behind a tailnet address, for the
 // SSH server's session logs.
 func (a *Agent) peerIdentity(remote net.Addr) string {
-	var ip netip.Addr
-	switch ad := remote.(type) {
-	case *net.TCPAddr:
-		ip, _ = netip.AddrFromSlice(ad.IP)
-	default:
-		if ap, err := netip.ParseAddrPort(remote.String()); err == nil {
-			ip = ap.Addr()
-		}
-	}
-	ip = ip.Unmap()
+	ip := addrOf(remote)
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if p, ok := a.byAddr[ip]; ok {
@@ -501,6 +559,19 @@ func (h *coordHandler) PeerGone(g protocol.PeerGone) {
 		return
 	}
 	a.removePeerLocked(g.NodeID)
+	if g.Reason == protocol.GoneRevoked {
+		// An access decision: its SSH sessions and forwarded connections
+		// end now, not when keepalives give up.
+		var addrs []netip.Addr
+		for _, pre := range pi.peer.Node.Addresses {
+			addrs = append(addrs, pre.Addr())
+		}
+		go func() {
+			n := a.flows.closeFrom(addrs...)
+			a.log.Info("peer's access ended; hung up its connections", "peer", pi.peer.Name, "user", pi.peer.User, "connections", n)
+		}()
+		return
+	}
 	a.log.Info("peer gone", "peer", pi.peer.Name, "reason", g.Reason)
 }
 

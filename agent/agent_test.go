@@ -6,12 +6,14 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"os"
 	"os/exec"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -30,6 +32,8 @@ type stack struct {
 	coord       *coordinator.Server
 	url, fp     string
 	userToken   string
+	userTokenID string
+	adm         admin.Ops
 	agentCancel context.CancelFunc
 	agentDone   chan error
 }
@@ -77,7 +81,7 @@ func startStack(t *testing.T) *stack {
 		t.Fatal(err)
 	}
 
-	s := &stack{coord: srv, url: srv.URL(), fp: srv.Fingerprint(), userToken: ut.Secret, agentDone: make(chan error, 1)}
+	s := &stack{coord: srv, url: srv.URL(), fp: srv.Fingerprint(), userToken: ut.Secret, userTokenID: ut.Token.ID, adm: adm, agentDone: make(chan error, 1)}
 	a, err := agent.New(agent.Options{
 		Logger:      testLogger(t).With("side", "agent"),
 		Coordinator: coordclient.Config{URL: s.url, Token: ws.Secret, Fingerprint: s.fp},
@@ -334,4 +338,102 @@ func freePort(t *testing.T) uint16 {
 	p := ln.Addr().(*net.TCPAddr).Port
 	ln.Close()
 	return uint16(p)
+}
+
+// TestRevocationHangsUpWithinBound: revoking the user's token ends, within
+// 2 s, the user's SSH session (its process is hung up), a forwarded
+// connection, and the client's tunnel with the reason; the agent keeps
+// running.
+func TestRevocationHangsUpWithinBound(t *testing.T) {
+	if os.Getenv("AGENT_TEST_DERP_ONLY") != "" {
+		t.Skip("running as the DERP-only subprocess")
+	}
+	const bound = 2 * time.Second
+	s := startStack(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	ws := s.connect(t, ctx, false)
+
+	// A forwarded connection held open; the workspace's server notes when
+	// the agent closes its end.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	fwdEnded := make(chan time.Time, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.Copy(io.Discard, c)
+		fwdEnded <- time.Now()
+	}()
+	fwd, err := ws.DialTCP(ctx, uint16(ln.Addr().(*net.TCPAddr).Port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fwd.Close()
+	if _, err := fwd.Write([]byte("hi")); err != nil {
+		t.Fatal(err)
+	}
+
+	// An SSH session running a long command that tells us its PID.
+	sshConn, err := ws.DialTCP(ctx, client.PortSSH)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pr, pw := io.Pipe()
+	go func() {
+		sshclient.RunCommand(ctx, sshConn, "echo $$; exec sleep 300", nil, pw, io.Discard)
+		pw.Close()
+	}()
+	var pid int
+	if _, err := fmt.Fscan(pr, &pid); err != nil {
+		t.Fatalf("reading the session's pid: %v", err)
+	}
+	go io.Copy(io.Discard, pr)
+
+	start := time.Now()
+	if _, err := s.adm.RevokeToken(s.userTokenID); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case at := <-fwdEnded:
+		t.Logf("the forwarded connection ended %v after the revocation", at.Sub(start))
+		if took := at.Sub(start); took > bound {
+			t.Errorf("the forwarded connection ended %v after the revocation, want within %v", took, bound)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the forwarded connection is still open in the workspace 10 s after the revocation")
+	}
+	select {
+	case <-ws.Done():
+		t.Logf("the client learned %v after the revocation", time.Since(start))
+		if took := time.Since(start); took > bound {
+			t.Errorf("the client learned after %v, want within %v", took, bound)
+		}
+		var ae *client.AccessEndedError
+		if err := ws.Err(); !errors.As(err, &ae) || !strings.Contains(err.Error(), "token was revoked") {
+			t.Errorf("client's reason: %v; want an access-ended error naming the revocation", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the client was never told its access ended")
+	}
+	// The session's process was hung up (SIGHUP ends sleep at once).
+	deadline := time.Now().Add(bound)
+	defer func() { t.Logf("the session's process was gone %v after the revocation", time.Since(start)) }()
+	for syscall.Kill(pid, 0) == nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("session process %d still runs %v after the revocation", pid, time.Since(start))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	select {
+	case err := <-s.agentDone:
+		t.Fatalf("the agent stopped (%v) when a user's token was revoked", err)
+	default:
+	}
 }

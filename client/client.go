@@ -50,8 +50,15 @@ type Workspace struct {
 	coord *coordclient.Client
 	conn  *tailnet.Conn
 
-	cancel    context.CancelFunc
-	coordDone chan error
+	cancel context.CancelFunc
+	// coordEnded is closed when the coordination client's Run returned,
+	// with its error in coordErr.
+	coordEnded chan struct{}
+	coordErr   error
+	// ended is closed when access to the workspace ended for good (see
+	// Done); endErr says why.
+	ended  chan struct{}
+	endErr error
 
 	mu        sync.Mutex
 	agent     *protocol.Peer
@@ -97,7 +104,8 @@ func Connect(ctx context.Context, cfg Config, workspace string) (*Workspace, err
 		name:          workspace,
 		log:           log,
 		cancel:        cancel,
-		coordDone:     make(chan error, 1),
+		coordEnded:    make(chan struct{}),
+		ended:         make(chan struct{}),
 		agentCh:       make(chan struct{}),
 		refusedCh:     make(chan struct{}),
 		helloCh:       make(chan protocol.Hello, 1),
@@ -109,8 +117,15 @@ func Connect(ctx context.Context, cfg Config, workspace string) (*Workspace, err
 	}
 	cc := cfg.Coordinator
 	cc.Logger = log.With("component", "coordination")
+	cc.Role = protocol.RoleClient
 	w.coord = coordclient.New(cc, (*handler)(w))
-	go func() { w.coordDone <- w.coord.Run(runCtx) }()
+	go func() {
+		err := w.coord.Run(runCtx)
+		w.mu.Lock()
+		w.coordErr = err
+		w.mu.Unlock()
+		close(w.coordEnded)
+	}()
 
 	fail := func(err error) (*Workspace, error) {
 		w.Close()
@@ -121,9 +136,8 @@ func Connect(ctx context.Context, cfg Config, workspace string) (*Workspace, err
 	select {
 	case <-ctx.Done():
 		return fail(fmt.Errorf("waiting for the coordinator at %s: %w", cc.URL, context.Cause(ctx)))
-	case err := <-w.coordDone:
-		w.coordDone <- err
-		return fail(fmt.Errorf("coordinator: %w", err))
+	case <-w.coordEnded:
+		return fail(fmt.Errorf("coordinator: %w", w.coordError()))
 	case hello = <-w.helloCh:
 	}
 
@@ -164,12 +178,71 @@ func Connect(ctx context.Context, cfg Config, workspace string) (*Workspace, err
 		return fail(fmt.Errorf("workspace %q did not come online (waited %s): %s", workspace, w.unhealthyWait, problem))
 	case <-w.refusedCh:
 		return fail(w.refused)
-	case err := <-w.coordDone:
-		w.coordDone <- err
-		return fail(fmt.Errorf("coordinator: %w", err))
+	case <-w.coordEnded:
+		return fail(fmt.Errorf("coordinator: %w", w.coordError()))
 	case <-w.agentCh:
 	}
+	go w.watchCoordinator()
 	return w, nil
+}
+
+func (w *Workspace) coordError() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.coordErr
+}
+
+// watchCoordinator ends access when the coordinator refuses this client
+// for good (its token revoked or expired, its user deleted). Any other
+// failure is a blip: the tunnel stays while the client reconnects.
+func (w *Workspace) watchCoordinator() {
+	<-w.coordEnded
+	var perm *coordclient.PermanentError
+	if err := w.coordError(); errors.As(err, &perm) {
+		w.end(perm.Err.Message)
+	}
+}
+
+// end records that access to the workspace ended, for the reason given
+// (one line from the coordinator), and removes the workspace's node.
+func (w *Workspace) end(why string) {
+	w.mu.Lock()
+	if w.endErr != nil {
+		w.mu.Unlock()
+		return
+	}
+	w.endErr = &AccessEndedError{Workspace: w.name, Reason: why}
+	agent, conn := w.agent, w.conn
+	w.mu.Unlock()
+	if agent != nil && conn != nil {
+		conn.RemovePeer(agent.Node.ID)
+	}
+	w.log.Debug("access to the workspace ended", "workspace", w.name, "reason", why)
+	close(w.ended)
+}
+
+// AccessEndedError says that an access decision (a revoked or expired
+// token, a withdrawn grant, a deleted user or workspace) ended the tunnel.
+type AccessEndedError struct {
+	Workspace string
+	// Reason is the coordinator's one line: what happened, what to do.
+	Reason string
+}
+
+func (e *AccessEndedError) Error() string {
+	return fmt.Sprintf("access to workspace %q ended: %s", e.Workspace, e.Reason)
+}
+
+// Done is closed when access to the workspace ends for good: an access
+// decision, not a network blip (a lost coordinator keeps the tunnel). Err
+// then says why.
+func (w *Workspace) Done() <-chan struct{} { return w.ended }
+
+// Err is an *AccessEndedError once Done is closed, nil before.
+func (w *Workspace) Err() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.endErr
 }
 
 // Name is the workspace's name.
@@ -302,7 +375,7 @@ func (w *Workspace) Close() error {
 		w.conn.Close()
 	}
 	select {
-	case <-w.coordDone:
+	case <-w.coordEnded:
 	case <-time.After(2 * time.Second):
 	}
 	return nil
@@ -443,10 +516,16 @@ func (h *handler) Error(e protocol.Error) {
 	switch e.Code {
 	case protocol.CodeForbidden, protocol.CodeNoSuchAgent:
 		w.mu.Lock()
-		defer w.mu.Unlock()
 		if w.refused == nil {
 			w.refused = fmt.Errorf("workspace %q: %s", w.name, e.Message)
 			close(w.refusedCh)
+		}
+		connected := w.agent != nil
+		w.mu.Unlock()
+		// After the tunnel was up, a refusal is the coordinator taking
+		// access away (grant withdrawn, workspace deleted).
+		if connected {
+			w.end(e.Message)
 		}
 	}
 }

@@ -34,6 +34,14 @@ type Config struct {
 	// Token is an agent token (agt_...) or a user token (usr_...); the
 	// coordinator derives the role from it.
 	Token string
+	// Role, when set, is the role this program means to take: the
+	// coordinator refuses a token of the other kind for good
+	// (protocol.CodeWrongRole) instead of letting it act as one.
+	Role protocol.Role
+	// Identity, for agents, signs the coordinator's challenge with the
+	// agent's SSH host key (protocol version 3). Nil proves nothing: a
+	// coordinator that pinned the agent's key then refuses it.
+	Identity func(challenge string) (*protocol.AgentIdentity, error)
 	// Fingerprint pins the coordinator's certificate (hex SHA-256 of its
 	// DER encoding). Empty: verify with the system roots.
 	Fingerprint string
@@ -336,9 +344,13 @@ func coordinateURL(base, fingerprint string, insecureHTTP bool) (string, error) 
 // said hello (the connection was really up).
 func (c *Client) session(ctx context.Context, wsURL string, hc *http.Client) (helloed bool, err error) {
 	dialCtx, cancelDial := context.WithTimeout(ctx, 30*time.Second)
+	header := http.Header{"Authorization": {"Bearer " + c.cfg.Token}}
+	if c.cfg.Role != "" {
+		header.Set(protocol.RoleHeader, string(c.cfg.Role))
+	}
 	conn, resp, err := websocket.Dial(dialCtx, wsURL, &websocket.DialOptions{
 		HTTPClient:   hc,
-		HTTPHeader:   http.Header{"Authorization": {"Bearer " + c.cfg.Token}},
+		HTTPHeader:   header,
 		Subprotocols: protocol.Subprotocols(),
 	})
 	cancelDial()
@@ -360,8 +372,16 @@ func (c *Client) session(ctx context.Context, wsURL string, hc *http.Client) (he
 	c.mu.Lock()
 	resume := c.resumeToken
 	c.mu.Unlock()
-	if err := c.write(conn, version, &protocol.PeerMessage{Type: protocol.TypeHello,
-		Hello: &protocol.PeerHello{Software: c.cfg.Software, ResumeToken: resume}}); err != nil {
+	ph := &protocol.PeerHello{Software: c.cfg.Software, ResumeToken: resume}
+	if challenge := resp.Header.Get(protocol.ChallengeHeader); c.cfg.Identity != nil && version >= 3 && challenge != "" {
+		id, err := c.cfg.Identity(challenge)
+		if err != nil {
+			conn.Close(websocket.StatusInternalError, "identity")
+			return false, fmt.Errorf("proving this agent's identity: %w", err)
+		}
+		ph.Identity = id
+	}
+	if err := c.write(conn, version, &protocol.PeerMessage{Type: protocol.TypeHello, Hello: ph}); err != nil {
 		return false, fmt.Errorf("sending hello: %w", err)
 	}
 

@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"maps"
 	"net/netip"
 	"slices"
 	"sync"
@@ -37,6 +38,8 @@ type peer struct {
 	// Guarded by core.mu.
 	node    *tailnet.Node
 	tunnels map[tailnet.NodeID]string // client: agent ID -> agent name
+	// revokedWhy says, for an agent's clients, why the agent was cut off.
+	revokedWhy string
 }
 
 // core is the coordinator's in-memory picture: who is connected, their
@@ -54,6 +57,11 @@ type core struct {
 	// lost learns the last thing it said.
 	agents map[tailnet.NodeID]*agentState
 	evict  []*peer
+	// lost remembers clients whose connection broke, with the agents they
+	// had tunnels to, for as long as those agents keep their tunnels
+	// (protocol.LostGrace): an access decision about such a client must
+	// still reach the agents.
+	lost map[tailnet.NodeID]*lostClient
 	// tunnelsChanged says the tunnel gauge needs recounting. Counting walks
 	// every agent, so doing it on each node update made an update storm
 	// from N agents cost N² under the lock.
@@ -64,6 +72,9 @@ type core struct {
 	// repl, if set, is told of every change to our own peers, to carry it
 	// to the other replicas (see core_repl.go). Called with mu held.
 	repl func(replEvent)
+	// onRevoke drops a revoked peer's relay connections (the DERP server's
+	// ClosePeer); called without the lock.
+	onRevoke func(nodeKey string)
 }
 
 func newCore(m *metrics.Coordinator) *core {
@@ -73,7 +84,19 @@ func newCore(m *metrics.Coordinator) *core {
 		keys:      map[string]tailnet.NodeID{},
 		clientsOf: map[tailnet.NodeID]map[tailnet.NodeID]*peer{},
 		agents:    map[tailnet.NodeID]*agentState{},
+		lost:      map[tailnet.NodeID]*lostClient{},
 	}
+}
+
+// lostClient is a client whose connection broke, as the agents it had
+// tunnels to still know it.
+type lostClient struct {
+	p      *peer
+	agents map[tailnet.NodeID]string // agent ID -> name
+	until  time.Time
+	// revoked: the remaining agents (offline when it happened) learn it
+	// when they reconnect.
+	revoked bool
 }
 
 // agentState is what the core keeps about an agent across its sessions.
@@ -169,7 +192,18 @@ func (c *core) register(p *peer) bool {
 	p.tunnels = map[tailnet.NodeID]string{}
 	c.peers[p.id] = p
 	c.emitLocked(replEvent{kind: evUp, p: p})
+	// A resumed client is re-checked as a session from now on.
+	delete(c.lost, p.id)
 	if p.role == protocol.RoleAgent {
+		for id, lc := range c.lost {
+			if _, ok := lc.agents[p.id]; ok && lc.revoked {
+				c.sendLocked(p, goneMessage(lc.p, protocol.GoneRevoked))
+				delete(lc.agents, p.id)
+				if len(lc.agents) == 0 {
+					delete(c.lost, id)
+				}
+			}
+		}
 		st := c.agentLocked(p.id)
 		st.offlineSince, st.offlineReason = time.Time{}, ""
 		c.agentChangedLocked(p.id)
@@ -214,15 +248,99 @@ func (c *core) dropLocked(p *peer, reason protocol.GoneReason) {
 				c.sendLocked(cl, goneMessage(p, reason))
 			}
 		}
+		if reason == protocol.GoneRevoked {
+			// An access decision about the agent ends its clients' tunnels:
+			// they must not wait for it to come back.
+			for _, cl := range c.clientsOf[p.id] {
+				c.sendLocked(cl, &protocol.ServerMessage{Type: protocol.TypeError, Error: &protocol.Error{
+					Code: protocol.CodeForbidden, Agent: p.name, Message: p.revokedWhy,
+				}})
+				c.untunnelLocked(cl, p.id, "")
+			}
+		}
 		if reason == protocol.GoneLost || reason == protocol.GoneDisconnected {
 			st := c.agentLocked(p.id)
 			st.offlineSince, st.offlineReason = time.Now(), reason
 			c.agentChangedLocked(p.id)
 		}
 	case protocol.RoleClient:
+		if reason == protocol.GoneLost && p.node != nil && len(p.tunnels) > 0 {
+			c.lost[p.id] = &lostClient{p: p, agents: maps.Clone(p.tunnels), until: time.Now().Add(protocol.LostGrace)}
+		}
 		for agentID := range p.tunnels {
 			c.untunnelLocked(p, agentID, reason)
 		}
+	}
+}
+
+// lostClients returns the lost clients still within the grace, with the
+// agents each had tunnels to, forgetting the expired ones.
+func (c *core) lostClients() map[*peer]map[tailnet.NodeID]string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := map[*peer]map[tailnet.NodeID]string{}
+	now := time.Now()
+	for id, lc := range c.lost {
+		if now.After(lc.until) {
+			delete(c.lost, id)
+			continue
+		}
+		if !lc.revoked {
+			out[lc.p] = maps.Clone(lc.agents)
+		}
+	}
+	return out
+}
+
+// revokeLost tells the agents (all of them when agentID is 0) that still
+// keep a lost client's tunnel that the client's access ended; agents
+// offline now are told when they reconnect.
+func (c *core) revokeLost(p *peer, agentID tailnet.NodeID) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	defer c.flushLocked()
+	lc := c.lost[p.id]
+	if lc == nil || lc.p != p {
+		return
+	}
+	for id := range lc.agents {
+		if agentID != 0 && id != agentID {
+			continue
+		}
+		if a := c.peers[id]; a != nil {
+			c.sendLocked(a, goneMessage(p, protocol.GoneRevoked))
+			delete(lc.agents, id)
+		}
+	}
+	if agentID == 0 {
+		lc.revoked = true
+	}
+	if len(lc.agents) == 0 {
+		delete(c.lost, p.id)
+	}
+}
+
+// revoke ends p's session for an access decision (token revoked or
+// expired, user or agent deleted): unlike a lost connection, its peers are
+// told "revoked" at once so they cut the tunnel now, and its relay
+// connections are closed. e is what p itself is told; why is what an
+// agent's clients are told.
+func (c *core) revoke(p *peer, e *protocol.Error, why string) {
+	c.mu.Lock()
+	var key string
+	if c.peers[p.id] == p {
+		if p.node != nil {
+			key = p.node.Key
+		}
+		p.revokedWhy = why
+		c.dropLocked(p, protocol.GoneRevoked)
+	}
+	c.flushLocked()
+	onRevoke := c.onRevoke
+	c.mu.Unlock()
+	p.kill(e)
+	if key != "" && onRevoke != nil {
+		onRevoke(key)
 	}
 }
 
@@ -321,8 +439,8 @@ func (c *core) untunnelLocked(cl *peer, agentID tailnet.NodeID, reason protocol.
 }
 
 // revokeTunnel removes a tunnel that is no longer allowed and tells both
-// ends to forget each other.
-func (c *core) revokeTunnel(cl *peer, agentID tailnet.NodeID) {
+// ends to forget each other; why is the client's one line.
+func (c *core) revokeTunnel(cl *peer, agentID tailnet.NodeID, why string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	defer c.flushLocked()
@@ -336,7 +454,7 @@ func (c *core) revokeTunnel(cl *peer, agentID tailnet.NodeID) {
 	}
 	c.sendLocked(cl, &protocol.ServerMessage{Type: protocol.TypeError, Error: &protocol.Error{
 		Code: protocol.CodeForbidden, Agent: name,
-		Message: "your access to this agent was revoked; ask an admin for a grant",
+		Message: why + "; ask an admin for a grant (agent admin grant)",
 	}})
 }
 

@@ -16,6 +16,8 @@ import (
 	"golang.org/x/crypto/nacl/box"
 
 	"github.com/agentd/agent/coordclient"
+	"github.com/agentd/agent/coordinator/admin"
+	"github.com/agentd/agent/coordinator/store"
 	"github.com/agentd/agent/protocol"
 )
 
@@ -30,7 +32,7 @@ func derpLogin(t *testing.T, tc *testCoordinator, priv *ecdh.PrivateKey) bool {
 	return ok
 }
 
-// derpConnect logs in like derpLogin and returns the open connection.
+// derpConnect is derpLogin keeping the connection open, with its reader.
 func derpConnect(t *testing.T, tc *testCoordinator, priv *ecdh.PrivateKey) (net.Conn, *bufio.Reader, bool) {
 	t.Helper()
 	tlsCfg, err := coordclient.TLSConfig(tc.Fingerprint())
@@ -120,5 +122,55 @@ func TestDERPAdmitsOnlyRegisteredKeys(t *testing.T) {
 			t.Fatal("relay still admits the key of a peer that left")
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestDERPDropsRevokedPeer: revoking a peer's token closes its open relay
+// connection within the bound, not only its next admission.
+func TestDERPDropsRevokedPeer(t *testing.T) {
+	f := newFixture(t, coordOpts{})
+	a := f.tc.admin(t)
+	tok := must[admin.TokenCreated](t)(a.CreateToken(store.KindUser, "carol", time.Time{}))
+	priv, err := ecdh.X25519().GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	carol := startClient(t, f.tc, tok.Secret)
+	n := fakeNode(t, recv(t, carol.rec.hellos, "carol hello"))
+	n.Key = "nodekey:" + hex.EncodeToString(priv.PublicKey().Bytes())
+	carol.UpdateNode(n)
+	var conn net.Conn
+	var br *bufio.Reader
+	deadline := time.Now().Add(waitFor)
+	for {
+		var ok bool
+		if conn, br, ok = derpConnect(t, f.tc, priv); ok {
+			break
+		}
+		conn.Close()
+		if time.Now().After(deadline) {
+			t.Fatal("relay refused a registered node key")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	defer conn.Close()
+	ended := make(chan time.Time, 1)
+	go func() {
+		for {
+			if _, _, err := readDERPFrame(br); err != nil {
+				ended <- time.Now()
+				return
+			}
+		}
+	}()
+	start := time.Now()
+	must[store.Token](t)(a.RevokeToken(tok.Token.ID))
+	select {
+	case at := <-ended:
+		if took := at.Sub(start); took > accessBound {
+			t.Errorf("relay connection closed %v after the revocation, want within %v", took, accessBound)
+		}
+	case <-time.After(waitFor):
+		t.Fatal("the revoked peer's relay connection stayed open")
 	}
 }

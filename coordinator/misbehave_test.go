@@ -146,14 +146,14 @@ func TestMisbehavingPeersAreClosedOthersKeepWorking(t *testing.T) {
 		}, protocol.CodeBadMessage},
 		{"unknown type", f.bobToken, func(t *testing.T, r *rawPeer) {
 			r.hello(t)
-			r.sendRaw(t, []byte(`{"v":2,"type":"teleport","teleport":{}}`))
+			r.sendRaw(t, []byte(`{"v":3,"type":"teleport","teleport":{}}`))
 		}, protocol.CodeBadMessage},
 		{"unknown field", f.bobToken, func(t *testing.T, r *rawPeer) {
 			r.hello(t)
-			r.sendRaw(t, []byte(`{"v":2,"type":"tunnel","tunnel":{"agent":"ws1","sneaky":true}}`))
+			r.sendRaw(t, []byte(`{"v":3,"type":"tunnel","tunnel":{"agent":"ws1","sneaky":true}}`))
 		}, protocol.CodeBadMessage},
 		{"wrong version", f.bobToken, func(t *testing.T, r *rawPeer) {
-			r.sendRaw(t, []byte(`{"v":3,"type":"hello","hello":{}}`))
+			r.sendRaw(t, []byte(`{"v":4,"type":"hello","hello":{}}`))
 		}, protocol.CodeUnsupportedVer},
 		{"tunnel before hello", f.bobToken, func(t *testing.T, r *rawPeer) {
 			r.send(t, &protocol.PeerMessage{Type: protocol.TypeTunnel, Tunnel: &protocol.TunnelRequest{Agent: "ws2"}})
@@ -202,13 +202,13 @@ func TestMisbehavingPeersAreClosedOthersKeepWorking(t *testing.T) {
 		}, protocol.CodeUnexpectedMessage},
 		{"network status with an unknown status", f.ws2Token, func(t *testing.T, r *rawPeer) {
 			r.hello(t)
-			r.sendRaw(t, []byte(`{"v":2,"type":"network_status","network_status":{"verdict":{"status":"sideways","summary":"x","at":"2026-01-02T03:04:05Z","since":"2026-01-02T03:04:05Z"}}}`))
+			r.sendRaw(t, []byte(`{"v":3,"type":"network_status","network_status":{"verdict":{"status":"sideways","summary":"x","at":"2026-01-02T03:04:05Z","since":"2026-01-02T03:04:05Z"}}}`))
 		}, protocol.CodeBadMessage},
 		{"network status with an oversized summary", f.ws2Token, func(t *testing.T, r *rawPeer) {
 			r.hello(t)
 			v := brokenVerdict()
 			v.Summary = strings.Repeat("x", protocol.MaxNetworkSummary+1)
-			data, _ := json.Marshal(&protocol.PeerMessage{V: 2, Type: protocol.TypeNetworkStatus, NetworkStatus: &protocol.NetworkStatus{Verdict: v}})
+			data, _ := json.Marshal(&protocol.PeerMessage{V: protocol.Version, Type: protocol.TypeNetworkStatus, NetworkStatus: &protocol.NetworkStatus{Verdict: v}})
 			r.sendRaw(t, data)
 		}, protocol.CodeBadMessage},
 		{"network status on a version 1 connection", f.ws2Token, func(t *testing.T, r *rawPeer) {

@@ -151,7 +151,7 @@ func TestReplicaKilledPeersMoveToSurvivor(t *testing.T) {
 	// First connection to A, second to B (round robin).
 	start := func(token string) *peerClient {
 		rec := newRecorder()
-		c := coordclient.New(coordclient.Config{URL: lbURL, Token: token, Logger: testLogger(t), Software: "test"}, rec)
+		c := coordclient.New(coordclient.Config{URL: lbURL, InsecureHTTP: true, Token: token, Logger: testLogger(t), Software: "test"}, rec)
 		ctx, cancel := context.WithCancel(context.Background())
 		pc := &peerClient{Client: c, rec: rec, cancel: cancel, done: make(chan error, 1)}
 		go func() { pc.done <- c.Run(ctx) }()

@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -222,6 +223,7 @@ func New(cfg Config) (s *Server, err error) {
 			return nil, err
 		}
 	}
+	s.core.onRevoke = func(k string) { s.derp.ClosePeer(k) }
 	if cfg.STUNAddr != "" {
 		s.stun, err = tailnet.ListenSTUN(context.Background(), cfg.STUNAddr, cfg.Logger.With("component", "stun"))
 		if err != nil {
@@ -289,6 +291,7 @@ func (s *Server) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc(protocol.CoordinatePath, s.handleCoordinate)
 	mux.HandleFunc(protocol.WhoAmIPath, s.handleWhoAmI)
+	mux.HandleFunc(protocol.HostKeyPath, s.handleHostKey)
 	derp := s.derp.Handler()
 	mux.Handle("/derp", derp)
 	mux.Handle("/derp/", derp)
@@ -533,6 +536,41 @@ func (s *Server) handleWhoAmI(w http.ResponseWriter, r *http.Request) {
 	json.NewEncoder(w).Encode(who)
 }
 
+// handleHostKey tells a user who may reach an agent the SSH host key the
+// coordinator vouches for: the one the agent proved at registration.
+func (s *Server) handleHostKey(w http.ResponseWriter, r *http.Request) {
+	p, perr := s.authenticate(r)
+	if perr != nil {
+		writeHTTPError(w, http.StatusUnauthorized, perr)
+		return
+	}
+	if p.Agent != nil {
+		writeHTTPError(w, http.StatusForbidden, &protocol.Error{Code: protocol.CodeWrongRole,
+			Message: fmt.Sprintf("this is the agent token of workspace %s, not a user token; user commands need a user token (agent admin token create --user NAME)", p.Agent.Name)})
+		return
+	}
+	name := r.URL.Query().Get("agent")
+	if err := protocol.ValidAgentName(name); err != nil {
+		writeHTTPError(w, http.StatusBadRequest, &protocol.Error{Code: protocol.CodeBadMessage, Message: "agent: " + err.Error()})
+		return
+	}
+	a, err := s.store.MayReach(p.User.Name, name)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		writeHTTPError(w, http.StatusNotFound, &protocol.Error{Code: protocol.CodeNoSuchAgent, Agent: name, Message: "no agent has this name"})
+		return
+	case errors.Is(err, store.ErrForbidden):
+		writeHTTPError(w, http.StatusForbidden, &protocol.Error{Code: protocol.CodeForbidden, Agent: name,
+			Message: fmt.Sprintf("user %s has no grant for this agent", p.User.Name)})
+		return
+	case err != nil:
+		writeHTTPError(w, http.StatusInternalServerError, &protocol.Error{Code: protocol.CodeInternal, Message: err.Error()})
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(protocol.HostKeyAnswer{Agent: a.Name, HostKey: a.HostKey})
+}
+
 // kickReauth asks the re-authorisation loop to run now.
 func (s *Server) kickReauth() {
 	select {
@@ -565,8 +603,16 @@ func (s *Server) reauthorize() {
 			return
 		}
 		if err != nil {
-			s.logger.Info("disconnecting a peer whose token is no longer valid", "name", p.name, "role", p.role, "reason", err)
-			p.kill(tokenError(err, store.Token{}))
+			if !errors.Is(err, store.ErrTokenExpired) && !errors.Is(err, store.ErrTokenRevoked) && !errors.Is(err, store.ErrTokenInvalid) {
+				// A failing store is not an access decision.
+				s.logger.Error("re-checking a peer's token failed", "name", p.name, "role", p.role, "err", err)
+				continue
+			}
+			why := s.revokedReason(p, err)
+			s.logger.Info("cutting off a peer whose access ended", "name", p.name, "role", p.role, "reason", why)
+			e := tokenError(err, store.Token{})
+			e.Message = why + "; ask an admin for a new token (agent admin token create)"
+			s.core.revoke(p, e, why)
 			continue
 		}
 		if p.role != protocol.RoleClient {
@@ -578,7 +624,47 @@ func (s *Server) reauthorize() {
 				continue
 			}
 			s.logger.Info("removing a tunnel that is no longer allowed", "user", p.user, "agent", name)
-			s.core.revokeTunnel(p, id)
+			why := fmt.Sprintf("user %s's grant for agent %s was withdrawn", p.user, name)
+			if errors.Is(err, store.ErrNotFound) || (err == nil && a.ID != id) {
+				why = fmt.Sprintf("agent %s was deleted", name)
+			}
+			s.core.revokeTunnel(p, id, why)
 		}
 	}
+	// Clients in a blip: their agents keep the tunnel for the grace, so a
+	// decision about them must reach the agents all the same.
+	for p, agents := range s.core.lostClients() {
+		if err := s.store.CheckToken(p.tokenID); errors.Is(err, store.ErrTokenExpired) || errors.Is(err, store.ErrTokenRevoked) || errors.Is(err, store.ErrTokenInvalid) {
+			s.logger.Info("cutting off a lost client whose access ended", "name", p.name, "reason", s.revokedReason(p, err))
+			s.core.revokeLost(p, 0)
+			continue
+		}
+		for id, name := range agents {
+			if a, err := s.store.MayReach(p.user, name); errors.Is(err, store.ErrNotFound) || errors.Is(err, store.ErrForbidden) || (err == nil && a.ID != id) {
+				s.logger.Info("removing a lost client's tunnel that is no longer allowed", "user", p.user, "agent", name)
+				s.core.revokeLost(p, id)
+			}
+		}
+	}
+}
+
+// revokedReason words, in one line, why a session's token stopped being
+// valid: expired, revoked, or its user or agent deleted.
+func (s *Server) revokedReason(p *peer, err error) string {
+	if errors.Is(err, store.ErrTokenExpired) {
+		if p.role == protocol.RoleAgent {
+			return fmt.Sprintf("agent %s's token expired", p.name)
+		}
+		return fmt.Sprintf("user %s's token expired", p.user)
+	}
+	if p.role == protocol.RoleAgent {
+		if _, e := s.store.AgentByID(p.id); errors.Is(e, store.ErrNotFound) {
+			return fmt.Sprintf("agent %s was deleted", p.name)
+		}
+		return fmt.Sprintf("agent %s's token was revoked", p.name)
+	}
+	if snap, e := s.store.List(); e == nil && !slices.ContainsFunc(snap.Users, func(u store.User) bool { return u.Name == p.user }) {
+		return fmt.Sprintf("user %s was deleted", p.user)
+	}
+	return fmt.Sprintf("user %s's token was revoked", p.user)
 }

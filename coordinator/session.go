@@ -2,6 +2,8 @@ package coordinator
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -12,6 +14,7 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+	gossh "golang.org/x/crypto/ssh"
 
 	"github.com/agentd/agent/coordinator/store"
 	"github.com/agentd/agent/metrics"
@@ -44,6 +47,12 @@ func (s *Server) handleCoordinate(w http.ResponseWriter, r *http.Request) {
 		writeHTTPError(w, authStatus(perr), perr)
 		return
 	}
+	if perr := roleMismatch(r, principal); perr != nil {
+		s.metrics.MessageRejected(metrics.RejectUnauthorized)
+		s.logger.Info("refused a token used in the wrong role", "remote", r.RemoteAddr, "token_id", principal.Token.ID)
+		writeHTTPError(w, http.StatusForbidden, perr)
+		return
+	}
 	releaseToken, le := s.edge.byToken.admit(principal.Token.ID, time.Now())
 	if le != nil {
 		s.logger.Info("refused a session over the per-token limits", "remote", r.RemoteAddr, "user", principal.User.Name, "token", principal.Token.ID, "why", le.msg)
@@ -61,6 +70,9 @@ func (s *Server) handleCoordinate(w http.ResponseWriter, r *http.Request) {
 		writeHTTPError(w, http.StatusServiceUnavailable, &protocol.Error{Code: protocol.CodeInternal, Message: "coordinator is shutting down; retry shortly"})
 		return
 	}
+	// A fresh challenge an agent signs with its host key in its hello.
+	challenge := rand.Text()
+	w.Header().Set(protocol.ChallengeHeader, challenge)
 	// Newest first: the first one the peer also offers wins.
 	conn, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: protocol.Subprotocols()})
 	if err != nil {
@@ -71,8 +83,28 @@ func (s *Server) handleCoordinate(w http.ResponseWriter, r *http.Request) {
 	defer s.sessions.Done()
 	conn.SetReadLimit(protocol.MaxMessageSize)
 	version := protocol.VersionOf(strings.ToLower(conn.Subprotocol()))
-	sess := &session{srv: s, conn: conn, principal: principal, host: r.Host, remote: r.RemoteAddr, version: version}
+	sess := &session{srv: s, conn: conn, principal: principal, host: r.Host, remote: r.RemoteAddr, version: version, challenge: challenge}
 	sess.run()
+}
+
+// roleMismatch refuses a token of the other kind than the role the peer
+// asks for (protocol.RoleHeader), before it can affect anyone.
+func roleMismatch(r *http.Request, p store.Principal) *protocol.Error {
+	want := protocol.Role(r.Header.Get(protocol.RoleHeader))
+	switch {
+	case want == "":
+		return nil
+	case want != protocol.RoleAgent && want != protocol.RoleClient:
+		return &protocol.Error{Code: protocol.CodeBadMessage, Fatal: true,
+			Message: fmt.Sprintf("header %s: %q is not a role; use %q or %q", protocol.RoleHeader, want, protocol.RoleAgent, protocol.RoleClient)}
+	case want == protocol.RoleClient && p.Agent != nil:
+		return &protocol.Error{Code: protocol.CodeWrongRole, Fatal: true,
+			Message: fmt.Sprintf("this is the agent token of workspace %s, not a user token; user commands need a user token (agent admin token create --user NAME)", p.Agent.Name)}
+	case want == protocol.RoleAgent && p.Agent == nil:
+		return &protocol.Error{Code: protocol.CodeWrongRole, Fatal: true,
+			Message: fmt.Sprintf("this is a user token of %s, not an agent token; agent run needs its workspace's agent token (agent admin agent create, or agent admin token create --agent NAME)", p.User.Name)}
+	}
+	return nil
 }
 
 // offersSubprotocol reports whether the request offers a version we speak.
@@ -96,7 +128,9 @@ type session struct {
 	remote    string
 	// version is the protocol version agreed in the WebSocket handshake.
 	version int
-	logger  *slog.Logger
+	// challenge is what an agent signs to prove its identity.
+	challenge string
+	logger    *slog.Logger
 
 	ctx    context.Context
 	cancel context.CancelCauseFunc
@@ -162,6 +196,19 @@ func (ss *session) run() {
 		}
 		defer s.metrics.PeerConnected(role)()
 		ss.logger.Info("peer connected", "node_id", ss.p.id)
+		// Expiry is enforced on open sessions too, at the moment it
+		// happens, not at the next periodic re-check.
+		if exp := ss.principal.Token.Expires; !exp.IsZero() {
+			t := time.AfterFunc(time.Until(exp), s.kickReauth)
+			defer func() {
+				// A lost client's agents keep its tunnel for the grace:
+				// its expiry within that time must still be noticed.
+				if !errors.Is(context.Cause(ss.ctx), errGraceful) && time.Until(exp) < protocol.LostGrace {
+					return
+				}
+				t.Stop()
+			}()
+		}
 		go ss.pingLoop()
 		ss.readLoop(in)
 	}
@@ -170,8 +217,14 @@ func (ss *session) run() {
 		cause = &lostError{errors.New("session ended")}
 	}
 	reason := protocol.GoneLost
-	if errors.Is(cause, errGraceful) {
+	var pe *protocol.Error
+	switch {
+	case errors.Is(cause, errGraceful):
 		reason = protocol.GoneDisconnected
+	case errors.As(cause, &pe) && (pe.Code == protocol.CodeTokenRevoked || pe.Code == protocol.CodeTokenExpired):
+		// Cut off by an access decision (core.revoke already told its
+		// peers).
+		reason = protocol.GoneRevoked
 	}
 	if registered {
 		s.core.unregister(ss.p, reason)
@@ -211,6 +264,12 @@ func (ss *session) handshake(in <-chan readResult) bool {
 
 	p := ss.p
 	if p.role == protocol.RoleAgent {
+		// Checked before the agent is registered: a refused impostor
+		// never disturbs the connected agent.
+		if e := ss.checkIdentity(hello.Identity); e != nil {
+			ss.fail(e)
+			return false
+		}
 		p.id = ss.principal.Agent.ID
 		p.addrs = []netip.Prefix{protocol.AgentAddress(p.id)}
 	} else {
@@ -247,6 +306,60 @@ func (ss *session) handshake(in <-chan readResult) bool {
 		return false
 	}
 	return true
+}
+
+// checkIdentity verifies an agent's proof of holding its SSH host key and
+// pins the key for the agent's token at its first use. A different key, or
+// no proof once a key is pinned, is refused with one line saying what an
+// admin can do.
+func (ss *session) checkIdentity(id *protocol.AgentIdentity) *protocol.Error {
+	a, tok := ss.principal.Agent, ss.principal.Token
+	reset := fmt.Sprintf("if this workspace's data directory was lost or the workspace rebuilt, an admin runs: agent admin agent reset-identity %s (or creates a new agent token)", a.Name)
+	if id == nil {
+		if tok.HostKey == "" {
+			ss.logger.Warn("agent did not prove an identity (older release); its host key is not pinned")
+			return nil
+		}
+		ss.logger.Warn("refused an agent connection without proof of the pinned identity")
+		return &protocol.Error{Code: protocol.CodeIdentityMismatch, Fatal: true,
+			Message: fmt.Sprintf("agent %s's SSH host key is pinned and this connection did not prove it (an older agent release, or not the workspace's agent); upgrade the agent; %s", a.Name, reset)}
+	}
+	pub, _, _, _, err := gossh.ParseAuthorizedKey([]byte(id.HostKey))
+	if err != nil {
+		return &protocol.Error{Code: protocol.CodeBadMessage, Fatal: true, Message: "identity host_key is not an SSH public key in authorized_keys format: " + err.Error()}
+	}
+	raw, err := base64.StdEncoding.DecodeString(id.Signature)
+	var sig gossh.Signature
+	if err == nil {
+		err = gossh.Unmarshal(raw, &sig)
+	}
+	if err == nil {
+		err = pub.Verify(protocol.IdentityMessage(ss.challenge), &sig)
+	}
+	if err != nil {
+		ss.logger.Warn("refused an agent whose identity proof does not verify", "host_key", gossh.FingerprintSHA256(pub), "err", err)
+		return &protocol.Error{Code: protocol.CodeIdentityMismatch, Fatal: true,
+			Message: fmt.Sprintf("the signature over this connection's challenge does not verify with host key %s; the agent must sign with the key it presents", gossh.FingerprintSHA256(pub))}
+	}
+	key := strings.TrimSpace(string(gossh.MarshalAuthorizedKey(pub)))
+	pinned, err := ss.srv.store.PinHostKey(tok.ID, key)
+	switch {
+	case errors.Is(err, store.ErrIdentityMismatch):
+		want := pinned
+		if pk, _, _, _, perr := gossh.ParseAuthorizedKey([]byte(pinned)); perr == nil {
+			want = gossh.FingerprintSHA256(pk)
+		}
+		ss.logger.Warn("refused an agent presenting another host key than the pinned one", "host_key", gossh.FingerprintSHA256(pub), "pinned", want)
+		return &protocol.Error{Code: protocol.CodeIdentityMismatch, Fatal: true,
+			Message: fmt.Sprintf("agent %s presented SSH host key %s, but its token is pinned to %s since its first registration; %s; otherwise this is not the workspace's agent",
+				a.Name, gossh.FingerprintSHA256(pub), want, reset)}
+	case err != nil:
+		return &protocol.Error{Code: protocol.CodeInternal, Fatal: true, Message: "pinning the agent's identity failed: " + err.Error()}
+	}
+	if tok.HostKey == "" {
+		ss.logger.Info("pinned the agent's SSH host key at its first registration", "host_key", gossh.FingerprintSHA256(pub))
+	}
+	return nil
 }
 
 // clientID picks a client session's node ID: the one a valid resume token

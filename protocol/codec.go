@@ -115,6 +115,9 @@ func validatePeer(m *PeerMessage) (ErrorCode, error) {
 	case TypeHello:
 		present = m.Hello != nil
 		if present {
+			if m.Hello.Identity != nil && m.V < 3 {
+				return CodeBadMessage, fmt.Errorf("hello carries identity, a protocol version 3 field, on a version %d connection", m.V)
+			}
 			err = m.Hello.validate()
 		}
 	case TypeNode:
@@ -214,6 +217,17 @@ func (h *PeerHello) validate() error {
 	}
 	if !printable(h.ResumeToken) {
 		return errors.New("resume token contains control characters")
+	}
+	if id := h.Identity; id != nil {
+		if id.HostKey == "" || id.Signature == "" {
+			return errors.New("identity needs both host_key and signature")
+		}
+		if len(id.HostKey) > MaxIdentityLength || len(id.Signature) > MaxIdentityLength {
+			return fmt.Errorf("identity fields are at most %d bytes", MaxIdentityLength)
+		}
+		if !printable(id.HostKey) || !printable(id.Signature) {
+			return errors.New("identity contains control characters")
+		}
 	}
 	return nil
 }

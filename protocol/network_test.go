@@ -185,11 +185,11 @@ func TestTunnelStatusVersions(t *testing.T) {
 
 func TestSubprotocols(t *testing.T) {
 	got := Subprotocols()
-	want := []string{"agentd-coordinate.v2", "agentd-coordinate.v1"}
+	want := []string{"agentd-coordinate.v3", "agentd-coordinate.v2", "agentd-coordinate.v1"}
 	if !slices.Equal(got, want) || got[0] != Subprotocol {
 		t.Fatalf("Subprotocols() = %v, want %v", got, want)
 	}
-	for s, v := range map[string]int{"agentd-coordinate.v1": 1, "agentd-coordinate.v2": 2, "agentd-coordinate.v3": 0,
+	for s, v := range map[string]int{"agentd-coordinate.v1": 1, "agentd-coordinate.v2": 2, "agentd-coordinate.v3": 3, "agentd-coordinate.v4": 0,
 		"agentd-coordinate.v0": 0, "agentd-coordinate.v02": 0, "other.v1": 0, "": 0} {
 		if VersionOf(s) != v {
 			t.Errorf("VersionOf(%q) = %d, want %d", s, VersionOf(s), v)

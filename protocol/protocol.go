@@ -20,8 +20,9 @@ import (
 // a new version, and with it a new WebSocket subprotocol name.
 //
 // Version 2 added the agent's network verdict: the network_status message and
-// the network and offline fields of tunnel_status.
-const Version = 2
+// the network and offline fields of tunnel_status. Version 3 added the
+// agent's proof of identity in its hello (PeerHello.Identity).
+const Version = 3
 
 // MinVersion is the oldest version this package still speaks, so that
 // agents and clients of the previous release keep working with a newer
@@ -29,7 +30,7 @@ const Version = 2
 const MinVersion = 1
 
 // Subprotocol is the WebSocket subprotocol naming the newest version.
-const Subprotocol = subprotocolPrefix + "2"
+const Subprotocol = subprotocolPrefix + "3"
 
 const subprotocolPrefix = "agentd-coordinate.v"
 
@@ -62,6 +63,39 @@ func VersionOf(subprotocol string) int {
 
 // CoordinatePath is the HTTP path of the coordination WebSocket.
 const CoordinatePath = "/api/v1/coordinate"
+
+// RoleHeader is the HTTP request header in which a peer says which role it
+// means to take (RoleAgent or RoleClient). The coordinator refuses a token
+// of the other kind with CodeWrongRole before the WebSocket upgrade, so an
+// agent token pasted into a user command cannot take the agent's place.
+// Peers that send no header get the role of their token.
+const RoleHeader = "Agentd-Role"
+
+// ChallengeHeader is the HTTP response header of the WebSocket upgrade
+// carrying a fresh random challenge (base64) that an agent signs with its
+// SSH host key in its hello (version 3), proving the identity the
+// coordinator pinned.
+const ChallengeHeader = "Agentd-Challenge"
+
+// IdentityMessage is what an agent signs to prove its identity: a fixed
+// context string and the connection's challenge, so a signature is good for
+// that connection only.
+func IdentityMessage(challenge string) []byte {
+	return []byte("agentd identity v1\x00" + challenge)
+}
+
+// HostKeyPath answers, for a user token that may reach the agent, the SSH
+// host key the coordinator vouches for: GET HostKeyPath?agent=NAME gives
+// HostKeyAnswer.
+const HostKeyPath = "/api/v1/host-key"
+
+// HostKeyAnswer is the JSON answer of HostKeyPath.
+type HostKeyAnswer struct {
+	Agent string `json:"agent"`
+	// HostKey is the agent's SSH public key in authorized_keys format
+	// ("ssh-ed25519 AAAA..."), empty while no agent has proved one.
+	HostKey string `json:"host_key"`
+}
 
 // WhoAmIPath answers, for a bearer token, who the token belongs to. It lets a
 // client check a token without joining the tailnet.
@@ -140,7 +174,25 @@ type PeerHello struct {
 	// addresses as that session had, so that a client keeps its tailnet
 	// address across a reconnect. Agents have stable ones anyway.
 	ResumeToken string `json:"resume_token,omitempty"`
+	// Identity is an agent's proof of its identity (version 3, agents
+	// only): the coordinator pins the host key at first registration and
+	// refuses a different one, or none, afterwards.
+	Identity *AgentIdentity `json:"identity,omitempty"`
 }
+
+// AgentIdentity proves that the agent holds the private half of its SSH
+// host key.
+type AgentIdentity struct {
+	// HostKey is the public key in authorized_keys format.
+	HostKey string `json:"host_key"`
+	// Signature is the SSH signature (wire format, standard base64) of
+	// IdentityMessage(challenge) by that key.
+	Signature string `json:"signature"`
+}
+
+// MaxIdentityLength bounds the host key and the signature of an
+// AgentIdentity.
+const MaxIdentityLength = 2048
 
 // Hello is the coordinator's first message: who the peer is on the tailnet.
 type Hello struct {
@@ -218,6 +270,11 @@ const (
 	GoneRevoked GoneReason = "revoked"
 )
 
+// LostGrace is how long an agent keeps the tunnel of a client reported
+// GoneLost. The coordinator remembers lost clients as long, so that an
+// access decision about one during its blip still reaches the agents.
+const LostGrace = 15 * time.Minute
+
 // PeerGone says a peer left.
 type PeerGone struct {
 	NodeID tailnet.NodeID `json:"node_id"`
@@ -264,6 +321,13 @@ const (
 	CodeTokenInvalid ErrorCode = "token_invalid"
 	CodeTokenExpired ErrorCode = "token_expired"
 	CodeTokenRevoked ErrorCode = "token_revoked"
+	// CodeWrongRole: an agent token used by a client or a user token by an
+	// agent (see RoleHeader).
+	CodeWrongRole ErrorCode = "token_wrong_role"
+	// CodeIdentityMismatch: an agent presented a host key other than the
+	// one pinned for its token, or no proof at all once one is pinned.
+	// Retrying cannot help until an admin resets the identity.
+	CodeIdentityMismatch ErrorCode = "identity_mismatch"
 	// Tunnel errors (not fatal).
 	CodeNoSuchAgent ErrorCode = "no_such_agent"
 	CodeForbidden   ErrorCode = "forbidden"
@@ -275,7 +339,7 @@ const (
 // pointless.
 func (c ErrorCode) Permanent() bool {
 	switch c {
-	case CodeTokenMissing, CodeTokenInvalid, CodeTokenExpired, CodeTokenRevoked, CodeUnsupportedVer:
+	case CodeTokenMissing, CodeTokenInvalid, CodeTokenExpired, CodeTokenRevoked, CodeWrongRole, CodeIdentityMismatch, CodeUnsupportedVer:
 		return true
 	}
 	return false

@@ -271,3 +271,17 @@ func checkError(t *testing.T, e *Error) {
 		t.Fatalf("decode error could not be sent back: %v (%q)", err, e.Message)
 	}
 }
+
+func TestHelloIdentityNeedsVersion3(t *testing.T) {
+	id := `"identity":{"host_key":"ssh-ed25519 AAAA","signature":"c2ln"}`
+	if _, e := DecodePeer(2, []byte(`{"v":2,"type":"hello","hello":{`+id+`}}`)); e == nil || e.Code != CodeBadMessage {
+		t.Fatalf("identity on a version 2 connection: %v, want bad_message", e)
+	}
+	m, e := DecodePeer(3, []byte(`{"v":3,"type":"hello","hello":{`+id+`}}`))
+	if e != nil || m.Hello.Identity == nil || m.Hello.Identity.HostKey != "ssh-ed25519 AAAA" {
+		t.Fatalf("identity on version 3: %+v, %v", m, e)
+	}
+	if _, e := DecodePeer(3, []byte(`{"v":3,"type":"hello","hello":{"identity":{"host_key":"ssh-ed25519 AAAA","signature":""}}}`)); e == nil {
+		t.Fatal("identity without a signature accepted")
+	}
+}

@@ -10,6 +10,7 @@
 package sshclient
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -49,6 +50,30 @@ type InteractiveOptions struct {
 	User string
 }
 
+// ExpectHostKey marks conn so that RunCommand and RunInteractive accept
+// only the SSH host key hostKey (authorized_keys format): the key the
+// coordinator vouches for. Without it no host key is checked.
+func ExpectHostKey(conn net.Conn, hostKey string) (net.Conn, error) {
+	pub, _, _, _, err := gossh.ParseAuthorizedKey([]byte(hostKey))
+	if err != nil {
+		return nil, fmt.Errorf("the vouched host key is not an SSH public key: %w", err)
+	}
+	return &expectConn{Conn: conn, key: pub}, nil
+}
+
+type expectConn struct {
+	net.Conn
+	key gossh.PublicKey
+}
+
+// CloseWrite keeps half-closing available through the wrapper.
+func (c *expectConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return c.Conn.Close()
+}
+
 // dial runs the SSH handshake over conn. Cancelling ctx closes conn, which
 // ends everything running on it.
 func dial(ctx context.Context, conn net.Conn, userName string) (*gossh.Client, func(), error) {
@@ -57,10 +82,22 @@ func dial(ctx context.Context, conn net.Conn, userName string) (*gossh.Client, f
 	}
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	cfg := &gossh.ClientConfig{
-		User: userName,
-		// The tailnet authenticated the workspace (see the package comment).
-		HostKeyCallback: gossh.InsecureIgnoreHostKey(),
-		ClientVersion:   "SSH-2.0-agentd-client",
+		User:          userName,
+		ClientVersion: "SSH-2.0-agentd-client",
+	}
+	if ec, ok := conn.(*expectConn); ok {
+		want := ec.key
+		cfg.HostKeyCallback = func(_ string, _ net.Addr, got gossh.PublicKey) error {
+			if bytes.Equal(got.Marshal(), want.Marshal()) {
+				return nil
+			}
+			return fmt.Errorf("the workspace presented SSH host key %s, not %s that the coordinator vouches for: this is not the workspace's agent; refusing to connect",
+				gossh.FingerprintSHA256(got), gossh.FingerprintSHA256(want))
+		}
+	} else {
+		// No vouched key to compare with: the tailnet authenticated the
+		// workspace's node (see the package comment).
+		cfg.HostKeyCallback = gossh.InsecureIgnoreHostKey()
 	}
 	sconn, chans, reqs, err := gossh.NewClientConn(conn, conn.RemoteAddr().String(), cfg)
 	if err != nil {

@@ -1,6 +1,8 @@
 package tailnet
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/subtle"
@@ -43,6 +45,9 @@ type DERPServer struct {
 
 	mu      sync.RWMutex
 	admitFn func(nodeKey string) bool
+	// conns are the relay connections whose client key has been seen, so
+	// that ClosePeer can end a revoked peer's connection at once.
+	conns map[*sniffConn]struct{}
 
 	closeOnce sync.Once
 }
@@ -70,7 +75,7 @@ func NewDERPServer(logger *slog.Logger) (*DERPServer, error) {
 		ln.Close()
 		return nil, fmt.Errorf("tailnet: DERP admission secret: %w", err)
 	}
-	d := &DERPServer{logger: logger, ln: ln, secret: hex.EncodeToString(sec[:])}
+	d := &DERPServer{logger: logger, ln: ln, secret: hex.EncodeToString(sec[:]), conns: map[*sniffConn]struct{}{}}
 	logf := func(format string, args ...any) {
 		logger.Debug(strings.TrimSpace(fmt.Sprintf(format, args...)), "component", "derp")
 	}
@@ -128,8 +133,117 @@ func (d *DERPServer) serveAdmit(w http.ResponseWriter, r *http.Request) {
 // /derp/probe and /derp/latency-check). It speaks DERP over an HTTP/1.1
 // Upgrade and over WebSocket; an HTTPS server in front must not negotiate
 // HTTP/2 (set TLSNextProto to an empty map).
+//
+// Connections upgraded to DERP (not WebSocket) are tracked by the client key
+// they present, so that ClosePeer can drop them.
 func (d *DERPServer) Handler() http.Handler {
-	return derpserver.AddWebSocketSupport(d.srv, derpserver.Handler(d.srv))
+	inner := derpserver.AddWebSocketSupport(d.srv, derpserver.Handler(d.srv))
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if hj, ok := w.(http.Hijacker); ok && strings.EqualFold(r.Header.Get("Upgrade"), "derp") {
+			w = &trackingWriter{ResponseWriter: w, hj: hj, d: d}
+		}
+		inner.ServeHTTP(w, r)
+	})
+}
+
+// ClosePeer ends every relay connection of the node key ("nodekey:<hex>")
+// and reports how many it ended. The coordinator calls it when a peer's
+// access is withdrawn; admission then refuses the key's reconnects.
+func (d *DERPServer) ClosePeer(nodeKey string) int {
+	var k key.NodePublic
+	if err := k.UnmarshalText([]byte(nodeKey)); err != nil || k.IsZero() {
+		return 0
+	}
+	d.mu.Lock()
+	var victims []*sniffConn
+	for c := range d.conns {
+		if c.key() == k {
+			victims = append(victims, c)
+		}
+	}
+	d.mu.Unlock()
+	for _, c := range victims {
+		c.Close()
+	}
+	if len(victims) > 0 {
+		d.logger.Info("DERP dropped a revoked peer's connection", "key", k.ShortString(), "connections", len(victims))
+	}
+	return len(victims)
+}
+
+// trackingWriter hands the DERP server a connection that records the
+// client key it reads.
+type trackingWriter struct {
+	http.ResponseWriter
+	hj http.Hijacker
+	d  *DERPServer
+}
+
+func (w *trackingWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	nc, brw, err := w.hj.Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	// Bytes net/http already buffered are read before the connection's own.
+	buffered, _ := brw.Reader.Peek(brw.Reader.Buffered())
+	sc := &sniffConn{Conn: nc, d: w.d}
+	r := io.MultiReader(bytes.NewReader(bytes.Clone(buffered)), sc)
+	return sc, bufio.NewReadWriter(bufio.NewReader(r), brw.Writer), nil
+}
+
+// sniffConn reads the client-info frame's header and key as they pass
+// (DERP framing: one type byte, a 4-byte length, then the client's 32-byte
+// public key) and registers itself under that key.
+type sniffConn struct {
+	net.Conn
+	d *DERPServer
+
+	head   [5 + key.NodePublicRawLen]byte
+	n      int
+	mu     sync.Mutex
+	k      key.NodePublic
+	closed bool
+}
+
+// derpFrameClientInfo is the DERP frame type carrying the client's key.
+const derpFrameClientInfo = 0x02
+
+func (c *sniffConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if c.n < len(c.head) && n > 0 {
+		m := copy(c.head[c.n:], p[:n])
+		c.n += m
+		if c.n == len(c.head) && c.head[0] == derpFrameClientInfo {
+			var k key.NodePublic
+			k.UnmarshalText([]byte("nodekey:" + hex.EncodeToString(c.head[5:])))
+			c.mu.Lock()
+			c.k = k
+			register := !c.closed
+			c.mu.Unlock()
+			if register {
+				c.d.mu.Lock()
+				c.d.conns[c] = struct{}{}
+				c.d.mu.Unlock()
+			}
+		}
+	}
+	return n, err
+}
+
+func (c *sniffConn) key() key.NodePublic {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.k
+}
+
+func (c *sniffConn) Close() error {
+	c.mu.Lock()
+	c.closed = true
+	c.mu.Unlock()
+	c.d.mu.Lock()
+	delete(c.d.conns, c)
+	c.d.mu.Unlock()
+	return c.Conn.Close()
 }
 
 // Close stops the relay and its admission listener.

@@ -218,3 +218,63 @@ func TestNetcheck(t *testing.T) {
 		t.Fatalf("netcheck against nothing: %+v", rep)
 	}
 }
+
+func TestDERPClosePeer(t *testing.T) {
+	r := newTestRelay(t)
+	goneKey, stayKey := key.NewNode(), key.NewNode()
+	r.admit(goneKey.Public().String())
+	r.admit(stayKey.Public().String())
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	gone := derpClient(t, r, goneKey)
+	stay := derpClient(t, r, stayKey)
+	for _, c := range []*derphttp.Client{gone, stay} {
+		if err := c.Connect(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	goneRecv := make(chan error, 1)
+	go func() {
+		for {
+			if _, err := gone.Recv(); err != nil {
+				goneRecv <- err
+				return
+			}
+		}
+	}()
+	stayPackets := packets(stay)
+	// The server registers a connection's key once it has read the client
+	// info, which Connect does not wait for: retry until it is tracked.
+	deadline := time.Now().Add(5 * time.Second)
+	for r.derp.ClosePeer(goneKey.Public().String()) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("ClosePeer found no connection for a connected key")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	select {
+	case <-goneRecv:
+	case <-time.After(2 * time.Second):
+		t.Fatal("the closed peer's relay connection still reads after ClosePeer")
+	}
+	// The other peer's connection still works.
+	sender := derpClient(t, r, goneKey)
+	r.admit(goneKey.Public().String())
+	if err := sender.Connect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := sender.Send(stayKey.Public(), []byte("still here")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case p := <-stayPackets:
+		if string(p.Data) != "still here" {
+			t.Fatalf("got %q", p.Data)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the other peer's relay connection stopped working")
+	}
+	if n := r.derp.ClosePeer("nodekey:nonsense"); n != 0 {
+		t.Fatalf("ClosePeer of a malformed key closed %d connections", n)
+	}
+}

@@ -198,8 +198,26 @@ Tokens are shown once, when created; only their hashes are kept.`,
 		}),
 	}
 	agentCreate.Flags().StringVar(&owner, "owner", "", "user who owns the agent")
-	agentCmd := &cobra.Command{Use: "agent", Short: "Create or delete agents"}
+	agentCmd := &cobra.Command{Use: "agent", Short: "Create or delete agents, or reset a workspace's pinned identity"}
 	agentCmd.AddCommand(agentCreate, &cobra.Command{
+		Use:   "reset-identity NAME",
+		Short: "Forget the SSH host key pinned for an agent, so its next registration pins a new one",
+		Long: `The coordinator pins an agent's SSH host key at the first registration with
+each agent token and refuses any other key with that token. When a workspace
+lost its data directory (and with it its host key), or was rebuilt, run this
+so the agent can register again; the next agent to register with the token
+pins its key, and clients are told to expect it. Check first that the new
+agent is the workspace's own: anyone holding the token could register.`,
+		Args: cobra.ExactArgs(1),
+		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
+			if err := ops.ResetIdentity(args[0]); err != nil {
+				return err
+			}
+			return emit(out, map[string]string{"reset_identity": args[0]}, func() {
+				fmt.Fprintf(out, "forgot the host key pinned for agent %s; the next agent to register with its token pins its own\n", args[0])
+			})
+		}),
+	}, &cobra.Command{
 		Use: "delete NAME", Short: "Delete an agent with its grants and tokens", Args: cobra.ExactArgs(1),
 		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
 			if err := ops.DeleteAgent(args[0]); err != nil {

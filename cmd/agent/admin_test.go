@@ -45,6 +45,12 @@ func TestAdminOfflineThenThroughRunningCoordinator(t *testing.T) {
 	if err != nil || !strings.HasPrefix(lastLine(out), "agt_") {
 		t.Fatalf("offline agent create: %v\n%s", err, out)
 	}
+	if out, err := runCLI(t, vars, "admin", "agent", "reset-identity", "ws1"); err != nil || !strings.Contains(out, "forgot the host key pinned for agent ws1") {
+		t.Fatalf("offline reset-identity: %v\n%s", err, out)
+	}
+	if _, err := runCLI(t, vars, "admin", "agent", "reset-identity", "nosuch"); err == nil || !strings.Contains(err.Error(), `"nosuch" not found`) {
+		t.Fatalf("reset-identity of an unknown agent: %v", err)
+	}
 	if _, err := runCLI(t, vars, "admin", "agent", "create", "ws2"); err == nil || !strings.Contains(err.Error(), "--owner") {
 		t.Fatalf("agent create without owner: %v", err)
 	}
@@ -74,6 +80,9 @@ func TestAdminOfflineThenThroughRunningCoordinator(t *testing.T) {
 	var info admin.Info
 	if err := json.Unmarshal([]byte(out), &info); err != nil || !info.Running || info.Fingerprint != srv.Fingerprint() {
 		t.Fatalf("info while running: %+v %v", info, err)
+	}
+	if out, err := runCLI(t, vars, "admin", "agent", "reset-identity", "ws1", "--json"); err != nil || !strings.Contains(out, `"reset_identity"`) {
+		t.Fatalf("reset-identity while running: %v\n%s", err, out)
 	}
 	if _, err := runCLI(t, vars, "admin", "grant", "nobody", "ws1"); err == nil || !strings.Contains(err.Error(), `user "nobody" not found`) {
 		t.Fatalf("grant to unknown user: %v", err)

@@ -2,7 +2,9 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -73,4 +75,52 @@ func (e *cliEnv) connectWorkspace(ctx context.Context, f *clientFlags, name stri
 		Logger:      e.ClientLogger(),
 		BlockDirect: f.blockDirect,
 	}, name)
+}
+
+// vouchedHostKey is the SSH host key the coordinator vouches for the
+// workspace (the name may carry the ".agent" suffix); a workspace whose
+// agent never proved one is an error naming the fix.
+func (e *cliEnv) vouchedHostKey(ctx context.Context, f *clientFlags, name string) (string, error) {
+	cfg, err := f.resolve(e)
+	if err != nil {
+		return "", err
+	}
+	name = strings.TrimSuffix(name, ".agent")
+	key, err := client.VouchedHostKey(ctx, cfg, name)
+	if err != nil {
+		return "", err
+	}
+	if key == "" {
+		return "", fmt.Errorf("the coordinator vouches for no SSH host key for workspace %q yet: its agent has not registered since identity pinning (upgrade the agent and start it)", name)
+	}
+	return key, nil
+}
+
+// untilAccessEnds runs fn with a context that also ends when access to the
+// workspace ends (a revoked or expired token, a withdrawn grant, a deleted
+// user or workspace); then the access decision is the command's error, one
+// line naming the reason, whatever fn returned.
+func untilAccessEnds(ctx context.Context, ws *client.Workspace, fn func(context.Context) error) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-ws.Done():
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	err := fn(ctx)
+	if err != nil && ws.Err() == nil {
+		// The workspace hangs up at the same moment the coordinator
+		// tells us why; give the reason a moment to arrive.
+		select {
+		case <-ws.Done():
+		case <-time.After(time.Second):
+		}
+	}
+	if aerr := ws.Err(); aerr != nil {
+		return aerr
+	}
+	return err
 }

@@ -22,9 +22,13 @@ func newConfigSSHCmd(env *cliEnv) *cobra.Command {
 
   Host *.agent
       ProxyCommand <this agent binary> ssh --stdio %h
+      KnownHostsCommand <this agent binary> ssh --known-hosts %H
+      StrictHostKeyChecking yes
 
 so that "ssh ws1.agent", "scp file ws1.agent:", rsync, git and VS Code
-Remote-SSH reach workspace ws1 over the tailnet. Running it again updates the
+Remote-SSH reach workspace ws1 over the tailnet, and OpenSSH accepts only the
+SSH host key the coordinator vouches for (pinned when the workspace's agent
+first registered). Running it again updates the
 block in place; everything outside the block is left as it is, and the
 previous file is kept as <config>.agent.bak.`,
 		Args: cobra.NoArgs,

@@ -93,10 +93,12 @@ to the agent and cannot be forwarded.`,
 			for _, a := range fwd.Active() {
 				fmt.Fprintf(out, "Forwarding %s\n", a)
 			}
-			if err := fwd.Serve(ctx); err != nil && !errors.Is(err, context.Canceled) {
-				return err
-			}
-			return nil
+			return untilAccessEnds(ctx, ws, func(ctx context.Context) error {
+				if err := fwd.Serve(ctx); err != nil && !errors.Is(err, context.Canceled) {
+					return err
+				}
+				return nil
+			})
 		},
 	}
 	cf.register(cmd, env)

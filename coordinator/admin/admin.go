@@ -27,6 +27,9 @@ type Ops interface {
 	DeleteUser(name string) error
 	CreateAgent(name, owner string) (AgentCreated, error)
 	DeleteAgent(name string) error
+	// ResetIdentity forgets the SSH host key pinned for the agent's
+	// tokens; the next agent to register with one pins its own.
+	ResetIdentity(name string) error
 	AddGrant(user, agent string) (store.Grant, error)
 	RemoveGrant(user, agent string) error
 	CreateToken(kind store.TokenKind, subject string, expires time.Time) (TokenCreated, error)
@@ -118,6 +121,8 @@ func (l *Local) DeleteAgent(name string) error {
 	}
 	return err
 }
+
+func (l *Local) ResetIdentity(name string) error { return l.Store.ResetIdentity(name) }
 
 func (l *Local) AddGrant(user, agent string) (store.Grant, error) {
 	return l.Store.AddGrant(user, agent)

@@ -59,6 +59,7 @@ func NewHandler(ops Ops) http.Handler {
 	handle("/v1/users/delete", func(r request) (any, error) { return struct{}{}, ops.DeleteUser(r.Name) })
 	handle("/v1/agents/create", func(r request) (any, error) { return ops.CreateAgent(r.Name, r.Owner) })
 	handle("/v1/agents/delete", func(r request) (any, error) { return struct{}{}, ops.DeleteAgent(r.Name) })
+	handle("/v1/agents/reset-identity", func(r request) (any, error) { return struct{}{}, ops.ResetIdentity(r.Name) })
 	handle("/v1/grants/add", func(r request) (any, error) { return ops.AddGrant(r.User, r.Agent) })
 	handle("/v1/grants/remove", func(r request) (any, error) { return struct{}{}, ops.RemoveGrant(r.User, r.Agent) })
 	handle("/v1/tokens/create", func(r request) (any, error) { return ops.CreateToken(r.Kind, r.Subject, r.Expires) })
@@ -148,6 +149,10 @@ func (c *Client) CreateAgent(name, owner string) (a AgentCreated, err error) {
 
 func (c *Client) DeleteAgent(name string) error {
 	return c.call("/v1/agents/delete", request{Name: name}, nil)
+}
+
+func (c *Client) ResetIdentity(name string) error {
+	return c.call("/v1/agents/reset-identity", request{Name: name}, nil)
 }
 
 func (c *Client) AddGrant(user, agent string) (g store.Grant, err error) {

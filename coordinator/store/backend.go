@@ -30,6 +30,12 @@ type Backend interface {
 	RevokeToken(idOrSecret string) (Token, error)
 	Authenticate(secret string) (Principal, error)
 	CheckToken(id string) error
+	// PinHostKey pins an agent token's SSH host key at its first use and
+	// records it as the agent's vouched key; a different key later is
+	// ErrIdentityMismatch, with the pinned key returned.
+	PinHostKey(tokenID, hostKey string) (pinned string, err error)
+	// ResetIdentity forgets the host keys pinned for an agent's tokens.
+	ResetIdentity(agent string) error
 	List() (Snapshot, error)
 	Secret(name string) ([]byte, error)
 	Close() error

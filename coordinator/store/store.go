@@ -72,6 +72,10 @@ type Agent struct {
 	Owner   string         `json:"owner"`
 	ID      tailnet.NodeID `json:"id"`
 	Created time.Time      `json:"created"`
+	// HostKey is the SSH host key (authorized_keys format) the agent last
+	// proved holding: the one clients are told to expect. Empty until the
+	// agent first registers, and after ResetIdentity.
+	HostKey string `json:"host_key,omitempty"`
 }
 
 // Grant lets a user reach an agent. The owner of an agent needs none.
@@ -100,6 +104,9 @@ type Token struct {
 	Expires time.Time `json:"expires,omitzero"`
 	Revoked time.Time `json:"revoked,omitzero"`
 	Hash    string    `json:"hash"` // hex SHA-256 of the secret
+	// HostKey, for agent tokens, is the SSH host key pinned at the
+	// token's first use: the token is good only with that key.
+	HostKey string `json:"host_key,omitempty"`
 }
 
 // Principal is who a valid token belongs to.
@@ -437,6 +444,93 @@ func (s *Store) principalTx(tx *bolt.Tx, p *Principal) error {
 		return ErrTokenRevoked
 	}
 	return nil
+}
+
+// ErrIdentityMismatch: an agent token was used with a host key other than
+// the one pinned for it.
+var ErrIdentityMismatch = errors.New("host key differs from the pinned one")
+
+// PinHostKey pins hostKey for an agent token at its first use (trust on
+// first use) and records it as the agent's vouched key. With a different
+// key already pinned it changes nothing and returns the pinned key with
+// ErrIdentityMismatch.
+func (s *Store) PinHostKey(tokenID, hostKey string) (pinned string, err error) {
+	// The common case, a known agent reconnecting, needs no write.
+	done := false
+	err = s.db.View(func(tx *bolt.Tx) error {
+		var t Token
+		var a Agent
+		if getJSON(tx.Bucket(bucketTokens), tokenID, &t) != nil || t.Kind != KindAgent || t.HostKey == "" {
+			return nil
+		}
+		if t.HostKey != hostKey {
+			pinned, done = t.HostKey, true
+			return ErrIdentityMismatch
+		}
+		if getJSON(tx.Bucket(bucketAgents), t.Subject, &a) == nil && a.HostKey == hostKey {
+			pinned, done = hostKey, true
+		}
+		return nil
+	})
+	if done {
+		return pinned, err
+	}
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		var t Token
+		if err := getJSON(tx.Bucket(bucketTokens), tokenID, &t); err != nil {
+			return fmt.Errorf("token %q %w", tokenID, err)
+		}
+		if t.Kind != KindAgent {
+			return fmt.Errorf("token %q is not an agent token", tokenID)
+		}
+		if t.HostKey != "" && t.HostKey != hostKey {
+			pinned = t.HostKey
+			return ErrIdentityMismatch
+		}
+		var a Agent
+		if err := getJSON(tx.Bucket(bucketAgents), t.Subject, &a); err != nil {
+			return fmt.Errorf("agent %q %w", t.Subject, err)
+		}
+		pinned = hostKey
+		if t.HostKey == "" {
+			t.HostKey = hostKey
+			if err := putJSON(tx.Bucket(bucketTokens), t.ID, t); err != nil {
+				return err
+			}
+		}
+		if a.HostKey != hostKey {
+			a.HostKey = hostKey
+			return putJSON(tx.Bucket(bucketAgents), a.Name, a)
+		}
+		return nil
+	})
+	return pinned, err
+}
+
+// ResetIdentity forgets the host key pinned for the agent's tokens, so the
+// next registration pins a new one. The agent's vouched key stays until
+// then: a connected agent keeps being reachable.
+func (s *Store) ResetIdentity(agent string) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		if tx.Bucket(bucketAgents).Get([]byte(agent)) == nil {
+			return fmt.Errorf("agent %q %w", agent, ErrNotFound)
+		}
+		var toks []Token
+		tx.Bucket(bucketTokens).ForEach(func(_, v []byte) error {
+			var t Token
+			if json.Unmarshal(v, &t) == nil && t.Kind == KindAgent && t.Subject == agent && t.HostKey != "" {
+				toks = append(toks, t)
+			}
+			return nil
+		})
+		for _, t := range toks {
+			t.HostKey = ""
+			if err := putJSON(tx.Bucket(bucketTokens), t.ID, t); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
 }
 
 // Snapshot is everything in the store, for listing.

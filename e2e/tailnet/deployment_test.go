@@ -152,6 +152,34 @@ func (d *deployment) startAgent() {
 		"--fingerprint", d.fp,
 		"--data-dir", filepath.Join(d.dataDir, "agent-state"),
 		"--health-addr", "")
+	d.waitAgent("ws1")
+}
+
+// waitAgent waits until the agent is connected to the coordinator, so a
+// test's first client does not race it (and print "offline" warnings).
+func (d *deployment) waitAgent(name string) {
+	d.t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var info struct {
+			Peers []struct {
+				Role string `json:"role"`
+				Name string `json:"name"`
+			} `json:"peers"`
+		}
+		out, err := exec.Command(d.bin, "admin", "--data-dir", d.dataDir, "--json", "info").Output()
+		if err == nil && json.Unmarshal(out, &info) == nil {
+			for _, p := range info.Peers {
+				if p.Role == "agent" && p.Name == name {
+					return
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			d.t.Fatalf("agent %s did not connect to the coordinator within 30 s", name)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 func (d *deployment) stopAgent() {

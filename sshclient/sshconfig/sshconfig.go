@@ -39,12 +39,12 @@ type Options struct {
 // with "HostName ws1.agent" both hand `agent ssh --stdio` the name
 // "ws1.agent", from which it strips the suffix.
 //
-// Host key checking is off for these hosts, on purpose: the connection runs
-// inside the tailnet, where WireGuard has already authenticated the
-// workspace's node key as registered by the coordinator before any SSH byte
-// flows. The SSH host key adds no authentication on top, and pinning it
-// would turn every rebuilt workspace (new data directory, new key) into a
-// "REMOTE HOST IDENTIFICATION HAS CHANGED" failure.
+// Host keys are checked strictly against the one the coordinator vouches
+// for: KnownHostsCommand asks `agent ssh --known-hosts %H` for it (the key
+// the workspace's agent proved holding, pinned at its first registration),
+// and no other file is consulted, so an agent holding any other key meets
+// OpenSSH's own "REMOTE HOST IDENTIFICATION HAS CHANGED" refusal. A rebuilt
+// workspace is accepted once an admin resets its pinned identity.
 func Block(opts Options) (string, error) {
 	if !filepath.IsAbs(opts.AgentPath) {
 		return "", fmt.Errorf("agent path %q is not absolute", opts.AgentPath)
@@ -59,11 +59,13 @@ func Block(opts Options) (string, error) {
 	var b strings.Builder
 	b.WriteString(beginMarker + "\n")
 	fmt.Fprintf(&b, "# Workspaces are reachable as NAME.%s: ssh ws1.%s, scp file ws1.%s:, VS Code Remote-SSH.\n", suffix, suffix, suffix)
-	b.WriteString("# Host keys are not checked: the tailnet (WireGuard) authenticates the workspace first.\n")
+	b.WriteString("# Host keys are checked against the key the coordinator vouches for (agent ssh --known-hosts).\n")
 	fmt.Fprintf(&b, "Host *.%s\n", suffix)
 	fmt.Fprintf(&b, "    ProxyCommand %s ssh --stdio %%h\n", proxyQuote(opts.AgentPath))
-	b.WriteString("    StrictHostKeyChecking no\n")
+	fmt.Fprintf(&b, "    KnownHostsCommand %s ssh --known-hosts %%H\n", proxyQuote(opts.AgentPath))
+	b.WriteString("    StrictHostKeyChecking yes\n")
 	b.WriteString("    UserKnownHostsFile /dev/null\n")
+	b.WriteString("    GlobalKnownHostsFile /dev/null\n")
 	b.WriteString("    LogLevel ERROR\n")
 	b.WriteString(endMarker + "\n")
 	return b.String(), nil

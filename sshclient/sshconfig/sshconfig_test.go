@@ -119,8 +119,9 @@ func TestOpenSSHReadsTheBlock(t *testing.T) {
 	for _, want := range []string{
 		"proxycommand /usr/local/bin/agent ssh --stdio %h",
 		"hostname ws1.agent",
-		"stricthostkeychecking false",
+		"stricthostkeychecking true",
 		"userknownhostsfile /dev/null",
+		"knownhostscommand /usr/local/bin/agent ssh --known-hosts %H",
 	} {
 		if !strings.Contains(string(out), want+"\n") {
 			t.Errorf("ssh -G lacks %q:\n%s", want, out)
@@ -129,5 +130,24 @@ func TestOpenSSHReadsTheBlock(t *testing.T) {
 	out, _ = exec.Command("ssh", "-G", "-F", path, "github.com").CombinedOutput()
 	if strings.Contains(string(out), "proxycommand") {
 		t.Errorf("the block leaks to other hosts:\n%s", out)
+	}
+}
+
+func TestBlockChecksHostKeys(t *testing.T) {
+	block, err := Block(Options{AgentPath: "/usr/local/bin/agent"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"KnownHostsCommand /usr/local/bin/agent ssh --known-hosts %H\n",
+		"StrictHostKeyChecking yes\n",
+		"UserKnownHostsFile /dev/null\n",
+	} {
+		if !strings.Contains(block, want) {
+			t.Errorf("block lacks %q:\n%s", want, block)
+		}
+	}
+	if strings.Contains(block, "StrictHostKeyChecking no") {
+		t.Fatalf("block turns host key checking off:\n%s", block)
 	}
 }

@@ -419,6 +419,68 @@ func (s *Store) RevokeToken(idOrSecret string) (store.Token, error) {
 	return tok, err
 }
 
+// PinHostKey pins hostKey for an agent token at its first use (trust on
+// first use) and records it as the agent's vouched key. With a different
+// key already pinned it changes nothing and returns the pinned key with
+// ErrIdentityMismatch. Row locks make two replicas racing to pin the same
+// token agree on one key.
+func (s *Store) PinHostKey(tokenID, hostKey string) (string, error) {
+	var pinned string
+	err := s.tx("pinning a host key", func(ctx context.Context, tx pgx.Tx) error {
+		var t store.Token
+		err := tx.QueryRow(ctx, `SELECT doc FROM tokens WHERE id = $1 FOR UPDATE`, tokenID).Scan(&t)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("token %q %w", tokenID, store.ErrNotFound)
+		}
+		if err != nil {
+			return err
+		}
+		if t.Kind != store.KindAgent {
+			return fmt.Errorf("token %q is not an agent token", tokenID)
+		}
+		if t.HostKey != "" && t.HostKey != hostKey {
+			pinned = t.HostKey
+			return store.ErrIdentityMismatch
+		}
+		var a store.Agent
+		err = tx.QueryRow(ctx, `SELECT doc FROM agents WHERE name = $1 FOR UPDATE`, t.Subject).Scan(&a)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("agent %q %w", t.Subject, store.ErrNotFound)
+		}
+		if err != nil {
+			return err
+		}
+		pinned = hostKey
+		if t.HostKey == "" {
+			t.HostKey = hostKey
+			if _, err := tx.Exec(ctx, `UPDATE tokens SET doc = $2 WHERE id = $1`, t.ID, doc(t)); err != nil {
+				return err
+			}
+		}
+		if a.HostKey != hostKey {
+			a.HostKey = hostKey
+			if _, err := tx.Exec(ctx, `UPDATE agents SET doc = $2 WHERE name = $1`, a.Name, doc(a)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return pinned, err
+}
+
+// ResetIdentity forgets the host key pinned for the agent's tokens, so the
+// next registration pins a new one. The agent's vouched key stays until
+// then: a connected agent keeps being reachable.
+func (s *Store) ResetIdentity(agent string) error {
+	return s.tx("resetting an agent's identity", func(ctx context.Context, tx pgx.Tx) error {
+		if err := exists(ctx, tx, fmt.Errorf("agent %q %w", agent, store.ErrNotFound), `SELECT 1 FROM agents WHERE name = $1`, agent); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, `UPDATE tokens SET doc = doc - 'host_key' WHERE kind = $1 AND subject = $2`, string(store.KindAgent), agent)
+		return err
+	})
+}
+
 // principalQuery reads a token with the agent and user it stands for.
 const principalQuery = `SELECT t.doc, a.doc, u.doc
 	FROM tokens t

@@ -30,6 +30,7 @@ func Run(t *testing.T, fresh func(t *testing.T) Opener) {
 		{"AgentsGrantsAndDeletion", testAgentsGrantsAndDeletion},
 		{"ListOrder", testListOrder},
 		{"ConcurrentWriters", testConcurrentWriters},
+		{"HostKeyPinning", testHostKeyPinning},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) { tc.fn(t, fresh(t)) })
@@ -406,5 +407,60 @@ func testConcurrentWriters(t *testing.T, open Opener) {
 	}
 	if len(snap.Agents) != names || agentTokens != names || len(snap.Tokens) != names+workers*names {
 		t.Fatalf("%d agents, %d agent tokens, %d tokens", len(snap.Agents), agentTokens, len(snap.Tokens))
+	}
+}
+
+// testHostKeyPinning: the first key presented with an agent token is
+// pinned and vouched for; another is refused until ResetIdentity, which
+// keeps the vouched key until a new one is pinned.
+func testHostKeyPinning(t *testing.T, open Opener) {
+	c := newClock()
+	s := mustOpen(t, open, c)
+	if _, err := s.CreateUser("alice"); err != nil {
+		t.Fatal(err)
+	}
+	_, _, tok, err := s.CreateAgent("ws1", "alice")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.PinHostKey(tok.ID, "key-A"); err != nil || got != "key-A" {
+		t.Fatalf("first pin = %q, %v; want key-A, nil", got, err)
+	}
+	if got, err := s.PinHostKey(tok.ID, "key-A"); err != nil || got != "key-A" {
+		t.Fatalf("same key again = %q, %v; want key-A, nil", got, err)
+	}
+	got, err := s.PinHostKey(tok.ID, "key-B")
+	if !errors.Is(err, store.ErrIdentityMismatch) || got != "key-A" {
+		t.Fatalf("other key = %q, %v; want key-A, ErrIdentityMismatch", got, err)
+	}
+	_, utok, err := s.CreateToken(store.KindUser, "alice", time.Time{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.PinHostKey(utok.ID, "key-A"); err == nil {
+		t.Fatal("pinning a host key on a user token succeeded")
+	}
+	if err := s.ResetIdentity("nobody"); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("ResetIdentity of a missing agent = %v, want ErrNotFound", err)
+	}
+	if err := s.ResetIdentity("ws1"); err != nil {
+		t.Fatal(err)
+	}
+	snap, err := s.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(snap.Agents) != 1 || snap.Agents[0].HostKey != "key-A" {
+		t.Fatalf("after reset the vouched key = %+v, want key-A kept until a new pin", snap.Agents)
+	}
+	if got, err := s.PinHostKey(tok.ID, "key-B"); err != nil || got != "key-B" {
+		t.Fatalf("pin after reset = %q, %v; want key-B, nil", got, err)
+	}
+	snap, err = s.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if snap.Agents[0].HostKey != "key-B" {
+		t.Fatalf("vouched key after re-pin = %q, want key-B", snap.Agents[0].HostKey)
 	}
 }
