@@ -50,7 +50,8 @@ type InteractiveOptions struct {
 }
 
 // dial runs the SSH handshake over conn. Cancelling ctx closes conn, which
-// ends everything running on it.
+// ends everything running on it. A deadline set on conn bounds the
+// handshake and is cleared once it is done.
 func dial(ctx context.Context, conn net.Conn, userName string) (*gossh.Client, func(), error) {
 	if userName == "" {
 		userName = localUser()
@@ -71,6 +72,9 @@ func dial(ctx context.Context, conn net.Conn, userName string) (*gossh.Client, f
 		}
 		return nil, nil, fmt.Errorf("SSH handshake with the workspace: %w", err)
 	}
+	// A deadline the caller set bounded the handshake; the session that
+	// follows runs as long as it likes.
+	_ = conn.SetDeadline(time.Time{})
 	client := gossh.NewClient(sconn, chans, reqs)
 	return client, func() { stop(); client.Close() }, nil
 }

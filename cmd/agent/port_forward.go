@@ -44,7 +44,7 @@ listen on 127.0.0.1, and on ::1 too when this machine has IPv6 loopback,
 unless --bind or the mapping names an address. Workspace ports 1-9 belong
 to the agent and cannot be forwarded.`,
 		Example: `  agent port-forward ws1 8080:3000 5432 8000-8010 127.0.0.1:9000:9000 --udp 5353:53`,
-		Args:    cobra.MinimumNArgs(1),
+		Args:    usageArgs(cobra.MinimumNArgs(1)),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
 			name := args[0]
@@ -72,7 +72,7 @@ to the agent and cannot be forwarded.`,
 			stderr := cmd.ErrOrStderr()
 			fwd, err := forwardclient.Listen(forwardclient.Options{
 				Dialer:         dialer,
-				Logger:         env.Logger().With("component", "port-forward"),
+				Logger:         env.ClientLogger().With("component", "port-forward"),
 				Bind:           bindAddrs,
 				UDPIdleTimeout: udpIdle,
 				Notify:         func(msg string) { fmt.Fprintln(stderr, msg) },
@@ -82,7 +82,7 @@ to the agent and cannot be forwarded.`,
 			}
 			defer fwd.Close()
 
-			ws, err := env.connectWorkspace(ctx, &cf, name)
+			ws, err := env.connectWorkspace(ctx, &cf, name, connectOptions{keepRetrying: true})
 			if err != nil {
 				return err
 			}
