@@ -27,7 +27,9 @@ so that "ssh ws1.agent", "scp file ws1.agent:", rsync, git and VS Code
 Remote-SSH reach workspace ws1 over the tailnet. Running it again updates the
 block in place; everything outside the block is left as it is, and the
 previous file is kept as <config>.agent.bak.`,
-		Args: cobra.NoArgs,
+		Example: `  agent config-ssh --dry-run            # show the change first
+  agent config-ssh && ssh ws1.agent`,
+		Args: usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if configPath == "" {
 				home := env.Getenv("HOME")

@@ -14,7 +14,18 @@ import (
 	"syscall"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 )
+
+// flagAlias maps a deprecated flag name to the one name every command uses
+// now.
+func flagAlias(name string) string {
+	switch name {
+	case "coordinator-url":
+		return "url"
+	}
+	return name
+}
 
 // cliEnv is what every command needs from its surroundings. It is built once
 // in main and passed down, so that commands stay testable and there is no
@@ -134,6 +145,11 @@ func newRootCmd(env *cliEnv) *cobra.Command {
 			}
 		},
 	}
+	// One vocabulary: older spellings keep working on every command
+	// without showing up in --help.
+	root.SetGlobalNormalizationFunc(func(_ *pflag.FlagSet, name string) pflag.NormalizedName {
+		return pflag.NormalizedName(flagAlias(name))
+	})
 	root.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error {
 		return &usageError{err: fmt.Errorf("%w; see %q", err, cmd.CommandPath()+" --help")}
 	})
