@@ -133,7 +133,8 @@ func newRootCmd(env *cliEnv) *cobra.Command {
 
   agent run          inside a workspace: join the tailnet, serve SSH and port forwarding
   agent coordinator  once per deployment: node exchange, auth, DERP relay and STUN
-  agent ssh, port-forward, ping, config-ssh   on a laptop: reach a workspace
+  agent login, list, ssh, port-forward, ping, ports, config-ssh   on a laptop: reach a workspace
+  agent completion bash|zsh|fish   shell completion, including workspace names
   agent netcheck     diagnose a workspace's network (or a node's, with --host)
   agent dev          an embedded coordinator and an agent for this machine`,
 		SilenceUsage:  true,
@@ -165,6 +166,8 @@ func newRootCmd(env *cliEnv) *cobra.Command {
 	root.AddCommand(newAdminCmd(env))
 	root.AddCommand(newCoordinatorCmd(env))
 	root.AddCommand(newLoginCmd(env))
+	root.AddCommand(newListCmd(env))
+	root.AddCommand(newLogoutCmd(env))
 	root.AddCommand(newDevCmd(env))
 	root.AddCommand(newPingCmd(env))
 	root.AddCommand(newPortForwardCmd(env))
@@ -174,6 +177,14 @@ func newRootCmd(env *cliEnv) *cobra.Command {
 	root.AddCommand(newConfigSSHCmd(env))
 	root.AddCommand(newNetcheckCmd(env))
 	root.AddCommand(newVersionCmd(env))
+
+	root.InitDefaultCompletionCmd()
+	if c, _, err := root.Find([]string{"completion"}); err == nil && c != root {
+		c.Example = `  source <(agent completion bash)
+  agent completion zsh > "${fpath[1]}/_agent"
+  agent completion fish > ~/.config/fish/completions/agent.fish`
+		c.Long += "\n\nWorkspace names are completed from the coordinator (as agent list shows them)."
+	}
 
 	return root
 }

@@ -72,6 +72,7 @@ printed at the end (see docs/cli.md).`,
 		},
 	}
 	o.cf.register(cmd, env)
+	cmd.ValidArgsFunction = env.completeWorkspaceArg(&o.cf)
 	o.cf.registerTimeout(cmd)
 	f := cmd.Flags()
 	f.IntVarP(&o.count, "count", "c", 10, "number of pings; 0 pings until interrupted")

@@ -100,6 +100,7 @@ to the agent and cannot be forwarded.`,
 		},
 	}
 	cf.register(cmd, env)
+	cmd.ValidArgsFunction = env.completeWorkspaceArg(&cf)
 	fs := cmd.Flags()
 	fs.StringArrayVar(&tcp, "tcp", nil, "a TCP mapping, like the positional ones (repeatable)")
 	fs.StringArrayVar(&udp, "udp", nil, "a UDP mapping, e.g. 5353:53 (repeatable)")

@@ -34,6 +34,7 @@ it. Every port listed can be reached with agent port-forward.`,
 		},
 	}
 	o.cf.register(cmd, env)
+	cmd.ValidArgsFunction = env.completeWorkspaceArg(&o.cf)
 	o.cf.registerTimeout(cmd)
 	cmd.Flags().BoolVar(&o.json, "json", false, "print the list as JSON")
 	return cmd

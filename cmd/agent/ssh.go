@@ -49,6 +49,7 @@ handshake; a session that is up runs as long as it likes.`,
 		},
 	}
 	o.cf.register(cmd, env)
+	cmd.ValidArgsFunction = env.completeWorkspaceArg(&o.cf)
 	o.cf.registerTimeout(cmd)
 	cmd.Flags().BoolVar(&o.stdio, "stdio", false, "carry raw SSH traffic on stdin/stdout (for OpenSSH's ProxyCommand)")
 	cmd.Flags().BoolVarP(&o.forwardAgent, "forward-agent", "A", false, "forward the local SSH agent (SSH_AUTH_SOCK) into the session")
