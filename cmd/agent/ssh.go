@@ -21,6 +21,7 @@ type sshOptions struct {
 	command      []string
 	stdio        bool
 	forwardAgent bool
+	noEscapes    bool
 }
 
 func newSSHCmd(env *cliEnv) *cobra.Command {
@@ -35,6 +36,9 @@ With --stdio, copy raw SSH traffic between standard input/output and the
 workspace's SSH server, for OpenSSH's ProxyCommand (` + "`agent config-ssh`" + ` writes
 that into ~/.ssh/config for you). It exits when OpenSSH closes its standard
 input or exits, and prints nothing but one line when it fails.
+
+In a terminal session, ~. at the start of a line ends the connection (the
+way out when the network is gone) and ~? lists the escapes, as in ssh.
 
 --timeout bounds the wait for the coordinator, the workspace and the SSH
 handshake; a session that is up runs as long as it likes.`,
@@ -53,6 +57,7 @@ handshake; a session that is up runs as long as it likes.`,
 	o.cf.registerTimeout(cmd)
 	cmd.Flags().BoolVar(&o.stdio, "stdio", false, "carry raw SSH traffic on stdin/stdout (for OpenSSH's ProxyCommand)")
 	cmd.Flags().BoolVarP(&o.forwardAgent, "forward-agent", "A", false, "forward the local SSH agent (SSH_AUTH_SOCK) into the session")
+	cmd.Flags().BoolVar(&o.noEscapes, "no-escapes", false, "in a terminal session, pass ~. and ~? to the workspace instead of reading them as escapes")
 	return cmd
 }
 
@@ -94,11 +99,15 @@ func runSSH(ctx context.Context, env *cliEnv, o *sshOptions) error {
 	if len(o.command) > 0 && !o.forwardAgent {
 		code, err = sshclient.RunCommand(ctx, conn, strings.Join(o.command, " "), env.Stdin, env.Stdout, env.Stderr)
 	} else {
-		opts := sshclient.InteractiveOptions{Stderr: env.Stderr, ForwardAgent: o.forwardAgent}
+		opts := sshclient.InteractiveOptions{Stderr: env.Stderr, ForwardAgent: o.forwardAgent, NoEscapes: o.noEscapes}
 		if len(o.command) > 0 {
 			opts.Command = strings.Join(o.command, " ")
 		}
 		code, err = sshclient.RunInteractive(ctx, conn, opts)
+	}
+	if errors.Is(err, sshclient.ErrEscapeDisconnect) {
+		fmt.Fprintf(env.Stderr, "Connection to %s closed.\n", ws.Name())
+		return &exitError{code: 255}
 	}
 	if err != nil {
 		if errors.Is(err, os.ErrDeadlineExceeded) {
