@@ -23,8 +23,9 @@ import (
 
 // Tailnet ports the agent serves itself (see package agent).
 const (
-	PortSSH = 1
-	PortAPI = 2
+	PortSSH       = 1
+	PortAPI       = 2
+	PortSpeedtest = 3
 )
 
 // Config says how to reach the coordinator.

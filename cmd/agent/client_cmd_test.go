@@ -46,6 +46,8 @@ func TestClientUsageErrorsExit2(t *testing.T) {
 		{"login"},
 		{"login", "https://x", "--token", "a", "--token-file", "b"},
 		{"config-ssh", "extra"},
+		{"speedtest"},
+		{"speedtest", "ws1", "--duration", "2m"},
 	} {
 		_, stderr, code := runClientCLI(t, nil, args...)
 		if code != 2 {
@@ -96,7 +98,7 @@ func TestOneVocabulary(t *testing.T) {
 // Every client command's --help shows an example.
 func TestClientCommandsHaveExamples(t *testing.T) {
 	root := newRootCmd(&cliEnv{Getenv: func(string) string { return "" }})
-	for _, name := range []string{"ssh", "ping", "ports", "port-forward", "login", "config-ssh", "list", "logout", "completion"} {
+	for _, name := range []string{"ssh", "ping", "ports", "port-forward", "login", "config-ssh", "list", "logout", "completion", "speedtest"} {
 		cmd, _, err := root.Find([]string{name})
 		if err != nil {
 			t.Fatal(err)

@@ -133,7 +133,7 @@ func newRootCmd(env *cliEnv) *cobra.Command {
 
   agent run          inside a workspace: join the tailnet, serve SSH and port forwarding
   agent coordinator  once per deployment: node exchange, auth, DERP relay and STUN
-  agent login, list, ssh, port-forward, ping, ports, config-ssh   on a laptop: reach a workspace
+  agent login, list, ssh, port-forward, ping, ports, speedtest, config-ssh   on a laptop: reach a workspace
   agent completion bash|zsh|fish   shell completion, including workspace names
   agent netcheck     diagnose a workspace's network (or a node's, with --host)
   agent dev          an embedded coordinator and an agent for this machine`,
@@ -174,6 +174,7 @@ func newRootCmd(env *cliEnv) *cobra.Command {
 	root.AddCommand(newPortsCmd(env))
 	root.AddCommand(newRunCmd(env))
 	root.AddCommand(newSSHCmd(env))
+	root.AddCommand(newSpeedtestCmd(env))
 	root.AddCommand(newConfigSSHCmd(env))
 	root.AddCommand(newNetcheckCmd(env))
 	root.AddCommand(newVersionCmd(env))
