@@ -189,10 +189,11 @@ func TestOneShotCommandsGiveUpOnABlackholedAddress(t *testing.T) {
 	wg.Wait()
 }
 
-// exited waits up to d for pid to be gone (or a zombie nobody reaps).
+// exited waits up to d for pid to be gone (or a zombie nobody reaps); d 0
+// looks once.
 func exited(pid int, d time.Duration) bool {
 	deadline := time.Now().Add(d)
-	for time.Now().Before(deadline) {
+	for {
 		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 		if err != nil {
 			return true
@@ -201,9 +202,11 @@ func exited(pid int, d time.Duration) bool {
 		if i := bytes.LastIndexByte(stat, ')'); i > 0 && len(stat) > i+2 && (stat[i+2] == 'Z' || stat[i+2] == 'X') {
 			return true
 		}
+		if !time.Now().Before(deadline) {
+			return false
+		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	return false
 }
 
 // OpenSSH gives up (ConnectTimeout, Ctrl-C) and closes the ProxyCommand's
@@ -250,14 +253,19 @@ func TestStdioEndsWhenItsParentDies(t *testing.T) {
 		t.Run(phase, func(t *testing.T) {
 			url := fmt.Sprintf("https://127.0.0.1:%d", closedPort(t))
 			// The shell plays OpenSSH: it starts the bridge with its own
-			// stdin (a pipe this test keeps open), prints its PID and waits.
-			parent := exec.Command("sh", "-c", `"$0" ssh --stdio ws1 --timeout 0 <&0 & echo $!; wait`, bin)
+			// stdin (a pipe this test keeps open; an asynchronous command's
+			// stdin would be /dev/null without fd 3), prints its PID and
+			// waits.
+			parent := exec.Command("sh", "-c", `exec 3<&0; "$0" ssh --stdio ws1 --timeout 0 <&3 & echo $!; wait`, bin)
 			parent.Env = clientEnv(t, url)
-			stdin, err := parent.StdinPipe()
+			// Not StdinPipe: Wait would close it, and the bridge would end on
+			// EOF rather than on its parent's death.
+			stdinR, stdin, err := os.Pipe()
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer stdin.Close()
+			parent.Stdin = stdinR
 			out, err := parent.StdoutPipe()
 			if err != nil {
 				t.Fatal(err)
@@ -265,6 +273,7 @@ func TestStdioEndsWhenItsParentDies(t *testing.T) {
 			if err := parent.Start(); err != nil {
 				t.Fatal(err)
 			}
+			stdinR.Close()
 			var line [32]byte
 			n, _ := out.Read(line[:])
 			pid, err := strconv.Atoi(strings.TrimSpace(string(line[:n])))

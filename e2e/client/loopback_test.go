@@ -1,10 +1,14 @@
 package client_test
 
 import (
+	"bufio"
 	"context"
+	"io"
 	"os"
 	"regexp"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -55,8 +59,68 @@ func TestDevOnALoopbackOnlyMachine(t *testing.T) {
 
 	ssh := laptop.CommandContext(ctx, bin, "ssh", "dev", "--", "echo", "over-loopback")
 	ssh.Env = env
+	var sshErr syncbuf.Buffer
+	ssh.Stderr = &sshErr
 	sshOut, err := ssh.Output()
 	if err != nil || strings.TrimSpace(string(sshOut)) != "over-loopback" {
-		t.Fatalf("agent ssh on a loopback-only machine: %v\n%s", err, sshOut)
+		t.Fatalf("agent ssh on a loopback-only machine: %v\n%s\n%s\nagent dev:\n%s", err, sshOut, sshErr.String(), out.String())
 	}
+
+	// The ProxyCommand bridge carries a live SSH connection when the
+	// process that started it is killed while holding its pipes open: it
+	// ends too, within the grace it gives the server to close. (Its
+	// parent-death watch is what ends it while connecting; see
+	// TestStdioEndsWhenItsParentDies.)
+	parent := laptop.Command("sh", "-c", `exec 3<&0; "$0" ssh --stdio dev <&3 & echo $!; wait`, bin)
+	parent.Env = env
+	var bridgeErr syncbuf.Buffer
+	parent.Stderr = &bridgeErr
+	// Not StdinPipe: Wait would close it, and the bridge would end on
+	// EOF rather than on its parent's death.
+	stdinR, stdin, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stdin.Close()
+	parent.Stdin = stdinR
+	// Its stdout stays open too: only the parent's death may end the
+	// bridge, not EOF or a broken pipe.
+	stdout, stdoutW, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stdout.Close()
+	parent.Stdout = stdoutW
+	if err := parent.Start(); err != nil {
+		t.Fatal(err)
+	}
+	stdinR.Close()
+	stdoutW.Close()
+	br := bufio.NewReader(stdout)
+	line, _ := br.ReadString('\n')
+	pid, err := strconv.Atoi(strings.TrimSpace(line))
+	if err != nil {
+		parent.Process.Kill()
+		t.Fatalf("the shell did not print the bridge's PID: %q", line)
+	}
+	defer syscall.Kill(pid, syscall.SIGKILL)
+	io.WriteString(stdin, "SSH-2.0-OpenSSH_9.2p1\r\n")
+	// The workspace's version line through the bridge: it is proxying.
+	banner, err := br.ReadString('\n')
+	if !strings.HasPrefix(banner, "SSH-2.0-") {
+		parent.Process.Kill()
+		t.Fatalf("no SSH banner through the bridge: %q %v\n%s", banner, err, bridgeErr.String())
+	}
+	time.Sleep(time.Second)
+	if exited(pid, 0) {
+		t.Fatalf("the bridge ended before its parent: %s", bridgeErr.String())
+	}
+	parent.Process.Kill()
+	parent.Wait()
+	killed := time.Now()
+	go io.Copy(io.Discard, br) // keep reading what the workspace still sends
+	if !exited(pid, 15*time.Second) {
+		t.Fatalf("agent ssh --stdio (pid %d) still runs 15 s after its parent was killed mid-connection", pid)
+	}
+	t.Logf("the proxying bridge ended %v after its parent: %s", time.Since(killed).Round(time.Millisecond), bridgeErr.String())
 }
