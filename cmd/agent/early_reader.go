@@ -68,3 +68,30 @@ func (r *earlyReader) Read(p []byte) (int, error) {
 	r.pending = r.pending[n:]
 	return n, nil
 }
+
+// WriteTo hands each chunk to w as it came, without the copy Read makes;
+// io.Copy uses it, so the ProxyCommand's upload path costs no more than
+// reading stdin directly.
+func (r *earlyReader) WriteTo(w io.Writer) (int64, error) {
+	var total int64
+	if len(r.pending) > 0 {
+		n, err := w.Write(r.pending)
+		total += int64(n)
+		r.pending = nil
+		if err != nil {
+			return total, err
+		}
+	}
+	for chunk := range r.chunks {
+		n, err := w.Write(chunk)
+		total += int64(n)
+		r.pool.Put(chunk[:cap(chunk)])
+		if err != nil {
+			return total, err
+		}
+	}
+	if r.err != nil && r.err != io.EOF {
+		return total, r.err
+	}
+	return total, nil
+}
