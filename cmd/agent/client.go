@@ -100,11 +100,11 @@ func (e *cliEnv) connectWorkspace(ctx context.Context, f *clientFlags, name stri
 		BlockDirect:     f.blockDirect,
 		Notify:          e.notice,
 		AnnounceRetries: o.keepRetrying,
-	}
-	if f.timeout > 0 && !o.keepRetrying {
-		// --timeout bounds the whole wait, and the error names the
-		// workspace's state when it ends.
-		ccfg.UnhealthyWait = -1
+		// --timeout bounds a one-shot command's wait, and its error names
+		// the workspace's state; port-forward waits for an offline
+		// workspace as long as it runs (each forwarded connection's dial
+		// has its own timeout).
+		UnhealthyWait: -1,
 	}
 	return client.Connect(ctx, ccfg, name)
 }
