@@ -124,3 +124,16 @@ func TestClientLoggerIsQuietByDefault(t *testing.T) {
 		t.Fatalf("--verbose logged nothing")
 	}
 }
+
+// A notice during a terminal session (raw mode) ends its line with \r\n, so
+// it does not stair-step across the screen.
+func TestNoticeInRawTerminal(t *testing.T) {
+	var buf bytes.Buffer
+	env := &cliEnv{Stderr: &buf, Getenv: func(string) string { return "" }}
+	env.notice("one")
+	env.rawTerminal.Store(true)
+	env.notice("two")
+	if buf.String() != "one\ntwo\r\n" {
+		t.Fatalf("got %q", buf.String())
+	}
+}

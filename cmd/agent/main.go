@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"strings"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -45,6 +46,9 @@ type cliEnv struct {
 	// verbose (--verbose or AGENT_VERBOSE=1) turns on the structured logs
 	// of client commands, which otherwise print only sentences for people.
 	verbose bool
+	// rawTerminal is set while an interactive session holds the terminal
+	// in raw mode, where a line must end in \r\n.
+	rawTerminal atomic.Bool
 }
 
 // Logger returns a logger writing to stderr in the format and at the level
@@ -73,6 +77,10 @@ func (e *cliEnv) ClientLogger() *slog.Logger {
 
 // notice tells the person at the terminal one plain sentence on stderr.
 func (e *cliEnv) notice(msg string) {
+	if e.rawTerminal.Load() {
+		fmt.Fprint(e.Stderr, msg+"\r\n")
+		return
+	}
 	fmt.Fprintln(e.Stderr, msg)
 }
 

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/term"
 
 	"github.com/agentd/agent/client"
 	"github.com/agentd/agent/sshclient"
@@ -103,7 +104,11 @@ func runSSH(ctx context.Context, env *cliEnv, o *sshOptions) error {
 		if len(o.command) > 0 {
 			opts.Command = strings.Join(o.command, " ")
 		}
+		if term.IsTerminal(int(os.Stdin.Fd())) {
+			env.rawTerminal.Store(true)
+		}
 		code, err = sshclient.RunInteractive(ctx, conn, opts)
+		env.rawTerminal.Store(false)
 	}
 	if errors.Is(err, sshclient.ErrEscapeDisconnect) {
 		fmt.Fprintf(env.Stderr, "Connection to %s closed.\n", ws.Name())
