@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"sync"
 	"text/tabwriter"
 	"time"
 
@@ -17,9 +18,30 @@ import (
 
 // listOptions is `agent list` as parsed from its command line.
 type listOptions struct {
-	cf   clientFlags
-	json bool
+	cf    clientFlags
+	json  bool
+	paths bool
 }
+
+// listEntry is one line of `agent list --json`: the coordinator's view,
+// plus the path a connection takes with --paths.
+type listEntry struct {
+	protocol.WorkspaceInfo
+	Path *listPath `json:"path,omitempty"`
+}
+
+// listPath is how a ping to the workspace went (agent list --paths).
+type listPath struct {
+	// Kind is "direct" or "derp"; Error says why there is none.
+	Kind       string  `json:"kind,omitempty"`
+	Endpoint   string  `json:"endpoint,omitempty"`
+	DERPRegion string  `json:"derp_region,omitempty"`
+	LatencyMS  float64 `json:"latency_ms,omitempty"`
+	Error      string  `json:"error,omitempty"`
+}
+
+// maxPathProbes bounds how many workspaces --paths connects to at once.
+const maxPathProbes = 4
 
 func newListCmd(env *cliEnv) *cobra.Command {
 	o := &listOptions{}
@@ -31,6 +53,7 @@ those granted to you): each one's owner, whether its agent is online or since
 when it is offline, and the agent's last network verdict. --json prints the
 coordinator's answer as documented in docs/cli.md.`,
 		Example: `  agent list
+  agent list --paths                    # also connect to each online one: direct or relayed, latency
   agent list --json | jq -r '.workspaces[] | select(.online) | .name'`,
 		Aliases: []string{"ls"},
 		Args:    usageArgs(cobra.NoArgs),
@@ -41,6 +64,7 @@ coordinator's answer as documented in docs/cli.md.`,
 	o.cf.register(cmd, env)
 	o.cf.registerTimeout(cmd)
 	cmd.Flags().BoolVar(&o.json, "json", false, "print the list as JSON")
+	cmd.Flags().BoolVar(&o.paths, "paths", false, "connect to each online workspace and show the path a connection takes (direct or DERP) and its latency")
 	return cmd
 }
 
@@ -49,16 +73,85 @@ func runList(ctx context.Context, env *cliEnv, o *listOptions, out io.Writer) er
 	if err != nil {
 		return err
 	}
+	entries := make([]listEntry, len(ws))
+	for i, w := range ws {
+		entries[i].WorkspaceInfo = w
+	}
+	if o.paths {
+		env.probePaths(ctx, &o.cf, entries)
+	}
 	if o.json {
 		enc := json.NewEncoder(out)
 		enc.SetIndent("", "  ")
-		return enc.Encode(protocol.Workspaces{Workspaces: ws})
+		return enc.Encode(struct {
+			Workspaces []listEntry `json:"workspaces"`
+		}{entries})
 	}
 	if len(ws) == 0 {
 		fmt.Fprintln(out, "No workspaces: an admin creates one (agent admin agent create NAME --owner YOU) or grants you one (agent admin grant YOU NAME).")
 		return nil
 	}
-	return writeWorkspaceTable(out, ws, time.Now())
+	return writeWorkspaceTable(out, entries, o.paths, time.Now())
+}
+
+// probePaths connects to each online workspace (a few at a time, each
+// within --timeout) and pings it once.
+func (e *cliEnv) probePaths(ctx context.Context, cf *clientFlags, entries []listEntry) {
+	sem := make(chan struct{}, maxPathProbes)
+	var wg sync.WaitGroup
+	for i := range entries {
+		if !entries[i].Online {
+			continue
+		}
+		wg.Add(1)
+		go func(en *listEntry) {
+			defer wg.Done()
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			en.Path = e.probePath(ctx, cf, en.Name)
+		}(&entries[i])
+	}
+	wg.Wait()
+}
+
+func (e *cliEnv) probePath(ctx context.Context, cf *clientFlags, name string) *listPath {
+	ctx, cancel := giveUpAfter(ctx, cf.timeout)
+	defer cancel()
+	// Warnings about each workspace's network are in the NETWORK column
+	// already: not said again.
+	quiet := &cliEnv{Stdin: e.Stdin, Stdout: e.Stdout, Stderr: io.Discard, Getenv: e.Getenv,
+		logFormat: e.logFormat, logLevel: e.logLevel, logLevelExplicit: e.logLevelExplicit, verbose: e.verbose}
+	ws, err := quiet.connectWorkspace(ctx, cf, name)
+	if err != nil {
+		return &listPath{Error: err.Error()}
+	}
+	defer ws.Close()
+	if err := ws.AwaitReachable(ctx); err != nil {
+		return &listPath{Error: err.Error()}
+	}
+	res, err := ws.Ping(ctx)
+	if err != nil {
+		return &listPath{Error: err.Error()}
+	}
+	p := &listPath{LatencyMS: ms(res.Latency)}
+	if res.Direct() {
+		p.Kind, p.Endpoint = "direct", res.Endpoint.String()
+	} else {
+		p.Kind, p.DERPRegion = "derp", res.DERPRegionCode
+	}
+	return p
+}
+
+func pathText(p *listPath) string {
+	switch {
+	case p == nil:
+		return "-"
+	case p.Error != "":
+		return "unreachable"
+	case p.Kind == "direct":
+		return fmt.Sprintf("direct %s, %.1fms", p.Endpoint, p.LatencyMS)
+	}
+	return fmt.Sprintf("DERP(%s), %.1fms", p.DERPRegion, p.LatencyMS)
 }
 
 // listWorkspaces asks the coordinator, within --timeout.
@@ -76,11 +169,19 @@ func (e *cliEnv) listWorkspaces(ctx context.Context, cf *clientFlags) ([]protoco
 	return coordclient.ListWorkspaces(ctx, hc, cfg.URL, cfg.Token)
 }
 
-func writeWorkspaceTable(out io.Writer, ws []protocol.WorkspaceInfo, now time.Time) error {
+func writeWorkspaceTable(out io.Writer, ws []listEntry, paths bool, now time.Time) error {
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tOWNER\tSTATE\tNETWORK")
+	if paths {
+		fmt.Fprintln(tw, "NAME\tOWNER\tSTATE\tPATH\tNETWORK")
+	} else {
+		fmt.Fprintln(tw, "NAME\tOWNER\tSTATE\tNETWORK")
+	}
 	for _, w := range ws {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", w.Name, w.Owner, stateText(w, now), networkText(w.Network))
+		if paths {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", w.Name, w.Owner, stateText(w.WorkspaceInfo, now), pathText(w.Path), networkText(w.Network))
+		} else {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", w.Name, w.Owner, stateText(w.WorkspaceInfo, now), networkText(w.Network))
+		}
 	}
 	return tw.Flush()
 }

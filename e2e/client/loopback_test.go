@@ -3,6 +3,7 @@ package client_test
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"io"
 	"os"
 	"regexp"
@@ -57,13 +58,37 @@ func TestDevOnALoopbackOnlyMachine(t *testing.T) {
 	}
 	t.Logf("first pong after %v:\n%s", time.Since(start).Round(time.Millisecond), pingOut)
 
-	ssh := laptop.CommandContext(ctx, bin, "ssh", "dev", "--", "echo", "over-loopback")
-	ssh.Env = env
-	var sshErr syncbuf.Buffer
-	ssh.Stderr = &sshErr
-	sshOut, err := ssh.Output()
-	if err != nil || strings.TrimSpace(string(sshOut)) != "over-loopback" {
-		t.Fatalf("agent ssh on a loopback-only machine: %v\n%s\n%s\nagent dev:\n%s", err, sshOut, sshErr.String(), out.String())
+	// agent list --paths connects to the online workspace and says how.
+	list := laptop.CommandContext(ctx, bin, "list", "--paths", "--json")
+	list.Env = env
+	listOut, err := list.Output()
+	var listed struct {
+		Workspaces []struct {
+			Name   string `json:"name"`
+			Online bool   `json:"online"`
+			Path   *struct {
+				Kind      string  `json:"kind"`
+				LatencyMS float64 `json:"latency_ms"`
+				Error     string  `json:"error"`
+			} `json:"path"`
+		} `json:"workspaces"`
+	}
+	if err != nil || json.Unmarshal(listOut, &listed) != nil || len(listed.Workspaces) != 1 {
+		t.Fatalf("agent list --paths --json: %v\n%s", err, listOut)
+	}
+	if w := listed.Workspaces[0]; w.Name != "dev" || !w.Online || w.Path == nil || (w.Path.Kind != "direct" && w.Path.Kind != "derp") || w.Path.LatencyMS <= 0 {
+		t.Errorf("agent list --paths --json: want dev online with a path:\n%s", listOut)
+	}
+
+	// A TCP connection over the tailnet: the agent API lists the
+	// workspace's ports.
+	ports := laptop.CommandContext(ctx, bin, "ports", "dev", "--json")
+	ports.Env = env
+	var portsErr syncbuf.Buffer
+	ports.Stderr = &portsErr
+	portsOut, err := ports.Output()
+	if err != nil || !strings.HasPrefix(strings.TrimSpace(string(portsOut)), "[") {
+		t.Fatalf("agent ports on a loopback-only machine: %v\n%s\n%s\nagent dev:\n%s", err, portsOut, portsErr.String(), out.String())
 	}
 
 	// The ProxyCommand bridge carries a live SSH connection when the
