@@ -31,14 +31,16 @@ import (
 	"github.com/agentd/agent/coordclient"
 	"github.com/agentd/agent/metrics"
 	"github.com/agentd/agent/protocol"
+	"github.com/agentd/agent/speedtest"
 	"github.com/agentd/agent/tailnet"
 )
 
 // Tailnet ports the agent serves itself. Ports up to portforward.ReservedPorts
 // belong to the agent; every other port leads to the workspace's localhost.
 const (
-	PortSSH = 1
-	PortAPI = 2
+	PortSSH       = 1
+	PortAPI       = 2
+	PortSpeedtest = 3
 )
 
 // lostPeerGrace is how long a client whose coordinator connection dropped
@@ -293,6 +295,13 @@ func (a *Agent) startServices(ctx context.Context, conn *tailnet.Conn, ssh *sshd
 		sshLn.Close()
 		return nil, fmt.Errorf("listen on tailnet port %d for the agent API: %w", PortAPI, err)
 	}
+	speedLn, err := conn.Listen(PortSpeedtest)
+	if err != nil {
+		ssh.Close()
+		sshLn.Close()
+		apiLn.Close()
+		return nil, fmt.Errorf("listen on tailnet port %d for the speed test: %w", PortSpeedtest, err)
+	}
 	fwd := portforward.New(portforward.Options{Logger: a.log.With("component", "port-forward")})
 	conn.SetTCPFallback(a.flows.handler(a.counted(metrics.KindPortForwardTCP, fwd.TCP)))
 	conn.SetUDPFallback(a.flows.handler(a.counted(metrics.KindPortForwardUDP, fwd.UDP)))
@@ -304,7 +313,13 @@ func (a *Agent) startServices(ctx context.Context, conn *tailnet.Conn, ssh *sshd
 		IdleTimeout:       90 * time.Second,
 		MaxHeaderBytes:    64 << 10,
 	}}
-	s.wg.Add(2)
+	s.wg.Add(3)
+	go func() {
+		defer s.wg.Done()
+		if err := speedtest.Serve(ctx, speedLn); err != nil && ctx.Err() == nil {
+			a.log.Error("speed test server stopped", "err", err)
+		}
+	}()
 	go func() {
 		defer s.wg.Done()
 		if err := ssh.Serve(ctx, sshLn); err != nil && ctx.Err() == nil {

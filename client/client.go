@@ -23,8 +23,9 @@ import (
 
 // Tailnet ports the agent serves itself (see package agent).
 const (
-	PortSSH = 1
-	PortAPI = 2
+	PortSSH       = 1
+	PortAPI       = 2
+	PortSpeedtest = 3
 )
 
 // Config says how to reach the coordinator.
@@ -39,6 +40,15 @@ type Config struct {
 	// reports its network broken, before failing with that reason
 	// (default 30 s; negative: until the context ends).
 	UnhealthyWait time.Duration
+	// Notify receives what a person should read, one plain sentence per
+	// call, each state said once ("warning: workspace ... reports its
+	// network degraded ..."). Nil: the sentences go to Logger as warnings.
+	Notify func(string)
+	// AnnounceRetries makes Notify say once when the coordinator cannot be
+	// reached (and why) and once when it is reached again, for commands
+	// that keep running (port-forward). One-shot commands leave it off
+	// and report the last cause in their error instead.
+	AnnounceRetries bool
 }
 
 const defaultUnhealthyWait = 30 * time.Second
@@ -77,6 +87,16 @@ type Workspace struct {
 	// warned is the state last warned about, so each is said once.
 	warned        string
 	unhealthyWait time.Duration
+
+	coordURL        string
+	notify          func(string)
+	announceRetries bool
+	// lastCoordErr is why the last attempt to reach the coordinator
+	// failed (nil once it answered); coordDown is set while an announced
+	// outage lasts.
+	lastCoordErr error
+	coordDown    bool
+	helloed      bool
 }
 
 // reachableFor is how long a successful reachability probe is trusted. A
@@ -111,6 +131,13 @@ func Connect(ctx context.Context, cfg Config, workspace string) (*Workspace, err
 		helloCh:       make(chan protocol.Hello, 1),
 		changed:       make(chan struct{}),
 		unhealthyWait: cfg.UnhealthyWait,
+
+		coordURL:        cfg.Coordinator.URL,
+		notify:          cfg.Notify,
+		announceRetries: cfg.AnnounceRetries,
+	}
+	if w.notify == nil {
+		w.notify = func(msg string) { log.Warn(msg) }
 	}
 	if w.unhealthyWait == 0 {
 		w.unhealthyWait = defaultUnhealthyWait
@@ -118,6 +145,7 @@ func Connect(ctx context.Context, cfg Config, workspace string) (*Workspace, err
 	cc := cfg.Coordinator
 	cc.Logger = log.With("component", "coordination")
 	cc.Role = protocol.RoleClient
+	cc.OnRetry = w.coordinatorRetry
 	w.coord = coordclient.New(cc, (*handler)(w))
 	go func() {
 		err := w.coord.Run(runCtx)
@@ -135,9 +163,9 @@ func Connect(ctx context.Context, cfg Config, workspace string) (*Workspace, err
 	var hello protocol.Hello
 	select {
 	case <-ctx.Done():
-		return fail(fmt.Errorf("waiting for the coordinator at %s: %w", cc.URL, context.Cause(ctx)))
+		return fail(w.coordinatorWaitError(ctx))
 	case <-w.coordEnded:
-		return fail(fmt.Errorf("coordinator: %w", w.coordError()))
+		return fail(fmt.Errorf("coordinator at %s: %w", cc.URL, w.coordError()))
 	case hello = <-w.helloCh:
 	}
 
@@ -179,7 +207,7 @@ func Connect(ctx context.Context, cfg Config, workspace string) (*Workspace, err
 	case <-w.refusedCh:
 		return fail(w.refused)
 	case <-w.coordEnded:
-		return fail(fmt.Errorf("coordinator: %w", w.coordError()))
+		return fail(fmt.Errorf("coordinator at %s: %w", cc.URL, w.coordError()))
 	case <-w.agentCh:
 	}
 	go w.watchCoordinator()
@@ -286,10 +314,15 @@ func (w *Workspace) AwaitReachable(ctx context.Context) error {
 		if gaveUp != nil {
 			return gaveUp
 		}
-		if problem := w.problemLocked(); problem != "" {
-			return fmt.Errorf("workspace %q is not reachable over the tailnet: %s: %w", w.name, problem, err)
+		if ctx.Err() != nil {
+			// The tailnet's error only says "deadline exceeded"; the
+			// cause says whose deadline.
+			err = context.Cause(ctx)
 		}
-		return fmt.Errorf("workspace %q is not reachable over the tailnet: %w", w.name, err)
+		if problem := w.problemLocked(); problem != "" {
+			return fmt.Errorf("waiting for workspace %q to answer over the tailnet: %s: %w", w.name, problem, err)
+		}
+		return fmt.Errorf("waiting for workspace %q to answer over the tailnet: %w", w.name, err)
 	}
 	w.mu.Lock()
 	w.reachedAt = time.Now()
@@ -411,6 +444,13 @@ type handler Workspace
 
 func (h *handler) Hello(hello protocol.Hello) {
 	w := (*Workspace)(h)
+	w.mu.Lock()
+	recovered := w.coordDown
+	w.coordDown, w.lastCoordErr, w.helloed = false, nil, true
+	w.mu.Unlock()
+	if recovered {
+		w.notify(fmt.Sprintf("reached the coordinator at %s", w.coordURL))
+	}
 	select {
 	case <-w.helloCh:
 	default:
@@ -474,7 +514,8 @@ func (h *handler) PeerGone(g protocol.PeerGone) {
 		w.log.Info("the workspace lost its coordinator connection; the tunnel stays up", "workspace", w.name)
 		return
 	}
-	w.log.Warn("the workspace left the tailnet", "workspace", w.name, "reason", g.Reason)
+	w.log.Info("the workspace left the tailnet", "workspace", w.name, "reason", g.Reason)
+	w.notify(fmt.Sprintf("workspace %q left the tailnet (%s)", w.name, g.Reason))
 	conn.RemovePeer(g.NodeID)
 }
 
@@ -504,7 +545,7 @@ func (w *Workspace) setStatus(update func(*protocol.TunnelStatus) *protocol.Tunn
 	w.warned = key
 	w.mu.Unlock()
 	if say {
-		w.log.Warn(warning)
+		w.notify("warning: " + warning)
 	}
 }
 
@@ -532,5 +573,51 @@ func (h *handler) Error(e protocol.Error) {
 
 func (h *handler) Disconnected(err error) {
 	w := (*Workspace)(h)
-	w.log.Warn("lost the coordinator; the tunnel stays up while it reconnects", "err", err)
+	w.log.Info("lost the coordinator; the tunnel stays up while it reconnects", "err", err)
+}
+
+// coordinatorRetry hears why an attempt to reach the coordinator failed.
+// It keeps the cause for the error a one-shot command ends with, and with
+// AnnounceRetries says once that the coordinator is out of reach.
+func (w *Workspace) coordinatorRetry(err error, _ time.Duration) {
+	w.mu.Lock()
+	w.lastCoordErr = err
+	say := w.announceRetries && !w.coordDown
+	if say {
+		w.coordDown = true
+	}
+	established := w.helloed
+	w.mu.Unlock()
+	if !say {
+		return
+	}
+	if established {
+		w.notify(fmt.Sprintf("lost the coordinator at %s (%s); open connections keep working, retrying until it answers", w.coordURL, shortCause(err)))
+		return
+	}
+	w.notify(fmt.Sprintf("cannot reach the coordinator at %s (%s); retrying until it answers", w.coordURL, shortCause(err)))
+}
+
+// coordinatorWaitError says that ctx ended while waiting for the
+// coordinator's hello, with the last cause.
+func (w *Workspace) coordinatorWaitError(ctx context.Context) error {
+	w.mu.Lock()
+	last := w.lastCoordErr
+	w.mu.Unlock()
+	cause := "no answer yet"
+	if last != nil {
+		cause = "last error: " + shortCause(last)
+	}
+	return fmt.Errorf("waiting for the coordinator at %s: %w; %s", w.coordURL, context.Cause(ctx), cause)
+}
+
+// shortCause words a failed dial by its network error alone ("dial tcp
+// 192.0.2.1:443: connect: connection refused") when there is one: the
+// layers around it (WebSocket, HTTP) repeat the URL and add nothing.
+func shortCause(err error) string {
+	var op *net.OpError
+	if errors.As(err, &op) {
+		return op.Error()
+	}
+	return err.Error()
 }

@@ -59,6 +59,10 @@ type Config struct {
 	MinBackoff, MaxBackoff time.Duration
 	// PingInterval is how often the connection is checked (default 15s).
 	PingInterval time.Duration
+	// OnRetry, when set, is told why each connection attempt (or
+	// connection) ended and how long Run waits before the next one, so
+	// that a command can say what it is waiting for instead of logging.
+	OnRetry func(err error, wait time.Duration)
 }
 
 // Handler receives what the coordinator says, in order, on one goroutine.
@@ -316,6 +320,9 @@ func (c *Client) Run(ctx context.Context) error {
 			wait = later.after + rand.N(later.after/4+1)
 		}
 		c.logger.Warn("waiting to reconnect to the coordinator", "url", c.cfg.URL, "in", wait.Round(time.Millisecond), "err", err)
+		if c.cfg.OnRetry != nil {
+			c.cfg.OnRetry(err, wait)
+		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()

@@ -292,6 +292,7 @@ func (s *Server) routes() http.Handler {
 	mux.HandleFunc(protocol.CoordinatePath, s.handleCoordinate)
 	mux.HandleFunc(protocol.WhoAmIPath, s.handleWhoAmI)
 	mux.HandleFunc(protocol.HostKeyPath, s.handleHostKey)
+	mux.HandleFunc(protocol.WorkspacesPath, s.handleWorkspaces)
 	derp := s.derp.Handler()
 	mux.Handle("/derp", derp)
 	mux.Handle("/derp/", derp)

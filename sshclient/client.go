@@ -48,6 +48,9 @@ type InteractiveOptions struct {
 	// User is the SSH user name; the workspace ignores it for authorization
 	// (sessions run as the agent's user). Default: the local user's name.
 	User string
+	// NoEscapes turns off the ~. and ~? escapes that a terminal session
+	// otherwise reads at the start of a line, as ssh -e none does.
+	NoEscapes bool
 }
 
 // ExpectHostKey marks conn so that RunCommand and RunInteractive accept
@@ -74,8 +77,12 @@ func (c *expectConn) CloseWrite() error {
 	return c.Conn.Close()
 }
 
+// ErrEscapeDisconnect is returned by RunInteractive when the user typed ~.
+var ErrEscapeDisconnect = errors.New("connection closed by the ~. escape")
+
 // dial runs the SSH handshake over conn. Cancelling ctx closes conn, which
-// ends everything running on it.
+// ends everything running on it. A deadline set on conn bounds the
+// handshake and is cleared once it is done.
 func dial(ctx context.Context, conn net.Conn, userName string) (*gossh.Client, func(), error) {
 	if userName == "" {
 		userName = localUser()
@@ -108,6 +115,9 @@ func dial(ctx context.Context, conn net.Conn, userName string) (*gossh.Client, f
 		}
 		return nil, nil, fmt.Errorf("SSH handshake with the workspace: %w", err)
 	}
+	// A deadline the caller set bounded the handshake; the session that
+	// follows runs as long as it likes.
+	_ = conn.SetDeadline(time.Time{})
 	client := gossh.NewClient(sconn, chans, reqs)
 	return client, func() { stop(); client.Close() }, nil
 }
@@ -213,8 +223,16 @@ func RunInteractive(ctx context.Context, conn net.Conn, opts InteractiveOptions)
 		}
 	}
 
+	var stdin io.Reader = opts.Stdin
+	escaped := make(chan struct{})
 	inFd := int(opts.Stdin.Fd())
 	if term.IsTerminal(inFd) {
+		if !opts.NoEscapes {
+			stdin = newEscapeReader(opts.Stdin, opts.Stderr, func() {
+				close(escaped)
+				client.Close()
+			})
+		}
 		termType := opts.Term
 		if termType == "" {
 			termType = os.Getenv("TERM")
@@ -244,7 +262,7 @@ func RunInteractive(ctx context.Context, conn net.Conn, opts InteractiveOptions)
 		}()
 	}
 
-	sess.Stdin, sess.Stdout, sess.Stderr = opts.Stdin, opts.Stdout, opts.Stderr
+	sess.Stdin, sess.Stdout, sess.Stderr = stdin, opts.Stdout, opts.Stderr
 	if opts.Command == "" {
 		err = sess.Shell()
 	} else {
@@ -253,7 +271,13 @@ func RunInteractive(ctx context.Context, conn net.Conn, opts InteractiveOptions)
 	if err != nil {
 		return 255, fmt.Errorf("start the remote shell: %w", err)
 	}
-	return exitCode(ctx, sess.Wait())
+	err = sess.Wait()
+	select {
+	case <-escaped:
+		return 255, ErrEscapeDisconnect
+	default:
+	}
+	return exitCode(ctx, err)
 }
 
 func terminalSize(files ...*os.File) (cols, rows int) {

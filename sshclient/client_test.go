@@ -48,6 +48,18 @@ func TestMain(m *testing.M) {
 		}
 		os.Exit(0)
 	}
+	if len(os.Args) == 3 && os.Args[1] == "interactive-helper" {
+		// An interactive session on this process's terminal, as
+		// `agent ssh WS` runs it.
+		conn, err := net.Dial("tcp", os.Args[2])
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "interactive-helper:", err)
+			os.Exit(1)
+		}
+		code, err := sshclient.RunInteractive(context.Background(), conn, sshclient.InteractiveOptions{})
+		fmt.Printf("helper done: code %d, err %v\n", code, err)
+		os.Exit(0)
+	}
 	os.Exit(m.Run())
 }
 

@@ -286,6 +286,13 @@ func (c *Conn) start() error {
 	c.eng = eng
 	c.sys.Set(eng)
 	c.mc = c.sys.MagicSock.Get()
+	if !netMon.InterfaceState().AnyInterfaceUp() {
+		// Only loopback (a laptop offline running agent dev): the engine
+		// would pause magicsock as if offline, yet a coordinator and DERP
+		// relay on this machine are reachable. Changes of the links later
+		// set it as usual.
+		c.mc.SetNetworkUp(true)
+	}
 	if envknob.Bool("TS_DEBUG_ALWAYS_USE_DERP") {
 		// Set by BlockDirect, here or in an earlier Conn of the process.
 		// Without UDP, the network check would wait 3 s for STUN answers

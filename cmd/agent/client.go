@@ -12,11 +12,17 @@ import (
 	"github.com/agentd/agent/coordclient"
 )
 
+// defaultTimeout bounds how long a one-shot client command waits for the
+// coordinator, the workspace and the first answer over the tailnet.
+const defaultTimeout = 30 * time.Second
+
 // clientFlags say how a laptop-side command reaches the coordinator. Each
 // field falls back to the environment, then to what `agent login` saved.
 type clientFlags struct {
 	url, token, fingerprint   string
 	blockDirect, insecureHTTP bool
+	// timeout is --timeout of one-shot commands (0: wait without bound).
+	timeout time.Duration
 }
 
 func (f *clientFlags) register(cmd *cobra.Command, env *cliEnv) {
@@ -26,6 +32,11 @@ func (f *clientFlags) register(cmd *cobra.Command, env *cliEnv) {
 	fs.StringVar(&f.fingerprint, "fingerprint", "", "pinned coordinator certificate fingerprint (env AGENT_FINGERPRINT)")
 	fs.BoolVar(&f.insecureHTTP, "insecure-http", false, "allow an http:// coordinator URL: the token travels in cleartext (env AGENT_INSECURE_HTTP=1)")
 	fs.BoolVar(&f.blockDirect, "derp-only", false, "relay everything through the coordinator's DERP server (no direct UDP path)")
+}
+
+// registerTimeout adds --timeout to a one-shot command.
+func (f *clientFlags) registerTimeout(cmd *cobra.Command) {
+	cmd.Flags().DurationVar(&f.timeout, "timeout", defaultTimeout, "give up when the coordinator or the workspace has not answered after this long (0 waits without bound)")
 }
 
 func (f *clientFlags) resolve(env *cliEnv) (coordclient.Config, error) {
@@ -62,19 +73,48 @@ func (f *clientFlags) resolve(env *cliEnv) (coordclient.Config, error) {
 	return coordclient.Config{URL: p.URL, Token: p.Token, Fingerprint: p.Fingerprint, InsecureHTTP: p.InsecureHTTP, Software: "agent-client"}, nil
 }
 
+// giveUpAfter bounds ctx by d (the --timeout); the cause it ends with says
+// so, and becomes part of the one line the command fails with.
+func giveUpAfter(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
+	if d <= 0 {
+		return context.WithCancel(ctx)
+	}
+	return context.WithTimeoutCause(ctx, d, fmt.Errorf("gave up after %s (--timeout)", d))
+}
+
+// connectOptions tune connectWorkspace for the command at hand.
+type connectOptions struct {
+	// keepRetrying: the command runs until interrupted (port-forward);
+	// it says once when the coordinator is out of reach and once when it
+	// is back, instead of failing.
+	keepRetrying bool
+}
+
 // connectWorkspace opens a tunnel to a workspace. The name may carry the
 // ".agent" suffix that `agent config-ssh` uses for OpenSSH host names.
-func (e *cliEnv) connectWorkspace(ctx context.Context, f *clientFlags, name string) (*client.Workspace, error) {
+func (e *cliEnv) connectWorkspace(ctx context.Context, f *clientFlags, name string, opts ...connectOptions) (*client.Workspace, error) {
+	var o connectOptions
+	if len(opts) > 0 {
+		o = opts[0]
+	}
 	cfg, err := f.resolve(e)
 	if err != nil {
 		return nil, err
 	}
 	name = strings.TrimSuffix(name, ".agent")
-	return client.Connect(ctx, client.Config{
-		Coordinator: cfg,
-		Logger:      e.ClientLogger(),
-		BlockDirect: f.blockDirect,
-	}, name)
+	ccfg := client.Config{
+		Coordinator:     cfg,
+		Logger:          e.ClientLogger(),
+		BlockDirect:     f.blockDirect,
+		Notify:          e.notice,
+		AnnounceRetries: o.keepRetrying,
+		// --timeout bounds a one-shot command's wait, and its error names
+		// the workspace's state; port-forward waits for an offline
+		// workspace as long as it runs (each forwarded connection's dial
+		// has its own timeout).
+		UnhealthyWait: -1,
+	}
+	return client.Connect(ctx, ccfg, name)
 }
 
 // vouchedHostKey is the SSH host key the coordinator vouches for the

@@ -31,7 +31,9 @@ SSH host key the coordinator vouches for (pinned when the workspace's agent
 first registered). Running it again updates the
 block in place; everything outside the block is left as it is, and the
 previous file is kept as <config>.agent.bak.`,
-		Args: cobra.NoArgs,
+		Example: `  agent config-ssh --dry-run            # show the change first
+  agent config-ssh && ssh ws1.agent`,
+		Args: usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if configPath == "" {
 				home := env.Getenv("HOME")

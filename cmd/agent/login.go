@@ -36,7 +36,9 @@ prints it with "agent admin info" (the coordinator also prints it at start).
 The token may come from --token, --token-file, or standard input (--token -).
 An http:// URL is refused unless --insecure-http says the token may travel in
 cleartext; a pinned fingerprint always needs https://.`,
-		Args: cobra.ExactArgs(1),
+		Example: `  agent login https://coord.example.com:8443 --token-file ~/agent-token
+  agent login https://192.0.2.10:8443 --token - --fingerprint 3f2a...e1 < token.txt`,
+		Args: usageArgs(cobra.ExactArgs(1)),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			base := strings.TrimRight(strings.TrimSpace(args[0]), "/")
 			insecureHTTP = insecureHTTP || coordclient.InsecureHTTPFromEnv(env.Getenv(coordclient.EnvInsecureHTTP))
@@ -94,7 +96,7 @@ cleartext; a pinned fingerprint always needs https://.`,
 func readLoginToken(env *cliEnv, token, file string) (string, error) {
 	switch {
 	case file != "" && token != "":
-		return "", errors.New("pass either --token or --token-file, not both")
+		return "", usageErrorf("pass either --token or --token-file, not both")
 	case file != "":
 		data, err := os.ReadFile(file)
 		if err != nil {

@@ -11,10 +11,22 @@ import (
 	"os"
 	"os/signal"
 	"strings"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 )
+
+// flagAlias maps a deprecated flag name to the one name every command uses
+// now.
+func flagAlias(name string) string {
+	switch name {
+	case "coordinator-url":
+		return "url"
+	}
+	return name
+}
 
 // cliEnv is what every command needs from its surroundings. It is built once
 // in main and passed down, so that commands stay testable and there is no
@@ -31,6 +43,12 @@ type cliEnv struct {
 	// logLevelExplicit is set when the user chose a level; client commands
 	// otherwise log only warnings, so their own output stays readable.
 	logLevelExplicit bool
+	// verbose (--verbose or AGENT_VERBOSE=1) turns on the structured logs
+	// of client commands, which otherwise print only sentences for people.
+	verbose bool
+	// rawTerminal is set while an interactive session holds the terminal
+	// in raw mode, where a line must end in \r\n.
+	rawTerminal atomic.Bool
 }
 
 // Logger returns a logger writing to stderr in the format and at the level
@@ -43,13 +61,27 @@ func (e *cliEnv) Logger() *slog.Logger {
 	return e.loggerAt(level)
 }
 
-// ClientLogger is Logger for commands a person runs interactively: warnings
-// and errors only, unless --log-level says otherwise.
+// ClientLogger is Logger for commands a person runs on a laptop: silent
+// unless --verbose, AGENT_VERBOSE=1 or a --log-level asks for logs. What a
+// person should read goes through notice instead; as OpenSSH's
+// ProxyCommand, log records would land in the user's terminal or editor.
 func (e *cliEnv) ClientLogger() *slog.Logger {
-	if e.logLevelExplicit {
+	switch {
+	case e.logLevelExplicit:
 		return e.Logger()
+	case e.verbose:
+		return e.loggerAt(slog.LevelDebug)
 	}
-	return e.loggerAt(slog.LevelWarn)
+	return slog.New(slog.DiscardHandler)
+}
+
+// notice tells the person at the terminal one plain sentence on stderr.
+func (e *cliEnv) notice(msg string) {
+	if e.rawTerminal.Load() {
+		fmt.Fprint(e.Stderr, msg+"\r\n")
+		return
+	}
+	fmt.Fprintln(e.Stderr, msg)
 }
 
 func (e *cliEnv) loggerAt(level slog.Level) *slog.Logger {
@@ -66,6 +98,41 @@ type exitError struct{ code int }
 
 func (e *exitError) Error() string { return fmt.Sprintf("exit status %d", e.code) }
 
+// usageError is a command line that cannot work as written: a missing or
+// extra argument, an unknown flag, flags that exclude each other. It exits
+// with status 2, as the usage errors of most Unix tools do.
+type usageError struct{ err error }
+
+func (e *usageError) Error() string { return e.err.Error() }
+func (e *usageError) Unwrap() error { return e.err }
+
+func usageErrorf(format string, args ...any) error {
+	return &usageError{err: fmt.Errorf(format, args...)}
+}
+
+// usageArgs turns a cobra argument check's failure into a usage error.
+func usageArgs(check cobra.PositionalArgs) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if err := check(cmd, args); err != nil {
+			return &usageError{err: fmt.Errorf("%w; see %q", err, cmd.CommandPath()+" --help")}
+		}
+		return nil
+	}
+}
+
+// exitCode is the process exit status for an error a command returned.
+func exitCode(err error) int {
+	var ee *exitError
+	var ue *usageError
+	switch {
+	case errors.As(err, &ee):
+		return ee.code
+	case errors.As(err, &ue):
+		return 2
+	}
+	return 1
+}
+
 func newRootCmd(env *cliEnv) *cobra.Command {
 	root := &cobra.Command{
 		Use:   "agent",
@@ -74,15 +141,28 @@ func newRootCmd(env *cliEnv) *cobra.Command {
 
   agent run          inside a workspace: join the tailnet, serve SSH and port forwarding
   agent coordinator  once per deployment: node exchange, auth, DERP relay and STUN
-  agent ssh, port-forward, ping, config-ssh   on a laptop: reach a workspace
+  agent login, list, ssh, port-forward, ping, ports, speedtest, config-ssh   on a laptop: reach a workspace
+  agent completion bash|zsh|fish   shell completion, including workspace names
   agent netcheck     diagnose a workspace's network (or a node's, with --host)
   agent dev          an embedded coordinator and an agent for this machine`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		PersistentPreRun: func(cmd *cobra.Command, _ []string) {
 			env.logLevelExplicit = cmd.Flags().Changed("log-level") || env.Getenv("AGENT_LOG_LEVEL") != ""
+			if v := env.Getenv("AGENT_VERBOSE"); v != "" && v != "0" && !strings.EqualFold(v, "false") {
+				env.verbose = true
+			}
 		},
 	}
+	// One vocabulary: older spellings keep working on every command
+	// without showing up in --help.
+	root.SetGlobalNormalizationFunc(func(_ *pflag.FlagSet, name string) pflag.NormalizedName {
+		return pflag.NormalizedName(flagAlias(name))
+	})
+	root.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error {
+		return &usageError{err: fmt.Errorf("%w; see %q", err, cmd.CommandPath()+" --help")}
+	})
+	root.PersistentFlags().BoolVarP(&env.verbose, "verbose", "v", false, "client commands: print structured logs on stderr (env AGENT_VERBOSE=1)")
 	root.PersistentFlags().StringVar(&env.logFormat, "log-format", envOr(env, "AGENT_LOG_FORMAT", "text"), "log format: text or json (env AGENT_LOG_FORMAT)")
 	root.PersistentFlags().StringVar(&env.logLevel, "log-level", envOr(env, "AGENT_LOG_LEVEL", "info"), "log level: debug, info, warn or error (env AGENT_LOG_LEVEL)")
 	root.SetIn(env.Stdin)
@@ -94,15 +174,26 @@ func newRootCmd(env *cliEnv) *cobra.Command {
 	root.AddCommand(newAdminCmd(env))
 	root.AddCommand(newCoordinatorCmd(env))
 	root.AddCommand(newLoginCmd(env))
+	root.AddCommand(newListCmd(env))
+	root.AddCommand(newLogoutCmd(env))
 	root.AddCommand(newDevCmd(env))
 	root.AddCommand(newPingCmd(env))
 	root.AddCommand(newPortForwardCmd(env))
 	root.AddCommand(newPortsCmd(env))
 	root.AddCommand(newRunCmd(env))
 	root.AddCommand(newSSHCmd(env))
+	root.AddCommand(newSpeedtestCmd(env))
 	root.AddCommand(newConfigSSHCmd(env))
 	root.AddCommand(newNetcheckCmd(env))
 	root.AddCommand(newVersionCmd(env))
+
+	root.InitDefaultCompletionCmd()
+	if c, _, err := root.Find([]string{"completion"}); err == nil && c != root {
+		c.Example = `  source <(agent completion bash)
+  agent completion zsh > "${fpath[1]}/_agent"
+  agent completion fish > ~/.config/fish/completions/agent.fish`
+		c.Long += "\n\nWorkspace names are completed from the coordinator (as agent list shows them)."
+	}
 
 	return root
 }
@@ -118,14 +209,21 @@ func main() {
 	env := &cliEnv{Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr, Getenv: os.Getenv}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := newRootCmd(env).ExecuteContext(ctx)
+	interrupted := ctx.Err() != nil
 	stop()
 	if err == nil {
 		return
 	}
-	var ee *exitError
-	if errors.As(err, &ee) {
-		os.Exit(ee.code)
+	if interrupted {
+		// Interrupted (Ctrl-C, SIGTERM): the person knows why.
+		os.Exit(130)
 	}
-	fmt.Fprintf(os.Stderr, "agent: %v\n", err)
-	os.Exit(1)
+	if strings.HasPrefix(err.Error(), "unknown command") {
+		err = &usageError{err: err}
+	}
+	var ee *exitError
+	if !errors.As(err, &ee) {
+		fmt.Fprintf(os.Stderr, "agent: %v\n", err)
+	}
+	os.Exit(exitCode(err))
 }

@@ -2,22 +2,32 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"os"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/term"
 
 	"github.com/agentd/agent/client"
 	"github.com/agentd/agent/sshclient"
 )
 
+// sshOptions is `agent ssh` as parsed from its command line.
+type sshOptions struct {
+	cf           clientFlags
+	workspace    string
+	command      []string
+	stdio        bool
+	knownHosts   bool
+	forwardAgent bool
+	noEscapes    bool
+}
+
 func newSSHCmd(env *cliEnv) *cobra.Command {
-	var (
-		cf           clientFlags
-		stdio        bool
-		knownHosts   bool
-		forwardAgent bool
-	)
+	o := &sshOptions{}
 	cmd := &cobra.Command{
 		Use:   "ssh WORKSPACE [-- COMMAND...]",
 		Short: "Open a shell or run a command in a workspace, or carry OpenSSH's traffic (--stdio)",
@@ -25,9 +35,12 @@ func newSSHCmd(env *cliEnv) *cobra.Command {
 its exit status. Authorization comes from the tailnet: no password or key.
 
 With --stdio, copy raw SSH traffic between standard input/output and the
-workspace's SSH server, for OpenSSH's ProxyCommand:
+workspace's SSH server, for OpenSSH's ProxyCommand (` + "`agent config-ssh`" + ` writes
+that into ~/.ssh/config for you). It exits when OpenSSH closes its standard
+input or exits, and prints nothing but one line when it fails.
 
-  ssh -o ProxyCommand='agent ssh --stdio %n' ws1.agent
+In a terminal session, ~. at the start of a line ends the connection (the
+way out when the network is gone) and ~? lists the escapes, as in ssh.
 
 (` + "`agent config-ssh`" + ` writes that into ~/.ssh/config for you).
 
@@ -36,77 +49,31 @@ coordinator vouches for (pinned when the workspace's agent first
 registered). With --known-hosts, print that key as a known_hosts line for
 OpenSSH's KnownHostsCommand, so OpenSSH checks it too:
 
-  KnownHostsCommand agent ssh --known-hosts %H`,
-		Args: cobra.MinimumNArgs(1),
+  KnownHostsCommand agent ssh --known-hosts %H
+
+--timeout bounds the wait for the coordinator, the workspace and the SSH
+handshake; a session that is up runs as long as it likes.`,
+		Example: `  agent ssh ws1
+  agent ssh ws1 -- uname -a
+  agent ssh -A ws1                      # forward the local ssh-agent
+  ssh -o ProxyCommand='agent ssh --stdio %n' ws1.agent
+  agent ssh --known-hosts ws1.agent     # the vouched host key, for KnownHostsCommand`,
+		Args: usageArgs(cobra.MinimumNArgs(1)),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx := cmd.Context()
-			if knownHosts {
-				return printKnownHost(ctx, env, &cf, args)
+			o.workspace, o.command = args[0], args[1:]
+			if o.knownHosts {
+				return printKnownHost(cmd.Context(), env, &o.cf, args)
 			}
-			ws, err := env.connectWorkspace(ctx, &cf, args[0])
-			if err != nil {
-				return err
-			}
-			defer ws.Close()
-			var vouched string
-			if !stdio {
-				// With --stdio OpenSSH checks the key itself (config-ssh's
-				// KnownHostsCommand); here we do. Asked once the workspace
-				// is online, so a freshly started agent has proved its key.
-				if vouched, err = env.vouchedHostKey(ctx, &cf, args[0]); err != nil {
-					return err
-				}
-			}
-			var code int
-			err = untilAccessEnds(ctx, ws, func(ctx context.Context) error {
-				conn, err := ws.DialTCP(ctx, client.PortSSH)
-				if err != nil {
-					return err
-				}
-				defer conn.Close()
-				// Access ended: hang up now rather than wait for the
-				// workspace's close, which can no longer arrive.
-				stop := context.AfterFunc(ctx, func() {
-					if ws.Err() != nil {
-						conn.Close()
-					}
-				})
-				defer stop()
-				if vouched != "" {
-					if conn, err = sshclient.ExpectHostKey(conn, vouched); err != nil {
-						return err
-					}
-				}
-				if stdio {
-					if len(args) > 1 {
-						return fmt.Errorf("--stdio carries an SSH connection and takes no command (got %q)", strings.Join(args[1:], " "))
-					}
-					return sshclient.ProxyStdio(ctx, conn, env.Stdin, env.Stdout)
-				}
-				if len(args) > 1 && !forwardAgent {
-					code, err = sshclient.RunCommand(ctx, conn, strings.Join(args[1:], " "), env.Stdin, env.Stdout, env.Stderr)
-				} else {
-					opts := sshclient.InteractiveOptions{Stderr: env.Stderr, ForwardAgent: forwardAgent}
-					if len(args) > 1 {
-						opts.Command = strings.Join(args[1:], " ")
-					}
-					code, err = sshclient.RunInteractive(ctx, conn, opts)
-				}
-				return err
-			})
-			if err != nil {
-				return err
-			}
-			if code != 0 {
-				return &exitError{code: code}
-			}
-			return nil
+			return runSSH(cmd.Context(), env, o)
 		},
 	}
-	cf.register(cmd, env)
-	cmd.Flags().BoolVar(&stdio, "stdio", false, "carry raw SSH traffic on stdin/stdout (for OpenSSH's ProxyCommand)")
-	cmd.Flags().BoolVar(&knownHosts, "known-hosts", false, "print the workspace's vouched SSH host key as a known_hosts line (for OpenSSH's KnownHostsCommand)")
-	cmd.Flags().BoolVarP(&forwardAgent, "forward-agent", "A", false, "forward the local SSH agent (SSH_AUTH_SOCK) into the session")
+	o.cf.register(cmd, env)
+	cmd.ValidArgsFunction = env.completeWorkspaceArg(&o.cf)
+	o.cf.registerTimeout(cmd)
+	cmd.Flags().BoolVar(&o.stdio, "stdio", false, "carry raw SSH traffic on stdin/stdout (for OpenSSH's ProxyCommand)")
+	cmd.Flags().BoolVar(&o.knownHosts, "known-hosts", false, "print the workspace's vouched SSH host key as a known_hosts line (for OpenSSH's KnownHostsCommand)")
+	cmd.Flags().BoolVarP(&o.forwardAgent, "forward-agent", "A", false, "forward the local SSH agent (SSH_AUTH_SOCK) into the session")
+	cmd.Flags().BoolVar(&o.noEscapes, "no-escapes", false, "in a terminal session, pass ~. and ~? to the workspace instead of reading them as escapes")
 	return cmd
 }
 
@@ -116,12 +83,187 @@ OpenSSH's KnownHostsCommand, so OpenSSH checks it too:
 // nothing, so OpenSSH with StrictHostKeyChecking refuses it.
 func printKnownHost(ctx context.Context, env *cliEnv, cf *clientFlags, args []string) error {
 	if len(args) != 1 {
-		return fmt.Errorf("--known-hosts takes one host name (OpenSSH's %%H), got %d arguments", len(args))
+		return usageErrorf("--known-hosts takes one host name (OpenSSH's %%H), got %d arguments", len(args))
 	}
+	ctx, cancel := giveUpAfter(ctx, cf.timeout)
+	defer cancel()
 	key, err := env.vouchedHostKey(ctx, cf, args[0])
 	if err != nil {
 		return err
 	}
 	fmt.Fprintf(env.Stdout, "%s %s\n", args[0], key)
 	return nil
+}
+
+func (o *sshOptions) validate() error {
+	if o.stdio && len(o.command) > 0 {
+		return usageErrorf("--stdio carries an SSH connection and takes no command (got %q)", strings.Join(o.command, " "))
+	}
+	if o.stdio && o.forwardAgent {
+		return usageErrorf("--stdio carries OpenSSH's own connection: ask ssh for agent forwarding (ssh -A), not agent ssh --stdio")
+	}
+	return nil
+}
+
+func runSSH(ctx context.Context, env *cliEnv, o *sshOptions) error {
+	if err := o.validate(); err != nil {
+		return err
+	}
+	if o.stdio {
+		return runSSHStdio(ctx, env, o)
+	}
+	cctx, cancel := giveUpAfter(ctx, o.cf.timeout)
+	defer cancel()
+	ws, err := env.connectWorkspace(cctx, &o.cf, o.workspace)
+	if err != nil {
+		return err
+	}
+	defer ws.Close()
+	// With --stdio OpenSSH checks the key itself (config-ssh's
+	// KnownHostsCommand); here we do. Asked once the workspace is online,
+	// so a freshly started agent has proved its key.
+	vouched, err := env.vouchedHostKey(cctx, &o.cf, o.workspace)
+	if err != nil {
+		return err
+	}
+	var code int
+	err = untilAccessEnds(ctx, ws, func(ctx context.Context) error {
+		conn, err := ws.DialTCP(cctx, client.PortSSH)
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		// Access ended: hang up now rather than wait for the workspace's
+		// close, which can no longer arrive.
+		stop := context.AfterFunc(ctx, func() {
+			if ws.Err() != nil {
+				conn.Close()
+			}
+		})
+		defer stop()
+		// The deadline bounds the SSH handshake; sshclient clears it once
+		// the session is up.
+		if d, ok := cctx.Deadline(); ok {
+			_ = conn.SetDeadline(d)
+		}
+		if vouched != "" {
+			if conn, err = sshclient.ExpectHostKey(conn, vouched); err != nil {
+				return err
+			}
+		}
+		if len(o.command) > 0 && !o.forwardAgent {
+			code, err = sshclient.RunCommand(ctx, conn, strings.Join(o.command, " "), env.Stdin, env.Stdout, env.Stderr)
+			return err
+		}
+		opts := sshclient.InteractiveOptions{Stderr: env.Stderr, ForwardAgent: o.forwardAgent, NoEscapes: o.noEscapes}
+		if len(o.command) > 0 {
+			opts.Command = strings.Join(o.command, " ")
+		}
+		if term.IsTerminal(int(os.Stdin.Fd())) {
+			env.rawTerminal.Store(true)
+		}
+		code, err = sshclient.RunInteractive(ctx, conn, opts)
+		env.rawTerminal.Store(false)
+		return err
+	})
+	if errors.Is(err, sshclient.ErrEscapeDisconnect) {
+		fmt.Fprintf(env.Stderr, "Connection to %s closed.\n", ws.Name())
+		return &exitError{code: 255}
+	}
+	if err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return fmt.Errorf("waiting for the SSH handshake with workspace %q: %w", ws.Name(), context.Cause(cctx))
+		}
+		return err
+	}
+	if code != 0 {
+		return &exitError{code: code}
+	}
+	return nil
+}
+
+var (
+	errStdinClosed = errors.New("OpenSSH closed standard input (it gave up or was stopped)")
+	errParentGone  = errors.New("the process that started agent ssh --stdio exited")
+)
+
+// runSSHStdio is OpenSSH's ProxyCommand. It must never outlive the ssh
+// that started it: it ends when its parent dies (SIGTERM from the kernel,
+// and a poll of the parent's PID for parents that are threads) and when
+// its standard input closes, even while it is still connecting.
+func runSSHStdio(ctx context.Context, env *cliEnv, o *sshOptions) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	stopWatching := watchParent(ctx, func() { cancel(errParentGone) })
+	defer stopWatching()
+
+	in := newEarlyReader(env.Stdin)
+	cctx, cancelConnect := context.WithCancelCause(ctx)
+	defer cancelConnect(nil)
+	go func() {
+		select {
+		case <-in.Closed():
+			cancelConnect(errStdinClosed)
+		case <-cctx.Done():
+		}
+	}()
+	tctx, cancelTimeout := giveUpAfter(cctx, o.cf.timeout)
+	defer cancelTimeout()
+
+	ws, err := env.connectWorkspace(tctx, &o.cf, o.workspace)
+	if err != nil {
+		return err
+	}
+	defer ws.Close()
+	err = untilAccessEnds(ctx, ws, func(ctx context.Context) error {
+		conn, err := ws.DialTCP(tctx, client.PortSSH)
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		stop := context.AfterFunc(ctx, func() {
+			if ws.Err() != nil {
+				conn.Close()
+			}
+		})
+		defer stop()
+		return sshclient.ProxyStdio(ctx, conn, in, env.Stdout)
+	})
+	if cause := context.Cause(ctx); cause != nil && errors.Is(err, context.Canceled) {
+		return cause
+	}
+	return err
+}
+
+// parentPollInterval is how often runSSHStdio checks that its parent lives.
+const parentPollInterval = time.Second
+
+// watchParent calls gone once this process's parent has exited: the kernel
+// sends SIGTERM then (PR_SET_PDEATHSIG; main turns it into a cancelled
+// context), and a poll of getppid catches a parent that died before that
+// was set up or a parent thread's exit that the kernel's signal misreads.
+func watchParent(ctx context.Context, gone func()) (stop func()) {
+	ppid := os.Getppid()
+	setParentDeathSignal()
+	if os.Getppid() != ppid {
+		gone()
+		return func() {}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	go func() {
+		t := time.NewTicker(parentPollInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				if os.Getppid() != ppid {
+					gone()
+					return
+				}
+			}
+		}
+	}()
+	return cancel
 }

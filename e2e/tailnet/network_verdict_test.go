@@ -101,10 +101,12 @@ func TestBrokenWorkspaceNetworkReachesTheClient(t *testing.T) {
 		time.Sleep(500 * time.Millisecond)
 	}
 	t.Logf("verdict at the client %v after the fault:\n%s", time.Since(faulted).Round(100*time.Millisecond), stderr)
-	// One warning (slog quotes the quotes), naming the workspace and the
-	// next step.
-	if strings.Count(stderr, "level=WARN") != 1 || !strings.Contains(stderr, `workspace \"ws1\" reports its network broken`) ||
-		!strings.Contains(stderr, `run \"agent netcheck --host\" on its node`) {
+	// One warning about the broken network, a plain sentence naming the
+	// workspace and the next step; no log records without --verbose. (A
+	// degraded warning may come first: the lab's pod inherits the machine's
+	// resolv.conf, whose nameserver it cannot reach.)
+	if strings.Count(stderr, "reports its network broken") != 1 || !strings.Contains(stderr, `warning: workspace "ws1" reports its network broken`) ||
+		!strings.Contains(stderr, `run "agent netcheck --host" on its node`) || strings.Contains(stderr, "level=") {
 		t.Errorf("want one warning naming the workspace and the next step:\n%s", stderr)
 	}
 	// The relay through the coordinator may still carry the pings; a ping
