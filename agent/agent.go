@@ -65,6 +65,9 @@ type Options struct {
 	HealthAddr string
 	// ListenPort is the UDP port for WireGuard; 0 picks one.
 	ListenPort uint16
+	// Shell, if set, is the shell SSH sessions run instead of the
+	// account's login shell from the passwd database.
+	Shell string
 	// Registry receives the agent's metrics; nil creates one.
 	Registry *metrics.Registry
 	// DisableNetcheck turns off the continuous network self-check whose
@@ -163,6 +166,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		HostKeyPath:  a.hostKeyPath(),
 		PeerIdentity: a.peerIdentity,
 		Metrics:      a.metrics,
+		Shell:        a.opts.Shell,
 	})
 	if err != nil {
 		return fmt.Errorf("start the SSH server: %w", err)

@@ -70,6 +70,7 @@ issues fresh tokens. Stop it with Ctrl-C.`,
 				Coordinator: coordclient.Config{URL: srv.URL(), Token: creds.agentToken, Fingerprint: srv.Fingerprint(), Software: "agent-dev"},
 				DataDir:     filepath.Join(abs, "agent"),
 				HealthAddr:  "",
+				Shell:       env.Getenv("AGENT_SHELL"),
 			})
 			if err != nil {
 				cancel()

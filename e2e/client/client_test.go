@@ -53,6 +53,11 @@ func buildAgent(t *testing.T) string {
 }
 
 func TestMain(m *testing.M) {
+	// Sessions run /bin/sh, not root's login shell: bash reads ~/.bashrc
+	// for commands run by an SSH server, and a machine whose .bashrc does
+	// real work (pyenv init here: its rehash lock held concurrent sessions
+	// for 60 s) would decide these tests' timing.
+	os.Setenv("AGENT_SHELL", "/bin/sh")
 	code := m.Run()
 	if agentBinary.path != "" {
 		os.RemoveAll(filepath.Dir(agentBinary.path))
