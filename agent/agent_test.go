@@ -86,6 +86,7 @@ func startStack(t *testing.T) *stack {
 		Logger:      testLogger(t).With("side", "agent"),
 		Coordinator: coordclient.Config{URL: s.url, Token: ws.Secret, Fingerprint: s.fp},
 		DataDir:     t.TempDir(),
+		Shell:       "/bin/sh", // not root's bash: its ~/.bashrc here runs pyenv init
 	})
 	if err != nil {
 		t.Fatal(err)

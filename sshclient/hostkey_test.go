@@ -23,6 +23,7 @@ func TestExpectHostKey(t *testing.T) {
 	srv, err := sshd.New(sshd.Options{
 		Logger:      slog.New(slog.NewTextHandler(io.Discard, nil)),
 		HostKeyPath: filepath.Join(t.TempDir(), "host_key"),
+		Shell:       "/bin/sh", // not root's bash: its ~/.bashrc here runs pyenv init
 	})
 	if err != nil {
 		t.Fatal(err)
