@@ -328,7 +328,7 @@ func TestPortForwardSaysOnceWhileTheCoordinatorIsDown(t *testing.T) {
 	}
 
 	fwd := exec.Command(bin, "port-forward", "ws1", "0:8080")
-	fwd.Env = append(clientEnv(t, url), "AGENT_TOKEN="+tok.Secret)
+	fwd.Env = append(clientEnv(t, url), "AGENT_TOKEN="+tok.Secret, "AGENT_INSECURE_HTTP=1")
 	var stderr syncbuf.Buffer
 	fwd.Stderr, fwd.Stdout = &stderr, &stderr
 	if err := fwd.Start(); err != nil {

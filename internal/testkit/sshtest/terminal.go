@@ -78,8 +78,10 @@ func Terminal(t *testing.T, tg Target) {
 	if tg.MOTD != "" {
 		m.waitFor(regexp.MustCompile(regexp.QuoteMeta(tg.MOTD)), "the MOTD")
 	}
+	// Lines typed ahead of the prompt come back after it on the same line
+	// under dash ("# S:-sh ..."); bash starts its output on a new line.
 	m.typeLine(`echo "S:$0 T:$TERM"`)
-	sm := m.waitFor(regexp.MustCompile(`(?m)^S:(\S+) T:(\S+)`), "shell and TERM")
+	sm := m.waitFor(regexp.MustCompile(`(?m)^(?:[$#] )?S:(\S+) T:(\S+)`), "shell and TERM")
 	if !strings.HasPrefix(sm[1], "-") {
 		t.Errorf("shell %q is not a login shell (argv[0] should start with '-')", sm[1])
 	}
@@ -88,10 +90,10 @@ func Terminal(t *testing.T, tg Target) {
 	}
 
 	m.typeLine(`echo "SZ1:$(stty size)"`)
-	m.waitFor(regexp.MustCompile(`(?m)^SZ1:24 80`), "the first window size 24 80")
+	m.waitFor(regexp.MustCompile(`(?m)^(?:[$#] )?SZ1:24 80`), "the first window size 24 80")
 	m.run("resize-window", "-t", "sshtest", "-x", "101", "-y", "31")
 	// The resize travels as a window-change request; ask until it arrived.
-	sizeRe := regexp.MustCompile(`(?m)^SZ2:31 101`)
+	sizeRe := regexp.MustCompile(`(?m)^(?:[$#] )?SZ2:31 101`)
 	for i := 0; ; i++ {
 		m.typeLine(`echo "SZ2:$(stty size)"`)
 		time.Sleep(500 * time.Millisecond)
@@ -112,7 +114,7 @@ func Terminal(t *testing.T, tg Target) {
 	waitProcessState(t, sleeper, func(st byte) bool { return st == 'S' || st == 'R' })
 	m.run("send-keys", "-t", "sshtest", "C-c")
 	m.typeLine(`echo "JC:$?"`)
-	m.waitFor(regexp.MustCompile(`(?m)^JC:130`), "exit status 130 after ^C")
+	m.waitFor(regexp.MustCompile(`(?m)^(?:[$#] )?JC:130`), "exit status 130 after ^C")
 
 	m.typeLine("exit 7")
 	deadline := time.Now().Add(20 * time.Second)
