@@ -21,7 +21,7 @@ const defaultCoordinatorDataDir = "/var/lib/agent-coordinator"
 
 func newCoordinatorCmd(env *cliEnv) *cobra.Command {
 	var cfg coordinator.Config
-	var metricsAddr string
+	var metricsAddr, memoryLimit string
 	cmd := &cobra.Command{
 		Use:   "coordinator",
 		Short: "Run the coordinator: node exchange, auth, DERP relay and STUN",
@@ -39,6 +39,13 @@ data directory).`,
 				cfg.STUNAddr = ""
 			}
 			cfg.Logger = env.Logger()
+			limit, err := applyMemoryLimit(env, memoryLimit)
+			if err != nil {
+				return err
+			}
+			if limit > 0 {
+				cfg.Logger.Debug("soft memory limit", "bytes", limit)
+			}
 			var metricsLn net.Listener
 			if metricsAddr != "" {
 				cfg.Metrics = metrics.NewRegistry()
@@ -72,6 +79,7 @@ data directory).`,
 	fs.StringVar(&cfg.Listen, "listen", ":8443", "HTTPS listen address")
 	fs.StringVar(&cfg.STUNAddr, "stun-addr", ":3478", `STUN UDP listen address ("off" to disable)`)
 	fs.BoolVar(&cfg.InsecureHTTP, "insecure-http", false, "serve plain HTTP instead of HTTPS (tests only: tokens travel in the clear)")
+	fs.StringVar(&memoryLimit, "memory-limit", envOr(env, "AGENT_COORDINATOR_MEMORY_LIMIT", defaultCoordinatorMemoryLimit), memoryLimitFlagUsage("AGENT_COORDINATOR_MEMORY_LIMIT"))
 	fs.StringVar(&metricsAddr, "metrics-addr", envOr(env, "AGENT_COORDINATOR_METRICS_ADDR", "127.0.0.1:2114"), `serve Prometheus /metrics here, plain HTTP ("" disables; env AGENT_COORDINATOR_METRICS_ADDR)`)
 	fs.StringVar(&cfg.AccessURL, "access-url", "", "URL peers use to reach this coordinator, e.g. https://coord.example.com:8443 (shown in instructions; added to the certificate's names on first start)")
 	return cmd

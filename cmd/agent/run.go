@@ -79,7 +79,7 @@ AGENT_TOKEN, and is never passed to processes the agent starts.`,
 	f.StringVar(&fingerprint, "fingerprint", env.Getenv("AGENT_FINGERPRINT"), "SHA-256 fingerprint of the coordinator's self-signed certificate to pin (env AGENT_FINGERPRINT)")
 	f.StringVar(&dataDir, "data-dir", env.Getenv("AGENT_DATA_DIR"), "directory for state kept across restarts, e.g. the SSH host key (env AGENT_DATA_DIR; default ~/.local/state/agent)")
 	f.StringVar(&healthAddr, "health-addr", envOr(env, "AGENT_HEALTH_ADDR", "127.0.0.1:2113"), "serve /healthz, /readyz and /metrics here; empty disables (env AGENT_HEALTH_ADDR)")
-	f.StringVar(&memoryLimit, "memory-limit", envOr(env, "AGENT_MEMORY_LIMIT", defaultMemoryLimit), "soft limit for the agent's heap, e.g. 96MiB; the garbage collector works harder near it; 0 for none; GOMEMLIMIT, if set, wins (env AGENT_MEMORY_LIMIT)")
+	f.StringVar(&memoryLimit, "memory-limit", envOr(env, "AGENT_MEMORY_LIMIT", defaultMemoryLimit), memoryLimitFlagUsage("AGENT_MEMORY_LIMIT"))
 	f.Uint16Var(&listenPort, "listen-port", 0, "UDP port for WireGuard (0 picks one; set it when the host publishes a fixed UDP port)")
 	return cmd
 }
