@@ -438,3 +438,50 @@ func TestRevocationHangsUpWithinBound(t *testing.T) {
 	default:
 	}
 }
+
+// A client that closes a connection and exits at once still ends it in the
+// workspace within a second: its FIN leaves before the tailnet is torn
+// down, and the agent passes it on to the workspace's server.
+func TestClientExitEndsConnectionPromptly(t *testing.T) {
+	if os.Getenv("AGENT_TEST_DERP_ONLY") != "" {
+		t.Skip("running as the DERP-only subprocess")
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	ended := make(chan time.Time, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.Copy(io.Discard, c) // returns at the client's FIN
+		ended <- time.Now()
+	}()
+
+	s := startStack(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	ws := s.connect(t, ctx, false)
+	conn, err := ws.DialTCP(ctx, uint16(ln.Addr().(*net.TCPAddr).Port))
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	if _, err := conn.Write([]byte("hello")); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	closed := time.Now()
+	conn.Close()
+	ws.Close() // what a client does on its way out
+	select {
+	case at := <-ended:
+		if took := at.Sub(closed); took > time.Second {
+			t.Fatalf("the workspace's server saw the end %s after the client closed, want within 1 s", took.Round(time.Millisecond))
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the workspace's server never saw the client's end of the connection (the FIN was lost with the tailnet)")
+	}
+}

@@ -69,6 +69,9 @@ type Workspace struct {
 	// Done); endErr says why.
 	ended  chan struct{}
 	endErr error
+	// closing counts connections whose FIN is on its way (see
+	// finishingConn); Close waits for them before the tailnet goes.
+	closing sync.WaitGroup
 
 	mu        sync.Mutex
 	agent     *protocol.Peer
@@ -343,7 +346,51 @@ func (w *Workspace) DialTCP(ctx context.Context, port uint16) (net.Conn, error) 
 		}
 		return nil, fmt.Errorf("connect to port %d of workspace %q: %w", port, w.name, err)
 	}
-	return c, nil
+	return &finishingConn{Conn: c, w: w}, nil
+}
+
+// closeGrace bounds how long a closed connection waits for the workspace
+// to answer its FIN, and so how long Close can be delayed by it.
+const closeGrace = time.Second
+
+// finishingConn ends a tailnet TCP connection so that the workspace learns
+// of it: Close sends a FIN and, in the background, reads until the workspace
+// closes its side too (at most closeGrace), and only then releases the
+// connection. A client that exits right after closing used to tear the
+// tailnet down before the FIN left, and the agent kept the session until
+// keepalives gave up on it.
+type finishingConn struct {
+	net.Conn
+	w    *Workspace
+	once sync.Once
+}
+
+// CloseWrite half-closes the connection (sends a FIN).
+func (c *finishingConn) CloseWrite() error {
+	return c.Conn.(interface{ CloseWrite() error }).CloseWrite()
+}
+
+func (c *finishingConn) Close() error {
+	c.once.Do(func() {
+		cw, ok := c.Conn.(interface{ CloseWrite() error })
+		if !ok || cw.CloseWrite() != nil {
+			c.Conn.Close()
+			return
+		}
+		c.w.closing.Add(1)
+		go func() {
+			defer c.w.closing.Done()
+			defer c.Conn.Close()
+			c.Conn.SetReadDeadline(time.Now().Add(closeGrace))
+			buf := make([]byte, 4096)
+			for {
+				if _, err := c.Conn.Read(buf); err != nil {
+					return
+				}
+			}
+		}()
+	})
+	return nil
 }
 
 // DialUDP opens a UDP flow to a port of the workspace's localhost.
@@ -403,6 +450,8 @@ func (w *Workspace) HTTPClient() *http.Client {
 
 // Close tears down the tunnel.
 func (w *Workspace) Close() error {
+	// Let closed connections' FINs reach the workspace first.
+	w.closing.Wait()
 	w.cancel()
 	if w.conn != nil {
 		w.conn.Close()

@@ -318,6 +318,10 @@ func (f *Forwarder) forwardTCP(m Mapping, local net.Conn) {
 		case f.ctx.Err() != nil:
 		case portforward.IsRefused(err):
 			f.opts.Notify(fmt.Sprintf("nothing listens on port %d in the workspace; refused the connection on %s", m.Remote, local.LocalAddr()))
+		case portforward.IsReset(err):
+			// Not a closed port: something cut the connection while it was
+			// being set up.
+			f.opts.Notify(fmt.Sprintf("the connection to workspace port %d was reset while it was being set up; reset the connection on %s (if this repeats, check the path with agent ping)", m.Remote, local.LocalAddr()))
 		case errors.Is(err, context.DeadlineExceeded):
 			f.opts.Notify(fmt.Sprintf("workspace port %d did not answer within %s; is the workspace reachable? (try agent ping)", m.Remote, f.opts.DialTimeout))
 		default:

@@ -308,6 +308,7 @@ func (c *Conn) start() error {
 	}
 	c.ns = ns
 	ns.ProcessLocalIPs = true
+	installGROOneFlow(c.sys.Tun.Get())
 	// Every flow not taken by a listener is decided here, and always
 	// intercepted: netstack's default would forward it to the host.
 	ns.GetTCPHandlerForFlow = c.tcpFlow
@@ -1206,7 +1207,7 @@ func (c *Conn) Close() error {
 
 func (c *Conn) closeEngine() {
 	if c.ns != nil {
-		c.ns.Close()
+		closeNetstack(c.ns)
 	}
 	if c.eng != nil {
 		c.eng.Close()

@@ -185,8 +185,9 @@ func isClosed(err error) bool {
 }
 
 // IsRefused reports whether err says that nothing accepted the connection:
-// a kernel ECONNREFUSED, or the same condition reported as text by a
-// userspace network stack ("connection was refused").
+// a kernel ECONNREFUSED, or the same condition as worded by the userspace
+// network stack ("connection was refused"). A reset of a connection that
+// was already set up is not a refusal; see IsReset.
 func IsRefused(err error) bool {
 	if err == nil {
 		return false
@@ -194,5 +195,18 @@ func IsRefused(err error) bool {
 	if errors.Is(err, syscall.ECONNREFUSED) {
 		return true
 	}
-	return strings.Contains(strings.ToLower(err.Error()), "refused")
+	msg := strings.ToLower(err.Error())
+	return strings.Contains(msg, "connection refused") || strings.Contains(msg, "connection was refused")
+}
+
+// IsReset reports whether err says the peer reset a connection: a kernel
+// ECONNRESET, or the userspace network stack's "connection reset by peer".
+func IsReset(err error) bool {
+	if err == nil {
+		return false
+	}
+	if errors.Is(err, syscall.ECONNRESET) {
+		return true
+	}
+	return strings.Contains(strings.ToLower(err.Error()), "connection reset")
 }

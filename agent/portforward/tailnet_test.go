@@ -132,19 +132,20 @@ func (p *tailnetPair) DialUDP(ctx context.Context, port uint16) (net.Conn, error
 }
 
 // The checks over the real userspace tailnet, directly and through the
-// laptop-side listeners.
+// laptop-side listeners. The bursts of concurrent connections once lost
+// connections to resets and then wedged the tailnet (a gVisor GRO bug that
+// tailnet now works around); 1,000 connections in bursts of 200 must all
+// come through.
 func TestForwardOverTailnet(t *testing.T) {
-	if os.Getenv("AGENT_TEST_TAILNET_FORWARD") != "1" {
-		// Known tailnet problem (not in the forwarder): after a burst of
-		// concurrent connections one is reset and then no new connection
-		// can be made, even to a raw tailnet listener with no forwarder.
-		t.Skip("set AGENT_TEST_TAILNET_FORWARD=1: the in-process tailnet wedges after a burst of concurrent connections")
-	}
 	p := newTailnetPair(t)
 	run := func(t *testing.T, env pftest.Env) {
 		t.Run("HTTP", func(t *testing.T) { pftest.CheckHTTP(t, env) })
 		t.Run("WebSocket", func(t *testing.T) { pftest.CheckWebSocket(t, env, time.Second) })
-		t.Run("Concurrent20", func(t *testing.T) { pftest.CheckConcurrent(t, env, 20, 64<<10) })
+		t.Run("Concurrent1000", func(t *testing.T) {
+			for range 5 {
+				pftest.CheckConcurrent(t, env, 200, 16<<10)
+			}
+		})
 		t.Run("HalfClose", func(t *testing.T) { pftest.CheckHalfClose(t, env) })
 		t.Run("ClosedPort", func(t *testing.T) { pftest.CheckClosedPort(t, env, 100*time.Millisecond) })
 		t.Run("IPv6LoopbackOnly", func(t *testing.T) { pftest.CheckIPv6Loopback(t, env) })

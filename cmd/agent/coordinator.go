@@ -21,7 +21,7 @@ const defaultCoordinatorDataDir = "/var/lib/agent-coordinator"
 
 func newCoordinatorCmd(env *cliEnv) *cobra.Command {
 	var cfg coordinator.Config
-	var metricsAddr string
+	var metricsAddr, memoryLimit string
 	cmd := &cobra.Command{
 		Use:   "coordinator",
 		Short: "Run the coordinator: node exchange, auth, DERP relay and STUN",
@@ -57,6 +57,13 @@ one certificate whichever replica answers.`,
 				cfg.STUNAddr = ""
 			}
 			cfg.Logger = env.Logger()
+			limit, err := applyMemoryLimit(env, memoryLimit)
+			if err != nil {
+				return err
+			}
+			if limit > 0 {
+				cfg.Logger.Debug("soft memory limit", "bytes", limit)
+			}
 			var metricsLn net.Listener
 			if metricsAddr != "" {
 				cfg.Metrics = metrics.NewRegistry()
@@ -92,6 +99,7 @@ one certificate whichever replica answers.`,
 	fs.StringVar(&cfg.STUNAddr, "stun-addr", ":3478", `STUN UDP listen address ("off" to disable)`)
 	fs.StringVar(&cfg.STUNAddr2, "stun-addr2", "off", `second STUN UDP listen address, e.g. ":3479", so network checks can tell a NAT's mapping behaviour ("off" for none)`)
 	fs.BoolVar(&cfg.InsecureHTTP, "insecure-http", false, "serve plain HTTP instead of HTTPS (tests only: tokens travel in the clear)")
+	fs.StringVar(&memoryLimit, "memory-limit", envOr(env, "AGENT_COORDINATOR_MEMORY_LIMIT", defaultCoordinatorMemoryLimit), memoryLimitFlagUsage("AGENT_COORDINATOR_MEMORY_LIMIT"))
 	fs.StringVar(&metricsAddr, "metrics-addr", envOr(env, "AGENT_COORDINATOR_METRICS_ADDR", "127.0.0.1:2114"), `serve Prometheus /metrics here, plain HTTP ("" disables; env AGENT_COORDINATOR_METRICS_ADDR)`)
 	fs.StringVar(&cfg.PostgresURL, "postgres-url", "", "keep the store in PostgreSQL, e.g. postgres://USER:PASSWORD@HOST:5432/DATABASE, shared by every coordinator replica (env AGENT_POSTGRES_URL; default: a file in --data-dir)")
 	fs.StringVar(&cfg.MeshKey, "mesh-key", "", "with --postgres-url: secret shared by all replicas (64 hex digits, e.g. openssl rand -hex 32) that meshes their DERP relays (env AGENT_MESH_KEY)")

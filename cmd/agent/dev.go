@@ -20,7 +20,7 @@ import (
 
 func newDevCmd(env *cliEnv) *cobra.Command {
 	var (
-		dataDir, listen, stunAddr, name, user string
+		dataDir, listen, stunAddr, name, user, memoryLimit string
 	)
 	cmd := &cobra.Command{
 		Use:   "dev",
@@ -37,6 +37,13 @@ issues fresh tokens. Stop it with Ctrl-C.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
 			log := env.Logger()
+			limit, err := applyMemoryLimit(env, memoryLimit)
+			if err != nil {
+				return err
+			}
+			if limit > 0 {
+				log.Debug("soft memory limit", "bytes", limit)
+			}
 			abs, err := filepath.Abs(dataDir)
 			if err != nil {
 				return err
@@ -93,6 +100,7 @@ issues fresh tokens. Stop it with Ctrl-C.`,
 	f.StringVar(&stunAddr, "stun-addr", "127.0.0.1:0", "coordinator STUN address (UDP)")
 	f.StringVar(&name, "name", "dev", "the workspace's name")
 	f.StringVar(&user, "user", "dev", "the user allowed to reach it")
+	f.StringVar(&memoryLimit, "memory-limit", envOr(env, "AGENT_DEV_MEMORY_LIMIT", defaultDevMemoryLimit), memoryLimitFlagUsage("AGENT_DEV_MEMORY_LIMIT"))
 	return cmd
 }
 

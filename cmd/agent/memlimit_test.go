@@ -6,6 +6,8 @@ import (
 	"runtime/debug"
 	"strings"
 	"testing"
+
+	"github.com/spf13/cobra"
 )
 
 func TestParseSize(t *testing.T) {
@@ -45,5 +47,33 @@ func TestApplyMemoryLimit(t *testing.T) {
 	}
 	if _, err := applyMemoryLimit(env(nil), "plenty"); err == nil || !strings.Contains(err.Error(), "--memory-limit") {
 		t.Errorf("a bad size should name the flag: %v", err)
+	}
+}
+
+// Every long-running mode has a soft memory limit by default, and its
+// environment variable changes it.
+func TestLongRunningModesHaveAMemoryLimit(t *testing.T) {
+	for _, tc := range []struct {
+		cmd, envVar, def string
+		newCmd           func(*cliEnv) *cobra.Command
+	}{
+		{"run", "AGENT_MEMORY_LIMIT", defaultMemoryLimit, newRunCmd},
+		{"dev", "AGENT_DEV_MEMORY_LIMIT", defaultDevMemoryLimit, newDevCmd},
+		{"coordinator", "AGENT_COORDINATOR_MEMORY_LIMIT", defaultCoordinatorMemoryLimit, newCoordinatorCmd},
+	} {
+		vars := map[string]string{}
+		env := &cliEnv{Stdin: strings.NewReader(""), Stdout: io.Discard, Stderr: io.Discard, Getenv: func(k string) string { return vars[k] }}
+		f := tc.newCmd(env).Flags().Lookup("memory-limit")
+		if f == nil {
+			t.Errorf("agent %s has no --memory-limit", tc.cmd)
+			continue
+		}
+		if n, err := parseSize(f.DefValue); err != nil || n == 0 || f.DefValue != tc.def {
+			t.Errorf("agent %s: --memory-limit defaults to %q, want %q (a limit, not none)", tc.cmd, f.DefValue, tc.def)
+		}
+		vars[tc.envVar] = "300MiB"
+		if got := tc.newCmd(env).Flags().Lookup("memory-limit").DefValue; got != "300MiB" {
+			t.Errorf("agent %s: with %s=300MiB the default is %q", tc.cmd, tc.envVar, got)
+		}
 	}
 }

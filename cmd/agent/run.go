@@ -125,7 +125,7 @@ whose group has other members is warned about. See docs/security.md.`,
 	f.BoolVar(&allowInsecurePerms, "allow-insecure-permissions", coordclient.InsecureHTTPFromEnv(env.Getenv("AGENT_ALLOW_INSECURE_PERMISSIONS")), "run even when the token file is readable by every local user or the data directory writable by every local user (env AGENT_ALLOW_INSECURE_PERMISSIONS=1)")
 	f.StringVar(&dataDir, "data-dir", env.Getenv("AGENT_DATA_DIR"), "directory for state kept across restarts, e.g. the SSH host key (env AGENT_DATA_DIR; default ~/.local/state/agent)")
 	f.StringVar(&healthAddr, "health-addr", envOr(env, "AGENT_HEALTH_ADDR", "127.0.0.1:2113"), "serve /healthz, /readyz and /metrics here; empty disables (env AGENT_HEALTH_ADDR)")
-	f.StringVar(&memoryLimit, "memory-limit", envOr(env, "AGENT_MEMORY_LIMIT", defaultMemoryLimit), "soft limit for the agent's heap, e.g. 96MiB; the garbage collector works harder near it; 0 for none; GOMEMLIMIT, if set, wins (env AGENT_MEMORY_LIMIT)")
+	f.StringVar(&memoryLimit, "memory-limit", envOr(env, "AGENT_MEMORY_LIMIT", defaultMemoryLimit), memoryLimitFlagUsage("AGENT_MEMORY_LIMIT"))
 	f.StringVar(&shell, "shell", env.Getenv("AGENT_SHELL"), "shell for SSH sessions instead of the account's login shell from /etc/passwd, e.g. /bin/sh in an image whose passwd entry names a shell it lacks (env AGENT_SHELL)")
 	f.Uint16Var(&listenPort, "listen-port", 0, "UDP port for WireGuard (0 picks one; set it when the host publishes a fixed UDP port)")
 	return cmd
