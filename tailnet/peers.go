@@ -31,8 +31,9 @@ type PeerStatus struct {
 	ID        NodeID
 	Key       string
 	Addresses []netip.Prefix
-	// Path is "direct <ip:port>", "derp <region code>" or "" if unknown.
-	Path          string
+	// Path is how traffic to the peer travels; its Kind is PathUnknown
+	// until the engine has a path.
+	Path          PeerPath
 	RxBytes       int64
 	TxBytes       int64
 	LastHandshake time.Time
@@ -414,12 +415,7 @@ func (c *Conn) PeerStatus() []PeerStatus {
 	for _, p := range c.peers {
 		ps := PeerStatus{ID: p.node.ID, Key: p.node.Key, Addresses: slices.Clone(p.node.Addresses)}
 		if s, ok := st.Peer[p.key]; ok && s != nil {
-			switch {
-			case s.CurAddr != "":
-				ps.Path = "direct " + s.CurAddr
-			case s.Relay != "":
-				ps.Path = "derp " + s.Relay
-			}
+			ps.Path = peerPathOf(s, c.derpMap)
 			ps.RxBytes, ps.TxBytes = s.RxBytes, s.TxBytes
 			ps.LastHandshake = s.LastHandshake
 			ps.Active = s.Active
