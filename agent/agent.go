@@ -426,10 +426,10 @@ func (a *Agent) trackPaths(ctx context.Context, conn *tailnet.Conn) {
 				name = p.peer.Name
 			}
 			a.mu.Unlock()
-			switch {
-			case len(st.Path) > 6 && st.Path[:6] == "direct":
+			switch st.Path.Kind {
+			case tailnet.PathDirect:
 				a.metrics.SetPeerPath(name, metrics.PathDirect)
-			case len(st.Path) > 4 && st.Path[:4] == "derp":
+			case tailnet.PathRelayed:
 				a.metrics.SetPeerPath(name, metrics.PathDERP)
 			}
 		}

@@ -69,7 +69,7 @@ func (a *Agent) Status() Status {
 	a.mu.Unlock()
 	if conn != nil {
 		for _, ps := range conn.PeerStatus() {
-			p := PeerStatus{Name: fmt.Sprint(ps.ID), Path: ps.Path, RxBytes: ps.RxBytes, TxBytes: ps.TxBytes, LastHandshake: ps.LastHandshake}
+			p := PeerStatus{Name: fmt.Sprint(ps.ID), Path: ps.Path.String(), RxBytes: ps.RxBytes, TxBytes: ps.TxBytes, LastHandshake: ps.LastHandshake}
 			if pi, ok := names[uint64(ps.ID)]; ok {
 				p.Name, p.User = pi.peer.Name, pi.peer.User
 			}

@@ -151,7 +151,7 @@ func tailnetTransfer(b *testing.B, n int64) transferResult {
 	drops, retrans := lossCounters(client)
 	return transferResult{
 		MBps:        mbps(n, d),
-		Path:        client.PeerStatus()[0].Path,
+		Path:        client.PeerStatus()[0].Path.String(),
 		DERPDrops:   drops - drops0,
 		Retransmits: retrans - retrans0,
 	}

@@ -97,11 +97,12 @@ func testPath(t *testing.T, wantDirect bool) {
 	if st[0].TxBytes < 4<<20 || st[0].RxBytes < 4<<20 || st[0].LastHandshake.IsZero() {
 		t.Fatalf("peer status counters %+v", st[0])
 	}
-	if wantDirect != strings.HasPrefix(st[0].Path, "direct ") {
-		t.Fatalf("peer path %q, want direct=%v", st[0].Path, wantDirect)
+	path := st[0].Path
+	if wantDirect && (path.Kind != PathDirect || !path.Endpoint.IsValid() || path.RegionCode != "") {
+		t.Fatalf("peer path %+v, want direct with an endpoint", path)
 	}
-	if !wantDirect && st[0].Path != "derp coord" {
-		t.Fatalf("peer path %q, want \"derp coord\"", st[0].Path)
+	if !wantDirect && (path != PeerPath{Kind: PathRelayed, RegionID: DefaultRegionID, RegionCode: "coord"}) {
+		t.Fatalf("peer path %+v, want relayed through region %d (coord)", path, DefaultRegionID)
 	}
 }
 
