@@ -160,7 +160,7 @@ Tokens are shown once, when created; only their hashes are kept.`,
 
 	user := &cobra.Command{Use: "user", Short: "Create or delete users"}
 	user.AddCommand(&cobra.Command{
-		Use: "create NAME", Short: "Create a user", Args: cobra.ExactArgs(1),
+		Use: "create NAME", Short: "Create a user", Args: usageArgs(cobra.ExactArgs(1)),
 		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
 			u, err := ops.CreateUser(args[0])
 			if err != nil {
@@ -171,7 +171,7 @@ Tokens are shown once, when created; only their hashes are kept.`,
 			})
 		}),
 	}, &cobra.Command{
-		Use: "delete NAME", Short: "Delete a user with their grants and tokens", Args: cobra.ExactArgs(1),
+		Use: "delete NAME", Short: "Delete a user with their grants and tokens", Args: usageArgs(cobra.ExactArgs(1)),
 		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
 			if err := ops.DeleteUser(args[0]); err != nil {
 				return err
@@ -182,10 +182,10 @@ Tokens are shown once, when created; only their hashes are kept.`,
 
 	var owner string
 	agentCreate := &cobra.Command{
-		Use: "create NAME --owner USER", Short: "Create an agent and print its token", Args: cobra.ExactArgs(1),
+		Use: "create NAME --owner USER", Short: "Create an agent and print its token", Args: usageArgs(cobra.ExactArgs(1)),
 		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
 			if owner == "" {
-				return errors.New("--owner is required: the user who owns the agent (and may reach it without a grant)")
+				return usageErrorf("--owner is required: the user who owns the agent (and may reach it without a grant)")
 			}
 			a, err := ops.CreateAgent(args[0], owner)
 			if err != nil {
@@ -208,7 +208,7 @@ lost its data directory (and with it its host key), or was rebuilt, run this
 so the agent can register again; the next agent to register with the token
 pins its key, and clients are told to expect it. Check first that the new
 agent is the workspace's own: anyone holding the token could register.`,
-		Args: cobra.ExactArgs(1),
+		Args: usageArgs(cobra.ExactArgs(1)),
 		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
 			if err := ops.ResetIdentity(args[0]); err != nil {
 				return err
@@ -218,7 +218,7 @@ agent is the workspace's own: anyone holding the token could register.`,
 			})
 		}),
 	}, &cobra.Command{
-		Use: "delete NAME", Short: "Delete an agent with its grants and tokens", Args: cobra.ExactArgs(1),
+		Use: "delete NAME", Short: "Delete an agent with its grants and tokens", Args: usageArgs(cobra.ExactArgs(1)),
 		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
 			if err := ops.DeleteAgent(args[0]); err != nil {
 				return err
@@ -228,7 +228,7 @@ agent is the workspace's own: anyone holding the token could register.`,
 	})
 
 	grant := &cobra.Command{
-		Use: "grant USER AGENT", Short: "Let a user reach an agent", Args: cobra.ExactArgs(2),
+		Use: "grant USER AGENT", Short: "Let a user reach an agent", Args: usageArgs(cobra.ExactArgs(2)),
 		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
 			g, err := ops.AddGrant(args[0], args[1])
 			if err != nil {
@@ -238,7 +238,7 @@ agent is the workspace's own: anyone holding the token could register.`,
 		}),
 	}
 	ungrant := &cobra.Command{
-		Use: "ungrant USER AGENT", Short: "Withdraw a grant (open tunnels close at once)", Args: cobra.ExactArgs(2),
+		Use: "ungrant USER AGENT", Short: "Withdraw a grant (open tunnels close at once)", Args: usageArgs(cobra.ExactArgs(2)),
 		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
 			if err := ops.RemoveGrant(args[0], args[1]); err != nil {
 				return err
@@ -251,12 +251,12 @@ agent is the workspace's own: anyone holding the token could register.`,
 
 	var tokUser, tokAgent, tokExpires string
 	tokenCreate := &cobra.Command{
-		Use: "create (--user USER | --agent AGENT) [--expires 720h]", Short: "Create a token and print it", Args: cobra.NoArgs,
+		Use: "create (--user USER | --agent AGENT) [--expires 720h]", Short: "Create a token and print it", Args: usageArgs(cobra.NoArgs),
 		RunE: run(func(ops admin.Ops, out io.Writer, _ []string) error {
 			kind, subject := store.KindUser, tokUser
 			switch {
 			case tokUser != "" && tokAgent != "", tokUser == "" && tokAgent == "":
-				return errors.New("pass exactly one of --user USER or --agent AGENT")
+				return usageErrorf("pass exactly one of --user USER or --agent AGENT")
 			case tokAgent != "":
 				kind, subject = store.KindAgent, tokAgent
 			}
@@ -283,7 +283,7 @@ agent is the workspace's own: anyone holding the token could register.`,
 	tokenCreate.Flags().StringVar(&tokExpires, "expires", "", `lifetime ("720h", "30d") or date (RFC 3339); default: never`)
 	token := &cobra.Command{Use: "token", Short: "Create or revoke tokens"}
 	token.AddCommand(tokenCreate, &cobra.Command{
-		Use: "revoke ID|TOKEN", Short: "Revoke a token (by its ID from 'list', or the token itself)", Args: cobra.ExactArgs(1),
+		Use: "revoke ID|TOKEN", Short: "Revoke a token (by its ID from 'list', or the token itself)", Args: usageArgs(cobra.ExactArgs(1)),
 		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
 			t, err := ops.RevokeToken(args[0])
 			if err != nil {
@@ -294,7 +294,7 @@ agent is the workspace's own: anyone holding the token could register.`,
 	})
 
 	list := &cobra.Command{
-		Use: "list", Short: "List users, agents, grants and tokens", Args: cobra.NoArgs,
+		Use: "list", Short: "List users, agents, grants and tokens", Args: usageArgs(cobra.NoArgs),
 		RunE: run(func(ops admin.Ops, out io.Writer, _ []string) error {
 			s, err := ops.List()
 			if err != nil {
@@ -304,7 +304,7 @@ agent is the workspace's own: anyone holding the token could register.`,
 		}),
 	}
 	info := &cobra.Command{
-		Use: "info", Short: "Show the coordinator's URL, certificate fingerprint and connected peers", Args: cobra.NoArgs,
+		Use: "info", Short: "Show the coordinator's URL, certificate fingerprint and connected peers", Args: usageArgs(cobra.NoArgs),
 		RunE: run(func(ops admin.Ops, out io.Writer, _ []string) error {
 			i, err := ops.Info()
 			if err != nil {
