@@ -49,16 +49,17 @@ systemd-networkd and udev configuration and state; --fix writes the
 configuration that keeps networkd and udev off container interfaces.
 
 Exit status: 0 healthy, 1 degraded, 2 broken. See docs/netcheck.md.`,
-		Args: usageArgs(cobra.NoArgs),
+		// Wrong options exit 1, not 2: 2 is the verdict "broken".
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if (o.fix || o.dryRun) && !o.host {
-				return usageErrorf("--fix and --dry-run change the node's networkd configuration: add --host")
+				return fmt.Errorf("--fix and --dry-run change the node's networkd configuration: add --host")
 			}
 			if o.fix && o.watch {
-				return usageErrorf("--fix and --watch do not combine: fix first, then watch")
+				return fmt.Errorf("--fix and --watch do not combine: fix first, then watch")
 			}
 			if o.metricsAddr != "" && !o.watch {
-				return usageErrorf("--metrics-addr serves the watch loop's results: add --watch")
+				return fmt.Errorf("--metrics-addr serves the watch loop's results: add --watch")
 			}
 			return runF(cmd.Context(), env, o)
 		},

@@ -49,12 +49,6 @@ func TestServerCommandsUsageErrorsExit2(t *testing.T) {
 		{"dev", "--no-such-flag"},
 		{"run", "extra"},
 		{"run", "--listen-port", "70000"},
-		{"netcheck", "extra"},
-		{"netcheck", "--fix"},
-		{"netcheck", "--dry-run"},
-		{"netcheck", "--host", "--fix", "--watch"},
-		{"netcheck", "--metrics-addr", ":0"},
-		{"netcheck", "--timeout", "soon"},
 		{"version", "extra"},
 		{"config-ssh", "--dry-run=maybe"},
 		{"login", "a", "b"},
@@ -209,6 +203,19 @@ func TestNetcheckOptions(t *testing.T) {
 	var got *netcheckOptions
 	capture := func(env *cliEnv) *cobra.Command {
 		return newNetcheckCmdWith(env, func(_ context.Context, _ *cliEnv, o *netcheckOptions) error { got = o; return nil })
+	}
+	// Wrong options exit 1 as docs/netcheck.md says: 2 means "broken".
+	for _, args := range [][]string{
+		{"netcheck", "extra"},
+		{"netcheck", "--fix"},
+		{"netcheck", "--dry-run"},
+		{"netcheck", "--host", "--fix", "--watch"},
+		{"netcheck", "--metrics-addr", ":0"},
+	} {
+		got = nil
+		if code, stderr := parseCmd(t, nil, capture, args...); code != 1 || stderr == "" || got != nil {
+			t.Errorf("agent %s: exit status %d (%q), ran: %v; want 1 with a message, before running", strings.Join(args, " "), code, stderr, got != nil)
+		}
 	}
 	if code, stderr := parseCmd(t, nil, capture, "netcheck", "--host", "--root", "/host", "--bridge", "br0", "--bridge", "cni0", "--fix", "--pattern", "veth*", "--json"); code != 0 {
 		t.Fatal(stderr)
