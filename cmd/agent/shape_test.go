@@ -354,3 +354,25 @@ func TestLoginOptionsAndProfile(t *testing.T) {
 		t.Errorf("profile %s: %v, mode %v, want 0600", path, err, st.Mode().Perm())
 	}
 }
+
+// admin checks its command line before it touches the data directory, so a
+// mistyped line says what is wrong with it, not with the directory.
+func TestAdminChecksTheCommandLineFirst(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "nosuch")
+	for _, tc := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"agent", "create", "ws1"}, 2, "--owner is required"},
+		{[]string{"token", "create"}, 2, "exactly one of --user USER or --agent AGENT"},
+		{[]string{"token", "create", "--user", "a", "--expires", "soon"}, 1, `--expires "soon"`},
+		{[]string{"list"}, 1, "does not exist"},
+	} {
+		args := append([]string{"admin", "--data-dir", missing}, tc.args...)
+		_, stderr, code := runClientCLI(t, nil, args...)
+		if code != tc.code || !strings.Contains(stderr, tc.want) {
+			t.Errorf("agent %s: exit %d %q, want %d and %q", strings.Join(args, " "), code, stderr, tc.code, tc.want)
+		}
+	}
+}
