@@ -376,3 +376,42 @@ func TestAdminChecksTheCommandLineFirst(t *testing.T) {
 		}
 	}
 }
+
+// agent dev brings up a coordinator and this machine's agent; the commands
+// its banner prints reach the workspace, which shows as online.
+func TestDevWorkspaceIsReachable(t *testing.T) {
+	out := &lockedBuffer{}
+	env := &cliEnv{Stdin: strings.NewReader(""), Stdout: out, Stderr: &lockedBuffer{}, Getenv: func(string) string { return "" }, logLevel: "warn"}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	o := &devOptions{dataDir: t.TempDir(), listen: "127.0.0.1:0", stunAddr: "127.0.0.1:0", name: "ws7", user: "ann"}
+	go func() { done <- runDev(ctx, env, o) }()
+	exports := regexp.MustCompile(`export AGENT_URL=(\S+) AGENT_FINGERPRINT=(\S+)\n\s+export AGENT_TOKEN=(\S+)`)
+	var m []string
+	for deadline := time.Now().Add(30 * time.Second); m == nil; m = exports.FindStringSubmatch(out.String()) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no banner:\n%s", out.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	vars := map[string]string{"AGENT_URL": m[1], "AGENT_FINGERPRINT": m[2], "AGENT_TOKEN": m[3], "XDG_CONFIG_HOME": t.TempDir()}
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		list, stderr, code := runClientCLI(t, vars, "list")
+		if code == 0 && regexp.MustCompile(`ws7\s+ann\s+online`).MatchString(list) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("agent list never showed ws7 online: exit %d %s\n%s", code, stderr, list)
+		}
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("agent dev after its context ended: %v", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("agent dev did not stop when its context ended")
+	}
+}
