@@ -64,6 +64,10 @@ Exit status: 0 healthy, 1 degraded, 2 broken. See docs/netcheck.md.`,
 			return runF(cmd.Context(), env, o)
 		},
 	}
+	// Not the root's usage error: exit status 2 is the verdict "broken".
+	cmd.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error {
+		return fmt.Errorf("%w; see %q", err, cmd.CommandPath()+" --help")
+	})
 	f := cmd.Flags()
 	// In a workspace the agent's own AGENT_URL and AGENT_FINGERPRINT are
 	// already set, so a person debugging there needs no flags at all.

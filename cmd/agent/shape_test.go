@@ -212,6 +212,8 @@ func TestNetcheckOptions(t *testing.T) {
 		{"netcheck", "--dry-run"},
 		{"netcheck", "--host", "--fix", "--watch"},
 		{"netcheck", "--metrics-addr", ":0"},
+		{"netcheck", "--timeout", "soon"},
+		{"netcheck", "--no-such-flag"},
 	} {
 		got = nil
 		if code, stderr := parseCmd(t, nil, capture, args...); code != 1 || stderr == "" || got != nil {
