@@ -419,3 +419,21 @@ func TestDevWorkspaceIsReachable(t *testing.T) {
 		t.Fatal("agent dev did not stop when its context ended")
 	}
 }
+
+// netcheck --host --dry-run shows the guard for a node's file tree under
+// --root and writes nothing there.
+func TestNetcheckGuardDryRun(t *testing.T) {
+	root := t.TempDir()
+	out, stderr, code := runClientCLI(t, nil, "netcheck", "--host", "--root", root, "--dry-run")
+	if code != 0 {
+		t.Fatalf("exit %d: %s\n%s", code, stderr, out)
+	}
+	for _, want := range []string{"create " + filepath.Join(root, "etc/systemd/network/10-agent-container-ifaces.network"), "Unmanaged=yes", "dry run: nothing written"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	if entries, err := os.ReadDir(root); err != nil || len(entries) != 0 {
+		t.Errorf("--dry-run wrote into --root: %v %v", entries, err)
+	}
+}
