@@ -25,6 +25,8 @@ type devOptions struct {
 	stunAddr string
 	name     string
 	user     string
+	// shell for SSH sessions (env AGENT_SHELL, as agent run's --shell).
+	shell string
 }
 
 func newDevCmd(env *cliEnv) *cobra.Command {
@@ -48,6 +50,7 @@ lives in --data-dir, so a restart keeps the same identities; each start
 issues fresh tokens. Stop it with Ctrl-C.`,
 		Args: usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			o.shell = env.Getenv("AGENT_SHELL")
 			return runF(cmd.Context(), env, o)
 		},
 	}
@@ -97,7 +100,7 @@ func runDev(ctx context.Context, env *cliEnv, o *devOptions) error {
 		Coordinator: coordclient.Config{URL: srv.URL(), Token: creds.agentToken, Fingerprint: srv.Fingerprint(), Software: "agent-dev"},
 		DataDir:     filepath.Join(abs, "agent"),
 		HealthAddr:  "",
-		Shell:       env.Getenv("AGENT_SHELL"),
+		Shell:       o.shell,
 	})
 	if err != nil {
 		cancel()
