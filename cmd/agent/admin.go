@@ -23,8 +23,8 @@ import (
 	"github.com/agentd/agent/coordinator/store/pgstore"
 )
 
-// adminFlags are shared by every admin subcommand.
-type adminFlags struct {
+// adminOptions are the flags every admin subcommand shares.
+type adminOptions struct {
 	dataDir     string
 	postgresURL string
 	getenv      func(string) string
@@ -33,7 +33,7 @@ type adminFlags struct {
 
 // open reaches the coordinator's admin API: over its socket when it runs,
 // otherwise straight on the store file. The returned function releases it.
-func (f *adminFlags) open(ctx context.Context) (admin.Ops, func(), error) {
+func (f *adminOptions) open(ctx context.Context) (admin.Ops, func(), error) {
 	if f.postgresURL == "" {
 		f.postgresURL = f.getenv("AGENT_POSTGRES_URL") // not the flag default: --help would show the password
 	}
@@ -83,7 +83,7 @@ func (f *adminFlags) open(ctx context.Context) (admin.Ops, func(), error) {
 // openPostgres reaches a replicated coordinator's store: through the local
 // coordinator's socket when one runs here, otherwise in the database itself
 // (running replicas learn of changes from the database at once).
-func (f *adminFlags) openPostgres(ctx context.Context) (admin.Ops, func(), error) {
+func (f *adminOptions) openPostgres(ctx context.Context) (admin.Ops, func(), error) {
 	if st, err := os.Stat(f.dataDir); err == nil && st.IsDir() {
 		dctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		c, err := admin.DialSocket(dctx, admin.SocketPath(f.dataDir))
@@ -100,6 +100,27 @@ func (f *adminFlags) openPostgres(ctx context.Context) (admin.Ops, func(), error
 		return admin.Info{Running: false, DataDir: "(PostgreSQL " + st.Target() + ")"}
 	}}
 	return local, func() { st.Close() }, nil
+}
+
+// with runs one admin operation between opening and closing the admin API.
+func (f *adminOptions) with(ctx context.Context, env *cliEnv, args []string, fn func(ops admin.Ops, out io.Writer, args []string) error) error {
+	ops, done, err := f.open(ctx)
+	if err != nil {
+		return err
+	}
+	defer done()
+	return fn(ops, env.Stdout, args)
+}
+
+// emit prints v as JSON with --json, else runs text.
+func (f *adminOptions) emit(out io.Writer, v any, text func()) error {
+	if f.json {
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(v)
+	}
+	text()
+	return nil
 }
 
 // adminAccessError says who may run agent admin on dataDir.
@@ -120,7 +141,7 @@ func adminAccessError(dataDir string, owner *syscall.Stat_t) error {
 }
 
 func newAdminCmd(env *cliEnv) *cobra.Command {
-	f := &adminFlags{getenv: env.Getenv}
+	f := &adminOptions{getenv: env.Getenv}
 	cmd := &cobra.Command{
 		Use:   "admin",
 		Short: "Administer the coordinator: users, agents, grants, tokens",
@@ -140,27 +161,14 @@ Tokens are shown once, when created; only their hashes are kept.`,
 	// run wraps an operation with opening and closing the admin API.
 	run := func(fn func(ops admin.Ops, out io.Writer, args []string) error) func(*cobra.Command, []string) error {
 		return func(cmd *cobra.Command, args []string) error {
-			ops, done, err := f.open(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer done()
-			return fn(ops, env.Stdout, args)
+			return f.with(cmd.Context(), env, args, fn)
 		}
 	}
-	emit := func(out io.Writer, v any, text func()) error {
-		if f.json {
-			enc := json.NewEncoder(out)
-			enc.SetIndent("", "  ")
-			return enc.Encode(v)
-		}
-		text()
-		return nil
-	}
+	emit := f.emit
 
 	user := &cobra.Command{Use: "user", Short: "Create or delete users"}
 	user.AddCommand(&cobra.Command{
-		Use: "create NAME", Short: "Create a user", Args: cobra.ExactArgs(1),
+		Use: "create NAME", Short: "Create a user", Args: usageArgs(cobra.ExactArgs(1)),
 		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
 			u, err := ops.CreateUser(args[0])
 			if err != nil {
@@ -171,7 +179,7 @@ Tokens are shown once, when created; only their hashes are kept.`,
 			})
 		}),
 	}, &cobra.Command{
-		Use: "delete NAME", Short: "Delete a user with their grants and tokens", Args: cobra.ExactArgs(1),
+		Use: "delete NAME", Short: "Delete a user with their grants and tokens", Args: usageArgs(cobra.ExactArgs(1)),
 		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
 			if err := ops.DeleteUser(args[0]); err != nil {
 				return err
@@ -180,24 +188,20 @@ Tokens are shown once, when created; only their hashes are kept.`,
 		}),
 	})
 
-	var owner string
+	ac := &adminAgentCreateOptions{}
 	agentCreate := &cobra.Command{
-		Use: "create NAME --owner USER", Short: "Create an agent and print its token", Args: cobra.ExactArgs(1),
-		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
-			if owner == "" {
-				return errors.New("--owner is required: the user who owns the agent (and may reach it without a grant)")
+		Use: "create NAME --owner USER", Short: "Create an agent and print its token", Args: usageArgs(cobra.ExactArgs(1)),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ac.name = args[0]
+			if ac.owner == "" {
+				return usageErrorf("--owner is required: the user who owns the agent (and may reach it without a grant)")
 			}
-			a, err := ops.CreateAgent(args[0], owner)
-			if err != nil {
-				return err
-			}
-			return emit(out, a, func() {
-				fmt.Fprintf(out, "created agent %s (owner %s, id %d, address %s)\n", a.Agent.Name, a.Agent.Owner, a.Agent.ID, a.Address.Addr())
-				fmt.Fprintf(out, "agent token (shown once; give it to the workspace, e.g. in a file for agent run --token-file):\n%s\n", a.Secret)
+			return f.with(cmd.Context(), env, args, func(ops admin.Ops, out io.Writer, _ []string) error {
+				return runAdminAgentCreate(ops, out, f, ac)
 			})
-		}),
+		},
 	}
-	agentCreate.Flags().StringVar(&owner, "owner", "", "user who owns the agent")
+	agentCreate.Flags().StringVar(&ac.owner, "owner", "", "user who owns the agent")
 	agentCmd := &cobra.Command{Use: "agent", Short: "Create or delete agents, or reset a workspace's pinned identity"}
 	agentCmd.AddCommand(agentCreate, &cobra.Command{
 		Use:   "reset-identity NAME",
@@ -208,7 +212,7 @@ lost its data directory (and with it its host key), or was rebuilt, run this
 so the agent can register again; the next agent to register with the token
 pins its key, and clients are told to expect it. Check first that the new
 agent is the workspace's own: anyone holding the token could register.`,
-		Args: cobra.ExactArgs(1),
+		Args: usageArgs(cobra.ExactArgs(1)),
 		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
 			if err := ops.ResetIdentity(args[0]); err != nil {
 				return err
@@ -218,7 +222,7 @@ agent is the workspace's own: anyone holding the token could register.`,
 			})
 		}),
 	}, &cobra.Command{
-		Use: "delete NAME", Short: "Delete an agent with its grants and tokens", Args: cobra.ExactArgs(1),
+		Use: "delete NAME", Short: "Delete an agent with its grants and tokens", Args: usageArgs(cobra.ExactArgs(1)),
 		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
 			if err := ops.DeleteAgent(args[0]); err != nil {
 				return err
@@ -228,7 +232,7 @@ agent is the workspace's own: anyone holding the token could register.`,
 	})
 
 	grant := &cobra.Command{
-		Use: "grant USER AGENT", Short: "Let a user reach an agent", Args: cobra.ExactArgs(2),
+		Use: "grant USER AGENT", Short: "Let a user reach an agent", Args: usageArgs(cobra.ExactArgs(2)),
 		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
 			g, err := ops.AddGrant(args[0], args[1])
 			if err != nil {
@@ -238,7 +242,7 @@ agent is the workspace's own: anyone holding the token could register.`,
 		}),
 	}
 	ungrant := &cobra.Command{
-		Use: "ungrant USER AGENT", Short: "Withdraw a grant (open tunnels close at once)", Args: cobra.ExactArgs(2),
+		Use: "ungrant USER AGENT", Short: "Withdraw a grant (open tunnels close at once)", Args: usageArgs(cobra.ExactArgs(2)),
 		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
 			if err := ops.RemoveGrant(args[0], args[1]); err != nil {
 				return err
@@ -249,41 +253,28 @@ agent is the workspace's own: anyone holding the token could register.`,
 		}),
 	}
 
-	var tokUser, tokAgent, tokExpires string
+	tc := &adminTokenCreateOptions{}
 	tokenCreate := &cobra.Command{
-		Use: "create (--user USER | --agent AGENT) [--expires 720h]", Short: "Create a token and print it", Args: cobra.NoArgs,
-		RunE: run(func(ops admin.Ops, out io.Writer, _ []string) error {
-			kind, subject := store.KindUser, tokUser
-			switch {
-			case tokUser != "" && tokAgent != "", tokUser == "" && tokAgent == "":
-				return errors.New("pass exactly one of --user USER or --agent AGENT")
-			case tokAgent != "":
-				kind, subject = store.KindAgent, tokAgent
+		Use: "create (--user USER | --agent AGENT) [--expires 720h]", Short: "Create a token and print it", Args: usageArgs(cobra.NoArgs),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if (tc.user == "") == (tc.agent == "") {
+				return usageErrorf("pass exactly one of --user USER or --agent AGENT")
 			}
-			expires, err := parseExpiry(tokExpires, time.Now())
+			expires, err := parseExpiry(tc.expires, time.Now())
 			if err != nil {
 				return err
 			}
-			tc, err := ops.CreateToken(kind, subject, expires)
-			if err != nil {
-				return err
-			}
-			return emit(out, tc, func() {
-				exp := "never expires"
-				if !tc.Token.Expires.IsZero() {
-					exp = "expires " + tc.Token.Expires.Local().Format(time.RFC3339)
-				}
-				fmt.Fprintf(out, "created %s token %s for %s (%s)\n", tc.Token.Kind, tc.Token.ID, tc.Token.Subject, exp)
-				fmt.Fprintf(out, "token (shown once):\n%s\n", tc.Secret)
+			return f.with(cmd.Context(), env, nil, func(ops admin.Ops, out io.Writer, _ []string) error {
+				return runAdminTokenCreate(ops, out, f, tc, expires)
 			})
-		}),
+		},
 	}
-	tokenCreate.Flags().StringVar(&tokUser, "user", "", "user the token authenticates")
-	tokenCreate.Flags().StringVar(&tokAgent, "agent", "", "agent the token authenticates")
-	tokenCreate.Flags().StringVar(&tokExpires, "expires", "", `lifetime ("720h", "30d") or date (RFC 3339); default: never`)
+	tokenCreate.Flags().StringVar(&tc.user, "user", "", "user the token authenticates")
+	tokenCreate.Flags().StringVar(&tc.agent, "agent", "", "agent the token authenticates")
+	tokenCreate.Flags().StringVar(&tc.expires, "expires", "", `lifetime ("720h", "30d") or date (RFC 3339); default: never`)
 	token := &cobra.Command{Use: "token", Short: "Create or revoke tokens"}
 	token.AddCommand(tokenCreate, &cobra.Command{
-		Use: "revoke ID|TOKEN", Short: "Revoke a token (by its ID from 'list', or the token itself)", Args: cobra.ExactArgs(1),
+		Use: "revoke ID|TOKEN", Short: "Revoke a token (by its ID from 'list', or the token itself)", Args: usageArgs(cobra.ExactArgs(1)),
 		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
 			t, err := ops.RevokeToken(args[0])
 			if err != nil {
@@ -294,7 +285,7 @@ agent is the workspace's own: anyone holding the token could register.`,
 	})
 
 	list := &cobra.Command{
-		Use: "list", Short: "List users, agents, grants and tokens", Args: cobra.NoArgs,
+		Use: "list", Short: "List users, agents, grants and tokens", Args: usageArgs(cobra.NoArgs),
 		RunE: run(func(ops admin.Ops, out io.Writer, _ []string) error {
 			s, err := ops.List()
 			if err != nil {
@@ -304,7 +295,7 @@ agent is the workspace's own: anyone holding the token could register.`,
 		}),
 	}
 	info := &cobra.Command{
-		Use: "info", Short: "Show the coordinator's URL, certificate fingerprint and connected peers", Args: cobra.NoArgs,
+		Use: "info", Short: "Show the coordinator's URL, certificate fingerprint and connected peers", Args: usageArgs(cobra.NoArgs),
 		RunE: run(func(ops admin.Ops, out io.Writer, _ []string) error {
 			i, err := ops.Info()
 			if err != nil {
@@ -316,6 +307,47 @@ agent is the workspace's own: anyone holding the token could register.`,
 
 	cmd.AddCommand(user, agentCmd, grant, ungrant, token, list, info)
 	return cmd
+}
+
+// adminAgentCreateOptions is `agent admin agent create`.
+type adminAgentCreateOptions struct {
+	name, owner string
+}
+
+func runAdminAgentCreate(ops admin.Ops, out io.Writer, f *adminOptions, o *adminAgentCreateOptions) error {
+	a, err := ops.CreateAgent(o.name, o.owner)
+	if err != nil {
+		return err
+	}
+	return f.emit(out, a, func() {
+		fmt.Fprintf(out, "created agent %s (owner %s, id %d, address %s)\n", a.Agent.Name, a.Agent.Owner, a.Agent.ID, a.Address.Addr())
+		fmt.Fprintf(out, "agent token (shown once; give it to the workspace, e.g. in a file for agent run --token-file):\n%s\n", a.Secret)
+	})
+}
+
+// adminTokenCreateOptions is `agent admin token create`: exactly one of
+// user and agent is set.
+type adminTokenCreateOptions struct {
+	user, agent, expires string
+}
+
+func runAdminTokenCreate(ops admin.Ops, out io.Writer, f *adminOptions, o *adminTokenCreateOptions, expires time.Time) error {
+	kind, subject := store.KindUser, o.user
+	if o.agent != "" {
+		kind, subject = store.KindAgent, o.agent
+	}
+	tc, err := ops.CreateToken(kind, subject, expires)
+	if err != nil {
+		return err
+	}
+	return f.emit(out, tc, func() {
+		exp := "never expires"
+		if !tc.Token.Expires.IsZero() {
+			exp = "expires " + tc.Token.Expires.Local().Format(time.RFC3339)
+		}
+		fmt.Fprintf(out, "created %s token %s for %s (%s)\n", tc.Token.Kind, tc.Token.ID, tc.Token.Subject, exp)
+		fmt.Fprintf(out, "token (shown once):\n%s\n", tc.Secret)
+	})
 }
 
 // parseExpiry reads "720h", "30d" or an RFC 3339 date; "" means never.

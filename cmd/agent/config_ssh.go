@@ -9,12 +9,24 @@ import (
 	"github.com/spf13/cobra"
 )
 
+// configSSHOptions is `agent config-ssh` as parsed from its command line.
+type configSSHOptions struct {
+	configPath string
+	suffix     string
+	dryRun     bool
+}
+
 // newConfigSSHCmd writes the managed "Host *.agent" block into the user's
 // OpenSSH config so ssh, scp, rsync, git and VS Code reach workspaces
 // through `agent ssh --stdio`.
 func newConfigSSHCmd(env *cliEnv) *cobra.Command {
-	var configPath, suffix string
-	var dryRun bool
+	return newConfigSSHCmdWith(env, runConfigSSH)
+}
+
+// newConfigSSHCmdWith builds the command around runF, so tests can check
+// what the command line parses to without touching ~/.ssh.
+func newConfigSSHCmdWith(env *cliEnv, runF func(*cliEnv, *configSSHOptions) error) *cobra.Command {
+	o := &configSSHOptions{}
 	cmd := &cobra.Command{
 		Use:   "config-ssh",
 		Short: "Let ssh, scp, rsync and VS Code reach workspaces as NAME.agent",
@@ -34,52 +46,58 @@ previous file is kept as <config>.agent.bak.`,
 		Example: `  agent config-ssh --dry-run            # show the change first
   agent config-ssh && ssh ws1.agent`,
 		Args: usageArgs(cobra.NoArgs),
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if configPath == "" {
-				home := env.Getenv("HOME")
-				if home == "" {
-					h, err := os.UserHomeDir()
-					if err != nil {
-						return fmt.Errorf("cannot find your home directory for ~/.ssh/config; pass --ssh-config PATH")
-					}
-					home = h
-				}
-				configPath = filepath.Join(home, ".ssh", "config")
-			}
-			exe, err := os.Executable()
-			if err != nil {
-				return fmt.Errorf("cannot find the path of this agent binary for ProxyCommand: %w", err)
-			}
-			if resolved, err := filepath.EvalSymlinks(exe); err == nil {
-				exe = resolved
-			}
-			block, err := sshconfig.Block(sshconfig.Options{AgentPath: exe, Suffix: suffix})
-			if err != nil {
-				return fmt.Errorf("--host-suffix: %w", err)
-			}
-			res, err := sshconfig.Update(configPath, block, dryRun)
-			if err != nil {
-				return err
-			}
-			switch {
-			case !res.Changed:
-				fmt.Fprintf(env.Stdout, "%s is already up to date.\n", res.Path)
-			case dryRun:
-				fmt.Fprint(env.Stdout, sshconfig.Diff(res.Path, res.Old, res.New))
-				fmt.Fprintln(env.Stdout, "(dry run: nothing was written)")
-			default:
-				fmt.Fprintf(env.Stdout, "Updated %s: \"ssh NAME.%s\" now reaches workspace NAME.\n", res.Path, trimSuffixDots(suffix))
-				if res.Backup != "" {
-					fmt.Fprintf(env.Stdout, "The previous file is in %s.\n", res.Backup)
-				}
-			}
-			return nil
+		RunE: func(*cobra.Command, []string) error {
+			return runF(env, o)
 		},
 	}
-	cmd.Flags().StringVar(&configPath, "ssh-config", "", "OpenSSH config file to update (default ~/.ssh/config)")
-	cmd.Flags().BoolVar(&dryRun, "dry-run", false, "show the change as a diff without writing anything")
-	cmd.Flags().StringVar(&suffix, "host-suffix", sshconfig.DefaultSuffix, "host name suffix that marks a workspace")
+	cmd.Flags().StringVar(&o.configPath, "ssh-config", "", "OpenSSH config file to update (default ~/.ssh/config)")
+	cmd.Flags().BoolVar(&o.dryRun, "dry-run", false, "show the change as a diff without writing anything")
+	cmd.Flags().StringVar(&o.suffix, "host-suffix", sshconfig.DefaultSuffix, "host name suffix that marks a workspace")
 	return cmd
+}
+
+// runConfigSSH writes (or, with --dry-run, shows) the managed block.
+func runConfigSSH(env *cliEnv, o *configSSHOptions) error {
+	configPath := o.configPath
+	if configPath == "" {
+		home := env.Getenv("HOME")
+		if home == "" {
+			h, err := os.UserHomeDir()
+			if err != nil {
+				return fmt.Errorf("cannot find your home directory for ~/.ssh/config; pass --ssh-config PATH")
+			}
+			home = h
+		}
+		configPath = filepath.Join(home, ".ssh", "config")
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("cannot find the path of this agent binary for ProxyCommand: %w", err)
+	}
+	if resolved, err := filepath.EvalSymlinks(exe); err == nil {
+		exe = resolved
+	}
+	block, err := sshconfig.Block(sshconfig.Options{AgentPath: exe, Suffix: o.suffix})
+	if err != nil {
+		return fmt.Errorf("--host-suffix: %w", err)
+	}
+	res, err := sshconfig.Update(configPath, block, o.dryRun)
+	if err != nil {
+		return err
+	}
+	switch {
+	case !res.Changed:
+		fmt.Fprintf(env.Stdout, "%s is already up to date.\n", res.Path)
+	case o.dryRun:
+		fmt.Fprint(env.Stdout, sshconfig.Diff(res.Path, res.Old, res.New))
+		fmt.Fprintln(env.Stdout, "(dry run: nothing was written)")
+	default:
+		fmt.Fprintf(env.Stdout, "Updated %s: \"ssh NAME.%s\" now reaches workspace NAME.\n", res.Path, trimSuffixDots(o.suffix))
+		if res.Backup != "" {
+			fmt.Fprintf(env.Stdout, "The previous file is in %s.\n", res.Backup)
+		}
+	}
+	return nil
 }
 
 func trimSuffixDots(s string) string {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -19,9 +20,22 @@ import (
 // defaultCoordinatorDataDir is where a packaged coordinator keeps its state.
 const defaultCoordinatorDataDir = "/var/lib/agent-coordinator"
 
+// coordinatorOptions is `agent coordinator` as parsed from its command line.
+type coordinatorOptions struct {
+	cfg         coordinator.Config
+	metricsAddr string
+	memoryLimit string
+}
+
 func newCoordinatorCmd(env *cliEnv) *cobra.Command {
-	var cfg coordinator.Config
-	var metricsAddr, memoryLimit string
+	return newCoordinatorCmdWith(env, runCoordinator)
+}
+
+// newCoordinatorCmdWith builds the command around runF, so tests can check
+// what the command line and the environment parse to without serving.
+func newCoordinatorCmdWith(env *cliEnv, runF func(context.Context, *cliEnv, *coordinatorOptions) error) *cobra.Command {
+	o := &coordinatorOptions{}
+	cfg := &o.cfg
 	cmd := &cobra.Command{
 		Use:   "coordinator",
 		Short: "Run the coordinator: node exchange, auth, DERP relay and STUN",
@@ -40,7 +54,7 @@ replicas of one deployment; the schema is created or upgraded at start.
 Give them the same --mesh-key so their DERP relays forward to each other,
 each its own --mesh-url, and the same --tls-cert/--tls-key so clients see
 one certificate whichever replica answers.`,
-		Args: cobra.NoArgs,
+		Args: usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if cfg.PostgresURL == "" {
 				// Read here, not as the flag's default, so --help never
@@ -56,41 +70,7 @@ one certificate whichever replica answers.`,
 			if cfg.STUNAddr == "off" {
 				cfg.STUNAddr = ""
 			}
-			cfg.Logger = env.Logger()
-			limit, err := applyMemoryLimit(env, memoryLimit)
-			if err != nil {
-				return err
-			}
-			if limit > 0 {
-				cfg.Logger.Debug("soft memory limit", "bytes", limit)
-			}
-			var metricsLn net.Listener
-			if metricsAddr != "" {
-				cfg.Metrics = metrics.NewRegistry()
-				var err error
-				if metricsLn, err = net.Listen("tcp", metricsAddr); err != nil {
-					return fmt.Errorf("metrics listener: %w (use --metrics-addr, or \"\" to disable)", err)
-				}
-				defer metricsLn.Close()
-			}
-			srv, err := coordinator.New(cfg)
-			if err != nil {
-				return err
-			}
-			if metricsLn != nil {
-				mux := http.NewServeMux()
-				mux.Handle("/metrics", cfg.Metrics.Handler())
-				ms := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second,
-					WriteTimeout: 30 * time.Second, IdleTimeout: cfg.Limits.HTTPIdleTimeout}
-				go ms.Serve(metricsLn)
-				defer ms.Close()
-			}
-			metricsURL := ""
-			if metricsLn != nil {
-				metricsURL = "http://" + metricsLn.Addr().String() + "/metrics"
-			}
-			printCoordinatorBanner(env.Stdout, srv, cfg, metricsURL)
-			return srv.Serve(cmd.Context())
+			return runF(cmd.Context(), env, o)
 		},
 	}
 	fs := cmd.Flags()
@@ -99,8 +79,8 @@ one certificate whichever replica answers.`,
 	fs.StringVar(&cfg.STUNAddr, "stun-addr", ":3478", `STUN UDP listen address ("off" to disable)`)
 	fs.StringVar(&cfg.STUNAddr2, "stun-addr2", "off", `second STUN UDP listen address, e.g. ":3479", so network checks can tell a NAT's mapping behaviour ("off" for none)`)
 	fs.BoolVar(&cfg.InsecureHTTP, "insecure-http", false, "serve plain HTTP instead of HTTPS (tests only: tokens travel in the clear)")
-	fs.StringVar(&memoryLimit, "memory-limit", envOr(env, "AGENT_COORDINATOR_MEMORY_LIMIT", defaultCoordinatorMemoryLimit), memoryLimitFlagUsage("AGENT_COORDINATOR_MEMORY_LIMIT"))
-	fs.StringVar(&metricsAddr, "metrics-addr", envOr(env, "AGENT_COORDINATOR_METRICS_ADDR", "127.0.0.1:2114"), `serve Prometheus /metrics here, plain HTTP ("" disables; env AGENT_COORDINATOR_METRICS_ADDR)`)
+	fs.StringVar(&o.memoryLimit, "memory-limit", envOr(env, "AGENT_COORDINATOR_MEMORY_LIMIT", defaultCoordinatorMemoryLimit), memoryLimitFlagUsage("AGENT_COORDINATOR_MEMORY_LIMIT"))
+	fs.StringVar(&o.metricsAddr, "metrics-addr", envOr(env, "AGENT_COORDINATOR_METRICS_ADDR", "127.0.0.1:2114"), `serve Prometheus /metrics here, plain HTTP ("" disables; env AGENT_COORDINATOR_METRICS_ADDR)`)
 	fs.StringVar(&cfg.PostgresURL, "postgres-url", "", "keep the store in PostgreSQL, e.g. postgres://USER:PASSWORD@HOST:5432/DATABASE, shared by every coordinator replica (env AGENT_POSTGRES_URL; default: a file in --data-dir)")
 	fs.StringVar(&cfg.MeshKey, "mesh-key", "", "with --postgres-url: secret shared by all replicas (64 hex digits, e.g. openssl rand -hex 32) that meshes their DERP relays (env AGENT_MESH_KEY)")
 	fs.StringVar(&cfg.MeshURL, "mesh-url", envOr(env, "AGENT_MESH_URL", ""), "URL the other replicas use to reach this one's relay, e.g. https://POD_IP:8443 (env AGENT_MESH_URL; default: --access-url, or one built from --listen)")
@@ -117,6 +97,46 @@ one certificate whichever replica answers.`,
 	fs.DurationVar(&l.HTTPHeaderTimeout, "http-header-timeout", coordinator.DefaultHTTPHeaderTimeout, "close connections that take longer to send a request's headers")
 	fs.StringVar(&cfg.AccessURL, "access-url", "", "URL peers use to reach this coordinator, e.g. https://coord.example.com:8443 (shown in instructions; added to the certificate's names on first start)")
 	return cmd
+}
+
+// runCoordinator serves the coordinator (and its metrics) until ctx ends.
+func runCoordinator(ctx context.Context, env *cliEnv, o *coordinatorOptions) error {
+	cfg := o.cfg
+	cfg.Logger = env.Logger()
+	limit, err := applyMemoryLimit(env, o.memoryLimit)
+	if err != nil {
+		return err
+	}
+	if limit > 0 {
+		cfg.Logger.Debug("soft memory limit", "bytes", limit)
+	}
+	var metricsLn net.Listener
+	if o.metricsAddr != "" {
+		cfg.Metrics = metrics.NewRegistry()
+		var err error
+		if metricsLn, err = net.Listen("tcp", o.metricsAddr); err != nil {
+			return fmt.Errorf("metrics listener: %w (use --metrics-addr, or \"\" to disable)", err)
+		}
+		defer metricsLn.Close()
+	}
+	srv, err := coordinator.New(cfg)
+	if err != nil {
+		return err
+	}
+	if metricsLn != nil {
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", cfg.Metrics.Handler())
+		ms := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second,
+			WriteTimeout: 30 * time.Second, IdleTimeout: cfg.Limits.HTTPIdleTimeout}
+		go ms.Serve(metricsLn)
+		defer ms.Close()
+	}
+	metricsURL := ""
+	if metricsLn != nil {
+		metricsURL = "http://" + metricsLn.Addr().String() + "/metrics"
+	}
+	printCoordinatorBanner(env.Stdout, srv, cfg, metricsURL)
+	return srv.Serve(ctx)
 }
 
 func printCoordinatorBanner(w io.Writer, srv *coordinator.Server, cfg coordinator.Config, metricsURL string) {

@@ -18,10 +18,26 @@ import (
 	"github.com/agentd/agent/coordinator/store"
 )
 
+// devOptions is `agent dev` as parsed from its command line.
+type devOptions struct {
+	dataDir  string
+	listen   string
+	stunAddr string
+	name     string
+	user     string
+	// shell for SSH sessions (env AGENT_SHELL, as agent run's --shell).
+	shell       string
+	memoryLimit string
+}
+
 func newDevCmd(env *cliEnv) *cobra.Command {
-	var (
-		dataDir, listen, stunAddr, name, user, memoryLimit string
-	)
+	return newDevCmdWith(env, runDev)
+}
+
+// newDevCmdWith builds the command around runF, so tests can check what the
+// command line parses to without starting anything.
+func newDevCmdWith(env *cliEnv, runF func(context.Context, *cliEnv, *devOptions) error) *cobra.Command {
+	o := &devOptions{}
 	cmd := &cobra.Command{
 		Use:   "dev",
 		Short: "Run an embedded coordinator and an agent for this machine, and show how to reach it",
@@ -33,75 +49,81 @@ reach the workspace: a shell, a ping, port forwarding and OpenSSH.
 State (the coordinator's store and certificate, the agent's SSH host key)
 lives in --data-dir, so a restart keeps the same identities; each start
 issues fresh tokens. Stop it with Ctrl-C.`,
-		Args: cobra.NoArgs,
+		Args: usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx := cmd.Context()
-			log := env.Logger()
-			limit, err := applyMemoryLimit(env, memoryLimit)
-			if err != nil {
-				return err
-			}
-			if limit > 0 {
-				log.Debug("soft memory limit", "bytes", limit)
-			}
-			abs, err := filepath.Abs(dataDir)
-			if err != nil {
-				return err
-			}
-			coordDir := filepath.Join(abs, "coordinator")
-			if err := os.MkdirAll(coordDir, 0o700); err != nil {
-				return fmt.Errorf("create the data directory: %w", err)
-			}
-			srv, err := coordinator.New(coordinator.Config{
-				DataDir:  coordDir,
-				Listen:   listen,
-				STUNAddr: stunAddr,
-				Logger:   log.With("component", "coordinator"),
-			})
-			if err != nil {
-				return fmt.Errorf("start the coordinator: %w (another `agent dev` running? choose another --listen or --data-dir)", err)
-			}
-			ctx, cancel := context.WithCancel(ctx)
-			defer cancel()
-			served := make(chan error, 1)
-			go func() { served <- srv.Serve(ctx) }()
-
-			creds, err := devCredentials(ctx, coordDir, user, name)
-			if err != nil {
-				cancel()
-				<-served
-				return err
-			}
-			a, err := agent.New(agent.Options{
-				Logger:      log.With("component", "agent"),
-				Coordinator: coordclient.Config{URL: srv.URL(), Token: creds.agentToken, Fingerprint: srv.Fingerprint(), Software: "agent-dev"},
-				DataDir:     filepath.Join(abs, "agent"),
-				HealthAddr:  "",
-				Shell:       env.Getenv("AGENT_SHELL"),
-			})
-			if err != nil {
-				cancel()
-				<-served
-				return err
-			}
-			printDevBanner(env.Stdout, srv.URL(), srv.Fingerprint(), creds.userToken, name)
-			agentErr := a.Run(ctx)
-			cancel()
-			select {
-			case <-served:
-			case <-time.After(5 * time.Second):
-			}
-			return agentErr
+			o.shell = env.Getenv("AGENT_SHELL")
+			return runF(cmd.Context(), env, o)
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&dataDir, "data-dir", "agent-data", "directory for the coordinator's store and the agent's state")
-	f.StringVar(&listen, "listen", "127.0.0.1:7443", "coordinator HTTPS address")
-	f.StringVar(&stunAddr, "stun-addr", "127.0.0.1:0", "coordinator STUN address (UDP)")
-	f.StringVar(&name, "name", "dev", "the workspace's name")
-	f.StringVar(&user, "user", "dev", "the user allowed to reach it")
-	f.StringVar(&memoryLimit, "memory-limit", envOr(env, "AGENT_DEV_MEMORY_LIMIT", defaultDevMemoryLimit), memoryLimitFlagUsage("AGENT_DEV_MEMORY_LIMIT"))
+	f.StringVar(&o.dataDir, "data-dir", "agent-data", "directory for the coordinator's store and the agent's state")
+	f.StringVar(&o.listen, "listen", "127.0.0.1:7443", "coordinator HTTPS address")
+	f.StringVar(&o.stunAddr, "stun-addr", "127.0.0.1:0", "coordinator STUN address (UDP)")
+	f.StringVar(&o.name, "name", "dev", "the workspace's name")
+	f.StringVar(&o.user, "user", "dev", "the user allowed to reach it")
+	f.StringVar(&o.memoryLimit, "memory-limit", envOr(env, "AGENT_DEV_MEMORY_LIMIT", defaultDevMemoryLimit), memoryLimitFlagUsage("AGENT_DEV_MEMORY_LIMIT"))
 	return cmd
+}
+
+// runDev runs the embedded coordinator and this machine's agent until ctx
+// ends.
+func runDev(ctx context.Context, env *cliEnv, o *devOptions) error {
+	log := env.Logger()
+	limit, err := applyMemoryLimit(env, o.memoryLimit)
+	if err != nil {
+		return err
+	}
+	if limit > 0 {
+		log.Debug("soft memory limit", "bytes", limit)
+	}
+	abs, err := filepath.Abs(o.dataDir)
+	if err != nil {
+		return err
+	}
+	coordDir := filepath.Join(abs, "coordinator")
+	if err := os.MkdirAll(coordDir, 0o700); err != nil {
+		return fmt.Errorf("create the data directory: %w", err)
+	}
+	srv, err := coordinator.New(coordinator.Config{
+		DataDir:  coordDir,
+		Listen:   o.listen,
+		STUNAddr: o.stunAddr,
+		Logger:   log.With("component", "coordinator"),
+	})
+	if err != nil {
+		return fmt.Errorf("start the coordinator: %w (another `agent dev` running? choose another --listen or --data-dir)", err)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ctx) }()
+
+	creds, err := devCredentials(ctx, coordDir, o.user, o.name)
+	if err != nil {
+		cancel()
+		<-served
+		return err
+	}
+	a, err := agent.New(agent.Options{
+		Logger:      log.With("component", "agent"),
+		Coordinator: coordclient.Config{URL: srv.URL(), Token: creds.agentToken, Fingerprint: srv.Fingerprint(), Software: "agent-dev"},
+		DataDir:     filepath.Join(abs, "agent"),
+		HealthAddr:  "",
+		Shell:       o.shell,
+	})
+	if err != nil {
+		cancel()
+		<-served
+		return err
+	}
+	printDevBanner(env.Stdout, srv.URL(), srv.Fingerprint(), creds.userToken, o.name)
+	agentErr := a.Run(ctx)
+	cancel()
+	select {
+	case <-served:
+	case <-time.After(5 * time.Second):
+	}
+	return agentErr
 }
 
 type devCreds struct{ agentToken, userToken string }

@@ -20,9 +20,23 @@ import (
 	"github.com/agentd/agent/tailnet"
 )
 
+// loginOptions is `agent login` as parsed from its command line.
+type loginOptions struct {
+	url          string
+	token        string
+	tokenFile    string
+	fingerprint  string
+	insecureHTTP bool
+}
+
 func newLoginCmd(env *cliEnv) *cobra.Command {
-	var token, tokenFile, fingerprint string
-	var insecureHTTP bool
+	return newLoginCmdWith(env, runLogin)
+}
+
+// newLoginCmdWith builds the command around runF, so tests can check what
+// the command line parses to without a coordinator.
+func newLoginCmdWith(env *cliEnv, runF func(context.Context, *cliEnv, *loginOptions) error) *cobra.Command {
+	o := &loginOptions{}
 	cmd := &cobra.Command{
 		Use:   "login URL --token TOKEN [--fingerprint HEX]",
 		Short: "Save the coordinator URL and your user token for the client commands",
@@ -40,57 +54,63 @@ cleartext; a pinned fingerprint always needs https://.`,
   agent login https://192.0.2.10:8443 --token - --fingerprint 3f2a...e1 < token.txt`,
 		Args: usageArgs(cobra.ExactArgs(1)),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			base := strings.TrimRight(strings.TrimSpace(args[0]), "/")
-			insecureHTTP = insecureHTTP || coordclient.InsecureHTTPFromEnv(env.Getenv(coordclient.EnvInsecureHTTP))
-			if fingerprint != "" {
-				var err error
-				if fingerprint, err = coordclient.NormalizeFingerprint(fingerprint); err != nil {
-					return err
-				}
-			}
-			u, err := coordclient.ParseURL(base, fingerprint, insecureHTTP)
-			if err != nil {
-				return err
-			}
-			tok, err := readLoginToken(env, token, tokenFile)
-			if err != nil {
-				return err
-			}
-			hc, err := coordclient.HTTPClient(fingerprint)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := context.WithTimeout(cmd.Context(), 20*time.Second)
-			defer cancel()
-			who, err := coordclient.WhoAmI(ctx, hc, base, fingerprint, insecureHTTP, tok)
-			if err != nil {
-				var unknownCA x509.UnknownAuthorityError
-				if fingerprint == "" && u.Scheme == "https" && errors.As(err, &unknownCA) {
-					return untrustedCertError(ctx, u, base)
-				}
-				return err
-			}
-			if who.Role != protocol.RoleClient {
-				return fmt.Errorf("this is the token of agent %s (for agent run); log in with a user token (agent admin token create --user NAME)", who.Name)
-			}
-			path, err := coordclient.SaveProfile(env.Getenv, coordclient.Profile{URL: base, Token: tok, Fingerprint: fingerprint, InsecureHTTP: insecureHTTP})
-			if err != nil {
-				return err
-			}
-			exp := ""
-			if !who.Expires.IsZero() {
-				exp = ", token valid until " + who.Expires.Local().Format(time.RFC3339)
-			}
-			fmt.Fprintf(env.Stdout, "logged in to %s as %s%s\nsaved to %s\n", base, who.User, exp, path)
-			return nil
+			o.url = strings.TrimRight(strings.TrimSpace(args[0]), "/")
+			o.insecureHTTP = o.insecureHTTP || coordclient.InsecureHTTPFromEnv(env.Getenv(coordclient.EnvInsecureHTTP))
+			return runF(cmd.Context(), env, o)
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&token, "token", "", `user token ("-" reads it from standard input; visible in the process list otherwise: prefer --token-file)`)
-	f.StringVar(&tokenFile, "token-file", "", "file holding the user token")
-	f.StringVar(&fingerprint, "fingerprint", "", "SHA-256 fingerprint of the coordinator's certificate to pin (agent admin info shows it)")
-	f.BoolVar(&insecureHTTP, "insecure-http", false, "allow an http:// coordinator URL: the token travels in cleartext (env AGENT_INSECURE_HTTP=1); saved for later commands")
+	f.StringVar(&o.token, "token", "", `user token ("-" reads it from standard input; visible in the process list otherwise: prefer --token-file)`)
+	f.StringVar(&o.tokenFile, "token-file", "", "file holding the user token")
+	f.StringVar(&o.fingerprint, "fingerprint", "", "SHA-256 fingerprint of the coordinator's certificate to pin (agent admin info shows it)")
+	f.BoolVar(&o.insecureHTTP, "insecure-http", false, "allow an http:// coordinator URL: the token travels in cleartext (env AGENT_INSECURE_HTTP=1); saved for later commands")
 	return cmd
+}
+
+// runLogin checks the token against the coordinator and saves the profile.
+func runLogin(ctx context.Context, env *cliEnv, o *loginOptions) error {
+	base, fingerprint := o.url, o.fingerprint
+	if fingerprint != "" {
+		var err error
+		if fingerprint, err = coordclient.NormalizeFingerprint(fingerprint); err != nil {
+			return err
+		}
+	}
+	u, err := coordclient.ParseURL(base, fingerprint, o.insecureHTTP)
+	if err != nil {
+		return err
+	}
+	tok, err := readLoginToken(env, o.token, o.tokenFile)
+	if err != nil {
+		return err
+	}
+	hc, err := coordclient.HTTPClient(fingerprint)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	who, err := coordclient.WhoAmI(ctx, hc, base, fingerprint, o.insecureHTTP, tok)
+	if err != nil {
+		var unknownCA x509.UnknownAuthorityError
+		if fingerprint == "" && u.Scheme == "https" && errors.As(err, &unknownCA) {
+			return untrustedCertError(ctx, u, base)
+		}
+		return err
+	}
+	if who.Role != protocol.RoleClient {
+		return fmt.Errorf("this is the token of agent %s (for agent run); log in with a user token (agent admin token create --user NAME)", who.Name)
+	}
+	path, err := coordclient.SaveProfile(env.Getenv, coordclient.Profile{URL: base, Token: tok, Fingerprint: fingerprint, InsecureHTTP: o.insecureHTTP})
+	if err != nil {
+		return err
+	}
+	exp := ""
+	if !who.Expires.IsZero() {
+		exp = ", token valid until " + who.Expires.Local().Format(time.RFC3339)
+	}
+	fmt.Fprintf(env.Stdout, "logged in to %s as %s%s\nsaved to %s\n", base, who.User, exp, path)
+	return nil
 }
 
 func readLoginToken(env *cliEnv, token, file string) (string, error) {

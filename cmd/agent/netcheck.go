@@ -14,19 +14,28 @@ import (
 	"github.com/spf13/cobra"
 )
 
+// netcheckOptions is `agent netcheck` as parsed from its command line.
+type netcheckOptions struct {
+	opts         netcheck.Options
+	nodeOpts     node.Options
+	host         bool
+	jsonOut      bool
+	watch        bool
+	interval     time.Duration
+	fix          bool
+	dryRun       bool
+	guardPattern []string
+	metricsAddr  string
+}
+
 func newNetcheckCmd(env *cliEnv) *cobra.Command {
-	var (
-		opts         netcheck.Options
-		nodeOpts     node.Options
-		host         bool
-		jsonOut      bool
-		watch        bool
-		interval     time.Duration
-		fix          bool
-		dryRun       bool
-		guardPattern []string
-		metricsAddr  string
-	)
+	return newNetcheckCmdWith(env, runNetcheck)
+}
+
+// newNetcheckCmdWith builds the command around runF, so tests can check
+// what the command line and the environment parse to without probing.
+func newNetcheckCmdWith(env *cliEnv, runF func(context.Context, *cliEnv, *netcheckOptions) error) *cobra.Command {
+	o := &netcheckOptions{}
 	cmd := &cobra.Command{
 		Use:   "netcheck",
 		Short: "Diagnose this workspace's network (or a node's, with --host): what is broken, where, and the fix",
@@ -40,102 +49,112 @@ systemd-networkd and udev configuration and state; --fix writes the
 configuration that keeps networkd and udev off container interfaces.
 
 Exit status: 0 healthy, 1 degraded, 2 broken. See docs/netcheck.md.`,
+		// Wrong options exit 1, not 2: 2 is the verdict "broken".
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			opts.Logger = env.Logger()
-			opts.Getenv = env.Getenv
-			nodeOpts.Logger = env.Logger()
-			if err := opts.Validate(); err != nil {
-				return err
-			}
-			if (fix || dryRun) && !host {
+			if (o.fix || o.dryRun) && !o.host {
 				return fmt.Errorf("--fix and --dry-run change the node's networkd configuration: add --host")
 			}
-			if fix && watch {
+			if o.fix && o.watch {
 				return fmt.Errorf("--fix and --watch do not combine: fix first, then watch")
 			}
-			ctx := cmd.Context()
-			if fix || dryRun {
-				return runGuard(ctx, env, nodeOpts, guardPattern, dryRun, jsonOut)
-			}
-			run := func(ctx context.Context) *netcheck.Report { return netcheck.Run(ctx, opts) }
-			watchFn := func(ctx context.Context, w netcheck.WatchOptions, fn func(*netcheck.Report)) error {
-				return netcheck.Watch(ctx, opts, w, fn)
-			}
-			if host {
-				run = func(ctx context.Context) *netcheck.Report { return node.Run(ctx, nodeOpts) }
-				watchFn = func(ctx context.Context, w netcheck.WatchOptions, fn func(*netcheck.Report)) error {
-					return node.Watch(ctx, nodeOpts, w, fn)
-				}
-			}
-			if metricsAddr != "" && !watch {
+			if o.metricsAddr != "" && !o.watch {
 				return fmt.Errorf("--metrics-addr serves the watch loop's results: add --watch")
 			}
-			if watch {
-				var exp *netcheck.Exporter
-				if metricsAddr != "" {
-					exp = netcheck.NewExporter(nil)
-					stop, err := serveNetcheckMetrics(env, metricsAddr, exp)
-					if err != nil {
-						return err
-					}
-					defer stop()
-				}
-				// One document (or text report) per change: the periodic
-				// full report that says the same again is left out.
-				lastKey := ""
-				err := watchFn(ctx, netcheck.WatchOptions{Interval: interval}, func(r *netcheck.Report) {
-					if exp != nil {
-						exp.Observe(r)
-					}
-					k := r.ChangeKey()
-					if k == lastKey {
-						return
-					}
-					lastKey = k
-					if jsonOut {
-						_ = r.WriteJSONLine(env.Stdout)
-						return
-					}
-					fmt.Fprintf(env.Stdout, "%s ", time.Now().Format(time.RFC3339))
-					_ = r.WriteText(env.Stdout)
-					fmt.Fprintln(env.Stdout)
-				})
-				if err != nil && ctx.Err() == nil {
-					return err
-				}
-				return nil
-			}
-			r := run(ctx)
-			if jsonOut {
-				if err := r.WriteJSON(env.Stdout); err != nil {
-					return err
-				}
-			} else if err := r.WriteText(env.Stdout); err != nil {
-				return err
-			}
-			return verdictExit(r)
+			return runF(cmd.Context(), env, o)
 		},
 	}
+	// Not the root's usage error: exit status 2 is the verdict "broken".
+	cmd.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error {
+		return fmt.Errorf("%w; see %q", err, cmd.CommandPath()+" --help")
+	})
 	f := cmd.Flags()
 	// In a workspace the agent's own AGENT_URL and AGENT_FINGERPRINT are
 	// already set, so a person debugging there needs no flags at all.
-	f.StringVar(&opts.CoordinatorURL, "coordinator-url", envOr(env, "AGENT_COORDINATOR_URL", env.Getenv("AGENT_URL")), "coordinator base URL, https://HOST[:PORT] (env AGENT_COORDINATOR_URL; else AGENT_URL)")
-	f.StringVar(&opts.Fingerprint, "fingerprint", envOr(env, "AGENT_COORDINATOR_FINGERPRINT", env.Getenv("AGENT_FINGERPRINT")), "pin the coordinator's certificate: hex SHA-256 of its DER form (env AGENT_COORDINATOR_FINGERPRINT; else AGENT_FINGERPRINT)")
-	f.IntVar(&opts.STUNPort, "stun-port", 3478, "the coordinator's STUN (UDP) port")
-	f.StringVar(&opts.Interface, "interface", "", "interface to check (default: the default route's)")
-	f.DurationVar(&opts.Timeout, "timeout", 1800*time.Millisecond, "time limit for the active probes of one run")
-	f.BoolVar(&jsonOut, "json", false, "print the report as JSON (schema in docs/netcheck.md)")
-	f.BoolVar(&watch, "watch", false, "keep checking; print a report whenever the status changes (with --json: one JSON document per line)")
-	f.StringVar(&metricsAddr, "metrics-addr", "", "with --watch: serve Prometheus metrics of the results on ADDR (e.g. :9153) at /metrics")
-	f.DurationVar(&interval, "interval", time.Second, "with --watch: how often to probe")
-	f.BoolVar(&host, "host", false, "check the node (bridges, veths, systemd-networkd, udev) instead of the workspace")
-	f.StringVar(&nodeOpts.Root, "root", "/", "with --host: where the node's file tree is (a DaemonSet mounts it at /host)")
-	f.StringSliceVar(&nodeOpts.Bridges, "bridge", nil, "with --host: a bridge that must exist, be up and addressed (repeatable; CNI and Docker bridges are found automatically)")
-	f.BoolVar(&fix, "fix", false, "with --host: write networkd/udev configuration that keeps them off container interfaces")
-	f.BoolVar(&dryRun, "dry-run", false, "with --host: show what --fix would write, change nothing")
-	f.StringSliceVar(&guardPattern, "pattern", nil, "with --fix: extra interface-name glob to mark unmanaged (refused if it matches the uplink)")
+	f.StringVar(&o.opts.CoordinatorURL, "coordinator-url", envOr(env, "AGENT_COORDINATOR_URL", env.Getenv("AGENT_URL")), "coordinator base URL, https://HOST[:PORT] (env AGENT_COORDINATOR_URL; else AGENT_URL)")
+	f.StringVar(&o.opts.Fingerprint, "fingerprint", envOr(env, "AGENT_COORDINATOR_FINGERPRINT", env.Getenv("AGENT_FINGERPRINT")), "pin the coordinator's certificate: hex SHA-256 of its DER form (env AGENT_COORDINATOR_FINGERPRINT; else AGENT_FINGERPRINT)")
+	f.IntVar(&o.opts.STUNPort, "stun-port", 3478, "the coordinator's STUN (UDP) port")
+	f.StringVar(&o.opts.Interface, "interface", "", "interface to check (default: the default route's)")
+	f.DurationVar(&o.opts.Timeout, "timeout", 1800*time.Millisecond, "time limit for the active probes of one run")
+	f.BoolVar(&o.jsonOut, "json", false, "print the report as JSON (schema in docs/netcheck.md)")
+	f.BoolVar(&o.watch, "watch", false, "keep checking; print a report whenever the status changes (with --json: one JSON document per line)")
+	f.StringVar(&o.metricsAddr, "metrics-addr", "", "with --watch: serve Prometheus metrics of the results on ADDR (e.g. :9153) at /metrics")
+	f.DurationVar(&o.interval, "interval", time.Second, "with --watch: how often to probe")
+	f.BoolVar(&o.host, "host", false, "check the node (bridges, veths, systemd-networkd, udev) instead of the workspace")
+	f.StringVar(&o.nodeOpts.Root, "root", "/", "with --host: where the node's file tree is (a DaemonSet mounts it at /host)")
+	f.StringSliceVar(&o.nodeOpts.Bridges, "bridge", nil, "with --host: a bridge that must exist, be up and addressed (repeatable; CNI and Docker bridges are found automatically)")
+	f.BoolVar(&o.fix, "fix", false, "with --host: write networkd/udev configuration that keeps them off container interfaces")
+	f.BoolVar(&o.dryRun, "dry-run", false, "with --host: show what --fix would write, change nothing")
+	f.StringSliceVar(&o.guardPattern, "pattern", nil, "with --fix: extra interface-name glob to mark unmanaged (refused if it matches the uplink)")
 	return cmd
+}
+
+// runNetcheck checks the workspace (or, with --host, the node) once or,
+// with --watch, until ctx ends; the exit status is the verdict.
+func runNetcheck(ctx context.Context, env *cliEnv, o *netcheckOptions) error {
+	o.opts.Logger = env.Logger()
+	o.opts.Getenv = env.Getenv
+	o.nodeOpts.Logger = env.Logger()
+	if err := o.opts.Validate(); err != nil {
+		return err
+	}
+	if o.fix || o.dryRun {
+		return runGuard(ctx, env, o.nodeOpts, o.guardPattern, o.dryRun, o.jsonOut)
+	}
+	run := func(ctx context.Context) *netcheck.Report { return netcheck.Run(ctx, o.opts) }
+	watchFn := func(ctx context.Context, w netcheck.WatchOptions, fn func(*netcheck.Report)) error {
+		return netcheck.Watch(ctx, o.opts, w, fn)
+	}
+	if o.host {
+		run = func(ctx context.Context) *netcheck.Report { return node.Run(ctx, o.nodeOpts) }
+		watchFn = func(ctx context.Context, w netcheck.WatchOptions, fn func(*netcheck.Report)) error {
+			return node.Watch(ctx, o.nodeOpts, w, fn)
+		}
+	}
+	if o.watch {
+		var exp *netcheck.Exporter
+		if o.metricsAddr != "" {
+			exp = netcheck.NewExporter(nil)
+			stop, err := serveNetcheckMetrics(env, o.metricsAddr, exp)
+			if err != nil {
+				return err
+			}
+			defer stop()
+		}
+		// One document (or text report) per change: the periodic
+		// full report that says the same again is left out.
+		lastKey := ""
+		err := watchFn(ctx, netcheck.WatchOptions{Interval: o.interval}, func(r *netcheck.Report) {
+			if exp != nil {
+				exp.Observe(r)
+			}
+			k := r.ChangeKey()
+			if k == lastKey {
+				return
+			}
+			lastKey = k
+			if o.jsonOut {
+				_ = r.WriteJSONLine(env.Stdout)
+				return
+			}
+			fmt.Fprintf(env.Stdout, "%s ", time.Now().Format(time.RFC3339))
+			_ = r.WriteText(env.Stdout)
+			fmt.Fprintln(env.Stdout)
+		})
+		if err != nil && ctx.Err() == nil {
+			return err
+		}
+		return nil
+	}
+	r := run(ctx)
+	if o.jsonOut {
+		if err := r.WriteJSON(env.Stdout); err != nil {
+			return err
+		}
+	} else if err := r.WriteText(env.Stdout); err != nil {
+		return err
+	}
+	return verdictExit(r)
 }
 
 // runGuard plans the networkd guard, shows it, and writes it unless this is

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -15,14 +16,24 @@ import (
 	"github.com/agentd/agent/coordclient"
 )
 
+// runOptions is `agent run` as parsed from its command line.
+type runOptions struct {
+	url, token, tokenFile, fingerprint string
+	dataDir, healthAddr, memoryLimit   string
+	listenPort                         uint16
+	shell                              string
+	insecureHTTP, allowInsecurePerms   bool
+}
+
 func newRunCmd(env *cliEnv) *cobra.Command {
-	var (
-		url, token, tokenFile, fingerprint string
-		dataDir, healthAddr, memoryLimit   string
-		listenPort                         uint16
-		shell                              string
-		insecureHTTP, allowInsecurePerms   bool
-	)
+	return newRunCmdWith(env, runAgent)
+}
+
+// newRunCmdWith builds the command around runF, so tests can check what the
+// command line and the environment parse to without starting the agent.
+func newRunCmdWith(env *cliEnv, runF func(context.Context, *cliEnv, *runOptions) error) *cobra.Command {
+	o := &runOptions{}
+	var memoryLimit string // --memory-limit; copied into o when the command runs
 	cmd := &cobra.Command{
 		Use:   "run",
 		Short: "Run the workspace agent: join the tailnet, serve SSH and port forwarding",
@@ -39,96 +50,103 @@ AGENT_TOKEN, and is never passed to processes the agent starts. Given by
 by every local user, or a data directory writable by every local user, is
 refused (--allow-insecure-permissions overrides); a group-readable token file
 whose group has other members is warned about. See docs/security.md.`,
-		Args: cobra.NoArgs,
+		Args: usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			log := env.Logger()
-			// Before the token is in memory: processes of the same uid
-			// (every SSH session) may not read /proc/PID/environ or mem of
-			// the agent, nor attach a debugger. OpenSSH's sshd does the
-			// same. Children are dumpable again after exec.
-			if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
-				log.Warn("could not protect the agent's memory from processes of the same user", "err", err)
-			}
-			tok, src, err := loadToken(env, token, tokenFile)
-			if err != nil {
-				return err
-			}
-			if dataDir == "" {
-				dataDir = defaultDataDir(env)
-			}
-			policy := permissionPolicy{allowInsecure: allowInsecurePerms, log: log}
-			if src == tokenFromFile {
-				if err := policy.checkTokenFile(tokenFile); err != nil {
-					return err
-				}
-			}
-			if err := policy.checkDataDir(dataDir); err != nil {
-				return err
-			}
-			if url == "" {
-				return errors.New("no coordinator URL: pass --coordinator-url or set AGENT_URL")
-			}
-			if _, err := coordclient.ParseURL(url, fingerprint, insecureHTTP); err != nil {
-				return err
-			}
-			// A token on the command line or in the environment stays
-			// visible in /proc/PID/cmdline and /proc/PID/environ however
-			// the process changes its variables: start afresh without it.
-			if tokenInProcessImage(tok) {
-				return reexecWithoutToken(tok)
-			}
-			// As PID 1 in a container, stay PID 1 only to reap orphans and
-			// pass signals on, and run the agent itself as a child, handing
-			// it the token on descriptor 3.
-			if os.Getpid() == 1 {
-				r, err := tokenPipe(tok)
-				if err != nil {
-					return err
-				}
-				args, childEnv := withoutToken(os.Args, os.Environ(), 3)
-				if err := reaper.ReapOrphansIfPID1With(log, reaper.Child{Args: args, Env: childEnv, Files: []*os.File{r}}); err != nil {
-					return err
-				}
-			}
-			// Children (SSH sessions) must not inherit the token or know
-			// where it was.
-			for _, k := range []string{"AGENT_TOKEN", "AGENT_TOKEN_FILE", envTokenFD} {
-				os.Unsetenv(k)
-			}
-			limit, err := applyMemoryLimit(env, memoryLimit)
-			if err != nil {
-				return err
-			}
-			if limit > 0 {
-				log.Debug("soft memory limit", "bytes", limit)
-			}
-			a, err := agent.New(agent.Options{
-				Logger:      log,
-				Coordinator: coordclient.Config{URL: url, Token: tok, Fingerprint: fingerprint, InsecureHTTP: insecureHTTP},
-				DataDir:     dataDir,
-				HealthAddr:  healthAddr,
-				ListenPort:  listenPort,
-				Shell:       shell,
-			})
-			if err != nil {
-				return err
-			}
-			return a.Run(cmd.Context())
+			o.memoryLimit = memoryLimit
+			return runF(cmd.Context(), env, o)
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&url, "coordinator-url", env.Getenv("AGENT_URL"), "coordinator URL, e.g. https://coord.example.com:8443 (env AGENT_URL)")
-	f.StringVar(&tokenFile, "token-file", env.Getenv("AGENT_TOKEN_FILE"), "file holding the agent token (env AGENT_TOKEN_FILE; preferred over --token)")
-	f.StringVar(&token, "token", env.Getenv("AGENT_TOKEN"), "agent token (env AGENT_TOKEN; visible in the process list: prefer --token-file)")
-	f.StringVar(&fingerprint, "fingerprint", env.Getenv("AGENT_FINGERPRINT"), "SHA-256 fingerprint of the coordinator's self-signed certificate to pin (env AGENT_FINGERPRINT)")
-	f.BoolVar(&insecureHTTP, "insecure-http", coordclient.InsecureHTTPFromEnv(env.Getenv(coordclient.EnvInsecureHTTP)), "allow an http:// coordinator URL: the token travels in cleartext (env AGENT_INSECURE_HTTP=1)")
-	f.BoolVar(&allowInsecurePerms, "allow-insecure-permissions", coordclient.InsecureHTTPFromEnv(env.Getenv("AGENT_ALLOW_INSECURE_PERMISSIONS")), "run even when the token file is readable by every local user or the data directory writable by every local user (env AGENT_ALLOW_INSECURE_PERMISSIONS=1)")
-	f.StringVar(&dataDir, "data-dir", env.Getenv("AGENT_DATA_DIR"), "directory for state kept across restarts, e.g. the SSH host key (env AGENT_DATA_DIR; default ~/.local/state/agent)")
-	f.StringVar(&healthAddr, "health-addr", envOr(env, "AGENT_HEALTH_ADDR", "127.0.0.1:2113"), "serve /healthz, /readyz and /metrics here; empty disables (env AGENT_HEALTH_ADDR)")
+	f.StringVar(&o.url, "coordinator-url", env.Getenv("AGENT_URL"), "coordinator URL, e.g. https://coord.example.com:8443 (env AGENT_URL)")
+	f.StringVar(&o.tokenFile, "token-file", env.Getenv("AGENT_TOKEN_FILE"), "file holding the agent token (env AGENT_TOKEN_FILE; preferred over --token)")
+	f.StringVar(&o.token, "token", env.Getenv("AGENT_TOKEN"), "agent token (env AGENT_TOKEN; visible in the process list: prefer --token-file)")
+	f.StringVar(&o.fingerprint, "fingerprint", env.Getenv("AGENT_FINGERPRINT"), "SHA-256 fingerprint of the coordinator's self-signed certificate to pin (env AGENT_FINGERPRINT)")
+	f.BoolVar(&o.insecureHTTP, "insecure-http", coordclient.InsecureHTTPFromEnv(env.Getenv(coordclient.EnvInsecureHTTP)), "allow an http:// coordinator URL: the token travels in cleartext (env AGENT_INSECURE_HTTP=1)")
+	f.BoolVar(&o.allowInsecurePerms, "allow-insecure-permissions", coordclient.InsecureHTTPFromEnv(env.Getenv("AGENT_ALLOW_INSECURE_PERMISSIONS")), "run even when the token file is readable by every local user or the data directory writable by every local user (env AGENT_ALLOW_INSECURE_PERMISSIONS=1)")
+	f.StringVar(&o.dataDir, "data-dir", env.Getenv("AGENT_DATA_DIR"), "directory for state kept across restarts, e.g. the SSH host key (env AGENT_DATA_DIR; default ~/.local/state/agent)")
+	f.StringVar(&o.healthAddr, "health-addr", envOr(env, "AGENT_HEALTH_ADDR", "127.0.0.1:2113"), "serve /healthz, /readyz and /metrics here; empty disables (env AGENT_HEALTH_ADDR)")
 	f.StringVar(&memoryLimit, "memory-limit", envOr(env, "AGENT_MEMORY_LIMIT", defaultMemoryLimit), memoryLimitFlagUsage("AGENT_MEMORY_LIMIT"))
-	f.StringVar(&shell, "shell", env.Getenv("AGENT_SHELL"), "shell for SSH sessions instead of the account's login shell from /etc/passwd, e.g. /bin/sh in an image whose passwd entry names a shell it lacks (env AGENT_SHELL)")
-	f.Uint16Var(&listenPort, "listen-port", 0, "UDP port for WireGuard (0 picks one; set it when the host publishes a fixed UDP port)")
+	f.StringVar(&o.shell, "shell", env.Getenv("AGENT_SHELL"), "shell for SSH sessions instead of the account's login shell from /etc/passwd, e.g. /bin/sh in an image whose passwd entry names a shell it lacks (env AGENT_SHELL)")
+	f.Uint16Var(&o.listenPort, "listen-port", 0, "UDP port for WireGuard (0 picks one; set it when the host publishes a fixed UDP port)")
 	return cmd
+}
+
+// runAgent runs the workspace agent until ctx ends (or, with the token in
+// its process image, re-executes itself without it).
+func runAgent(ctx context.Context, env *cliEnv, o *runOptions) error {
+	log := env.Logger()
+	// Before the o.token is in memory: processes of the same uid
+	// (every SSH session) may not read /proc/PID/environ or mem of
+	// the agent, nor attach a debugger. OpenSSH's sshd does the
+	// same. Children are dumpable again after exec.
+	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
+		log.Warn("could not protect the agent's memory from processes of the same user", "err", err)
+	}
+	tok, src, err := loadToken(env, o.token, o.tokenFile)
+	if err != nil {
+		return err
+	}
+	if o.dataDir == "" {
+		o.dataDir = defaultDataDir(env)
+	}
+	policy := permissionPolicy{allowInsecure: o.allowInsecurePerms, log: log}
+	if src == tokenFromFile {
+		if err := policy.checkTokenFile(o.tokenFile); err != nil {
+			return err
+		}
+	}
+	if err := policy.checkDataDir(o.dataDir); err != nil {
+		return err
+	}
+	if o.url == "" {
+		return errors.New("no coordinator URL: pass --coordinator-o.url or set AGENT_URL")
+	}
+	if _, err := coordclient.ParseURL(o.url, o.fingerprint, o.insecureHTTP); err != nil {
+		return err
+	}
+	// A o.token on the command line or in the environment stays
+	// visible in /proc/PID/cmdline and /proc/PID/environ however
+	// the process changes its variables: start afresh without it.
+	if tokenInProcessImage(tok) {
+		return reexecWithoutToken(tok)
+	}
+	// As PID 1 in a container, stay PID 1 only to reap orphans and
+	// pass signals on, and run the agent itself as a child, handing
+	// it the o.token on descriptor 3.
+	if os.Getpid() == 1 {
+		r, err := tokenPipe(tok)
+		if err != nil {
+			return err
+		}
+		args, childEnv := withoutToken(os.Args, os.Environ(), 3)
+		if err := reaper.ReapOrphansIfPID1With(log, reaper.Child{Args: args, Env: childEnv, Files: []*os.File{r}}); err != nil {
+			return err
+		}
+	}
+	// Children (SSH sessions) must not inherit the o.token or know
+	// where it was.
+	for _, k := range []string{"AGENT_TOKEN", "AGENT_TOKEN_FILE", envTokenFD} {
+		os.Unsetenv(k)
+	}
+	limit, err := applyMemoryLimit(env, o.memoryLimit)
+	if err != nil {
+		return err
+	}
+	if limit > 0 {
+		log.Debug("soft memory limit", "bytes", limit)
+	}
+	a, err := agent.New(agent.Options{
+		Logger:      log,
+		Coordinator: coordclient.Config{URL: o.url, Token: tok, Fingerprint: o.fingerprint, InsecureHTTP: o.insecureHTTP},
+		DataDir:     o.dataDir,
+		HealthAddr:  o.healthAddr,
+		ListenPort:  o.listenPort,
+		Shell:       o.shell,
+	})
+	if err != nil {
+		return err
+	}
+	return a.Run(ctx)
 }
 
 // loadToken finds the token: handed over on a descriptor by agent run

@@ -65,37 +65,53 @@ func readBuildInfo() buildInfo {
 	return info
 }
 
+// versionOptions is `agent version` as parsed from its command line.
+type versionOptions struct {
+	json bool
+}
+
 func newVersionCmd(env *cliEnv) *cobra.Command {
-	var asJSON bool
+	return newVersionCmdWith(env, runVersion)
+}
+
+// newVersionCmdWith builds the command around runF, so tests can check what
+// the command line parses to.
+func newVersionCmdWith(env *cliEnv, runF func(*cliEnv, *versionOptions) error) *cobra.Command {
+	o := &versionOptions{}
 	cmd := &cobra.Command{
 		Use:   "version",
 		Short: "Print the agent's version, source revision, Go and Tailscale versions",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			info := readBuildInfo()
-			if asJSON {
-				enc := json.NewEncoder(env.Stdout)
-				enc.SetIndent("", "  ")
-				return enc.Encode(info)
-			}
-			revision := info.Revision
-			if revision == "" {
-				revision = "unknown (built without VCS information)"
-			} else if info.Modified {
-				revision += " (modified)"
-			}
-			fmt.Fprintf(env.Stdout, "agent %s\n", info.Version)
-			fmt.Fprintf(env.Stdout, "  revision:  %s\n", revision)
-			if info.RevisionTime != "" {
-				fmt.Fprintf(env.Stdout, "  committed: %s\n", info.RevisionTime)
-			}
-			fmt.Fprintf(env.Stdout, "  go:        %s %s\n", info.GoVersion, info.Platform)
-			if info.TailscaleVersion != "" {
-				fmt.Fprintf(env.Stdout, "  tailscale: %s\n", info.TailscaleVersion)
-			}
-			return nil
+		Args:  usageArgs(cobra.NoArgs),
+		RunE: func(*cobra.Command, []string) error {
+			return runF(env, o)
 		},
 	}
-	cmd.Flags().BoolVar(&asJSON, "json", false, "print the build information as JSON")
+	cmd.Flags().BoolVar(&o.json, "json", false, "print the build information as JSON")
 	return cmd
+}
+
+// runVersion prints the build information of the running binary.
+func runVersion(env *cliEnv, o *versionOptions) error {
+	info := readBuildInfo()
+	if o.json {
+		enc := json.NewEncoder(env.Stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(info)
+	}
+	revision := info.Revision
+	if revision == "" {
+		revision = "unknown (built without VCS information)"
+	} else if info.Modified {
+		revision += " (modified)"
+	}
+	fmt.Fprintf(env.Stdout, "agent %s\n", info.Version)
+	fmt.Fprintf(env.Stdout, "  revision:  %s\n", revision)
+	if info.RevisionTime != "" {
+		fmt.Fprintf(env.Stdout, "  committed: %s\n", info.RevisionTime)
+	}
+	fmt.Fprintf(env.Stdout, "  go:        %s %s\n", info.GoVersion, info.Platform)
+	if info.TailscaleVersion != "" {
+		fmt.Fprintf(env.Stdout, "  tailscale: %s\n", info.TailscaleVersion)
+	}
+	return nil
 }
