@@ -103,12 +103,16 @@ one certificate whichever replica answers.`,
 func runCoordinator(ctx context.Context, env *cliEnv, o *coordinatorOptions) error {
 	cfg := o.cfg
 	cfg.Logger = env.Logger()
-	limit, err := applyMemoryLimit(env, o.memoryLimit)
-	if err != nil {
-		return err
-	}
-	if limit > 0 {
-		cfg.Logger.Debug("soft memory limit", "bytes", limit)
+	// The flag always has a value; an in-process caller that gives none
+	// leaves its own runtime's limit alone.
+	if o.memoryLimit != "" {
+		limit, err := applyMemoryLimit(env, o.memoryLimit)
+		if err != nil {
+			return err
+		}
+		if limit > 0 {
+			cfg.Logger.Debug("soft memory limit", "bytes", limit)
+		}
 	}
 	var metricsLn net.Listener
 	if o.metricsAddr != "" {

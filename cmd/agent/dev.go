@@ -69,12 +69,16 @@ issues fresh tokens. Stop it with Ctrl-C.`,
 // ends.
 func runDev(ctx context.Context, env *cliEnv, o *devOptions) error {
 	log := env.Logger()
-	limit, err := applyMemoryLimit(env, o.memoryLimit)
-	if err != nil {
-		return err
-	}
-	if limit > 0 {
-		log.Debug("soft memory limit", "bytes", limit)
+	// The flag always has a value; an in-process caller that gives none
+	// leaves its own runtime's limit alone.
+	if o.memoryLimit != "" {
+		limit, err := applyMemoryLimit(env, o.memoryLimit)
+		if err != nil {
+			return err
+		}
+		if limit > 0 {
+			log.Debug("soft memory limit", "bytes", limit)
+		}
 	}
 	abs, err := filepath.Abs(o.dataDir)
 	if err != nil {

@@ -156,13 +156,13 @@ func TestDevOptions(t *testing.T) {
 	if code, stderr := parseCmd(t, nil, capture, "dev"); code != 0 {
 		t.Fatal(stderr)
 	}
-	if want := (devOptions{dataDir: "agent-data", listen: "127.0.0.1:7443", stunAddr: "127.0.0.1:0", name: "dev", user: "dev"}); *got != want {
+	if want := (devOptions{dataDir: "agent-data", listen: "127.0.0.1:7443", stunAddr: "127.0.0.1:0", name: "dev", user: "dev", memoryLimit: defaultDevMemoryLimit}); *got != want {
 		t.Errorf("defaults = %+v, want %+v", *got, want)
 	}
 	if code, stderr := parseCmd(t, map[string]string{"AGENT_SHELL": "/bin/sh"}, capture, "dev", "--data-dir", "/d", "--listen", ":1", "--stun-addr", ":2", "--name", "ws9", "--user", "ann"); code != 0 {
 		t.Fatal(stderr)
 	}
-	if want := (devOptions{dataDir: "/d", listen: ":1", stunAddr: ":2", name: "ws9", user: "ann", shell: "/bin/sh"}); *got != want {
+	if want := (devOptions{dataDir: "/d", listen: ":1", stunAddr: ":2", name: "ws9", user: "ann", shell: "/bin/sh", memoryLimit: defaultDevMemoryLimit}); *got != want {
 		t.Errorf("flags = %+v, want %+v", *got, want)
 	}
 }
