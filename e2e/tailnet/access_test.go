@@ -151,11 +151,12 @@ func TestRevocationEndsOpenSSHAndPortForward(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 
-	// The mark names the remote process; ssh's own command line spells it
-	// differently, so pgrep finds only the remote one.
+	// The mark is the remote sh's last argument (POSIX sh: the e2e agents
+	// run /bin/sh); ssh's own command line spells it differently, so
+	// pgrep finds only the remote one.
 	suffix := filepath.Base(t.TempDir())
 	mark := "agent-e2e-revoke-" + suffix
-	ssh := openSSH(ctx, d, tok.Secret, config, `exec -a "$(printf %s agent-e2e-revoke)-`+suffix+`" sleep 300`)
+	ssh := openSSH(ctx, d, tok.Secret, config, `exec sh -c 'sleep 300; :' "$(printf %s agent-e2e-revoke)-`+suffix+`"`)
 	var sshOut lockedBuffer
 	ssh.Stdout, ssh.Stderr = &sshOut, &sshOut
 	if err := ssh.Start(); err != nil {
