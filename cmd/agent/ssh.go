@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"strings"
 	"time"
@@ -128,19 +129,11 @@ func runSSH(ctx context.Context, env *cliEnv, o *sshOptions) error {
 	}
 	var code int
 	err = untilAccessEnds(ctx, ws, func(ctx context.Context) error {
-		conn, err := ws.DialTCP(cctx, client.PortSSH)
+		conn, done, err := dialSSH(ctx, cctx, ws)
 		if err != nil {
 			return err
 		}
-		defer conn.Close()
-		// Access ended: hang up now rather than wait for the workspace's
-		// close, which can no longer arrive.
-		stop := context.AfterFunc(ctx, func() {
-			if ws.Err() != nil {
-				conn.Close()
-			}
-		})
-		defer stop()
+		defer done()
 		// The deadline bounds the SSH handshake; sshclient clears it once
 		// the session is up.
 		if d, ok := cctx.Deadline(); ok {
@@ -182,6 +175,23 @@ func runSSH(ctx context.Context, env *cliEnv, o *sshOptions) error {
 	return nil
 }
 
+// dialSSH connects to the workspace's SSH server within dialCtx. When
+// access ends while ctx runs, the connection is hung up at once rather than
+// waiting for the workspace's close, which can no longer arrive. done
+// closes the connection.
+func dialSSH(ctx, dialCtx context.Context, ws *client.Workspace) (conn net.Conn, done func(), err error) {
+	conn, err = ws.DialTCP(dialCtx, client.PortSSH)
+	if err != nil {
+		return nil, nil, err
+	}
+	stop := context.AfterFunc(ctx, func() {
+		if ws.Err() != nil {
+			conn.Close()
+		}
+	})
+	return conn, func() { stop(); conn.Close() }, nil
+}
+
 var (
 	errStdinClosed = errors.New("OpenSSH closed standard input (it gave up or was stopped)")
 	errParentGone  = errors.New("the process that started agent ssh --stdio exited")
@@ -216,17 +226,11 @@ func runSSHStdio(ctx context.Context, env *cliEnv, o *sshOptions) error {
 	}
 	defer ws.Close()
 	err = untilAccessEnds(ctx, ws, func(ctx context.Context) error {
-		conn, err := ws.DialTCP(tctx, client.PortSSH)
+		conn, done, err := dialSSH(ctx, tctx, ws)
 		if err != nil {
 			return err
 		}
-		defer conn.Close()
-		stop := context.AfterFunc(ctx, func() {
-			if ws.Err() != nil {
-				conn.Close()
-			}
-		})
-		defer stop()
+		defer done()
 		return sshclient.ProxyStdio(ctx, conn, in, env.Stdout)
 	})
 	if cause := context.Cause(ctx); cause != nil && errors.Is(err, context.Canceled) {
