@@ -10,6 +10,8 @@ import (
 	"encoding/hex"
 	"net"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -175,4 +177,62 @@ func TestReplicasShareCertificate(t *testing.T) {
 	if other.Fingerprint() != first.Fingerprint() || other.Fingerprint() == "" {
 		t.Fatalf("fingerprints %q and %q", other.Fingerprint(), first.Fingerprint())
 	}
+}
+
+// TestDERPMapListsLiveReplicas: with a mesh, the DERP map a peer gets
+// lists every live replica's relay in the one region, the replica it
+// dialled first, and drops a replica that stopped.
+func TestDERPMapListsLiveReplicas(t *testing.T) {
+	url := pgtest.Start(t).NewDatabase()
+	var reps []*testCoordinator
+	for range 3 {
+		reps = append(reps, startCoordinator(t, t.TempDir(), coordOpts{tweak: func(c *coordinator.Config) {
+			c.PostgresURL, c.MeshKey = url, testMeshKey
+			c.ReplicaHeartbeat, c.ReplicaDeadAfter = testHeartbeat, testDeadAfter
+		}}))
+	}
+	f := replicaFixtureOn(t, reps, url)
+	a := reps[0]
+	relayOf := func(tc *testCoordinator) string {
+		return strings.TrimPrefix(tc.URL(), "https://")
+	}
+	// nodes returns the host:port of each node of the map a new client
+	// of replica A gets.
+	nodes := func() []string {
+		pc := startClient(t, a, f.alice)
+		defer pc.stop()
+		h := recv(t, pc.rec.hellos, "hello")
+		if n := len(h.DERPMap.Regions); n != 1 {
+			t.Fatalf("DERP map has %d regions, want one shared by the replicas", n)
+		}
+		var out []string
+		for i, n := range h.DERPMap.Regions[0].Nodes {
+			// Only the dialled replica's STUN port is known here.
+			if i > 0 && n.STUNPort != -1 {
+				t.Errorf("node %s: STUN port %d, want none", n.Name, n.STUNPort)
+			}
+			out = append(out, net.JoinHostPort(n.HostName, strconv.Itoa(n.DERPPort)))
+		}
+		return out
+	}
+	waitNodes := func(want []string) {
+		t.Helper()
+		deadline := time.Now().Add(waitFor)
+		for {
+			// The dialled replica comes first; the others in any order.
+			got := nodes()
+			if len(got) > 0 && got[0] == want[0] && len(got) == len(want) &&
+				slices.Equal(slices.Sorted(slices.Values(got[1:])), slices.Sorted(slices.Values(want[1:]))) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("DERP map nodes %v, want %v", got, want)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	waitNodes([]string{relayOf(a), relayOf(reps[1]), relayOf(reps[2])})
+
+	reps[2].stop()
+	waitNodes([]string{relayOf(a), relayOf(reps[1])})
 }

@@ -2,10 +2,13 @@ package coordinator
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/agentd/agent/tailnet"
 )
 
 // meshPeer is another replica's relay we keep a mesh connection to.
@@ -26,34 +29,63 @@ type mesh struct {
 	failed map[string]bool      // replica id -> the last attempt failed (logged once)
 }
 
-// sync starts mesh connections to new replicas and stops those to
-// replicas that are gone or moved.
-func (m *mesh) sync(ctx context.Context) error {
+// replicaRelay is one replica's relay as the replicas table lists it;
+// live says its heartbeat is recent.
+type replicaRelay struct {
+	id, url, fingerprint string
+	live                 bool
+}
+
+// listRelays reads the replicas table, ours included, in a stable order.
+func (r *replicator) listRelays(ctx context.Context) ([]replicaRelay, error) {
 	qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	rows, _ := m.r.pool.Query(qctx, `SELECT id, url, fingerprint FROM replicas WHERE id <> $1`, m.r.id)
-	type rep struct{ id, url, fp string }
-	reps, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (rep, error) {
-		var x rep
-		err := row.Scan(&x.id, &x.url, &x.fp)
+	rows, _ := r.pool.Query(qctx, `SELECT id, url, fingerprint, heartbeat >= now() - $1::interval FROM replicas ORDER BY id`,
+		fmt.Sprintf("%d milliseconds", r.deadAfter.Milliseconds()))
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (replicaRelay, error) {
+		var x replicaRelay
+		err := row.Scan(&x.id, &x.url, &x.fingerprint, &x.live)
 		return x, err
 	})
-	if err != nil {
-		return err
+}
+
+// liveRelays returns the relays of the replicas that heartbeat, ours
+// first, as of the last heartbeat.
+func (r *replicator) liveRelays() []replicaRelay {
+	p := r.relays.Load()
+	if p == nil {
+		return nil
 	}
+	var out []replicaRelay
+	for _, x := range *p {
+		if x.live && x.id == r.id {
+			out = append([]replicaRelay{x}, out...)
+		} else if x.live {
+			out = append(out, x)
+		}
+	}
+	return out
+}
+
+// sync starts mesh connections to new replicas and stops those to
+// replicas that are gone or moved.
+func (m *mesh) sync(ctx context.Context, reps []replicaRelay) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	live := map[string]bool{}
 	for _, x := range reps {
+		if x.id == m.r.id {
+			continue
+		}
 		live[x.id] = true
-		if p := m.peers[x.id]; p != nil && p.url == x.url && p.fingerprint == x.fp {
+		if p := m.peers[x.id]; p != nil && p.url == x.url && p.fingerprint == x.fingerprint {
 			continue
 		} else if p != nil {
 			p.cancel()
 		}
 		pctx, pcancel := context.WithCancel(ctx)
-		m.peers[x.id] = &meshPeer{url: x.url, fingerprint: x.fp, cancel: pcancel}
-		id, url := x.id, x.url
+		m.peers[x.id] = &meshPeer{url: x.url, fingerprint: x.fingerprint, cancel: pcancel}
+		id, url, fp := x.id, x.url, x.fingerprint
 		onErr := func(err error) {
 			m.mu.Lock()
 			first := !m.failed[id]
@@ -65,7 +97,7 @@ func (m *mesh) sync(ctx context.Context) error {
 			}
 		}
 		go func() {
-			if err := m.derp.MeshWith(pctx, url, x.fp, onErr); err != nil {
+			if err := m.derp.MeshWith(pctx, url, fp, onErr); err != nil {
 				m.r.logger.Warn("cannot mesh with another replica", "replica", id, "url", url, "err", err)
 			}
 		}()
@@ -78,7 +110,21 @@ func (m *mesh) sync(ctx context.Context) error {
 			delete(m.failed, id)
 		}
 	}
-	return nil
+}
+
+// addReplicaRelays lists every live replica's relay in the coordinator
+// region of m after the node the peer dialled, so a peer whose relay's
+// replica stops moves to another one. Only meshed relays are listed:
+// without the mesh, peers on different relays cannot reach each other.
+func (s *Server) addReplicaRelays(m *tailnet.DERPMap) {
+	if s.repl == nil || s.repl.mesh == nil {
+		return
+	}
+	for _, x := range s.repl.liveRelays() {
+		if err := m.AddRelay(fmt.Sprintf("%d-%s", tailnet.DefaultRegionID, x.id), x.url, x.fingerprint); err != nil {
+			s.logger.Debug("replica relay left out of the DERP map", "replica", x.id, "err", err)
+		}
+	}
 }
 
 // stop ends every mesh connection.

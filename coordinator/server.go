@@ -454,8 +454,12 @@ func (s *Server) derpMapFor(host string) (*tailnet.DERPMap, error) {
 		stunPort = a.Port
 	}
 	m, err := tailnet.CoordinatorDERPMap(host, stunPort, s.fingerprint)
-	if err != nil || s.stun2 == nil || stunPort < 0 {
+	if err != nil {
 		return m, err
+	}
+	s.addReplicaRelays(m)
+	if s.stun2 == nil || stunPort < 0 {
+		return m, nil
 	}
 	if a, ok := s.stun2.LocalAddr().(*net.UDPAddr); ok && a != nil {
 		m.Regions[0].Nodes[0].STUNPort2 = a.Port
