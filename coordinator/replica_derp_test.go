@@ -6,9 +6,12 @@ import (
 	"context"
 	"crypto/ecdh"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/binary"
 	"encoding/hex"
+	"io"
 	"net"
+	"net/http"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -235,4 +238,74 @@ func TestDERPMapListsLiveReplicas(t *testing.T) {
 
 	reps[2].stop()
 	waitNodes([]string{relayOf(a), relayOf(reps[1])})
+}
+
+// readyzOf returns the status and body of tc's /readyz.
+func readyzOf(t *testing.T, tc *testCoordinator) (int, string) {
+	t.Helper()
+	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+		TLSClientConfig: &tls.Config{InsecureSkipVerify: true}, // the test's self-signed certificate
+	}}
+	defer hc.CloseIdleConnections()
+	resp, err := hc.Get(tc.URL() + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// TestReadyzFollowsMesh: a replica that cannot mesh with a live one (a
+// mismatched mesh key) is not ready and says why, without making the
+// meshed replica unready; one that meshes with every live replica is.
+func TestReadyzFollowsMesh(t *testing.T) {
+	url := pgtest.Start(t).NewDatabase()
+	start := func(meshKey string) *testCoordinator {
+		return startCoordinator(t, t.TempDir(), coordOpts{tweak: func(c *coordinator.Config) {
+			c.PostgresURL, c.MeshKey = url, meshKey
+			c.ReplicaHeartbeat, c.ReplicaDeadAfter = testHeartbeat, testDeadAfter
+		}})
+	}
+	waitReady := func(tc *testCoordinator, name string) {
+		t.Helper()
+		deadline := time.Now().Add(waitFor)
+		for {
+			code, body := readyzOf(t, tc)
+			if code == http.StatusOK {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("replica %s not ready: %d %s", name, code, body)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	a := start(testMeshKey)
+	waitReady(a, "A")
+
+	bad := start(strings.Repeat("ab", 32))
+	// Long enough for both to list each other and fail to mesh, past
+	// the grace a broken link gets (twice the dead-after time).
+	deadline := time.Now().Add(3*testDeadAfter + time.Second)
+	sawWhy := false
+	for time.Now().Before(deadline) {
+		code, body := readyzOf(t, bad)
+		if code == http.StatusOK {
+			t.Fatal("a replica that cannot mesh with the live one reports ready")
+		}
+		sawWhy = sawWhy || strings.Contains(body, "no DERP mesh link")
+		if code, body := readyzOf(t, a); code != http.StatusOK {
+			t.Fatalf("the meshed replica turned unready because of the misconfigured one: %d %s", code, body)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if !sawWhy {
+		t.Fatal("the unready replica never said its mesh link is missing")
+	}
+	bad.stop()
+
+	c := start(testMeshKey)
+	waitReady(c, "C")
+	waitReady(a, "A")
 }

@@ -15,6 +15,10 @@ import (
 type meshPeer struct {
 	url, fingerprint string
 	cancel           context.CancelFunc
+	// up says the link answered its last ping; downSince is when it
+	// last stopped (or started) answering. Under mesh.mu.
+	up, wasUp bool
+	downSince time.Time
 }
 
 // mesh keeps our DERP relay meshed with every other live replica's, as
@@ -22,11 +26,50 @@ type meshPeer struct {
 type mesh struct {
 	r    *replicator
 	derp interface {
-		MeshWith(context.Context, string, string, func(error)) error
+		MeshWith(context.Context, string, string, func(error), func(bool)) error
 	}
 	mu     sync.Mutex
 	peers  map[string]*meshPeer // replica id ->
 	failed map[string]bool      // replica id -> the last attempt failed (logged once)
+	// meshed says every live replica's link has been up at once; until
+	// then this replica is not ready.
+	meshed bool
+}
+
+// notReady says why this replica should not take new peers because of
+// its mesh, or "" if it may. Until its links to all live replicas have
+// been up together it is not ready; after that, a link that worked counts
+// as missing once it has been down for twice the heartbeat's dead-after
+// time, long enough for a replica that died to drop out of the live list
+// first, so the survivors never all turn unready together. A link to a
+// replica that started later and never meshed (a wrong mesh key, say)
+// leaves that replica unready, not this one.
+func (m *mesh) notReady(now time.Time) string {
+	reps := m.r.relays.Load()
+	if reps == nil {
+		return "not ready: the replicas for the DERP mesh are not listed yet"
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	allUp := true
+	for _, x := range *reps {
+		if x.id == m.r.id || !x.live {
+			continue
+		}
+		p := m.peers[x.id]
+		if p != nil && p.up {
+			continue
+		}
+		allUp = false
+		if m.meshed && (p == nil || !p.wasUp || now.Sub(p.downSince) < 2*m.r.deadAfter) {
+			continue
+		}
+		return fmt.Sprintf("not ready: no DERP mesh link to replica %s at %s (same --mesh-key everywhere, and is its --mesh-url reachable from here?)", x.id, x.url)
+	}
+	if allUp {
+		m.meshed = true
+	}
+	return ""
 }
 
 // replicaRelay is one replica's relay as the replicas table lists it;
@@ -84,8 +127,25 @@ func (m *mesh) sync(ctx context.Context, reps []replicaRelay) {
 			p.cancel()
 		}
 		pctx, pcancel := context.WithCancel(ctx)
-		m.peers[x.id] = &meshPeer{url: x.url, fingerprint: x.fingerprint, cancel: pcancel}
+		p := &meshPeer{url: x.url, fingerprint: x.fingerprint, cancel: pcancel, downSince: time.Now()}
+		m.peers[x.id] = p
 		id, url, fp := x.id, x.url, x.fingerprint
+		onLink := func(up bool) {
+			m.mu.Lock()
+			defer m.mu.Unlock()
+			if m.peers[id] != p || p.up == up {
+				return
+			}
+			p.up = up
+			if up {
+				p.wasUp = true
+				delete(m.failed, id)
+				m.r.logger.Info("DERP mesh link with another replica is up", "replica", id, "url", url)
+			} else {
+				p.downSince = time.Now()
+				m.r.logger.Warn("DERP mesh link with another replica stopped answering", "replica", id, "url", url)
+			}
+		}
 		onErr := func(err error) {
 			m.mu.Lock()
 			first := !m.failed[id]
@@ -97,7 +157,7 @@ func (m *mesh) sync(ctx context.Context, reps []replicaRelay) {
 			}
 		}
 		go func() {
-			if err := m.derp.MeshWith(pctx, url, fp, onErr); err != nil {
+			if err := m.derp.MeshWith(pctx, url, fp, onErr, onLink); err != nil {
 				m.r.logger.Warn("cannot mesh with another replica", "replica", id, "url", url, "err", err)
 			}
 		}()

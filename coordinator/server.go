@@ -308,6 +308,12 @@ func (s *Server) routes() http.Handler {
 			http.Error(w, "not ready: the database does not answer", http.StatusServiceUnavailable)
 			return
 		}
+		if s.repl != nil && s.repl.mesh != nil {
+			if why := s.repl.mesh.notReady(time.Now()); why != "" {
+				http.Error(w, why, http.StatusServiceUnavailable)
+				return
+			}
+		}
 		w.Write([]byte("ready\n"))
 	})
 	return mux

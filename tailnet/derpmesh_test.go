@@ -30,7 +30,7 @@ func meshPair(t *testing.T, keyA, keyB string) (a, b *testRelay, errs *atomic.In
 	onErr := func(error) { errs.Add(1) }
 	for _, p := range [][2]*testRelay{{a, b}, {b, a}} {
 		from, to := p[0], p[1]
-		go from.derp.MeshWith(ctx, "https://"+to.srv.Listener.Addr().String(), to.dm.Regions[0].Nodes[0].CertFingerprint, onErr)
+		go from.derp.MeshWith(ctx, "https://"+to.srv.Listener.Addr().String(), to.dm.Regions[0].Nodes[0].CertFingerprint, onErr, nil)
 	}
 	return a, b, errs
 }
@@ -163,4 +163,33 @@ func TestDERPRegionFailover(t *testing.T) {
 			t.Fatal("the client did not move to the region's other relay")
 		}
 	}
+}
+
+// TestDERPMeshLinkState: a mesh link reports up once it carries pings,
+// and down once the other relay stops.
+func TestDERPMeshLinkState(t *testing.T) {
+	a, b := newTestRelay(t), newTestRelay(t)
+	for _, r := range []*testRelay{a, b} {
+		if err := r.derp.SetMeshKey(testMeshKey); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	var up atomic.Bool
+	go a.derp.MeshWith(ctx, "https://"+b.srv.Listener.Addr().String(), b.dm.Regions[0].Nodes[0].CertFingerprint, nil, up.Store)
+	waitLink := func(want bool) {
+		t.Helper()
+		deadline := time.Now().Add(15 * time.Second)
+		for up.Load() != want {
+			if time.Now().After(deadline) {
+				t.Fatalf("mesh link never reported up=%v", want)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	waitLink(true)
+	b.srv.Close()
+	b.derp.Close()
+	waitLink(false)
 }
