@@ -49,6 +49,8 @@ type replicator struct {
 	// connections; mesh is nil without a mesh key.
 	fingerprint string
 	mesh        *mesh
+	// relays is the replicas table as of our last heartbeat (with a mesh).
+	relays atomic.Pointer[[]replicaRelay]
 	// lastBeat is when our heartbeat last worked (Unix nanoseconds).
 	lastBeat atomic.Int64
 
@@ -537,8 +539,13 @@ func (r *replicator) heartbeatLoop(ctx context.Context) {
 			}
 		}
 		if r.mesh != nil {
-			if err := r.mesh.sync(ctx); err != nil && ctx.Err() == nil {
-				r.logger.Debug("could not list replicas for the DERP mesh", "err", r.describe(err))
+			if reps, err := r.listRelays(ctx); err != nil {
+				if ctx.Err() == nil {
+					r.logger.Debug("could not list replicas for the DERP mesh", "err", r.describe(err))
+				}
+			} else {
+				r.relays.Store(&reps)
+				r.mesh.sync(ctx, reps)
 			}
 		}
 		// Judge others only after beating long enough ourselves: after a

@@ -6,10 +6,15 @@ import (
 	"context"
 	"crypto/ecdh"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/binary"
 	"encoding/hex"
+	"io"
 	"net"
+	"net/http"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -175,4 +180,132 @@ func TestReplicasShareCertificate(t *testing.T) {
 	if other.Fingerprint() != first.Fingerprint() || other.Fingerprint() == "" {
 		t.Fatalf("fingerprints %q and %q", other.Fingerprint(), first.Fingerprint())
 	}
+}
+
+// TestDERPMapListsLiveReplicas: with a mesh, the DERP map a peer gets
+// lists every live replica's relay in the one region, the replica it
+// dialled first, and drops a replica that stopped.
+func TestDERPMapListsLiveReplicas(t *testing.T) {
+	url := pgtest.Start(t).NewDatabase()
+	var reps []*testCoordinator
+	for range 3 {
+		reps = append(reps, startCoordinator(t, t.TempDir(), coordOpts{tweak: func(c *coordinator.Config) {
+			c.PostgresURL, c.MeshKey = url, testMeshKey
+			c.ReplicaHeartbeat, c.ReplicaDeadAfter = testHeartbeat, testDeadAfter
+		}}))
+	}
+	f := replicaFixtureOn(t, reps, url)
+	a := reps[0]
+	relayOf := func(tc *testCoordinator) string {
+		return strings.TrimPrefix(tc.URL(), "https://")
+	}
+	// nodes returns the host:port of each node of the map a new client
+	// of replica A gets.
+	nodes := func() []string {
+		pc := startClient(t, a, f.alice)
+		defer pc.stop()
+		h := recv(t, pc.rec.hellos, "hello")
+		if n := len(h.DERPMap.Regions); n != 1 {
+			t.Fatalf("DERP map has %d regions, want one shared by the replicas", n)
+		}
+		var out []string
+		for i, n := range h.DERPMap.Regions[0].Nodes {
+			// Only the dialled replica's STUN port is known here.
+			if i > 0 && n.STUNPort != -1 {
+				t.Errorf("node %s: STUN port %d, want none", n.Name, n.STUNPort)
+			}
+			out = append(out, net.JoinHostPort(n.HostName, strconv.Itoa(n.DERPPort)))
+		}
+		return out
+	}
+	waitNodes := func(want []string) {
+		t.Helper()
+		deadline := time.Now().Add(waitFor)
+		for {
+			// The dialled replica comes first; the others in any order.
+			got := nodes()
+			if len(got) > 0 && got[0] == want[0] && len(got) == len(want) &&
+				slices.Equal(slices.Sorted(slices.Values(got[1:])), slices.Sorted(slices.Values(want[1:]))) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("DERP map nodes %v, want %v", got, want)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	waitNodes([]string{relayOf(a), relayOf(reps[1]), relayOf(reps[2])})
+
+	reps[2].stop()
+	waitNodes([]string{relayOf(a), relayOf(reps[1])})
+}
+
+// readyzOf returns the status and body of tc's /readyz.
+func readyzOf(t *testing.T, tc *testCoordinator) (int, string) {
+	t.Helper()
+	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+		TLSClientConfig: &tls.Config{InsecureSkipVerify: true}, // the test's self-signed certificate
+	}}
+	defer hc.CloseIdleConnections()
+	resp, err := hc.Get(tc.URL() + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// TestReadyzFollowsMesh: a replica that cannot mesh with a live one (a
+// mismatched mesh key) is not ready and says why, without making the
+// meshed replica unready; one that meshes with every live replica is.
+func TestReadyzFollowsMesh(t *testing.T) {
+	url := pgtest.Start(t).NewDatabase()
+	start := func(meshKey string) *testCoordinator {
+		return startCoordinator(t, t.TempDir(), coordOpts{tweak: func(c *coordinator.Config) {
+			c.PostgresURL, c.MeshKey = url, meshKey
+			c.ReplicaHeartbeat, c.ReplicaDeadAfter = testHeartbeat, testDeadAfter
+		}})
+	}
+	waitReady := func(tc *testCoordinator, name string) {
+		t.Helper()
+		deadline := time.Now().Add(waitFor)
+		for {
+			code, body := readyzOf(t, tc)
+			if code == http.StatusOK {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("replica %s not ready: %d %s", name, code, body)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	a := start(testMeshKey)
+	waitReady(a, "A")
+
+	bad := start(strings.Repeat("ab", 32))
+	// Long enough for both to list each other and fail to mesh, past
+	// the grace a broken link gets (twice the dead-after time).
+	deadline := time.Now().Add(3*testDeadAfter + time.Second)
+	sawWhy := false
+	for time.Now().Before(deadline) {
+		code, body := readyzOf(t, bad)
+		if code == http.StatusOK {
+			t.Fatal("a replica that cannot mesh with the live one reports ready")
+		}
+		sawWhy = sawWhy || strings.Contains(body, "no DERP mesh link")
+		if code, body := readyzOf(t, a); code != http.StatusOK {
+			t.Fatalf("the meshed replica turned unready because of the misconfigured one: %d %s", code, body)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if !sawWhy {
+		t.Fatal("the unready replica never said its mesh link is missing")
+	}
+	bad.stop()
+
+	c := start(testMeshKey)
+	waitReady(c, "C")
+	waitReady(a, "A")
 }

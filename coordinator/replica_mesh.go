@@ -2,16 +2,23 @@ package coordinator
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/agentd/agent/tailnet"
 )
 
 // meshPeer is another replica's relay we keep a mesh connection to.
 type meshPeer struct {
 	url, fingerprint string
 	cancel           context.CancelFunc
+	// up says the link answered its last ping; downSince is when it
+	// last stopped (or started) answering. Under mesh.mu.
+	up, wasUp bool
+	downSince time.Time
 }
 
 // mesh keeps our DERP relay meshed with every other live replica's, as
@@ -19,41 +26,126 @@ type meshPeer struct {
 type mesh struct {
 	r    *replicator
 	derp interface {
-		MeshWith(context.Context, string, string, func(error)) error
+		MeshWith(context.Context, string, string, func(error), func(bool)) error
 	}
 	mu     sync.Mutex
 	peers  map[string]*meshPeer // replica id ->
 	failed map[string]bool      // replica id -> the last attempt failed (logged once)
+	// meshed says every live replica's link has been up at once; until
+	// then this replica is not ready.
+	meshed bool
+}
+
+// notReady says why this replica should not take new peers because of
+// its mesh, or "" if it may. Until its links to all live replicas have
+// been up together it is not ready; after that, a link that worked counts
+// as missing once it has been down for twice the heartbeat's dead-after
+// time, long enough for a replica that died to drop out of the live list
+// first, so the survivors never all turn unready together. A link to a
+// replica that started later and never meshed (a wrong mesh key, say)
+// leaves that replica unready, not this one.
+func (m *mesh) notReady(now time.Time) string {
+	reps := m.r.relays.Load()
+	if reps == nil {
+		return "not ready: the replicas for the DERP mesh are not listed yet"
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	allUp := true
+	for _, x := range *reps {
+		if x.id == m.r.id || !x.live {
+			continue
+		}
+		p := m.peers[x.id]
+		if p != nil && p.up {
+			continue
+		}
+		allUp = false
+		if m.meshed && (p == nil || !p.wasUp || now.Sub(p.downSince) < 2*m.r.deadAfter) {
+			continue
+		}
+		return fmt.Sprintf("not ready: no DERP mesh link to replica %s at %s (same --mesh-key everywhere, and is its --mesh-url reachable from here?)", x.id, x.url)
+	}
+	if allUp {
+		m.meshed = true
+	}
+	return ""
+}
+
+// replicaRelay is one replica's relay as the replicas table lists it;
+// live says its heartbeat is recent.
+type replicaRelay struct {
+	id, url, fingerprint string
+	live                 bool
+}
+
+// listRelays reads the replicas table, ours included, in a stable order.
+func (r *replicator) listRelays(ctx context.Context) ([]replicaRelay, error) {
+	qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	rows, _ := r.pool.Query(qctx, `SELECT id, url, fingerprint, heartbeat >= now() - $1::interval FROM replicas ORDER BY id`,
+		fmt.Sprintf("%d milliseconds", r.deadAfter.Milliseconds()))
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (replicaRelay, error) {
+		var x replicaRelay
+		err := row.Scan(&x.id, &x.url, &x.fingerprint, &x.live)
+		return x, err
+	})
+}
+
+// liveRelays returns the relays of the replicas that heartbeat, ours
+// first, as of the last heartbeat.
+func (r *replicator) liveRelays() []replicaRelay {
+	p := r.relays.Load()
+	if p == nil {
+		return nil
+	}
+	var out []replicaRelay
+	for _, x := range *p {
+		if x.live && x.id == r.id {
+			out = append([]replicaRelay{x}, out...)
+		} else if x.live {
+			out = append(out, x)
+		}
+	}
+	return out
 }
 
 // sync starts mesh connections to new replicas and stops those to
 // replicas that are gone or moved.
-func (m *mesh) sync(ctx context.Context) error {
-	qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	rows, _ := m.r.pool.Query(qctx, `SELECT id, url, fingerprint FROM replicas WHERE id <> $1`, m.r.id)
-	type rep struct{ id, url, fp string }
-	reps, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (rep, error) {
-		var x rep
-		err := row.Scan(&x.id, &x.url, &x.fp)
-		return x, err
-	})
-	if err != nil {
-		return err
-	}
+func (m *mesh) sync(ctx context.Context, reps []replicaRelay) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	live := map[string]bool{}
 	for _, x := range reps {
+		if x.id == m.r.id {
+			continue
+		}
 		live[x.id] = true
-		if p := m.peers[x.id]; p != nil && p.url == x.url && p.fingerprint == x.fp {
+		if p := m.peers[x.id]; p != nil && p.url == x.url && p.fingerprint == x.fingerprint {
 			continue
 		} else if p != nil {
 			p.cancel()
 		}
 		pctx, pcancel := context.WithCancel(ctx)
-		m.peers[x.id] = &meshPeer{url: x.url, fingerprint: x.fp, cancel: pcancel}
-		id, url := x.id, x.url
+		p := &meshPeer{url: x.url, fingerprint: x.fingerprint, cancel: pcancel, downSince: time.Now()}
+		m.peers[x.id] = p
+		id, url, fp := x.id, x.url, x.fingerprint
+		onLink := func(up bool) {
+			m.mu.Lock()
+			defer m.mu.Unlock()
+			if m.peers[id] != p || p.up == up {
+				return
+			}
+			p.up = up
+			if up {
+				p.wasUp = true
+				delete(m.failed, id)
+				m.r.logger.Info("DERP mesh link with another replica is up", "replica", id, "url", url)
+			} else {
+				p.downSince = time.Now()
+				m.r.logger.Warn("DERP mesh link with another replica stopped answering", "replica", id, "url", url)
+			}
+		}
 		onErr := func(err error) {
 			m.mu.Lock()
 			first := !m.failed[id]
@@ -65,7 +157,7 @@ func (m *mesh) sync(ctx context.Context) error {
 			}
 		}
 		go func() {
-			if err := m.derp.MeshWith(pctx, url, x.fp, onErr); err != nil {
+			if err := m.derp.MeshWith(pctx, url, fp, onErr, onLink); err != nil {
 				m.r.logger.Warn("cannot mesh with another replica", "replica", id, "url", url, "err", err)
 			}
 		}()
@@ -78,7 +170,21 @@ func (m *mesh) sync(ctx context.Context) error {
 			delete(m.failed, id)
 		}
 	}
-	return nil
+}
+
+// addReplicaRelays lists every live replica's relay in the coordinator
+// region of m after the node the peer dialled, so a peer whose relay's
+// replica stops moves to another one. Only meshed relays are listed:
+// without the mesh, peers on different relays cannot reach each other.
+func (s *Server) addReplicaRelays(m *tailnet.DERPMap) {
+	if s.repl == nil || s.repl.mesh == nil {
+		return
+	}
+	for _, x := range s.repl.liveRelays() {
+		if err := m.AddRelay(fmt.Sprintf("%d-%s", tailnet.DefaultRegionID, x.id), x.url, x.fingerprint); err != nil {
+			s.logger.Debug("replica relay left out of the DERP map", "replica", x.id, "err", err)
+		}
+	}
 }
 
 // stop ends every mesh connection.

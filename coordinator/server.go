@@ -308,6 +308,12 @@ func (s *Server) routes() http.Handler {
 			http.Error(w, "not ready: the database does not answer", http.StatusServiceUnavailable)
 			return
 		}
+		if s.repl != nil && s.repl.mesh != nil {
+			if why := s.repl.mesh.notReady(time.Now()); why != "" {
+				http.Error(w, why, http.StatusServiceUnavailable)
+				return
+			}
+		}
 		w.Write([]byte("ready\n"))
 	})
 	return mux
@@ -454,8 +460,12 @@ func (s *Server) derpMapFor(host string) (*tailnet.DERPMap, error) {
 		stunPort = a.Port
 	}
 	m, err := tailnet.CoordinatorDERPMap(host, stunPort, s.fingerprint)
-	if err != nil || s.stun2 == nil || stunPort < 0 {
+	if err != nil {
 		return m, err
+	}
+	s.addReplicaRelays(m)
+	if s.stun2 == nil || stunPort < 0 {
+		return m, nil
 	}
 	if a, ok := s.stun2.LocalAddr().(*net.UDPAddr); ok && a != nil {
 		m.Regions[0].Nodes[0].STUNPort2 = a.Port

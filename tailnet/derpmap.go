@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"net/url"
 	"strconv"
 	"strings"
 
@@ -79,8 +80,19 @@ func CoordinatorDERPMap(hostPort string, stunPort int, certFingerprint string) (
 	if err != nil || port <= 0 || port > 65535 {
 		return nil, fmt.Errorf("coordinator address %q: port %q is not a number in 1-65535", hostPort, portStr)
 	}
+	node := relayNode(fmt.Sprintf("%da", DefaultRegionID), host, port, stunPort, certFingerprint)
+	m := &DERPMap{Regions: []DERPRegion{{
+		ID:    DefaultRegionID,
+		Code:  "coord",
+		Name:  "Coordinator",
+		Nodes: []DERPNode{node},
+	}}}
+	return m, m.Validate()
+}
+
+func relayNode(name, host string, port, stunPort int, certFingerprint string) DERPNode {
 	node := DERPNode{
-		Name:            fmt.Sprintf("%da", DefaultRegionID),
+		Name:            name,
 		HostName:        host,
 		DERPPort:        port,
 		STUNPort:        stunPort,
@@ -95,13 +107,47 @@ func CoordinatorDERPMap(hostPort string, stunPort int, certFingerprint string) (
 			node.IPv4, node.IPv6 = "none", ip.String()
 		}
 	}
-	m := &DERPMap{Regions: []DERPRegion{{
-		ID:    DefaultRegionID,
-		Code:  "coord",
-		Name:  "Coordinator",
-		Nodes: []DERPNode{node},
-	}}}
-	return m, m.Validate()
+	return node
+}
+
+// AddRelay appends to the coordinator's region (DefaultRegionID) a node
+// named name for the relay at baseURL ("https://host[:port]") with the
+// given certificate fingerprint, unless a node there already has that
+// host and port. The nodes of a region are tried in order, so a peer
+// whose relay stops moves to the next one; the relays must be meshed.
+// Such a node answers no STUN: its port is not known here.
+func (m *DERPMap) AddRelay(name, baseURL, certFingerprint string) error {
+	u, err := url.Parse(baseURL)
+	if err != nil || u.Hostname() == "" || (u.Scheme != "https" && u.Scheme != "http") {
+		return fmt.Errorf("relay URL %q: want https://host[:port]", baseURL)
+	}
+	port := 443
+	if u.Scheme == "http" {
+		port = 80
+	}
+	if p := u.Port(); p != "" {
+		port, err = strconv.Atoi(p)
+		if err != nil || port <= 0 || port > 65535 {
+			return fmt.Errorf("relay URL %q: port %q is not a number in 1-65535", baseURL, p)
+		}
+	}
+	var region *DERPRegion
+	for i := range m.Regions {
+		if m.Regions[i].ID == DefaultRegionID {
+			region = &m.Regions[i]
+		}
+	}
+	if region == nil {
+		return fmt.Errorf("DERP map has no region %d to add relay %q to", DefaultRegionID, baseURL)
+	}
+	host := u.Hostname()
+	for _, n := range region.Nodes {
+		if strings.EqualFold(n.HostName, host) && n.DERPPort == port {
+			return nil
+		}
+	}
+	region.Nodes = append(region.Nodes, relayNode(name, host, port, -1, certFingerprint))
+	return nil
 }
 
 // Validate reports the first problem that would make the map unusable.

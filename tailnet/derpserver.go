@@ -276,8 +276,9 @@ func (d *DERPServer) SetMeshKey(k string) error {
 // when not empty, or "http://host:port"), and forwards to it the packets
 // for the clients connected there. It runs until ctx ends; onError, if
 // set, hears of failures to connect or keep the connection (a mesh key
-// the other relay does not share shows up there).
-func (d *DERPServer) MeshWith(ctx context.Context, baseURL, fingerprint string, onError func(error)) error {
+// the other relay does not share shows up there). onLink, if set, hears
+// every MeshPingInterval whether the link carries a ping and its answer.
+func (d *DERPServer) MeshWith(ctx context.Context, baseURL, fingerprint string, onError func(error), onLink func(up bool)) error {
 	if !d.srv.HasMeshKey() {
 		return errors.New("DERP mesh: no mesh key set")
 	}
@@ -319,6 +320,34 @@ func (d *DERPServer) MeshWith(ctx context.Context, baseURL, fingerprint string, 
 			onError(err)
 		}
 	}
+	if onLink != nil {
+		go pingMesh(ctx, c, onLink)
+	}
 	c.RunWatchConnectionLoop(ctx, d.srv.PublicKey(), logf, add, remove, notify)
 	return nil
+}
+
+// MeshPingInterval is how often a mesh link is checked with a ping.
+const MeshPingInterval = time.Second
+
+// pingMesh pings through the mesh client c until ctx ends. A connected
+// watch connection alone would not show a link whose other end hangs;
+// the watch loop's reads deliver the pongs.
+func pingMesh(ctx context.Context, c *derphttp.Client, onLink func(up bool)) {
+	t := time.NewTicker(MeshPingInterval)
+	defer t.Stop()
+	for {
+		pctx, cancel := context.WithTimeout(ctx, 2*MeshPingInterval)
+		err := c.Ping(pctx)
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		onLink(err == nil)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }
