@@ -35,14 +35,6 @@ import (
 	"github.com/agentd/agent/tailnet"
 )
 
-// Tailnet ports the agent serves itself. Ports up to portforward.ReservedPorts
-// belong to the agent; every other port leads to the workspace's localhost.
-const (
-	PortSSH       = 1
-	PortAPI       = 2
-	PortSpeedtest = 3
-)
-
 // lostPeerGrace is how long a client whose coordinator connection dropped
 // ("lost", not "disconnected") stays configured. Its tunnel keeps working
 // meanwhile: a laptop on a flaky network, or a coordinator restart, must not
@@ -288,23 +280,23 @@ func (s *services) close() {
 }
 
 func (a *Agent) startServices(ctx context.Context, conn *tailnet.Conn, ssh *sshd.Server) (*services, error) {
-	sshLn, err := conn.Listen(PortSSH)
+	sshLn, err := conn.Listen(protocol.PortSSH)
 	if err != nil {
 		ssh.Close()
-		return nil, fmt.Errorf("listen on tailnet port %d for SSH: %w", PortSSH, err)
+		return nil, fmt.Errorf("listen on tailnet port %d for SSH: %w", protocol.PortSSH, err)
 	}
-	apiLn, err := conn.Listen(PortAPI)
+	apiLn, err := conn.Listen(protocol.PortAPI)
 	if err != nil {
 		ssh.Close()
 		sshLn.Close()
-		return nil, fmt.Errorf("listen on tailnet port %d for the agent API: %w", PortAPI, err)
+		return nil, fmt.Errorf("listen on tailnet port %d for the agent API: %w", protocol.PortAPI, err)
 	}
-	speedLn, err := conn.Listen(PortSpeedtest)
+	speedLn, err := conn.Listen(protocol.PortSpeedtest)
 	if err != nil {
 		ssh.Close()
 		sshLn.Close()
 		apiLn.Close()
-		return nil, fmt.Errorf("listen on tailnet port %d for the speed test: %w", PortSpeedtest, err)
+		return nil, fmt.Errorf("listen on tailnet port %d for the speed test: %w", protocol.PortSpeedtest, err)
 	}
 	fwd := portforward.New(portforward.Options{Logger: a.log.With("component", "port-forward")})
 	conn.SetTCPFallback(a.flows.handler(a.counted(metrics.KindPortForwardTCP, fwd.TCP)))

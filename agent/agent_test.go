@@ -23,6 +23,7 @@ import (
 	"github.com/agentd/agent/coordinator"
 	"github.com/agentd/agent/coordinator/admin"
 	"github.com/agentd/agent/coordinator/store"
+	"github.com/agentd/agent/protocol"
 	"github.com/agentd/agent/sshclient"
 )
 
@@ -256,7 +257,7 @@ func runStackChecks(t *testing.T, derpOnly bool) {
 	}
 
 	// SSH on tailnet port 1.
-	sshConn, err := ws.DialTCP(ctx, client.PortSSH)
+	sshConn, err := ws.DialTCP(ctx, protocol.PortSSH)
 	if err != nil {
 		t.Fatalf("dial SSH: %v", err)
 	}
@@ -382,7 +383,7 @@ func TestRevocationHangsUpWithinBound(t *testing.T) {
 	}
 
 	// An SSH session running a long command that tells us its PID.
-	sshConn, err := ws.DialTCP(ctx, client.PortSSH)
+	sshConn, err := ws.DialTCP(ctx, protocol.PortSSH)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -5,7 +5,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/agentd/agent/client"
+	"github.com/agentd/agent/protocol"
 	"github.com/agentd/agent/speedtest"
 )
 
@@ -16,7 +16,7 @@ func TestSpeedtestOverTheTailnet(t *testing.T) {
 	defer cancel()
 	ws := s.connect(t, ctx, false)
 	for _, dir := range []speedtest.Direction{speedtest.Download, speedtest.Upload} {
-		c, err := ws.DialTCP(ctx, client.PortSpeedtest)
+		c, err := ws.DialTCP(ctx, protocol.PortSpeedtest)
 		if err != nil {
 			t.Fatalf("dial the speed test port: %v", err)
 		}

@@ -21,13 +21,6 @@ import (
 	"github.com/agentd/agent/tailnet"
 )
 
-// Tailnet ports the agent serves itself (see package agent).
-const (
-	PortSSH       = 1
-	PortAPI       = 2
-	PortSpeedtest = 3
-)
-
 // Config says how to reach the coordinator.
 type Config struct {
 	Coordinator coordclient.Config
@@ -439,7 +432,7 @@ func (w *Workspace) HTTPClient() *http.Client {
 	return &http.Client{
 		Transport: &http.Transport{
 			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-				return w.DialTCP(ctx, PortAPI)
+				return w.DialTCP(ctx, protocol.PortAPI)
 			},
 			MaxIdleConns:    2,
 			IdleConnTimeout: 30 * time.Second,

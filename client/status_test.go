@@ -181,7 +181,7 @@ func TestBrokenWorkspaceErrorsNameTheVerdict(t *testing.T) {
 	}
 	wantAll(t, "the warning before connecting", warned.only(t), `workspace "ws1" reports its network broken`, brokenSummary)
 	start := time.Now()
-	_, err := ws.DialTCP(ctx, client.PortSSH)
+	_, err := ws.DialTCP(ctx, protocol.PortSSH)
 	if err == nil {
 		t.Fatal("dialled a workspace whose node never answers")
 	}
@@ -222,7 +222,7 @@ func TestDegradedWorkspaceWarnsOnce(t *testing.T) {
 	// Degraded is no reason to give up: the dial waits for the context.
 	dctx, dcancel := context.WithTimeout(ctx, 3*time.Second)
 	defer dcancel()
-	_, err := ws.DialTCP(dctx, client.PortSSH)
+	_, err := ws.DialTCP(dctx, protocol.PortSSH)
 	if err == nil || strings.Contains(err.Error(), "waited") || !strings.Contains(err.Error(), "deadline exceeded") {
 		t.Fatalf("dial error %v: want the context's deadline, not a give-up", err)
 	}

@@ -12,7 +12,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/agentd/agent/agent/portforward"
+	"github.com/agentd/agent/internal/relay"
 )
 
 // Dialer reaches ports in one workspace. The tailnet client implements it;
@@ -63,7 +63,7 @@ func (a Active) String() string {
 type Forwarder struct {
 	opts Options
 	log  *slog.Logger
-	pool *portforward.BufferPool
+	pool *relay.BufferPool
 
 	active []Active
 	tcp    []tcpListener
@@ -111,7 +111,7 @@ func Listen(opts Options, mappings []Mapping) (*Forwarder, error) {
 	f := &Forwarder{
 		opts:   opts,
 		log:    opts.Logger,
-		pool:   portforward.NewBufferPool(opts.BufferSize),
+		pool:   relay.NewBufferPool(opts.BufferSize),
 		ctx:    ctx,
 		cancel: cancel,
 		conns:  make(map[net.Conn]struct{}),
@@ -316,9 +316,9 @@ func (f *Forwarder) forwardTCP(m Mapping, local net.Conn) {
 		local.Close()
 		switch {
 		case f.ctx.Err() != nil:
-		case portforward.IsRefused(err):
+		case relay.IsRefused(err):
 			f.opts.Notify(fmt.Sprintf("nothing listens on port %d in the workspace; refused the connection on %s", m.Remote, local.LocalAddr()))
-		case portforward.IsReset(err):
+		case relay.IsReset(err):
 			// Not a closed port: something cut the connection while it was
 			// being set up.
 			f.opts.Notify(fmt.Sprintf("the connection to workspace port %d was reset while it was being set up; reset the connection on %s (if this repeats, check the path with agent ping)", m.Remote, local.LocalAddr()))
@@ -335,7 +335,7 @@ func (f *Forwarder) forwardTCP(m Mapping, local net.Conn) {
 		return
 	}
 	defer f.doneConn(remote)
-	res := portforward.Relay(local, remote, f.pool)
+	res := relay.Relay(local, remote, f.pool)
 	f.log.Debug("connection ended", "mapping", m.String(), "out", res.AToB, "in", res.BToA, "err", res.Err)
 }
 

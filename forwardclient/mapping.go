@@ -10,7 +10,7 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/agentd/agent/agent/portforward"
+	"github.com/agentd/agent/protocol"
 )
 
 // maxRange bounds one port range, so a typo such as 1-65535 does not open
@@ -146,8 +146,8 @@ func parseRange(s string, local bool) (lo, hi int, err error) {
 		}
 	}
 	if !local {
-		if lo <= portforward.ReservedPorts {
-			return 0, 0, fmt.Errorf("workspace ports 1-%d belong to the agent and cannot be forwarded (got %d)", portforward.ReservedPorts, lo)
+		if lo <= protocol.ReservedPorts {
+			return 0, 0, fmt.Errorf("workspace ports 1-%d belong to the agent and cannot be forwarded (got %d)", protocol.ReservedPorts, lo)
 		}
 	}
 	return lo, hi, nil

@@ -10,7 +10,7 @@ import (
 	"strings"
 	"text/tabwriter"
 
-	"github.com/agentd/agent/agent/portforward"
+	"github.com/agentd/agent/protocol"
 )
 
 // PortsPath is where the agent's API lists the workspace's listening ports.
@@ -18,7 +18,7 @@ const PortsPath = "/api/v1/ports"
 
 // ListPorts asks the agent API at baseURL (for example "http://agent/") for
 // the TCP ports listening in the workspace.
-func ListPorts(ctx context.Context, hc *http.Client, baseURL string) ([]portforward.ListeningPort, error) {
+func ListPorts(ctx context.Context, hc *http.Client, baseURL string) ([]protocol.ListeningPort, error) {
 	url := strings.TrimSuffix(baseURL, "/") + PortsPath
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
@@ -33,7 +33,7 @@ func ListPorts(ctx context.Context, hc *http.Client, baseURL string) ([]portforw
 		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
 		return nil, fmt.Errorf("the agent could not list ports: %s: %s", resp.Status, strings.TrimSpace(string(msg)))
 	}
-	var ports []portforward.ListeningPort
+	var ports []protocol.ListeningPort
 	if err := json.NewDecoder(io.LimitReader(resp.Body, 8<<20)).Decode(&ports); err != nil {
 		return nil, fmt.Errorf("reading the agent's port list: %w", err)
 	}
@@ -41,7 +41,7 @@ func ListPorts(ctx context.Context, hc *http.Client, baseURL string) ([]portforw
 }
 
 // WritePortsTable prints ports as an aligned table with a heading.
-func WritePortsTable(w io.Writer, ports []portforward.ListeningPort) error {
+func WritePortsTable(w io.Writer, ports []protocol.ListeningPort) error {
 	if len(ports) == 0 {
 		_, err := fmt.Fprintln(w, "No TCP ports are listening in the workspace.")
 		return err

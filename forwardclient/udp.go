@@ -11,7 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/agentd/agent/agent/portforward"
+	"github.com/agentd/agent/internal/relay"
 )
 
 // udpQueue is how many datagrams from one local sender may wait while its
@@ -51,7 +51,7 @@ func (l *udpListener) serve() error {
 			if l.f.ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
 				return nil
 			}
-			if portforward.IsRefused(err) {
+			if relay.IsRefused(err) {
 				continue // a reply to a sender that has gone away
 			}
 			return fmt.Errorf("reading local UDP %s: %w", l.pc.LocalAddr(), err)
@@ -117,7 +117,7 @@ func (l *udpListener) run(fl *udpFlow) {
 			remote.SetReadDeadline(time.Now().Add(idle))
 			n, err := remote.Read(buf)
 			if err != nil {
-				if errors.Is(err, os.ErrDeadlineExceeded) || portforward.IsRefused(err) {
+				if errors.Is(err, os.ErrDeadlineExceeded) || relay.IsRefused(err) {
 					select {
 					case <-fl.done:
 						return
@@ -128,7 +128,7 @@ func (l *udpListener) run(fl *udpFlow) {
 				return
 			}
 			fl.last.Store(time.Now().UnixNano())
-			if _, err := l.pc.WriteToUDPAddrPort(buf[:n], fl.src); err != nil && !portforward.IsRefused(err) {
+			if _, err := l.pc.WriteToUDPAddrPort(buf[:n], fl.src); err != nil && !relay.IsRefused(err) {
 				return
 			}
 		}
@@ -140,7 +140,7 @@ func (l *udpListener) run(fl *udpFlow) {
 		select {
 		case b := <-fl.in:
 			fl.last.Store(time.Now().UnixNano())
-			if _, err := remote.Write(b); err != nil && !portforward.IsRefused(err) {
+			if _, err := remote.Write(b); err != nil && !relay.IsRefused(err) {
 				fl.stop()
 			}
 		case <-timer.C:

@@ -20,21 +20,9 @@ import (
 	"strings"
 	"sync"
 	"time"
-)
 
-// ListeningPort is one TCP port that accepts connections in the workspace.
-type ListeningPort struct {
-	Port uint16 `json:"port"`
-	// Network is "tcp".
-	Network string `json:"network"`
-	// Addresses are the local addresses the port is bound to, such as
-	// "127.0.0.1", "0.0.0.0" or "::".
-	Addresses []string `json:"addresses"`
-	// Process is the command name of the owning process, when the agent may
-	// read it.
-	Process string `json:"process,omitempty"`
-	PID     int    `json:"pid,omitempty"`
-}
+	"github.com/agentd/agent/protocol"
+)
 
 // DiscoveryOptions configures a Discovery. The zero value works.
 type DiscoveryOptions struct {
@@ -55,7 +43,7 @@ type Discovery struct {
 	opts DiscoveryOptions
 
 	mu      sync.Mutex
-	cached  []ListeningPort
+	cached  []protocol.ListeningPort
 	scanned time.Time
 }
 
@@ -80,7 +68,7 @@ func NewDiscovery(opts DiscoveryOptions) *Discovery {
 // (an IPv4 and an IPv6 socket on the same port are one entry), sorted by
 // port. Ports the agent's own process listens on, and the reserved ports
 // 1-9, are left out.
-func (d *Discovery) List(ctx context.Context) ([]ListeningPort, error) {
+func (d *Discovery) List(ctx context.Context) ([]protocol.ListeningPort, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.opts.CacheFor > 0 && d.cached != nil && time.Since(d.scanned) < d.opts.CacheFor {
@@ -94,7 +82,7 @@ func (d *Discovery) List(ctx context.Context) ([]ListeningPort, error) {
 	return slices.Clone(ports), nil
 }
 
-func (d *Discovery) scan(ctx context.Context) ([]ListeningPort, error) {
+func (d *Discovery) scan(ctx context.Context) ([]protocol.ListeningPort, error) {
 	var socks []socketEntry
 	found := 0
 	for _, name := range []string{"tcp", "tcp6"} {
@@ -119,7 +107,7 @@ func (d *Discovery) scan(ctx context.Context) ([]ListeningPort, error) {
 	if err != nil {
 		return nil, err
 	}
-	byPort := make(map[uint16]*ListeningPort)
+	byPort := make(map[uint16]*protocol.ListeningPort)
 	for _, s := range socks {
 		owner, known := owners[s.inode]
 		if known && owner.pid == d.opts.SelfPID {
@@ -127,7 +115,7 @@ func (d *Discovery) scan(ctx context.Context) ([]ListeningPort, error) {
 		}
 		p := byPort[s.local.Port()]
 		if p == nil {
-			p = &ListeningPort{Port: s.local.Port(), Network: "tcp"}
+			p = &protocol.ListeningPort{Port: s.local.Port(), Network: "tcp"}
 			byPort[s.local.Port()] = p
 		}
 		addr := s.local.Addr().String()
@@ -138,12 +126,12 @@ func (d *Discovery) scan(ctx context.Context) ([]ListeningPort, error) {
 			p.Process, p.PID = owner.name, owner.pid
 		}
 	}
-	ports := make([]ListeningPort, 0, len(byPort))
+	ports := make([]protocol.ListeningPort, 0, len(byPort))
 	for _, p := range byPort {
 		slices.Sort(p.Addresses)
 		ports = append(ports, *p)
 	}
-	slices.SortFunc(ports, func(a, b ListeningPort) int { return int(a.Port) - int(b.Port) })
+	slices.SortFunc(ports, func(a, b protocol.ListeningPort) int { return int(a.Port) - int(b.Port) })
 	return ports, nil
 }
 

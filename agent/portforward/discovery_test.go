@@ -14,6 +14,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/agentd/agent/protocol"
 )
 
 // A table as the kernel prints it on a little-endian machine.
@@ -99,7 +101,7 @@ func TestDiscoveryFromFakeProc(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []ListeningPort{
+	want := []protocol.ListeningPort{
 		{Port: 22, Network: "tcp", Addresses: []string{"0.0.0.0"}},
 		{Port: 8080, Network: "tcp", Addresses: []string{"127.0.0.1", "::1"}, Process: "node", PID: 100},
 	}
@@ -122,7 +124,7 @@ func TestDiscoveryWithoutProc(t *testing.T) {
 	}
 }
 
-func findPort(ports []ListeningPort, port uint16) *ListeningPort {
+func findPort(ports []protocol.ListeningPort, port uint16) *protocol.ListeningPort {
 	for i := range ports {
 		if ports[i].Port == port {
 			return &ports[i]
@@ -229,7 +231,7 @@ func TestPortsHandler(t *testing.T) {
 	if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != "application/json" {
 		t.Fatalf("GET: %s %q", resp.Status, resp.Header.Get("Content-Type"))
 	}
-	var ports []ListeningPort
+	var ports []protocol.ListeningPort
 	if err := json.NewDecoder(resp.Body).Decode(&ports); err != nil {
 		t.Fatalf("body is not a JSON list of ports: %v", err)
 	}

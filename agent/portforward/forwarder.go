@@ -13,12 +13,10 @@ import (
 	"strconv"
 	"sync"
 	"time"
-)
 
-// ReservedPorts is the highest tailnet port that belongs to the agent itself
-// (SSH, the agent API, the speed test). Ports 1 to ReservedPorts are never
-// forwarded to the workspace.
-const ReservedPorts = 9
+	"github.com/agentd/agent/internal/relay"
+	"github.com/agentd/agent/protocol"
+)
 
 // Options configures a Forwarder. The zero value works.
 type Options struct {
@@ -31,7 +29,7 @@ type Options struct {
 	// either direction. Default 60 s.
 	UDPIdleTimeout time.Duration
 	// BufferSize is the copy buffer per direction of a TCP connection.
-	// Default DefaultBufferSize.
+	// Default relay.DefaultBufferSize.
 	BufferSize int
 	// HandlerTimeout closes a dialled loopback connection when the tailnet
 	// does not take it within this time (its handshake with the peer
@@ -54,7 +52,7 @@ type Stats struct {
 type Forwarder struct {
 	log   *slog.Logger
 	opts  Options
-	pool  *BufferPool
+	pool  *relay.BufferPool
 	ctx   context.Context
 	stop  context.CancelFunc
 	flows sync.WaitGroup
@@ -86,7 +84,7 @@ func New(opts Options) *Forwarder {
 	return &Forwarder{
 		log:   opts.Logger,
 		opts:  opts,
-		pool:  NewBufferPool(opts.BufferSize),
+		pool:  relay.NewBufferPool(opts.BufferSize),
 		ctx:   ctx,
 		stop:  stop,
 		conns: make(map[net.Conn]struct{}),
@@ -94,7 +92,7 @@ func New(opts Options) *Forwarder {
 }
 
 // Forwardable reports whether a tailnet port is forwarded to the workspace.
-func Forwardable(port uint16) bool { return port > ReservedPorts }
+func Forwardable(port uint16) bool { return port > protocol.ReservedPorts }
 
 // TCP decides what happens to an inbound TCP flow to dst. It connects to
 // dst's port on the workspace's loopback (127.0.0.1, then [::1]) before
@@ -109,7 +107,7 @@ func (f *Forwarder) TCP(src, dst netip.AddrPort) (handler func(net.Conn), ok boo
 	}
 	local, err := f.dialLoopbackTCP(port)
 	if err != nil {
-		if IsRefused(err) {
+		if relay.IsRefused(err) {
 			f.log.Debug("workspace port closed", "port", port, "from", src)
 		} else {
 			f.log.Warn("cannot reach workspace port", "port", port, "from", src, "err", err)
@@ -140,7 +138,7 @@ func (f *Forwarder) TCP(src, dst netip.AddrPort) (handler func(net.Conn), ok boo
 		}
 		defer f.end(&f.stats.TCP, local, remote)
 		start := time.Now()
-		res := Relay(remote, local, f.pool)
+		res := relay.Relay(remote, local, f.pool)
 		f.log.Debug("forwarded connection ended", "port", port, "from", src,
 			"in", res.AToB, "out", res.BToA, "duration", time.Since(start), "err", res.Err)
 	}, true
@@ -153,7 +151,7 @@ func (f *Forwarder) dialLoopbackTCP(port uint16) (net.Conn, error) {
 	if err == nil {
 		return c, nil
 	}
-	if !IsRefused(err) {
+	if !relay.IsRefused(err) {
 		return nil, err
 	}
 	// Some servers listen on IPv6 loopback only.
@@ -161,7 +159,7 @@ func (f *Forwarder) dialLoopbackTCP(port uint16) (net.Conn, error) {
 	if err6 == nil {
 		return c, nil
 	}
-	if IsRefused(err6) {
+	if relay.IsRefused(err6) {
 		return nil, err
 	}
 	// No IPv6 loopback here (or it failed otherwise): the IPv4 refusal is

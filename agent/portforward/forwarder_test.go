@@ -14,6 +14,7 @@ import (
 
 	"github.com/agentd/agent/agent/portforward"
 	"github.com/agentd/agent/agent/portforward/pftest"
+	"github.com/agentd/agent/protocol"
 )
 
 func testLogger(t *testing.T) *slog.Logger {
@@ -94,7 +95,7 @@ func TestReservedPortsAreNotForwarded(t *testing.T) {
 	f := portforward.New(portforward.Options{})
 	defer f.Close()
 	src := netip.MustParseAddrPort("100.64.0.2:40000")
-	for port := uint16(0); port <= portforward.ReservedPorts; port++ {
+	for port := uint16(0); port <= protocol.ReservedPorts; port++ {
 		dst := netip.AddrPortFrom(netip.MustParseAddr("100.64.0.1"), port)
 		if h, ok := f.TCP(src, dst); ok || h != nil {
 			t.Errorf("TCP port %d was accepted for forwarding", port)
@@ -320,48 +321,5 @@ func TestUDPFlowSurvivesRefusal(t *testing.T) {
 	n, _, err := pc.ReadFrom(buf)
 	if err != nil || string(buf[:n]) != "late" {
 		t.Fatalf("service that started late got %q, %v", buf[:n], err)
-	}
-}
-
-// A refusal and a reset are told apart on real kernel errors: only a port
-// nobody listens on is "refused".
-func TestRefusedIsNotReset(t *testing.T) {
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err == nil {
-			accepted <- c
-		}
-	}()
-	c, err := net.Dial("tcp4", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	s := <-accepted
-	s.(*net.TCPConn).SetLinger(0)
-	s.Close()
-	c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	_, reset := c.Read(make([]byte, 1))
-	ln.Close()
-	_, refused := net.Dial("tcp4", addr)
-
-	if !portforward.IsRefused(refused) || portforward.IsReset(refused) {
-		t.Errorf("dial to a closed port: %v: IsRefused %v, IsReset %v, want true, false", refused, portforward.IsRefused(refused), portforward.IsReset(refused))
-	}
-	if portforward.IsRefused(reset) || !portforward.IsReset(reset) {
-		t.Errorf("read after the peer reset: %v: IsRefused %v, IsReset %v, want false, true", reset, portforward.IsRefused(reset), portforward.IsReset(reset))
-	}
-	// The userspace stack's wording of the same two conditions.
-	if !portforward.IsRefused(errors.New("connect tcp [fd5e::1]:80: connection was refused")) {
-		t.Error("netstack's refusal is not recognised")
-	}
-	if portforward.IsRefused(errors.New("read tcp [fd5e::1]:80: connection reset by peer")) {
-		t.Error("netstack's reset is taken for a refusal")
 	}
 }

@@ -7,6 +7,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/agentd/agent/internal/relay"
 )
 
 // maxDatagram is the largest UDP payload; one buffer of this size per
@@ -58,14 +60,14 @@ func copyDatagrams(dst, src net.Conn, last *atomic.Int64, idle time.Duration, st
 					return count
 				}
 				continue
-			case IsRefused(err):
+			case relay.IsRefused(err):
 				continue
 			default:
 				return count
 			}
 		}
 		last.Store(time.Now().UnixNano())
-		if _, err := dst.Write(buf[:n]); err != nil && !IsRefused(err) {
+		if _, err := dst.Write(buf[:n]); err != nil && !relay.IsRefused(err) {
 			return count
 		}
 		count++

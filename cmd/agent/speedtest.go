@@ -9,7 +9,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/agentd/agent/client"
+	"github.com/agentd/agent/protocol"
 	"github.com/agentd/agent/speedtest"
 )
 
@@ -99,7 +99,7 @@ func runSpeedtest(ctx context.Context, env *cliEnv, o *speedtestOptions, out io.
 		}
 	}
 	for _, dir := range []speedtest.Direction{speedtest.Download, speedtest.Upload} {
-		c, err := ws.DialTCP(cctx, client.PortSpeedtest)
+		c, err := ws.DialTCP(cctx, protocol.PortSpeedtest)
 		if err != nil {
 			return fmt.Errorf("the speed test service of workspace %q (an older agent has none): %w", ws.Name(), err)
 		}

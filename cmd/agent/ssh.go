@@ -13,6 +13,7 @@ import (
 	"golang.org/x/term"
 
 	"github.com/agentd/agent/client"
+	"github.com/agentd/agent/protocol"
 	"github.com/agentd/agent/sshclient"
 )
 
@@ -180,7 +181,7 @@ func runSSH(ctx context.Context, env *cliEnv, o *sshOptions) error {
 // waiting for the workspace's close, which can no longer arrive. done
 // closes the connection.
 func dialSSH(ctx, dialCtx context.Context, ws *client.Workspace) (conn net.Conn, done func(), err error) {
-	conn, err = ws.DialTCP(dialCtx, client.PortSSH)
+	conn, err = ws.DialTCP(dialCtx, protocol.PortSSH)
 	if err != nil {
 		return nil, nil, err
 	}

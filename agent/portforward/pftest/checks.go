@@ -19,7 +19,7 @@ import (
 
 	"github.com/coder/websocket"
 
-	"github.com/agentd/agent/agent/portforward"
+	"github.com/agentd/agent/internal/relay"
 )
 
 // DialFunc reaches a port in the workspace through the path under test.
@@ -448,7 +448,7 @@ func CheckClosedPort(tb testing.TB, env Env, limit time.Duration) {
 		took := time.Since(start)
 		// Through a local listener the reset can arrive while connect(2)
 		// is still being confirmed, so the dial itself reports it.
-		if !portforward.IsRefused(err) && !errors.Is(err, syscall.ECONNRESET) {
+		if !relay.IsRefused(err) && !errors.Is(err, syscall.ECONNRESET) {
 			tb.Fatalf("dial to closed port %d failed with %v, want a refusal or a reset", port, err)
 		}
 		if took > limit {

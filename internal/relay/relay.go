@@ -1,4 +1,9 @@
-package portforward
+// Package relay is the byte plumbing both sides of a port forward share:
+// the laptop's listener (forwardclient) and the workspace's forwarder
+// (agent/portforward) copy a connection pair with the same pooled buffers,
+// half-closes and reset handling, and tell a refusal from a reset the same
+// way.
+package relay
 
 import (
 	"errors"
