@@ -42,16 +42,20 @@ func Target(c *pgx.ConnConfig) string {
 	return fmt.Sprintf("%s@%s database %s", c.User, addr, c.Database)
 }
 
+// redactedPassword stands where a password was, as net/url's
+// URL.Redacted writes it.
+const redactedPassword = "xxxxx"
+
 // Redact returns a PostgreSQL URL or keyword=value string with its
 // password replaced, for logs and banners.
 func Redact(rawURL string) string {
 	if u, err := url.Parse(rawURL); err == nil && (u.Scheme == "postgres" || u.Scheme == "postgresql") {
 		if _, ok := u.User.Password(); ok {
-			u.User = url.UserPassword(u.User.Username(), "xxxxx")
+			u.User = url.UserPassword(u.User.Username(), redactedPassword)
 		}
 		q := u.Query()
 		if q.Has("password") {
-			q.Set("password", "xxxxx")
+			q.Set("password", redactedPassword)
 			u.RawQuery = q.Encode()
 		}
 		return u.String()
@@ -59,7 +63,7 @@ func Redact(rawURL string) string {
 	if strings.Contains(rawURL, "://") {
 		return "(unparsable PostgreSQL URL)"
 	}
-	return kvPassword.ReplaceAllString(rawURL, "password=xxxxx")
+	return kvPassword.ReplaceAllString(rawURL, "password="+redactedPassword)
 }
 
 var kvPassword = regexp.MustCompile(`password\s*=\s*('(\\.|[^'])*'|\S*)`)

@@ -193,6 +193,12 @@ func TestBadURLs(t *testing.T) {
 	if red := pgstore.Redact("host=h user=u password='a b' dbname=d"); strings.Contains(red, "a b") {
 		t.Fatalf("redacted keyword/value string %s", red)
 	}
+	if red := pgstore.Redact("postgres://u@h/d?password=pw-2&sslmode=disable"); strings.Contains(red, "pw-2") || !strings.Contains(red, "sslmode=disable") {
+		t.Fatalf("redacted URL with the password in its query %s", red)
+	}
+	if red := pgstore.Redact("postgres://u:pw%403@h/d"); strings.Contains(red, "pw") {
+		t.Fatalf("redacted URL with an escaped password %s", red)
+	}
 }
 
 // TestOutageAndRecovery stops the server under an open store: requests
