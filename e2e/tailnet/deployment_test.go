@@ -8,45 +8,22 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"fmt"
 	"github.com/agentd/agent/internal/syncbuf"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/agentd/agent/internal/netlab"
+	"github.com/agentd/agent/internal/testkit/agentbin"
 )
 
-// agentBinary is built once per test binary run.
-var agentBinary struct {
-	once sync.Once
-	path string
-	err  error
-}
+// agentBinary is the real binary these tests run, built once.
+var agentBinary agentbin.Builder
 
-func buildAgent(t *testing.T) string {
-	t.Helper()
-	agentBinary.once.Do(func() {
-		dir, err := os.MkdirTemp("", "agent-e2e-bin-")
-		if err != nil {
-			agentBinary.err = err
-			return
-		}
-		agentBinary.path = filepath.Join(dir, "agent")
-		out, err := exec.Command("go", "build", "-o", agentBinary.path, "github.com/agentd/agent/cmd/agent").CombinedOutput()
-		if err != nil {
-			agentBinary.err = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if agentBinary.err != nil {
-		t.Fatal(agentBinary.err)
-	}
-	return agentBinary.path
-}
+func buildAgent(t *testing.T) string { return agentBinary.Path(t) }
 
 func TestMain(m *testing.M) {
 	// Sessions run /bin/sh, not root's login shell: bash reads ~/.bashrc
@@ -55,9 +32,7 @@ func TestMain(m *testing.M) {
 	// for 60 s) would decide these tests' timing.
 	os.Setenv("AGENT_SHELL", "/bin/sh")
 	code := m.Run()
-	if agentBinary.path != "" {
-		os.RemoveAll(filepath.Dir(agentBinary.path))
-	}
+	agentBinary.Remove()
 	os.Exit(code)
 }
 
