@@ -79,6 +79,13 @@ func (c userspaceConn) SetWriteDeadline(t time.Time) error { return c.tcp.SetWri
 
 func startServer(t testing.TB) string {
 	t.Helper()
+	_, addr := startSSHD(t)
+	return addr
+}
+
+// startSSHD runs the agent's SSH server on loopback until the test ends.
+func startSSHD(t testing.TB) (*sshd.Server, string) {
+	t.Helper()
 	srv, err := sshd.New(sshd.Options{
 		Logger:      slog.New(slog.NewTextHandler(io.Discard, nil)),
 		HostKeyPath: filepath.Join(t.TempDir(), "host_key"),
@@ -93,7 +100,7 @@ func startServer(t testing.TB) string {
 	}
 	go func() { _ = srv.Serve(context.Background(), ln) }()
 	t.Cleanup(func() { srv.Close() })
-	return ln.Addr().String()
+	return srv, ln.Addr().String()
 }
 
 func dial(t testing.TB, addr string) net.Conn {

@@ -5,38 +5,21 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"io"
-	"log/slog"
-	"net"
-	"path/filepath"
 	"strings"
 	"testing"
 
 	gossh "golang.org/x/crypto/ssh"
 
-	"github.com/agentd/agent/agent/sshd"
 	"github.com/agentd/agent/sshclient"
 )
 
 // TestExpectHostKey: with the vouched key the command runs; a server
 // holding another key is refused before any session, naming both keys.
 func TestExpectHostKey(t *testing.T) {
-	srv, err := sshd.New(sshd.Options{
-		Logger:      slog.New(slog.NewTextHandler(io.Discard, nil)),
-		HostKeyPath: filepath.Join(t.TempDir(), "host_key"),
-		Shell:       "/bin/sh", // not root's bash: its ~/.bashrc here runs pyenv init
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = srv.Serve(context.Background(), ln) }()
-	t.Cleanup(func() { srv.Close() })
+	srv, addr := startSSHD(t)
 	authorized := func(k gossh.PublicKey) string { return strings.TrimSpace(string(gossh.MarshalAuthorizedKey(k))) }
 
-	conn, err := sshclient.ExpectHostKey(dial(t, ln.Addr().String()), authorized(srv.HostKey()))
+	conn, err := sshclient.ExpectHostKey(dial(t, addr), authorized(srv.HostKey()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -53,7 +36,7 @@ func TestExpectHostKey(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	conn, err = sshclient.ExpectHostKey(dial(t, ln.Addr().String()), authorized(other))
+	conn, err = sshclient.ExpectHostKey(dial(t, addr), authorized(other))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -61,7 +44,7 @@ func TestExpectHostKey(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), gossh.FingerprintSHA256(srv.HostKey())) || !strings.Contains(err.Error(), gossh.FingerprintSHA256(other)) {
 		t.Fatalf("another host key: %v, want a refusal naming both keys", err)
 	}
-	raw := dial(t, ln.Addr().String())
+	raw := dial(t, addr)
 	defer raw.Close()
 	if _, err := sshclient.ExpectHostKey(raw, "not a key"); err == nil {
 		t.Fatal("a malformed vouched key was accepted")
