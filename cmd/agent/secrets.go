@@ -147,11 +147,7 @@ func (p permissionPolicy) checkTokenFile(path string) error {
 	sys, _ := st.Sys().(*syscall.Stat_t)
 	if mode&0o004 != 0 {
 		msg := fmt.Sprintf("the token file %s is readable by every local user (mode %04o): anyone on this machine could act as this workspace; run chmod 600 %s", path, mode, path)
-		if !p.allowInsecure {
-			return errors.New(msg + " (or pass --allow-insecure-permissions to run anyway)")
-		}
-		p.log.Warn(msg + "; running anyway (--allow-insecure-permissions)")
-		return nil
+		return p.refuse(msg)
 	}
 	if mode&0o040 != 0 && sys != nil {
 		if others := otherGroupMembers(sys.Gid); len(others) > 0 {
@@ -176,17 +172,23 @@ func (p permissionPolicy) checkDataDir(dir string) error {
 	sys, _ := st.Sys().(*syscall.Stat_t)
 	if mode&0o002 != 0 {
 		msg := fmt.Sprintf("the data directory %s is writable by every local user (mode %04o): anyone could replace the agent's SSH host key and state; run chmod 700 %s", dir, mode, dir)
-		if !p.allowInsecure {
-			return errors.New(msg + " (or pass --allow-insecure-permissions to run anyway)")
-		}
-		p.log.Warn(msg + "; running anyway (--allow-insecure-permissions)")
-		return nil
+		return p.refuse(msg)
 	}
 	if mode&0o020 != 0 && sys != nil {
 		if others := otherGroupMembers(sys.Gid); len(others) > 0 {
 			p.log.Warn(fmt.Sprintf("the data directory %s is writable by group %s (mode %04o), which has other members (%s); run chmod 700 %s", dir, groupName(sys.Gid), mode, strings.Join(others, ", "), dir))
 		}
 	}
+	return nil
+}
+
+// refuse turns an exposure into the error that stops the agent, or into a
+// warning under --allow-insecure-permissions.
+func (p permissionPolicy) refuse(msg string) error {
+	if !p.allowInsecure {
+		return errors.New(msg + " (or pass --allow-insecure-permissions to run anyway)")
+	}
+	p.log.Warn(msg + "; running anyway (--allow-insecure-permissions)")
 	return nil
 }
 
