@@ -28,7 +28,7 @@ import (
 	"github.com/agentd/agent/agent/netcheck"
 	"github.com/agentd/agent/agent/portforward"
 	"github.com/agentd/agent/agent/sshd"
-	"github.com/agentd/agent/coordclient"
+	"github.com/agentd/agent/coordinator/coordclient"
 	"github.com/agentd/agent/metrics"
 	"github.com/agentd/agent/protocol"
 	"github.com/agentd/agent/speedtest"

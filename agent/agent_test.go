@@ -19,12 +19,12 @@ import (
 
 	"github.com/agentd/agent/agent"
 	"github.com/agentd/agent/client"
-	"github.com/agentd/agent/coordclient"
+	"github.com/agentd/agent/client/sshclient"
 	"github.com/agentd/agent/coordinator"
 	"github.com/agentd/agent/coordinator/admin"
+	"github.com/agentd/agent/coordinator/coordclient"
 	"github.com/agentd/agent/coordinator/store"
 	"github.com/agentd/agent/protocol"
-	"github.com/agentd/agent/sshclient"
 )
 
 // stack is a coordinator, one workspace agent and the credentials of a user

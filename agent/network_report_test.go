@@ -9,7 +9,7 @@ import (
 
 	"github.com/agentd/agent/agent"
 	"github.com/agentd/agent/client"
-	"github.com/agentd/agent/coordclient"
+	"github.com/agentd/agent/coordinator/coordclient"
 )
 
 // The real agent's own network verdict (whatever netcheck finds on this

@@ -9,7 +9,7 @@ import (
 	"net/url"
 	"strings"
 
-	"github.com/agentd/agent/coordclient"
+	"github.com/agentd/agent/coordinator/coordclient"
 	"github.com/agentd/agent/protocol"
 )
 

@@ -12,9 +12,9 @@ import (
 	"time"
 
 	"github.com/agentd/agent/client"
-	"github.com/agentd/agent/coordclient"
 	"github.com/agentd/agent/coordinator"
 	"github.com/agentd/agent/coordinator/admin"
+	"github.com/agentd/agent/coordinator/coordclient"
 	"github.com/agentd/agent/coordinator/store"
 	"github.com/agentd/agent/protocol"
 	"github.com/agentd/agent/tailnet"

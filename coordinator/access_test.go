@@ -7,8 +7,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/agentd/agent/coordclient"
 	"github.com/agentd/agent/coordinator/admin"
+	"github.com/agentd/agent/coordinator/coordclient"
 	"github.com/agentd/agent/coordinator/store"
 	"github.com/agentd/agent/protocol"
 )

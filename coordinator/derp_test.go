@@ -15,8 +15,8 @@ import (
 
 	"golang.org/x/crypto/nacl/box"
 
-	"github.com/agentd/agent/coordclient"
 	"github.com/agentd/agent/coordinator/admin"
+	"github.com/agentd/agent/coordinator/coordclient"
 	"github.com/agentd/agent/coordinator/store"
 	"github.com/agentd/agent/protocol"
 )

@@ -14,9 +14,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/agentd/agent/coordclient"
 	"github.com/agentd/agent/coordinator"
 	"github.com/agentd/agent/coordinator/admin"
+	"github.com/agentd/agent/coordinator/coordclient"
 	"github.com/agentd/agent/metrics"
 	"github.com/agentd/agent/protocol"
 	"github.com/agentd/agent/tailnet"

@@ -9,8 +9,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/agentd/agent/coordclient"
 	"github.com/agentd/agent/coordinator"
+	"github.com/agentd/agent/coordinator/coordclient"
 	"github.com/agentd/agent/protocol"
 )
 

@@ -14,8 +14,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/agentd/agent/coordclient"
 	"github.com/agentd/agent/coordinator"
+	"github.com/agentd/agent/coordinator/coordclient"
 	"github.com/agentd/agent/coordinator/store"
 	"github.com/agentd/agent/coordinator/store/pgstore"
 	"github.com/agentd/agent/internal/pgtest"

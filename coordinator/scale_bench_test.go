@@ -32,9 +32,9 @@ import (
 
 	"github.com/coder/websocket"
 
-	"github.com/agentd/agent/coordclient"
 	"github.com/agentd/agent/coordinator"
 	"github.com/agentd/agent/coordinator/admin"
+	"github.com/agentd/agent/coordinator/coordclient"
 	"github.com/agentd/agent/coordinator/store"
 	"github.com/agentd/agent/protocol"
 	"github.com/agentd/agent/tailnet"

@@ -11,8 +11,8 @@ import (
 	"time"
 
 	"github.com/agentd/agent/agent/portforward"
-	"github.com/agentd/agent/agent/portforward/pftest"
-	"github.com/agentd/agent/forwardclient"
+	"github.com/agentd/agent/client/forwardclient"
+	"github.com/agentd/agent/internal/testkit/pftest"
 )
 
 // loopbackDialer reaches ports on this machine directly: the laptop side

@@ -13,7 +13,7 @@ import (
 	"time"
 
 	"github.com/agentd/agent/agent/portforward"
-	"github.com/agentd/agent/agent/portforward/pftest"
+	"github.com/agentd/agent/internal/testkit/pftest"
 	"github.com/agentd/agent/protocol"
 )
 

@@ -20,9 +20,9 @@ import (
 	gossh "golang.org/x/crypto/ssh"
 
 	"github.com/agentd/agent/agent/sshd"
+	"github.com/agentd/agent/client/sshclient"
 	"github.com/agentd/agent/internal/testkit/sshtest"
 	"github.com/agentd/agent/metrics"
-	"github.com/agentd/agent/sshclient"
 )
 
 // TestFastExecsNeverFail: many concurrent execs of a command that exits at

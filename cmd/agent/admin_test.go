@@ -10,9 +10,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/agentd/agent/coordclient"
 	"github.com/agentd/agent/coordinator"
 	"github.com/agentd/agent/coordinator/admin"
+	"github.com/agentd/agent/coordinator/coordclient"
 	"github.com/agentd/agent/protocol"
 )
 

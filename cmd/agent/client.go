@@ -9,7 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/agentd/agent/client"
-	"github.com/agentd/agent/coordclient"
+	"github.com/agentd/agent/coordinator/coordclient"
 )
 
 // defaultTimeout bounds how long a one-shot client command waits for the

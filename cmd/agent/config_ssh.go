@@ -5,7 +5,7 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/agentd/agent/sshclient/sshconfig"
+	"github.com/agentd/agent/client/sshclient/sshconfig"
 	"github.com/spf13/cobra"
 )
 

@@ -7,8 +7,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/agentd/agent/coordclient"
 	"github.com/agentd/agent/coordinator"
+	"github.com/agentd/agent/coordinator/coordclient"
 	"github.com/agentd/agent/protocol"
 )
 

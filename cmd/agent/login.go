@@ -15,7 +15,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/agentd/agent/coordclient"
+	"github.com/agentd/agent/coordinator/coordclient"
 	"github.com/agentd/agent/protocol"
 	"github.com/agentd/agent/tailnet"
 )

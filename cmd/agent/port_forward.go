@@ -13,7 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/agentd/agent/client"
-	"github.com/agentd/agent/forwardclient"
+	"github.com/agentd/agent/client/forwardclient"
 )
 
 // portForwardOptions is `agent port-forward` as parsed from its command

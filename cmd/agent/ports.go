@@ -7,7 +7,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/agentd/agent/forwardclient"
+	"github.com/agentd/agent/client/forwardclient"
 )
 
 // portsOptions is `agent ports` as parsed from its command line.

@@ -13,7 +13,7 @@ import (
 
 	"github.com/agentd/agent/agent"
 	"github.com/agentd/agent/agent/reaper"
-	"github.com/agentd/agent/coordclient"
+	"github.com/agentd/agent/coordinator/coordclient"
 )
 
 // runOptions is `agent run` as parsed from its command line.

@@ -15,8 +15,8 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/agentd/agent/coordclient"
 	"github.com/agentd/agent/coordinator"
+	"github.com/agentd/agent/coordinator/coordclient"
 )
 
 // parseCmd runs args through the real root command with the command args[0]

@@ -13,8 +13,8 @@ import (
 	"golang.org/x/term"
 
 	"github.com/agentd/agent/client"
+	"github.com/agentd/agent/client/sshclient"
 	"github.com/agentd/agent/protocol"
-	"github.com/agentd/agent/sshclient"
 )
 
 // sshOptions is `agent ssh` as parsed from its command line.

@@ -14,8 +14,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/agentd/agent/agent/portforward/pftest"
 	"github.com/agentd/agent/internal/netlab"
+	"github.com/agentd/agent/internal/testkit/pftest"
 	"github.com/agentd/agent/internal/testkit/sshtest"
 )
 

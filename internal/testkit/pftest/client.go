@@ -8,7 +8,7 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/agentd/agent/forwardclient"
+	"github.com/agentd/agent/client/forwardclient"
 )
 
 // ClientPath routes every check through the laptop side too: for each

@@ -12,8 +12,8 @@ import (
 	"time"
 
 	"github.com/agentd/agent/agent/portforward"
-	"github.com/agentd/agent/agent/portforward/pftest"
-	"github.com/agentd/agent/forwardclient"
+	"github.com/agentd/agent/client/forwardclient"
+	"github.com/agentd/agent/internal/testkit/pftest"
 )
 
 func TestParseMappings(t *testing.T) {

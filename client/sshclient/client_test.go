@@ -16,9 +16,9 @@ import (
 	"time"
 
 	"github.com/agentd/agent/agent/sshd"
+	"github.com/agentd/agent/client/sshclient"
 	"github.com/agentd/agent/internal/syncbuf"
 	"github.com/agentd/agent/internal/testkit/sshtest"
-	"github.com/agentd/agent/sshclient"
 	"github.com/creack/pty"
 	"golang.org/x/sys/unix"
 )

@@ -10,7 +10,7 @@ import (
 
 	gossh "golang.org/x/crypto/ssh"
 
-	"github.com/agentd/agent/sshclient"
+	"github.com/agentd/agent/client/sshclient"
 )
 
 // TestExpectHostKey: with the vouched key the command runs; a server
