@@ -215,7 +215,7 @@ func TestStoppedReplicaPeersMarkedLost(t *testing.T) {
 	alice.AddTunnel("ws1")
 	peerFrom(t, alice, h1.NodeID, "ws1's node")
 
-	// Replica A goes away without a word (its agent keeps retrying A).
+	// Replica A stops (its agent keeps retrying A).
 	stopped := time.Now()
 	a.stop()
 	g := goneOf(t, alice, h1.NodeID, "ws1 lost")

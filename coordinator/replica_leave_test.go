@@ -1,0 +1,51 @@
+package coordinator_test
+
+import (
+	"testing"
+	"time"
+
+	"github.com/agentd/agent/coordinator"
+	"github.com/agentd/agent/internal/pgtest"
+	"github.com/agentd/agent/protocol"
+)
+
+// TestLeavingReplicaHandsOverAtOnce: a replica that stops on purpose
+// (SIGTERM, a rolling restart) tells the others, so its peers' partners
+// hear "lost" at the survivors' next heartbeat, not after the dead-after
+// time a silent replica needs. Without the word it took the full 5 s.
+func TestLeavingReplicaHandsOverAtOnce(t *testing.T) {
+	const deadAfter = 5 * time.Second
+	url := pgtest.Start(t).NewDatabase()
+	begin := time.Now()
+	var reps []*testCoordinator
+	for range 2 {
+		reps = append(reps, startCoordinator(t, t.TempDir(), coordOpts{tweak: func(c *coordinator.Config) {
+			c.PostgresURL = url
+			c.ReplicaHeartbeat, c.ReplicaDeadAfter = testHeartbeat, deadAfter
+		}}))
+	}
+	f := replicaFixtureOn(t, reps, url)
+	a, b := reps[0], reps[1]
+	ws1 := startClient(t, a, f.ws1Token)
+	h1 := recv(t, ws1.rec.hellos, "ws1 hello")
+	ws1.UpdateNode(fakeNode(t, h1))
+	alice := startClient(t, b, f.alice)
+	ha := recv(t, alice.rec.hellos, "alice hello")
+	alice.UpdateNode(fakeNode(t, ha))
+	alice.AddTunnel("ws1")
+	peerFrom(t, alice, h1.NodeID, "ws1's node")
+	// Replica B judges others only after beating for dead-after itself.
+	time.Sleep(deadAfter + 2*testHeartbeat - time.Since(begin))
+
+	stopped := time.Now()
+	a.stop()
+	g := goneOf(t, alice, h1.NodeID, "ws1 lost")
+	took := time.Since(stopped)
+	if g.Reason != protocol.GoneLost {
+		t.Fatalf("alice told %+v, want lost", g)
+	}
+	t.Logf("peers of a replica that left marked lost %v after its stop began (dead after %v)", took.Round(time.Millisecond), deadAfter)
+	if took > deadAfter/2 {
+		t.Fatalf("ws1 marked lost %v after its replica stopped on purpose, want well within the dead-after time (%v)", took.Round(time.Millisecond), deadAfter)
+	}
+}
