@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -468,8 +469,34 @@ func TestHAPostgresOutage(t *testing.T) {
 	}()
 	time.Sleep(time.Second)
 
+	// Admin writes across the moment the database stops: every one that
+	// said it worked must be there after the outage.
+	var (
+		acked     []string
+		writesEnd = make(chan struct{})
+		writesOut = make(chan struct{})
+	)
+	go func() {
+		defer close(writesOut)
+		for i := 0; ; i++ {
+			select {
+			case <-writesEnd:
+				return
+			default:
+			}
+			name := fmt.Sprintf("w%d", i)
+			if _, err := c.tryAdmin("user", "create", name); err == nil {
+				acked = append(acked, name)
+			}
+		}
+	}()
+	time.Sleep(time.Second)
+
 	down := time.Now()
 	c.pg.Stop()
+	time.Sleep(500 * time.Millisecond)
+	close(writesEnd)
+	<-writesOut
 	time.Sleep(2 * time.Second)
 	// A new connection while the database is away gives up after its
 	// --timeout with one line.
@@ -527,9 +554,17 @@ func TestHAPostgresOutage(t *testing.T) {
 	}
 
 	c.admin("user", "delete", "bob")
-	if after := c.admin("list"); after != storeBefore {
-		t.Errorf("the store changed across the outage:\nbefore %s\nafter  %s", storeBefore, after)
+	before, after := parseListing(t, storeBefore), parseListing(t, c.admin("list"))
+	for _, name := range acked {
+		if !after.users[name] {
+			t.Errorf("user %s, created just before the database stopped (the write said it worked), is missing after the outage", name)
+		}
+		delete(after.users, name)
 	}
+	if !maps.Equal(before.users, after.users) || before.rest != after.rest {
+		t.Errorf("the store changed across the outage:\nbefore %s\nafter  %+v", storeBefore, after)
+	}
+	t.Logf("%d admin writes acknowledged up to the stop, all there after the outage", len(acked))
 	t.Logf("database down 10 s: established session's slowest echo %v; a new agent ssh --timeout 3s while down said %q; agent admin said %q; after the return: the waiting agent ssh ended %v after, a new one %v, an admin write %v (target 5 s)",
 		r.worst.Round(time.Millisecond), downMsg, adminMsg, waited.Round(time.Millisecond), firstSSH.Round(time.Millisecond), firstWrite.Round(time.Millisecond))
 	if waited > 5*time.Second {
@@ -541,6 +576,33 @@ func TestHAPostgresOutage(t *testing.T) {
 	if firstSSH > 5*time.Second || firstWrite > 5*time.Second {
 		t.Errorf("everything should work within 5 s of the database's return: agent ssh %v, admin write %v", firstSSH.Round(time.Millisecond), firstWrite.Round(time.Millisecond))
 	}
+}
+
+// listing is agent admin list --json: the user names, and the rest as
+// JSON to compare whole.
+type listing struct {
+	users map[string]bool
+	rest  string
+}
+
+func parseListing(t *testing.T, out string) listing {
+	t.Helper()
+	var v struct {
+		Users []struct {
+			Name string `json:"name"`
+		} `json:"users"`
+		Agents json.RawMessage `json:"agents"`
+		Grants json.RawMessage `json:"grants"`
+		Tokens json.RawMessage `json:"tokens"`
+	}
+	if err := json.Unmarshal([]byte(out), &v); err != nil {
+		t.Fatalf("agent admin list: %v in %s", err, out)
+	}
+	l := listing{users: map[string]bool{}, rest: string(v.Agents) + string(v.Grants) + string(v.Tokens)}
+	for _, u := range v.Users {
+		l.users[u.Name] = true
+	}
+	return l
 }
 
 // TestHARollingRestart: every replica restarted in turn (SIGTERM, start,
