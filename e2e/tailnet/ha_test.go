@@ -611,7 +611,13 @@ func parseListing(t *testing.T, out string) listing {
 // restart of one replica takes, no new session fails, and each replica is
 // ready again within 3 s of its SIGTERM.
 func TestHARollingRestart(t *testing.T) {
-	c := newHACluster(t, true)
+	t.Run("Direct", func(t *testing.T) { rollingRestart(t, true) })
+	// Relayed only, the requests cross the relays being restarted.
+	t.Run("DERPOnly", func(t *testing.T) { rollingRestart(t, false) })
+}
+
+func rollingRestart(t *testing.T, direct bool) {
+	c := newHACluster(t, direct)
 	ports := &workspacePorts{ns: c.sites.Host1, next: forwardLo}
 	ln, err := ports.listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -652,6 +658,7 @@ func TestHARollingRestart(t *testing.T) {
 	var (
 		mu                 sync.Mutex
 		requests, failures int
+		slowest            time.Duration
 		failStart          time.Time
 		worstOutage        time.Duration
 		lastErr            error
@@ -670,6 +677,7 @@ func TestHARollingRestart(t *testing.T) {
 			err := roundTrip(ctx, d, port, 64<<10)
 			mu.Lock()
 			requests++
+			slowest = max(slowest, time.Since(t0))
 			if err != nil {
 				failures++
 				lastErr = err
@@ -742,8 +750,8 @@ func TestHARollingRestart(t *testing.T) {
 	for _, r := range restarts {
 		shortest = min(shortest, r)
 	}
-	t.Logf("rolling restart, replica restarts took %v (of which stopping %v); %d requests, %d failed, longest failing stretch %v (last error: %v); %d new agent ssh, %d failed (last error: %v)",
-		restarts, stops, requests, failures, worstOutage.Round(time.Millisecond), lastErr, sshRuns, sshFails, sshErr)
+	t.Logf("rolling restart, replica restarts took %v (of which stopping %v); %d requests, %d failed, slowest %v, longest failing stretch %v (last error: %v); %d new agent ssh, %d failed (last error: %v)",
+		restarts, stops, requests, failures, slowest.Round(time.Millisecond), worstOutage.Round(time.Millisecond), lastErr, sshRuns, sshFails, sshErr)
 	// A replica that stopped on purpose says so, so its next start does
 	// not wait for a mesh link to its own old row (that took 5 s).
 	for i, r := range restarts {
