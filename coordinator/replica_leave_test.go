@@ -25,21 +25,14 @@ func TestLeavingReplicaHandsOverAtOnce(t *testing.T) {
 		}}))
 	}
 	f := replicaFixtureOn(t, reps, url)
-	a, b := reps[0], reps[1]
-	ws1 := startClient(t, a, f.ws1Token)
-	h1 := recv(t, ws1.rec.hellos, "ws1 hello")
-	ws1.UpdateNode(fakeNode(t, h1))
-	alice := startClient(t, b, f.alice)
-	ha := recv(t, alice.rec.hellos, "alice hello")
-	alice.UpdateNode(fakeNode(t, ha))
-	alice.AddTunnel("ws1")
-	peerFrom(t, alice, h1.NodeID, "ws1's node")
+	a := reps[0]
+	alice, ws1ID := f.tunnelAcross(t, a, reps[1])
 	// Replica B judges others only after beating for dead-after itself.
 	time.Sleep(deadAfter + 2*testHeartbeat - time.Since(begin))
 
 	stopped := time.Now()
 	a.stop()
-	g := goneOf(t, alice, h1.NodeID, "ws1 lost")
+	g := goneOf(t, alice, ws1ID, "ws1 lost")
 	took := time.Since(stopped)
 	if g.Reason != protocol.GoneLost {
 		t.Fatalf("alice told %+v, want lost", g)
