@@ -45,8 +45,8 @@ type haCluster struct {
 	direct bool // STUN on: peers find the direct path
 
 	certFile, keyFile, fp string
-	replicas              [3]*exec.Cmd
-	dataDirs              [3]string
+	replicas              [haReplicas]*exec.Cmd
+	dataDirs              [haReplicas]string
 
 	agentToken, userToken string
 	clientEnv             []string
@@ -262,10 +262,9 @@ func peerHomes(ctx context.Context, pgURL string) (map[int64][2]string, error) {
 }
 
 // TestHAReplicaKilledMidTransfer: SIGKILL one replica during a transfer
-// through agent ssh, on the direct path (the agent's replica) and on a
-// DERP-only path (the agent's, then the laptop's, whose relay the
-// transfer crosses, meshed with the other's): the transfer finishes with the
-// right digest, every peer the dead replica held is held by a survivor
+// through agent ssh: the agent's replica on the direct path, then on a
+// DERP-only path (the transfer crosses both relays and their mesh) the
+// agent's and the laptop's. The transfer finishes with the right digest, every peer the dead replica held is held by a survivor
 // within 3 s, and a new agent ssh works within 5 s of the kill.
 // AGENT_HA_TRANSFER_MIB sets the size (default 64 MiB; the issue's
 // figure is 256).
