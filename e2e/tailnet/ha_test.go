@@ -264,8 +264,9 @@ func peerHomes(ctx context.Context, pgURL string) (map[int64][2]string, error) {
 // TestHAReplicaKilledMidTransfer: SIGKILL one replica during a transfer
 // through agent ssh: the agent's replica on the direct path, then on a
 // DERP-only path (the transfer crosses both relays and their mesh) the
-// agent's and the laptop's. The transfer finishes with the right digest, every peer the dead replica held is held by a survivor
-// within 3 s, and a new agent ssh works within 5 s of the kill.
+// agent's and the laptop's. The transfer finishes with the right digest,
+// every peer the dead replica held is held by a survivor within 3 s, and
+// a new agent ssh works within 5 s of the kill.
 // AGENT_HA_TRANSFER_MIB sets the size (default 64 MiB; the issue's
 // figure is 256).
 func TestHAReplicaKilledMidTransfer(t *testing.T) {
