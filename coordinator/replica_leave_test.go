@@ -6,7 +6,6 @@ import (
 
 	"github.com/agentd/agent/coordinator"
 	"github.com/agentd/agent/internal/pgtest"
-	"github.com/agentd/agent/protocol"
 )
 
 // TestLeavingReplicaHandsOverAtOnce: a replica that stops on purpose
@@ -30,13 +29,7 @@ func TestLeavingReplicaHandsOverAtOnce(t *testing.T) {
 	// Replica B judges others only after beating for dead-after itself.
 	time.Sleep(deadAfter + 2*testHeartbeat - time.Since(begin))
 
-	stopped := time.Now()
-	a.stop()
-	g := goneOf(t, alice, ws1ID, "ws1 lost")
-	took := time.Since(stopped)
-	if g.Reason != protocol.GoneLost {
-		t.Fatalf("alice told %+v, want lost", g)
-	}
+	took := stopUntilLost(t, a, alice, ws1ID)
 	t.Logf("peers of a replica that left marked lost %v after its stop began (dead after %v)", took.Round(time.Millisecond), deadAfter)
 	if took > deadAfter/2 {
 		t.Fatalf("ws1 marked lost %v after its replica stopped on purpose, want well within the dead-after time (%v)", took.Round(time.Millisecond), deadAfter)

@@ -79,6 +79,20 @@ func (f *replicaFixture) tunnelAcross(t *testing.T, a, b *testCoordinator) (*pee
 	return alice, h1.NodeID
 }
 
+// stopUntilLost stops replica a and returns how long until pc hears that
+// peer id, held by a, is lost.
+func stopUntilLost(t *testing.T, a *testCoordinator, pc *peerClient, id tailnet.NodeID) time.Duration {
+	t.Helper()
+	stopped := time.Now()
+	a.stop()
+	g := goneOf(t, pc, id, "peer lost")
+	took := time.Since(stopped)
+	if g.Reason != protocol.GoneLost {
+		t.Fatalf("told %+v, want lost", g)
+	}
+	return took
+}
+
 // peerFrom waits for a peer update about id, skipping others.
 func peerFrom(t *testing.T, pc *peerClient, id tailnet.NodeID, what string) protocol.Peer {
 	t.Helper()
@@ -225,13 +239,7 @@ func TestStoppedReplicaPeersMarkedLost(t *testing.T) {
 	alice, ws1ID := f.tunnelAcross(t, a, b)
 
 	// Replica A stops (its agent keeps retrying A).
-	stopped := time.Now()
-	a.stop()
-	g := goneOf(t, alice, ws1ID, "ws1 lost")
-	took := time.Since(stopped)
-	if g.Reason != protocol.GoneLost {
-		t.Fatalf("alice told %+v, want lost", g)
-	}
+	took := stopUntilLost(t, a, alice, ws1ID)
 	if took > testDeadAfter+5*time.Second {
 		t.Fatalf("ws1 marked lost %v after its replica stopped", took)
 	}
