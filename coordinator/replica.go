@@ -67,6 +67,8 @@ type replicator struct {
 	// held stops the handling of other replicas' changes while locked:
 	// tests use it to make this replica slow to notice, as a loaded one is.
 	held sync.Mutex
+	// stopped closes when the loops have ended (nil before start).
+	stopped chan struct{}
 }
 
 func newReplicator(pool *pgxpool.Pool, c *core, url string, heartbeat, deadAfter time.Duration, logger *slog.Logger, onAccess func()) (*replicator, error) {
@@ -113,6 +115,7 @@ func (r *replicator) start(ctx context.Context) (<-chan struct{}, error) {
 		wg.Wait()
 		close(done)
 	}()
+	r.stopped = done
 	r.logger.Info("replica registered", "replica", r.id)
 	return done, nil
 }
@@ -650,6 +653,39 @@ func (s *Server) setupReplication() error {
 	s.repl = r
 	s.core.repl = r.enqueue
 	return nil
+}
+
+// leave tells the other replicas that this one stopped on purpose, once
+// its loops have ended: its heartbeat is made old, so they drop its relay
+// from their DERP maps and mesh and take care of its peers at their next
+// heartbeat, instead of waiting deadAfter for it to go silent. It also
+// spares this replica's next incarnation, at the same mesh URL, from
+// waiting for a mesh link to its own old row before it is ready.
+func (r *replicator) leave() {
+	if r.stopped == nil {
+		return
+	}
+	select {
+	case <-r.stopped:
+	case <-time.After(2 * time.Second):
+		// A heartbeat still in flight would undo what we write.
+		r.logger.Warn("replica loops did not stop in time; the other replicas will notice this one stopped after its heartbeat goes silent")
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if _, err := r.pool.Exec(ctx, `UPDATE replicas SET heartbeat = '-infinity' WHERE id = $1`, r.id); err != nil {
+		r.logger.Warn("could not tell the other replicas this one is leaving; they will notice once its heartbeat goes silent", "err", r.describe(err))
+		return
+	}
+	r.logger.Info("left the replicas; the others take over at once", "replica", r.id)
+}
+
+// leaveReplication is leave for a server with replicas.
+func (s *Server) leaveReplication() {
+	if s.repl != nil {
+		s.repl.leave()
+	}
 }
 
 // startReplication registers this replica and starts its loops, which end

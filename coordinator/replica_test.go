@@ -63,6 +63,36 @@ func replicaFixtureOn(t *testing.T, reps []*testCoordinator, url string) *replic
 	}
 }
 
+// tunnelAcross connects ws1 to replica a and alice to replica b with a
+// tunnel to ws1, and returns alice's client and ws1's node ID once alice
+// has ws1's node.
+func (f *replicaFixture) tunnelAcross(t *testing.T, a, b *testCoordinator) (*peerClient, tailnet.NodeID) {
+	t.Helper()
+	ws1 := startClient(t, a, f.ws1Token)
+	h1 := recv(t, ws1.rec.hellos, "ws1 hello")
+	ws1.UpdateNode(fakeNode(t, h1))
+	alice := startClient(t, b, f.alice)
+	ha := recv(t, alice.rec.hellos, "alice hello")
+	alice.UpdateNode(fakeNode(t, ha))
+	alice.AddTunnel("ws1")
+	peerFrom(t, alice, h1.NodeID, "ws1's node")
+	return alice, h1.NodeID
+}
+
+// stopUntilLost stops replica a and returns how long until pc hears that
+// peer id, held by a, is lost.
+func stopUntilLost(t *testing.T, a *testCoordinator, pc *peerClient, id tailnet.NodeID) time.Duration {
+	t.Helper()
+	stopped := time.Now()
+	a.stop()
+	g := goneOf(t, pc, id, "peer lost")
+	took := time.Since(stopped)
+	if g.Reason != protocol.GoneLost {
+		t.Fatalf("told %+v, want lost", g)
+	}
+	return took
+}
+
 // peerFrom waits for a peer update about id, skipping others.
 func peerFrom(t *testing.T, pc *peerClient, id tailnet.NodeID, what string) protocol.Peer {
 	t.Helper()
@@ -206,23 +236,10 @@ func TestReplicasRelayBetweenPeers(t *testing.T) {
 func TestStoppedReplicaPeersMarkedLost(t *testing.T) {
 	f := newReplicaFixture(t, 2)
 	a, b := f.reps[0], f.reps[1]
-	ws1 := startClient(t, a, f.ws1Token)
-	h1 := recv(t, ws1.rec.hellos, "ws1 hello")
-	ws1.UpdateNode(fakeNode(t, h1))
-	alice := startClient(t, b, f.alice)
-	ha := recv(t, alice.rec.hellos, "alice hello")
-	alice.UpdateNode(fakeNode(t, ha))
-	alice.AddTunnel("ws1")
-	peerFrom(t, alice, h1.NodeID, "ws1's node")
+	alice, ws1ID := f.tunnelAcross(t, a, b)
 
-	// Replica A goes away without a word (its agent keeps retrying A).
-	stopped := time.Now()
-	a.stop()
-	g := goneOf(t, alice, h1.NodeID, "ws1 lost")
-	took := time.Since(stopped)
-	if g.Reason != protocol.GoneLost {
-		t.Fatalf("alice told %+v, want lost", g)
-	}
+	// Replica A stops (its agent keeps retrying A).
+	took := stopUntilLost(t, a, alice, ws1ID)
 	if took > testDeadAfter+5*time.Second {
 		t.Fatalf("ws1 marked lost %v after its replica stopped", took)
 	}

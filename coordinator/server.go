@@ -368,6 +368,7 @@ func (s *Server) shutdown() {
 	case <-ctx.Done():
 		s.logger.Warn("some peer connections did not close in time")
 	}
+	s.leaveReplication()
 	s.closeAll()
 	s.logger.Info("coordinator stopped")
 }
