@@ -172,6 +172,11 @@ func (m *terminal) waitFor(re *regexp.Regexp, within time.Duration) []string {
 			return sm
 		}
 		if time.Now().After(deadline) {
+			select {
+			case <-m.ended:
+				m.t.Fatalf("the terminal never showed %s; the session ended (exit %d, %v) after showing:\n%s", re, m.code, m.err, m.out.String())
+			default:
+			}
 			m.t.Fatalf("the terminal never showed %s; it showed:\n%s", re, m.out.String())
 		}
 		time.Sleep(20 * time.Millisecond)
@@ -257,6 +262,38 @@ func wantRefused(t *testing.T, addr, name, why string) {
 	var oce *gossh.OpenChannelError
 	if !errors.As(err, &oce) || !strings.Contains(oce.Message, why) {
 		t.Fatalf("reattaching to session %q: %v; want a refusal saying %q", name, err, why)
+	}
+}
+
+// TestSessionReportsLostOutput: a client that was away while more than
+// the scrollback was printed is told how much it missed, and shows the
+// rest.
+func TestSessionReportsLostOutput(t *testing.T) {
+	_, addr := startServer(t, sshd.Options{})
+	fr := newFreezer(t, addr)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	a := runSession(t, ctx, "flood", fr.dial)
+	a.typeLine(`echo READY`)
+	a.waitFor(regexp.MustCompile(`(?m)^(?:[$#] )?READY`), 10*time.Second)
+	fr.freeze(true)
+	a.waitFor(regexp.MustCompile(`lost; reconnecting`), 10*time.Second)
+	// Typed while away is dropped, so the flood is typed by a second
+	// client on the server directly.
+	b := runSession(t, ctx, "flood", func(ctx context.Context, _ bool) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "tcp", addr)
+	})
+	b.typeLine(`i=0; while [ $i -lt 3000 ]; do echo "flood-$i-................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................................"; i=$((i+1)); done; echo FLOODED`)
+	b.waitFor(regexp.MustCompile(`(?m)^FLOODED`), 30*time.Second)
+	fr.freeze(false)
+	sm := a.waitFor(regexp.MustCompile(`agent: (\d+) bytes of output were lost while disconnected`), 20*time.Second)
+	a.waitFor(regexp.MustCompile(`(?m)^FLOODED`), 20*time.Second)
+	// About 2 MB of flood, of which the 1 MiB scrollback is replayed.
+	if n, _ := strconv.Atoi(sm[1]); n < 512<<10 || n > 2<<20 {
+		t.Errorf("reported %d bytes lost; the flood was about 2 MB and the scrollback keeps 1 MiB", n)
+	}
+	if !strings.Contains(a.out.String(), "flood-2999-") {
+		t.Error("the last of the flood, inside the scrollback, was not shown")
 	}
 }
 

@@ -230,6 +230,10 @@ func (r *reattacher) attach(ctx context.Context, first bool) (*attachment, error
 		fmt.Fprintf(r.opts.Stderr, "\r\nagent: %d bytes of output were lost while disconnected (more than the workspace keeps)\r\n", start-r.offset)
 		r.offset = start
 	}
+	// Keystrokes go here from now on, typed-ahead ones included.
+	r.mu.Lock()
+	r.cur = att
+	r.mu.Unlock()
 	return att, nil
 }
 
@@ -274,9 +278,6 @@ func (a *attachment) setExit(code int) {
 // stream shows the session's output until the attachment ends; ended says
 // the session itself ended, with its exit status.
 func (r *reattacher) stream(att *attachment) (code int, ended bool) {
-	r.mu.Lock()
-	r.cur = att
-	r.mu.Unlock()
 	stopKeepalive := keepalive(att, r.opts.KeepaliveInterval, r.opts.DeadAfter)
 	buf := make([]byte, 32<<10)
 	for {
