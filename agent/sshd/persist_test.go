@@ -213,17 +213,22 @@ func countedLines(t *testing.T, out string, n int) {
 	}
 }
 
+// frozenServer starts a server behind a freezer, with a minute for the
+// test.
+func frozenServer(t *testing.T) (addr string, fr *freezer, ctx context.Context) {
+	_, addr = startServer(t, sshd.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	t.Cleanup(cancel)
+	return addr, newFreezer(t, addr), ctx
+}
+
 // TestSessionSurvivesOutage: a reconnecting session whose network freezes
 // (keepalives go unanswered, the connection is given up) reconnects when
 // it thaws, to the same shell, and shows every line printed meanwhile
 // once, in order. A second client attaches by name and sees the output
 // too; the shell's exit reaches both.
 func TestSessionSurvivesOutage(t *testing.T) {
-	_, addr := startServer(t, sshd.Options{})
-	fr := newFreezer(t, addr)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-
+	addr, fr, ctx := frozenServer(t)
 	a := runSession(t, ctx, "outage", fr.dial)
 	a.typeLine(`echo "PID:$$"`)
 	pid := a.waitFor(regexp.MustCompile(`PID:(\d+)`), 10*time.Second)[1]
@@ -269,10 +274,7 @@ func wantRefused(t *testing.T, addr, name, why string) {
 // the scrollback was printed is told how much it missed, and shows the
 // rest.
 func TestSessionReportsLostOutput(t *testing.T) {
-	_, addr := startServer(t, sshd.Options{})
-	fr := newFreezer(t, addr)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
+	addr, fr, ctx := frozenServer(t)
 	a := runSession(t, ctx, "flood", fr.dial)
 	a.typeLine(`echo READY`)
 	a.waitFor(regexp.MustCompile(`(?m)^(?:[$#] )?READY`), 10*time.Second)

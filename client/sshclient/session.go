@@ -70,15 +70,7 @@ func RunSession(ctx context.Context, opts SessionOptions) (int, error) {
 	if err := protocol.ValidSessionName(opts.Name); err != nil {
 		return 255, err
 	}
-	if opts.Stdin == nil {
-		opts.Stdin = os.Stdin
-	}
-	if opts.Stdout == nil {
-		opts.Stdout = os.Stdout
-	}
-	if opts.Stderr == nil {
-		opts.Stderr = os.Stderr
-	}
+	opts.setDefaults()
 	if opts.KeepaliveInterval <= 0 {
 		opts.KeepaliveInterval = 5 * time.Second
 	}
@@ -87,12 +79,6 @@ func RunSession(ctx context.Context, opts SessionOptions) (int, error) {
 	}
 	if opts.ReconnectTimeout <= 0 {
 		opts.ReconnectTimeout = 15 * time.Second
-	}
-	if opts.Term == "" {
-		opts.Term = os.Getenv("TERM")
-	}
-	if opts.Term == "" {
-		opts.Term = "xterm-256color"
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -202,7 +188,7 @@ func (r *reattacher) attach(ctx context.Context, first bool) (*attachment, error
 		Term:   r.opts.Term,
 		Cols:   uint32(cols),
 		Rows:   uint32(rows),
-		Modes:  encodeModes(gossh.TerminalModes{gossh.ECHO: 1, gossh.IUTF8: 1, gossh.TTY_OP_ISPEED: 38400, gossh.TTY_OP_OSPEED: 38400}),
+		Modes:  encodeModes(terminalModes),
 	}
 	ch, reqs, err := client.OpenChannel(protocol.SessionAttachChannel, gossh.Marshal(&req))
 	if err != nil {
