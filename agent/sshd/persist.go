@@ -18,6 +18,7 @@ import (
 	gossh "golang.org/x/crypto/ssh"
 	"golang.org/x/sys/unix"
 
+	"github.com/agentd/agent/metrics"
 	"github.com/agentd/agent/protocol"
 )
 
@@ -93,6 +94,9 @@ func (c *serverConn) handleSessionAttach(_ *gossh.ServerConn, nch gossh.NewChann
 		return
 	}
 	defer ps.detach()
+	// Counted as a shell while a client is attached: a detached session
+	// holds no connection and is not an SSH session any more.
+	defer c.srv.opts.Metrics.SSHSessionStarted(metrics.SSHShell)()
 	ch, reqs, err := nch.Accept()
 	if err != nil {
 		return

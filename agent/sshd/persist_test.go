@@ -19,6 +19,7 @@ import (
 	"github.com/agentd/agent/agent/sshd"
 	"github.com/agentd/agent/client/sshclient"
 	"github.com/agentd/agent/internal/syncbuf"
+	"github.com/agentd/agent/metrics"
 	"github.com/agentd/agent/protocol"
 )
 
@@ -302,7 +303,9 @@ func TestSessionReportsLostOutput(t *testing.T) {
 // TestSessionIdleExpiry: a session nobody is attached to ends after the
 // idle timeout; one that is attached again before stays.
 func TestSessionIdleExpiry(t *testing.T) {
-	_, addr := startServer(t, sshd.Options{SessionIdleTimeout: 1500 * time.Millisecond})
+	reg := metrics.NewRegistry()
+	_, addr := startServer(t, sshd.Options{SessionIdleTimeout: 1500 * time.Millisecond, Metrics: metrics.NewAgent(reg)})
+	const attached = `agent_ssh_sessions_active{type="shell"}`
 	dial := func(ctx context.Context, _ bool) (net.Conn, error) {
 		return (&net.Dialer{}).DialContext(ctx, "tcp", addr)
 	}
@@ -310,9 +313,15 @@ func TestSessionIdleExpiry(t *testing.T) {
 	a := runSession(t, ctx, "idle", dial)
 	a.typeLine(`echo "PID:$$"`)
 	pid, _ := strconv.Atoi(a.waitFor(regexp.MustCompile(`PID:(\d+)`), 10*time.Second)[1])
+	if n := sample(t, series(t, reg), attached); n != 1 {
+		t.Errorf("%s = %v with a client attached, want 1", attached, n)
+	}
 	cancel() // the client goes away; the shell stays
 	a.wait(5 * time.Second)
 	time.Sleep(500 * time.Millisecond)
+	if n := sample(t, series(t, reg), attached); n != 0 {
+		t.Errorf("%s = %v after the client left, want 0", attached, n)
+	}
 	if !alive(pid) {
 		t.Fatalf("shell %d ended when its client left, before the idle timeout", pid)
 	}
