@@ -118,13 +118,16 @@ func (m *laptopTerminals) waitFor(name string, from int, re *regexp.Regexp, with
 // link goes down for a minute (AGENT_TEST_OUTAGE: longer). Each client says once that it lost the
 // connection and reconnects on its own when the link is back: top is the
 // same process and draws its screen again, and every line the counter
-// printed meanwhile arrives, once and in order. A third terminal attaches
+// printed meanwhile arrives, once and in order; the window size changed
+// while away reaches the shell. A third terminal attaches
 // to the counter's session by name and ends it; the exit status reaches
 // both clients attached to it.
 func TestTerminalSurvivesLaptopOutage(t *testing.T) {
 	sshtest.RequireTools(t, "tmux", "top")
 	outage := outageLength(t)
+	begin := time.Now()
 	d := newDeployment(t, netlab.NATEndpointIndependent)
+	t.Logf("deployment up after %s", time.Since(begin).Round(100*time.Millisecond))
 	m := newLaptopTerminals(t, d)
 	stop := filepath.Join(m.dir, "stop-counting")
 	agentSSH := func(name, session string) string {
@@ -140,6 +143,7 @@ func TestTerminalSurvivesLaptopOutage(t *testing.T) {
 	countPID := m.waitFor("count", 0, regexp.MustCompile(`(?m)^(?:[$#] )?SHPID:(\d+)`), 30*time.Second, "the shell's PID")[1]
 	m.waitFor("count", 0, regexp.MustCompile(`(?m)^n:4\r?$`), 30*time.Second, "the counter running")
 
+	t.Logf("both sessions running after %s", time.Since(begin).Round(100*time.Millisecond))
 	// The laptop's network goes away.
 	laptop := d.sites.Host2
 	laptop.IP("link", "set", "eth0", "down")
@@ -149,6 +153,9 @@ func TestTerminalSurvivesLaptopOutage(t *testing.T) {
 		m.waitFor(w, 0, lost, outage, "that the connection was lost")
 	}
 	t.Logf("both clients noticed the outage after %s", time.Since(down).Round(100*time.Millisecond))
+	// The laptop's terminal changes size while it is away; the reattach
+	// must bring the new size along.
+	m.tmux("resize-window", "-t", "lab:count", "-x", "101", "-y", "31")
 	time.Sleep(outage - time.Since(down))
 	topMark, countMark := len(m.received("top")), len(m.received("count"))
 	laptop.IP("link", "set", "eth0", "up")
@@ -168,7 +175,10 @@ func TestTerminalSurvivesLaptopOutage(t *testing.T) {
 	end := m.waitFor("count", 0, regexp.MustCompile(`(?m)^END:(\d+)`), 30*time.Second, "the counter's end")
 	total, _ := strconv.Atoi(end[1])
 	checkCounter(t, m.received("count"), total)
+	m.typeLine("count", `echo "SZ:$(stty size)"`)
+	m.waitFor("count", 0, regexp.MustCompile(`(?m)^(?:[$#] )?SZ:31 101`), 30*time.Second, "the window size changed while away (31 101)")
 
+	t.Logf("outage checks done after %s", time.Since(begin).Round(100*time.Millisecond))
 	// Another terminal attaches to the counter's session by name: it is
 	// shown the scrollback, and it can end the session.
 	m.open("second", agentSSH("second", "count"))
