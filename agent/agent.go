@@ -65,6 +65,9 @@ type Options struct {
 	// DisableNetcheck turns off the continuous network self-check whose
 	// verdict is published on the health endpoint and the agent API.
 	DisableNetcheck bool
+	// SessionIdleTimeout is how long a reconnecting terminal session keeps
+	// running with no client attached; zero is sshd's default.
+	SessionIdleTimeout time.Duration
 }
 
 // Agent is a running workspace agent.
@@ -159,6 +162,8 @@ func (a *Agent) Run(ctx context.Context) error {
 		PeerIdentity: a.peerIdentity,
 		Metrics:      a.metrics,
 		Shell:        a.opts.Shell,
+
+		SessionIdleTimeout: a.opts.SessionIdleTimeout,
 	})
 	if err != nil {
 		return fmt.Errorf("start the SSH server: %w", err)

@@ -24,6 +24,7 @@ import (
 	gossh "golang.org/x/crypto/ssh"
 
 	"github.com/agentd/agent/metrics"
+	"github.com/agentd/agent/protocol"
 )
 
 // handshakeTimeout bounds how long a client may take to finish the SSH
@@ -64,6 +65,10 @@ type Options struct {
 	// Metrics, if set, counts connections (kind ssh), the bytes they carry
 	// and their sessions by type. Nil counts nothing.
 	Metrics *metrics.Agent
+	// SessionIdleTimeout is how long a reconnecting terminal session
+	// (`agent ssh`) keeps running with no client attached; zero means
+	// DefaultSessionIdleTimeout.
+	SessionIdleTimeout time.Duration
 }
 
 // Server serves SSH connections. Create it with New.
@@ -74,6 +79,8 @@ type Server struct {
 	hostKey gossh.Signer
 	account account
 	baseEnv []string
+	// sessions are the reconnecting terminals, which outlive connections.
+	sessions *sessionRegistry
 
 	mu        sync.Mutex
 	closed    bool
@@ -118,6 +125,7 @@ func New(opts Options) (*Server, error) {
 		hostKey:   signer,
 		account:   acct,
 		baseEnv:   sessionBaseEnv(os.Environ(), opts.Env),
+		sessions:  newSessionRegistry(logger, opts.SessionIdleTimeout),
 		listeners: map[net.Listener]struct{}{},
 		conns:     map[*serverConn]struct{}{},
 	}
@@ -134,6 +142,7 @@ func New(opts Options) (*Server, error) {
 			"session":                        channelHandler((*serverConn).handleSession),
 			"direct-tcpip":                   channelHandler((*serverConn).handleDirectTCPIP),
 			"direct-streamlocal@openssh.com": channelHandler((*serverConn).handleDirectStreamLocal),
+			protocol.SessionAttachChannel:    channelHandler((*serverConn).handleSessionAttach),
 			"default":                        rejectUnknownChannel,
 		},
 		RequestHandlers: map[string]ssh.RequestHandler{
@@ -232,7 +241,7 @@ func (s *Server) isClosed() bool {
 }
 
 // Close stops all listeners and drops every connection; the sessions'
-// process groups get SIGHUP. It waits until every connection's sessions and
+// process groups (reconnecting ones too) get SIGHUP. It waits until every connection's sessions and
 // forwards have ended.
 func (s *Server) Close() error {
 	s.mu.Lock()
@@ -252,6 +261,7 @@ func (s *Server) Close() error {
 	s.mu.Unlock()
 	s.srv.Close()
 	s.wg.Wait()
+	s.sessions.close()
 	return nil
 }
 

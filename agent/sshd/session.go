@@ -547,9 +547,14 @@ func waitState(cmd *exec.Cmd) (*os.ProcessState, error) {
 // for a process killed by a signal (OpenSSH's client then prints
 // "killed by signal" and exits 255).
 func (s *session) finishState(state *os.ProcessState) {
+	s.finish(exitOf(state))
+}
+
+// exitOf is the exit code of a process and, if a signal killed it, the
+// signal's name.
+func exitOf(state *os.ProcessState) (int, string) {
 	if state == nil {
-		s.finish(255, "")
-		return
+		return 255, ""
 	}
 	ws, ok := state.Sys().(syscall.WaitStatus)
 	if ok && ws.Signaled() {
@@ -557,45 +562,56 @@ func (s *session) finishState(state *os.ProcessState) {
 		if name == "" {
 			name = strconv.Itoa(int(ws.Signal()))
 		}
-		s.finish(128+int(ws.Signal()), name)
-		return
+		return 128 + int(ws.Signal()), name
 	}
-	s.finish(state.ExitCode(), "")
+	return state.ExitCode(), ""
 }
 
 // The status goes out before EOF, as with OpenSSH's sshd: a client that
 // closes on EOF (scp's sftp mode) would otherwise miss it.
 func (s *session) finish(code int, signal string) {
-	if signal != "" {
-		coreDumped := false
-		_, _ = s.ch.SendRequest("exit-signal", false, gossh.Marshal(struct {
-			Signal     string
-			CoreDumped bool
-			Message    string
-			Lang       string
-		}{signal, coreDumped, "", ""}))
-	} else {
-		_, _ = s.ch.SendRequest("exit-status", false, gossh.Marshal(struct{ Status uint32 }{uint32(code)}))
-	}
+	sendExit(s.ch, code, signal)
 	_ = s.ch.CloseWrite()
 	s.ch.Close()
 	s.logger.Info("ssh session ended", "exit", code, "signal", signal,
 		"duration", time.Since(s.start).Round(time.Millisecond).String())
 }
 
+// sendExit sends exit-status, or exit-signal for a process killed by a
+// signal.
+func sendExit(ch gossh.Channel, code int, signal string) {
+	if signal != "" {
+		coreDumped := false
+		_, _ = ch.SendRequest("exit-signal", false, gossh.Marshal(struct {
+			Signal     string
+			CoreDumped bool
+			Message    string
+			Lang       string
+		}{signal, coreDumped, "", ""}))
+		return
+	}
+	_, _ = ch.SendRequest("exit-status", false, gossh.Marshal(struct{ Status uint32 }{uint32(code)}))
+}
+
 // showMOTD writes the message of the day for an interactive login, unless
 // the user asked for quiet with ~/.hushlogin, as login(1) does.
 func (s *session) showMOTD() {
-	if _, err := os.Stat(filepath.Join(s.c.srv.account.Home, ".hushlogin")); err == nil {
-		return
+	if motd := s.c.srv.motd(); len(motd) > 0 {
+		_, _ = s.ch.Write(motd)
 	}
-	motd, err := os.ReadFile(s.c.srv.opts.MOTDPath)
+}
+
+// motd is the message of the day with \r\n line ends, or nothing.
+func (srv *Server) motd() []byte {
+	if _, err := os.Stat(filepath.Join(srv.account.Home, ".hushlogin")); err == nil {
+		return nil
+	}
+	motd, err := os.ReadFile(srv.opts.MOTDPath)
 	if err != nil || len(motd) == 0 {
-		return
+		return nil
 	}
 	// The PTY's output processing does not apply to what we write directly.
-	motd = bytes.ReplaceAll(bytes.ReplaceAll(motd, []byte("\r\n"), []byte("\n")), []byte("\n"), []byte("\r\n"))
-	_, _ = s.ch.Write(motd)
+	return bytes.ReplaceAll(bytes.ReplaceAll(motd, []byte("\r\n"), []byte("\n")), []byte("\n"), []byte("\r\n"))
 }
 
 // runSFTP is the gliderlabs handler of the sftp subsystem: pkg/sftp's

@@ -184,15 +184,7 @@ func RunCommand(ctx context.Context, conn net.Conn, command string, stdin io.Rea
 // when stdin is a terminal, the local terminal in raw mode, window size
 // changes (SIGWINCH) passed on, and the remote exit status returned.
 func RunInteractive(ctx context.Context, conn net.Conn, opts InteractiveOptions) (int, error) {
-	if opts.Stdin == nil {
-		opts.Stdin = os.Stdin
-	}
-	if opts.Stdout == nil {
-		opts.Stdout = os.Stdout
-	}
-	if opts.Stderr == nil {
-		opts.Stderr = os.Stderr
-	}
+	opts.setDefaults()
 	client, closeClient, err := dial(ctx, conn, opts.User)
 	if err != nil {
 		return 255, err
@@ -233,16 +225,8 @@ func RunInteractive(ctx context.Context, conn net.Conn, opts InteractiveOptions)
 				client.Close()
 			})
 		}
-		termType := opts.Term
-		if termType == "" {
-			termType = os.Getenv("TERM")
-		}
-		if termType == "" {
-			termType = "xterm-256color"
-		}
 		cols, rows := terminalSize(opts.Stdout, opts.Stdin)
-		modes := gossh.TerminalModes{gossh.ECHO: 1, gossh.IUTF8: 1, gossh.TTY_OP_ISPEED: 38400, gossh.TTY_OP_OSPEED: 38400}
-		if err := sess.RequestPty(termType, rows, cols, modes); err != nil {
+		if err := sess.RequestPty(opts.Term, rows, cols, terminalModes); err != nil {
 			return 255, fmt.Errorf("the workspace refused a terminal: %w", err)
 		}
 		state, err := term.MakeRaw(inFd)
@@ -279,6 +263,29 @@ func RunInteractive(ctx context.Context, conn net.Conn, opts InteractiveOptions)
 	}
 	return exitCode(ctx, err)
 }
+
+// setDefaults fills in the process's own stdin, stdout, stderr and
+// terminal type.
+func (o *InteractiveOptions) setDefaults() {
+	if o.Stdin == nil {
+		o.Stdin = os.Stdin
+	}
+	if o.Stdout == nil {
+		o.Stdout = os.Stdout
+	}
+	if o.Stderr == nil {
+		o.Stderr = os.Stderr
+	}
+	if o.Term == "" {
+		o.Term = os.Getenv("TERM")
+	}
+	if o.Term == "" {
+		o.Term = "xterm-256color"
+	}
+}
+
+// terminalModes are the modes a requested PTY starts with.
+var terminalModes = gossh.TerminalModes{gossh.ECHO: 1, gossh.IUTF8: 1, gossh.TTY_OP_ISPEED: 38400, gossh.TTY_OP_OSPEED: 38400}
 
 func terminalSize(files ...*os.File) (cols, rows int) {
 	for _, f := range files {

@@ -7,12 +7,14 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
 
 	"github.com/agentd/agent/agent"
 	"github.com/agentd/agent/agent/reaper"
+	"github.com/agentd/agent/agent/sshd"
 	"github.com/agentd/agent/coordinator/coordclient"
 )
 
@@ -22,6 +24,7 @@ type runOptions struct {
 	dataDir, healthAddr, memoryLimit   string
 	listenPort                         uint16
 	shell                              string
+	sessionIdle                        time.Duration
 	insecureHTTP, allowInsecurePerms   bool
 }
 
@@ -67,6 +70,7 @@ whose group has other members is warned about. See docs/security.md.`,
 	f.StringVar(&o.healthAddr, "health-addr", envOr(env, "AGENT_HEALTH_ADDR", "127.0.0.1:2113"), "serve /healthz, /readyz and /metrics here; empty disables (env AGENT_HEALTH_ADDR)")
 	f.StringVar(&memoryLimit, "memory-limit", envOr(env, "AGENT_MEMORY_LIMIT", defaultMemoryLimit), memoryLimitFlagUsage("AGENT_MEMORY_LIMIT"))
 	f.StringVar(&o.shell, "shell", env.Getenv("AGENT_SHELL"), "shell for SSH sessions instead of the account's login shell from /etc/passwd, e.g. /bin/sh in an image whose passwd entry names a shell it lacks (env AGENT_SHELL)")
+	f.DurationVar(&o.sessionIdle, "session-idle-timeout", sshd.DefaultSessionIdleTimeout, "end a reconnecting terminal session (agent ssh) after it had no client attached for this long")
 	f.Uint16Var(&o.listenPort, "listen-port", 0, "UDP port for WireGuard (0 picks one; set it when the host publishes a fixed UDP port)")
 	return cmd
 }
@@ -142,6 +146,8 @@ func runAgent(ctx context.Context, env *cliEnv, o *runOptions) error {
 		HealthAddr:  o.healthAddr,
 		ListenPort:  o.listenPort,
 		Shell:       o.shell,
+
+		SessionIdleTimeout: o.sessionIdle,
 	})
 	if err != nil {
 		return err

@@ -15,6 +15,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/agentd/agent/agent/sshd"
 	"github.com/agentd/agent/coordinator"
 	"github.com/agentd/agent/coordinator/coordclient"
 )
@@ -183,15 +184,16 @@ func TestRunOptions(t *testing.T) {
 		t.Fatal(stderr)
 	}
 	want := runOptions{url: "https://coord.example:8443", tokenFile: "/run/secrets/token", fingerprint: "ab", insecureHTTP: true,
-		dataDir: "/state", healthAddr: ":2", shell: "/bin/sh", memoryLimit: "64MiB", allowInsecurePerms: true}
+		dataDir: "/state", healthAddr: ":2", shell: "/bin/sh", memoryLimit: "64MiB", allowInsecurePerms: true,
+		sessionIdle: sshd.DefaultSessionIdleTimeout}
 	if *got != want {
 		t.Errorf("from the environment: %+v, want %+v", *got, want)
 	}
 	for _, flag := range []string{"--url", "--coordinator-url"} {
-		if code, stderr := parseCmd(t, vars, capture, "run", flag, "https://other.example", "--listen-port", "41641", "--memory-limit", "0"); code != 0 {
+		if code, stderr := parseCmd(t, vars, capture, "run", flag, "https://other.example", "--listen-port", "41641", "--memory-limit", "0", "--session-idle-timeout", "10m"); code != 0 {
 			t.Fatal(stderr)
 		}
-		if got.url != "https://other.example" || got.listenPort != 41641 || got.memoryLimit != "0" {
+		if got.url != "https://other.example" || got.listenPort != 41641 || got.memoryLimit != "0" || got.sessionIdle != 10*time.Minute {
 			t.Errorf("%s: %+v", flag, *got)
 		}
 	}

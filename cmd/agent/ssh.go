@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"net"
@@ -26,6 +27,7 @@ type sshOptions struct {
 	knownHosts   bool
 	forwardAgent bool
 	noEscapes    bool
+	session      string
 }
 
 func newSSHCmd(env *cliEnv) *cobra.Command {
@@ -41,8 +43,18 @@ workspace's SSH server, for OpenSSH's ProxyCommand (` + "`agent config-ssh`" + `
 that into ~/.ssh/config for you). It exits when OpenSSH closes its standard
 input or exits, and prints nothing but one line when it fails.
 
+An interactive shell (a terminal, no command, no -A) is a reconnecting
+session: it keeps running in the workspace when the connection is lost
+(network outage, laptop asleep). The client says so in one line, keeps
+reconnecting, and on its return shows what was printed meanwhile (up to
+1 MiB) and has the screen redrawn. Each session has a name (--session, or
+one made up and shown when the connection is lost); --session NAME
+attaches to that session from any terminal, or starts it. A session with
+no client attached ends after the agent's --session-idle-timeout (1h).
+
 In a terminal session, ~. at the start of a line ends the connection (the
-way out when the network is gone) and ~? lists the escapes, as in ssh.
+way out when the network is gone; a reconnecting session keeps running)
+and ~? lists the escapes, as in ssh.
 
 (` + "`agent config-ssh`" + ` writes that into ~/.ssh/config for you).
 
@@ -57,6 +69,7 @@ OpenSSH's KnownHostsCommand, so OpenSSH checks it too:
 handshake; a session that is up runs as long as it likes.`,
 		Example: `  agent ssh ws1
   agent ssh ws1 -- uname -a
+  agent ssh ws1 --session build         # attach to (or start) the session "build"
   agent ssh -A ws1                      # forward the local ssh-agent
   ssh -o ProxyCommand='agent ssh --stdio %n' ws1.agent
   agent ssh --known-hosts ws1.agent     # the vouched host key, for KnownHostsCommand`,
@@ -75,6 +88,7 @@ handshake; a session that is up runs as long as it likes.`,
 	cmd.Flags().BoolVar(&o.stdio, "stdio", false, "carry raw SSH traffic on stdin/stdout (for OpenSSH's ProxyCommand)")
 	cmd.Flags().BoolVar(&o.knownHosts, "known-hosts", false, "print the workspace's vouched SSH host key as a known_hosts line (for OpenSSH's KnownHostsCommand)")
 	cmd.Flags().BoolVarP(&o.forwardAgent, "forward-agent", "A", false, "forward the local SSH agent (SSH_AUTH_SOCK) into the session")
+	cmd.Flags().StringVar(&o.session, "session", "", "attach to the reconnecting terminal session NAME in the workspace, starting it if there is none")
 	cmd.Flags().BoolVar(&o.noEscapes, "no-escapes", false, "in a terminal session, pass ~. and ~? to the workspace instead of reading them as escapes")
 	return cmd
 }
@@ -104,6 +118,19 @@ func (o *sshOptions) validate() error {
 	if o.stdio && o.forwardAgent {
 		return usageErrorf("--stdio carries OpenSSH's own connection: ask ssh for agent forwarding (ssh -A), not agent ssh --stdio")
 	}
+	if o.session != "" {
+		if err := protocol.ValidSessionName(o.session); err != nil {
+			return usageErrorf("--session: %v", err)
+		}
+		switch {
+		case o.stdio:
+			return usageErrorf("--session attaches a terminal; --stdio carries OpenSSH's connection: use one of them")
+		case len(o.command) > 0:
+			return usageErrorf("--session attaches to a shell session and takes no command (got %q)", strings.Join(o.command, " "))
+		case o.forwardAgent:
+			return usageErrorf("--session keeps the shell across connections, and a forwarded ssh-agent belongs to one connection: drop -A or --session")
+		}
+	}
 	return nil
 }
 
@@ -129,6 +156,37 @@ func runSSH(ctx context.Context, env *cliEnv, o *sshOptions) error {
 		return err
 	}
 	var code int
+	isTerminal := term.IsTerminal(int(os.Stdin.Fd()))
+	if o.session != "" && !isTerminal {
+		return errors.New("--session needs a terminal on standard input (it attaches an interactive shell)")
+	}
+	if len(o.command) == 0 && !o.forwardAgent && isTerminal {
+		name := o.session
+		if name == "" {
+			name = newSessionName()
+		}
+		err = untilAccessEnds(ctx, ws, func(ctx context.Context) error {
+			env.rawTerminal.Store(true)
+			defer env.rawTerminal.Store(false)
+			code, err = sshclient.RunSession(ctx, sshclient.SessionOptions{
+				InteractiveOptions: sshclient.InteractiveOptions{Stderr: env.Stderr, NoEscapes: o.noEscapes},
+				Name:               name,
+				Workspace:          ws.Name(),
+				Dial: func(dctx context.Context, first bool) (net.Conn, error) {
+					return dialSessionSSH(dctx, cctx, first, ws, vouched)
+				},
+			})
+			return err
+		})
+		if errors.Is(err, sshclient.ErrEscapeDisconnect) {
+			fmt.Fprintf(env.Stderr, "Connection to %s closed; session %q keeps running there until the agent's idle timeout: agent ssh %s --session %s attaches again.\n", ws.Name(), name, ws.Name(), name)
+			return &exitError{code: 255}
+		}
+		if !errors.Is(err, sshclient.ErrSessionsUnsupported) || o.session != "" {
+			return sshResult(cctx, ws, code, err)
+		}
+		// An older agent: a plain session, as before.
+	}
 	err = untilAccessEnds(ctx, ws, func(ctx context.Context) error {
 		conn, done, err := dialSSH(ctx, cctx, ws)
 		if err != nil {
@@ -164,6 +222,11 @@ func runSSH(ctx context.Context, env *cliEnv, o *sshOptions) error {
 		fmt.Fprintf(env.Stderr, "Connection to %s closed.\n", ws.Name())
 		return &exitError{code: 255}
 	}
+	return sshResult(cctx, ws, code, err)
+}
+
+// sshResult turns a session's end into agent ssh's error and exit code.
+func sshResult(cctx context.Context, ws *client.Workspace, code int, err error) error {
 	if err != nil {
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			return fmt.Errorf("waiting for the SSH handshake with workspace %q: %w", ws.Name(), context.Cause(cctx))
@@ -174,6 +237,36 @@ func runSSH(ctx context.Context, env *cliEnv, o *sshOptions) error {
 		return &exitError{code: code}
 	}
 	return nil
+}
+
+// dialSessionSSH connects to the workspace's SSH server for a reconnecting
+// session: the first time within connectCtx (--timeout, which also bounds
+// the handshake), later within ctx, and expecting the vouched host key.
+func dialSessionSSH(ctx, connectCtx context.Context, first bool, ws *client.Workspace, vouched string) (net.Conn, error) {
+	if first {
+		ctx = connectCtx
+	}
+	conn, err := ws.DialTCP(ctx, protocol.PortSSH)
+	if err != nil {
+		return nil, err
+	}
+	if d, ok := ctx.Deadline(); ok {
+		_ = conn.SetDeadline(d)
+	}
+	if vouched == "" {
+		return conn, nil
+	}
+	ec, err := sshclient.ExpectHostKey(conn, vouched)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return ec, nil
+}
+
+// newSessionName names a session the user did not name.
+func newSessionName() string {
+	return "ssh-" + strings.ToLower(rand.Text()[:8])
 }
 
 // dialSSH connects to the workspace's SSH server within dialCtx. When
