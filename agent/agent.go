@@ -201,8 +201,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	select {
 	case <-ctx.Done():
 	case <-a.join.Ended():
-		runErr = fmt.Errorf("coordinator at %s: %w", a.opts.Coordinator.URL, a.join.Err())
-		cancel()
+		// It also ends when ctx does; only a refusal is an error.
+		if ctx.Err() == nil {
+			runErr = fmt.Errorf("coordinator at %s: %w", a.opts.Coordinator.URL, a.join.Err())
+			cancel()
+		}
 	}
 
 	a.log.Info("shutting down")
