@@ -120,9 +120,17 @@ func TestPeerIntroducedBeforeTheNodeIsUp(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	conn, _, err := cj.Up(ctx, nil)
+	// What a side mounts on its node is in place before the first peer.
+	mountedBeforePeers := false
+	conn, _, err := cj.Up(ctx, func(c *tailnet.Conn, _ protocol.Hello) error {
+		mountedBeforePeers = len(c.PeerStatus()) == 0 && cj.Conn() == nil
+		return nil
+	})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if !mountedBeforePeers {
+		t.Error("mount ran after peers were installed in the node")
 	}
 	if !slices.ContainsFunc(conn.PeerStatus(), func(s tailnet.PeerStatus) bool { return s.ID == ag.Node.ID }) {
 		t.Fatal("the agent introduced before Up is not installed in the node")
@@ -304,5 +312,29 @@ func TestLostPeerKeptForTheGrace(t *testing.T) {
 	}
 	if installed() {
 		t.Error("the client is still installed after its grace")
+	}
+}
+
+// TestMountErrorStopsUp: when a side cannot mount its services, Up fails
+// with that error and leaves no node behind.
+func TestMountErrorStopsUp(t *testing.T) {
+	d := coordtest.Start(t, testLogger().With("side", "coordinator"))
+	j := startJoiner(t, d, protocol.RoleAgent, d.AgentToken, newEvents())
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	errMount := errors.New("listen on tailnet port 1: address in use")
+	var mounted *tailnet.Conn
+	_, _, err := j.Up(ctx, func(c *tailnet.Conn, _ protocol.Hello) error {
+		mounted = c
+		return errMount
+	})
+	if !errors.Is(err, errMount) {
+		t.Fatalf("Up: %v, want the mount's error", err)
+	}
+	if j.Conn() != nil {
+		t.Error("a node is left up after the mount failed")
+	}
+	if _, err := mounted.Listen(4242); err == nil {
+		t.Error("the node the mount failed on still accepts listeners; want it closed")
 	}
 }
