@@ -29,6 +29,7 @@ import (
 	"github.com/agentd/agent/agent/portforward"
 	"github.com/agentd/agent/agent/sshd"
 	"github.com/agentd/agent/coordinator/coordclient"
+	"github.com/agentd/agent/internal/tailjoin"
 	"github.com/agentd/agent/metrics"
 	"github.com/agentd/agent/protocol"
 	"github.com/agentd/agent/speedtest"
@@ -77,29 +78,20 @@ type Agent struct {
 	metrics *metrics.Agent
 	reg     *metrics.Registry
 
-	coord *coordclient.Client
+	// join is the coordination connection, the tailnet node and the
+	// peers introduced to it.
+	join *tailjoin.Joiner
 
-	helloCh chan protocol.Hello // first hello, then later ones
-
-	mu         sync.Mutex
-	conn       *tailnet.Conn
-	hello      protocol.Hello
-	connected  bool
-	lastErr    error
-	peers      map[tailnet.NodeID]*peerInfo
-	byAddr     map[netip.Addr]*peerInfo
-	pendingOps []func(*tailnet.Conn) // peer changes that arrived before the tailnet was up
-	network    *netcheck.Brief
+	mu        sync.Mutex
+	hello     protocol.Hello
+	connected bool
+	lastErr   error
+	network   *netcheck.Brief
 
 	// flows are the peers' open connections, ended when access ends.
 	flows *flows
 	// signer is the SSH host key, the identity the coordinator pins.
 	signer gossh.Signer
-}
-
-type peerInfo struct {
-	peer      protocol.Peer
-	lostTimer *time.Timer
 }
 
 // New validates the options and prepares an agent; Run starts it.
@@ -121,16 +113,26 @@ func New(opts Options) (*Agent, error) {
 		log:     opts.Logger,
 		reg:     opts.Registry,
 		metrics: metrics.NewAgent(opts.Registry),
-		helloCh: make(chan protocol.Hello, 1),
-		peers:   make(map[tailnet.NodeID]*peerInfo),
-		byAddr:  make(map[netip.Addr]*peerInfo),
 		flows:   newFlows(),
 	}
 	cfg := opts.Coordinator
-	cfg.Logger = opts.Logger.With("component", "coordination")
 	cfg.Role = protocol.RoleAgent
 	cfg.Identity = a.identity
-	a.coord = coordclient.New(cfg, (*coordHandler)(a))
+	a.join = tailjoin.New(tailjoin.Options{
+		Logger:      opts.Logger,
+		Coordinator: cfg,
+		Tailnet:     tailnet.Options{ListenPort: opts.ListenPort, AcceptInbound: true},
+		LostGrace:   lostPeerGrace,
+		CloseWait:   shutdownGrace,
+		Hooks: tailjoin.Hooks{
+			Hello:        a.onHello,
+			Peer:         a.onPeer,
+			Gone:         a.onPeerGone,
+			Removed:      func(p protocol.Peer) { a.metrics.RemovePeer(p.Name) },
+			Error:        a.onError,
+			Disconnected: a.onDisconnected,
+		},
+	})
 	return a, nil
 }
 
@@ -177,58 +179,24 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.signer = signer
 	a.mu.Unlock()
 
-	coordDone := make(chan error, 1)
-	go func() { coordDone <- a.coord.Run(ctx) }()
-
+	a.join.Start(ctx)
 	a.log.Info("waiting for the coordinator to accept this agent", "url", a.opts.Coordinator.URL)
-	var hello protocol.Hello
-	select {
-	case <-ctx.Done():
-		<-coordDone
-		ssh.Close()
-		return nil
-	case err := <-coordDone:
-		ssh.Close()
-		return fmt.Errorf("coordinator: %w", err)
-	case hello = <-a.helloCh:
-	}
-
-	conn, err := tailnet.NewConn(tailnet.Options{
-		Logger:        a.log.With("component", "tailnet"),
-		NodeID:        hello.NodeID,
-		Addresses:     hello.Addresses,
-		DERPMap:       hello.DERPMap,
-		ListenPort:    a.opts.ListenPort,
-		AcceptInbound: true,
+	var svc *services
+	conn, hello, err := a.join.Up(ctx, func(conn *tailnet.Conn, _ protocol.Hello) error {
+		var err error
+		svc, err = a.startServices(ctx, conn, ssh)
+		return err
 	})
 	if err != nil {
 		ssh.Close()
-		cancel()
-		<-coordDone
-		return fmt.Errorf("start the tailnet: %w", err)
-	}
-	conn.SetNodeCallback(a.coord.UpdateNode)
-	a.coord.UpdateNode(conn.Node())
-
-	svc, err := a.startServices(ctx, conn, ssh)
-	if err != nil {
-		conn.Close()
-		cancel()
-		<-coordDone
+		a.join.Close()
+		if ctx.Err() != nil {
+			return nil
+		}
 		return err
-	}
-
-	a.mu.Lock()
-	a.conn = conn
-	pending := a.pendingOps
-	a.pendingOps = nil
-	a.mu.Unlock()
-	for _, op := range pending {
-		op(conn)
 	}
 	a.log.Info("agent is up", "name", hello.Name, "addresses", hello.Addresses)
 
-	go a.followHellos(ctx, conn)
 	go a.trackPaths(ctx, conn)
 	if !a.opts.DisableNetcheck {
 		go a.watchNetwork(ctx, hello)
@@ -237,28 +205,19 @@ func (a *Agent) Run(ctx context.Context) error {
 	var runErr error
 	select {
 	case <-ctx.Done():
-	case err := <-coordDone:
-		runErr = fmt.Errorf("coordinator: %w", err)
-		cancel()
+	case <-a.join.Ended():
+		// It also ends when ctx does; only a refusal is an error.
+		if ctx.Err() == nil {
+			runErr = fmt.Errorf("coordinator at %s: %w", a.opts.Coordinator.URL, a.join.Err())
+			cancel()
+		}
 	}
 
 	a.log.Info("shutting down")
 	svc.close()
-	a.mu.Lock()
-	a.conn = nil
-	for _, p := range a.peers {
-		if p.lostTimer != nil {
-			p.lostTimer.Stop()
-		}
-	}
-	a.mu.Unlock()
-	conn.Close()
-	if runErr == nil {
-		select {
-		case <-coordDone:
-		case <-time.After(shutdownGrace):
-		}
-	}
+	// Closes the tailnet and waits (at most shutdownGrace) for the
+	// goodbye to the coordinator.
+	a.join.Close()
 	return runErr
 }
 
@@ -377,33 +336,10 @@ func (a *Agent) identity(challenge string) (*protocol.AgentIdentity, error) {
 // peerIdentity names the coordinator user behind a tailnet address, for the
 // SSH server's session logs.
 func (a *Agent) peerIdentity(remote net.Addr) string {
-	ip := addrOf(remote)
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if p, ok := a.byAddr[ip]; ok {
-		return p.peer.User
+	if p, ok := a.join.PeerByAddr(addrOf(remote)); ok {
+		return p.User
 	}
 	return ""
-}
-
-// followHellos applies what a coordinator says on later connections: the
-// DERP map may have changed; our identity must not have.
-func (a *Agent) followHellos(ctx context.Context, conn *tailnet.Conn) {
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case h := <-a.helloCh:
-			if h.NodeID != conn.Node().ID {
-				a.log.Error("the coordinator now gives this agent a different node ID; keeping the old one until restart",
-					"old", conn.Node().ID, "new", h.NodeID)
-			}
-			if h.DERPMap != nil {
-				conn.SetDERPMap(h.DERPMap)
-			}
-			a.coord.UpdateNode(conn.Node())
-		}
-	}
 }
 
 // trackPaths keeps the per-peer path gauge current.
@@ -418,11 +354,9 @@ func (a *Agent) trackPaths(ctx context.Context, conn *tailnet.Conn) {
 		}
 		for _, st := range conn.PeerStatus() {
 			name := fmt.Sprint(st.ID)
-			a.mu.Lock()
-			if p, ok := a.peers[st.ID]; ok {
-				name = p.peer.Name
+			if p, ok := a.join.Peer(st.ID); ok {
+				name = p.Name
 			}
-			a.mu.Unlock()
 			switch st.Path.Kind {
 			case tailnet.PathDirect:
 				a.metrics.SetPeerPath(name, metrics.PathDirect)
@@ -489,126 +423,45 @@ func (a *Agent) reportNetwork(b netcheck.Brief, prev *protocol.NetworkVerdict) *
 			return prev
 		}
 	}
-	a.coord.ReportNetwork(v)
+	a.join.Coordinator().ReportNetwork(v)
 	return &v
 }
 
-// withConn runs op on the tailnet now, or once it is up.
-func (a *Agent) withConnLocked(op func(*tailnet.Conn)) {
-	if a.conn != nil {
-		op(a.conn)
-		return
-	}
-	a.pendingOps = append(a.pendingOps, op)
-}
-
-// coordHandler receives the coordinator's messages for the agent.
-type coordHandler Agent
-
-func (h *coordHandler) Hello(hello protocol.Hello) {
-	a := (*Agent)(h)
+// onHello records what the coordinator assigned, for the status.
+func (a *Agent) onHello(hello protocol.Hello) {
 	a.mu.Lock()
 	a.hello = hello
 	a.connected = true
 	a.lastErr = nil
 	a.mu.Unlock()
-	// Keep only the newest hello waiting.
-	select {
-	case <-a.helloCh:
-	default:
-	}
-	a.helloCh <- hello
 }
 
-func (h *coordHandler) PeerUpdate(p protocol.Peer) {
-	a := (*Agent)(h)
-	node := p.Node.Clone()
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	pi, ok := a.peers[node.ID]
-	if ok {
-		if pi.lostTimer != nil {
-			pi.lostTimer.Stop()
-			pi.lostTimer = nil
-		}
-		for _, pre := range pi.peer.Node.Addresses {
-			delete(a.byAddr, pre.Addr())
-		}
-	} else {
-		pi = &peerInfo{}
-		a.peers[node.ID] = pi
-	}
-	pi.peer = p
-	for _, pre := range node.Addresses {
-		a.byAddr[pre.Addr()] = pi
-	}
-	a.withConnLocked(func(c *tailnet.Conn) {
-		if err := c.UpsertPeer(node); err != nil {
-			a.log.Warn("peer refused by the tailnet", "peer", p.Name, "user", p.User, "err", err)
-		}
-	})
-	a.log.Info("peer introduced", "peer", p.Name, "user", p.User, "role", p.Role, "id", node.ID)
+func (a *Agent) onPeer(p protocol.Peer) {
+	a.log.Info("peer introduced", "peer", p.Name, "user", p.User, "role", p.Role, "id", p.Node.ID)
 }
 
-func (h *coordHandler) PeerGone(g protocol.PeerGone) {
-	a := (*Agent)(h)
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	pi, ok := a.peers[g.NodeID]
-	if !ok {
-		return
-	}
-	if g.Reason == protocol.GoneLost {
-		// Keep the tunnel up for a while: traffic does not need the
-		// coordinator, and the peer will most likely be back.
-		if pi.lostTimer == nil {
-			id := g.NodeID
-			pi.lostTimer = time.AfterFunc(lostPeerGrace, func() {
-				a.mu.Lock()
-				defer a.mu.Unlock()
-				if cur, ok := a.peers[id]; ok && cur == pi {
-					a.removePeerLocked(id)
-				}
-			})
-		}
-		a.log.Info("peer lost its coordinator connection; keeping its tunnel for now", "peer", pi.peer.Name, "grace", lostPeerGrace)
-		return
-	}
-	a.removePeerLocked(g.NodeID)
-	if g.Reason == protocol.GoneRevoked {
-		// An access decision: its SSH sessions and forwarded connections
-		// end now, not when keepalives give up.
+// onPeerGone ends a peer's connections when an access decision removed it.
+func (a *Agent) onPeerGone(p protocol.Peer, g protocol.PeerGone) {
+	switch g.Reason {
+	case protocol.GoneLost:
+		a.log.Info("peer lost its coordinator connection; keeping its tunnel for now", "peer", p.Name, "grace", lostPeerGrace)
+	case protocol.GoneRevoked:
+		// Its SSH sessions and forwarded connections end now, not when
+		// keepalives give up.
 		var addrs []netip.Addr
-		for _, pre := range pi.peer.Node.Addresses {
+		for _, pre := range p.Node.Addresses {
 			addrs = append(addrs, pre.Addr())
 		}
 		go func() {
 			n := a.flows.closeFrom(addrs...)
-			a.log.Info("peer's access ended; hung up its connections", "peer", pi.peer.Name, "user", pi.peer.User, "connections", n)
+			a.log.Info("peer's access ended; hung up its connections", "peer", p.Name, "user", p.User, "connections", n)
 		}()
-		return
+	default:
+		a.log.Info("peer gone", "peer", p.Name, "reason", g.Reason)
 	}
-	a.log.Info("peer gone", "peer", pi.peer.Name, "reason", g.Reason)
 }
 
-func (a *Agent) removePeerLocked(id tailnet.NodeID) {
-	pi, ok := a.peers[id]
-	if !ok {
-		return
-	}
-	if pi.lostTimer != nil {
-		pi.lostTimer.Stop()
-	}
-	delete(a.peers, id)
-	for _, pre := range pi.peer.Node.Addresses {
-		delete(a.byAddr, pre.Addr())
-	}
-	a.metrics.RemovePeer(pi.peer.Name)
-	a.withConnLocked(func(c *tailnet.Conn) { c.RemovePeer(id) })
-}
-
-func (h *coordHandler) Disconnected(err error) {
-	a := (*Agent)(h)
+func (a *Agent) onDisconnected(err error) {
 	a.mu.Lock()
 	a.connected = false
 	a.lastErr = err
@@ -617,11 +470,6 @@ func (h *coordHandler) Disconnected(err error) {
 	a.log.Warn("lost the coordinator; established tunnels keep working while it reconnects", "err", err)
 }
 
-func (h *coordHandler) TunnelStatus(protocol.TunnelStatus) {
-	// Agents never ask for tunnels.
-}
-
-func (h *coordHandler) Error(e protocol.Error) {
-	a := (*Agent)(h)
+func (a *Agent) onError(e protocol.Error) {
 	a.log.Warn("the coordinator reported a problem", "code", e.Code, "message", e.Message)
 }

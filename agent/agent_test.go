@@ -23,7 +23,7 @@ import (
 	"github.com/agentd/agent/coordinator"
 	"github.com/agentd/agent/coordinator/admin"
 	"github.com/agentd/agent/coordinator/coordclient"
-	"github.com/agentd/agent/coordinator/store"
+	"github.com/agentd/agent/internal/testkit/coordtest"
 	"github.com/agentd/agent/protocol"
 )
 
@@ -49,43 +49,12 @@ func testLogger(t testing.TB) *slog.Logger {
 func startStack(t *testing.T) *stack {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	dir := t.TempDir()
-	srv, err := coordinator.New(coordinator.Config{
-		DataDir:  dir,
-		Listen:   "127.0.0.1:0",
-		STUNAddr: "127.0.0.1:0",
-		Logger:   testLogger(t).With("side", "coordinator"),
-	})
-	if err != nil {
-		t.Fatalf("coordinator: %v", err)
-	}
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		<-served
-	})
-
-	adm, err := admin.DialSocket(ctx, admin.SocketPath(dir))
-	if err != nil {
-		t.Fatalf("admin socket: %v", err)
-	}
-	if _, err := adm.CreateUser("alice"); err != nil {
-		t.Fatal(err)
-	}
-	ws, err := adm.CreateAgent("ws1", "alice")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ut, err := adm.CreateToken(store.KindUser, "alice", time.Time{})
-	if err != nil {
-		t.Fatal(err)
-	}
-
-	s := &stack{coord: srv, url: srv.URL(), fp: srv.Fingerprint(), userToken: ut.Secret, userTokenID: ut.Token.ID, adm: adm, agentDone: make(chan error, 1)}
+	t.Cleanup(cancel)
+	d := coordtest.Start(t, testLogger(t).With("side", "coordinator"))
+	s := &stack{coord: d.Server, url: d.URL, fp: d.Fingerprint, userToken: d.UserToken, userTokenID: d.UserTokenID, adm: d.Admin, agentDone: make(chan error, 1)}
 	a, err := agent.New(agent.Options{
 		Logger:      testLogger(t).With("side", "agent"),
-		Coordinator: coordclient.Config{URL: s.url, Token: ws.Secret, Fingerprint: s.fp},
+		Coordinator: coordclient.Config{URL: s.url, Token: d.AgentToken, Fingerprint: s.fp},
 		DataDir:     t.TempDir(),
 		Shell:       "/bin/sh", // not root's bash: its ~/.bashrc here runs pyenv init
 	})

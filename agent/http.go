@@ -42,8 +42,8 @@ type PeerStatus struct {
 
 // Status reports the agent's current state.
 func (a *Agent) Status() Status {
+	conn := a.join.Conn()
 	a.mu.Lock()
-	conn := a.conn
 	st := Status{
 		Name:                 a.hello.Name,
 		CoordinatorConnected: a.connected,
@@ -57,12 +57,6 @@ func (a *Agent) Status() Status {
 	if a.lastErr != nil {
 		st.CoordinatorError = a.lastErr.Error()
 	}
-	names := make(map[uint64]peerInfo, len(a.peers))
-	for id, p := range a.peers {
-		names[uint64(id)] = *p
-	}
-	a.mu.Unlock()
-	a.mu.Lock()
 	if a.network != nil {
 		st.Network, st.NetworkSummary = string(a.network.Status), a.network.Summary
 	}
@@ -70,8 +64,8 @@ func (a *Agent) Status() Status {
 	if conn != nil {
 		for _, ps := range conn.PeerStatus() {
 			p := PeerStatus{Name: fmt.Sprint(ps.ID), Path: ps.Path.String(), RxBytes: ps.RxBytes, TxBytes: ps.TxBytes, LastHandshake: ps.LastHandshake}
-			if pi, ok := names[uint64(ps.ID)]; ok {
-				p.Name, p.User = pi.peer.Name, pi.peer.User
+			if pi, ok := a.join.Peer(ps.ID); ok {
+				p.Name, p.User = pi.Name, pi.User
 			}
 			st.Peers = append(st.Peers, p)
 		}

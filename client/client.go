@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/agentd/agent/coordinator/coordclient"
+	"github.com/agentd/agent/internal/tailjoin"
 	"github.com/agentd/agent/protocol"
 	"github.com/agentd/agent/tailnet"
 )
@@ -48,16 +49,13 @@ const defaultUnhealthyWait = 30 * time.Second
 
 // Workspace is an open tunnel to one workspace's agent.
 type Workspace struct {
-	name  string
-	log   *slog.Logger
-	coord *coordclient.Client
-	conn  *tailnet.Conn
+	name string
+	log  *slog.Logger
+	// join is the coordination connection and the tailnet node, with
+	// the workspace's agent as its one peer.
+	join *tailjoin.Joiner
+	conn *tailnet.Conn // set once, when Connect has the node up
 
-	cancel context.CancelFunc
-	// coordEnded is closed when the coordination client's Run returned,
-	// with its error in coordErr.
-	coordEnded chan struct{}
-	coordErr   error
 	// ended is closed when access to the workspace ended for good (see
 	// Done); endErr says why.
 	ended  chan struct{}
@@ -66,12 +64,13 @@ type Workspace struct {
 	// finishingConn); Close waits for them before the tailnet goes.
 	closing sync.WaitGroup
 
-	mu        sync.Mutex
+	mu sync.Mutex
+	// agent is the workspace's agent as last introduced (the joiner
+	// installs it in the tailnet).
 	agent     *protocol.Peer
 	agentCh   chan struct{} // closed when the agent's node first arrives
 	refused   error
 	refusedCh chan struct{}
-	helloCh   chan protocol.Hello
 	// reachedAt is when WireGuard to the agent last proved itself; dials
 	// within reachableFor of it skip the probe.
 	reachedAt time.Time
@@ -115,16 +114,12 @@ func Connect(ctx context.Context, cfg Config, workspace string) (*Workspace, err
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	runCtx, cancel := context.WithCancel(context.Background())
 	w := &Workspace{
 		name:          workspace,
 		log:           log,
-		cancel:        cancel,
-		coordEnded:    make(chan struct{}),
 		ended:         make(chan struct{}),
 		agentCh:       make(chan struct{}),
 		refusedCh:     make(chan struct{}),
-		helloCh:       make(chan protocol.Hello, 1),
 		changed:       make(chan struct{}),
 		unhealthyWait: cfg.UnhealthyWait,
 
@@ -139,53 +134,43 @@ func Connect(ctx context.Context, cfg Config, workspace string) (*Workspace, err
 		w.unhealthyWait = defaultUnhealthyWait
 	}
 	cc := cfg.Coordinator
-	cc.Logger = log.With("component", "coordination")
 	cc.Role = protocol.RoleClient
 	cc.OnRetry = w.coordinatorRetry
-	w.coord = coordclient.New(cc, (*handler)(w))
-	go func() {
-		err := w.coord.Run(runCtx)
-		w.mu.Lock()
-		w.coordErr = err
-		w.mu.Unlock()
-		close(w.coordEnded)
-	}()
+	w.join = tailjoin.New(tailjoin.Options{
+		Logger:      log,
+		Coordinator: cc,
+		Tailnet:     tailnet.Options{BlockDirect: cfg.BlockDirect},
+		Hooks: tailjoin.Hooks{
+			Hello: w.onHello,
+			Want: func(p protocol.Peer) bool {
+				return p.Role == protocol.RoleAgent && p.Name == w.name
+			},
+			Peer:         w.onAgent,
+			Gone:         w.onAgentGone,
+			TunnelStatus: w.onTunnelStatus,
+			Error:        w.onError,
+			Disconnected: func(err error) {
+				w.log.Info("lost the coordinator; the tunnel stays up while it reconnects", "err", err)
+			},
+		},
+	})
+	// The coordination outlives Connect's ctx: it lasts until Close.
+	w.join.Start(context.Background())
 
 	fail := func(err error) (*Workspace, error) {
 		w.Close()
 		return nil, err
 	}
 
-	var hello protocol.Hello
-	select {
-	case <-ctx.Done():
-		return fail(w.coordinatorWaitError(ctx))
-	case <-w.coordEnded:
-		return fail(fmt.Errorf("coordinator at %s: %w", cc.URL, w.coordError()))
-	case hello = <-w.helloCh:
-	}
-
-	conn, err := tailnet.NewConn(tailnet.Options{
-		Logger:      log.With("component", "tailnet"),
-		NodeID:      hello.NodeID,
-		Addresses:   hello.Addresses,
-		DERPMap:     hello.DERPMap,
-		BlockDirect: cfg.BlockDirect,
-	})
+	conn, _, err := w.join.Up(ctx, nil)
 	if err != nil {
-		return fail(fmt.Errorf("start the tailnet: %w", err))
+		if ctx.Err() != nil {
+			return fail(w.coordinatorWaitError(ctx))
+		}
+		return fail(err)
 	}
-	w.mu.Lock()
 	w.conn = conn
-	agent := w.agent
-	w.mu.Unlock()
-	if agent != nil {
-		w.upsertAgent(agent)
-	}
-	conn.SetNodeCallback(w.coord.UpdateNode)
-	w.coord.UpdateNode(conn.Node())
-	w.coord.AddTunnel(workspace)
-	go w.followHellos(runCtx)
+	w.join.Coordinator().AddTunnel(workspace)
 
 	waitCtx, stopWaiting := context.WithCancel(ctx)
 	defer stopWaiting()
@@ -202,27 +187,21 @@ func Connect(ctx context.Context, cfg Config, workspace string) (*Workspace, err
 		return fail(fmt.Errorf("workspace %q did not come online (waited %s): %s", workspace, w.unhealthyWait, problem))
 	case <-w.refusedCh:
 		return fail(w.refused)
-	case <-w.coordEnded:
-		return fail(fmt.Errorf("coordinator at %s: %w", cc.URL, w.coordError()))
+	case <-w.join.Ended():
+		return fail(fmt.Errorf("coordinator at %s: %w", cc.URL, w.join.Err()))
 	case <-w.agentCh:
 	}
 	go w.watchCoordinator()
 	return w, nil
 }
 
-func (w *Workspace) coordError() error {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.coordErr
-}
-
 // watchCoordinator ends access when the coordinator refuses this client
 // for good (its token revoked or expired, its user deleted). Any other
 // failure is a blip: the tunnel stays while the client reconnects.
 func (w *Workspace) watchCoordinator() {
-	<-w.coordEnded
+	<-w.join.Ended()
 	var perm *coordclient.PermanentError
-	if err := w.coordError(); errors.As(err, &perm) {
+	if err := w.join.Err(); errors.As(err, &perm) {
 		w.end(perm.Err.Message)
 	}
 }
@@ -236,10 +215,10 @@ func (w *Workspace) end(why string) {
 		return
 	}
 	w.endErr = &AccessEndedError{Workspace: w.name, Reason: why}
-	agent, conn := w.agent, w.conn
+	agent := w.agent
 	w.mu.Unlock()
-	if agent != nil && conn != nil {
-		conn.RemovePeer(agent.Node.ID)
+	if agent != nil {
+		w.join.Remove(agent.Node.ID)
 	}
 	w.log.Debug("access to the workspace ended", "workspace", w.name, "reason", why)
 	close(w.ended)
@@ -445,47 +424,18 @@ func (w *Workspace) HTTPClient() *http.Client {
 func (w *Workspace) Close() error {
 	// Let closed connections' FINs reach the workspace first.
 	w.closing.Wait()
-	w.cancel()
-	if w.conn != nil {
-		w.conn.Close()
-	}
-	select {
-	case <-w.coordEnded:
-	case <-time.After(2 * time.Second):
-	}
+	// Says goodbye to the coordinator and closes the tailnet.
+	w.join.Close()
 	return nil
-}
-
-func (w *Workspace) followHellos(ctx context.Context) {
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case h := <-w.helloCh:
-			if h.DERPMap != nil {
-				w.conn.SetDERPMap(h.DERPMap)
-			}
-			w.coord.UpdateNode(w.conn.Node())
-		}
-	}
-}
-
-func (w *Workspace) upsertAgent(p *protocol.Peer) {
-	n := p.Node.Clone()
-	if err := w.conn.UpsertPeer(n); err != nil {
-		w.log.Warn("the workspace's node was refused by the tailnet", "workspace", w.name, "err", err)
-	}
 }
 
 func isRefused(err error) bool {
 	return errors.Is(err, syscall.ECONNREFUSED) || strings.Contains(err.Error(), "connection refused") || strings.Contains(err.Error(), "connection was refused")
 }
 
-// handler receives the coordinator's messages for the client.
-type handler Workspace
-
-func (h *handler) Hello(hello protocol.Hello) {
-	w := (*Workspace)(h)
+// onHello says once that the coordinator answers again after an
+// announced outage.
+func (w *Workspace) onHello(protocol.Hello) {
 	w.mu.Lock()
 	recovered := w.coordDown
 	w.coordDown, w.lastCoordErr, w.helloed = false, nil, true
@@ -493,28 +443,16 @@ func (h *handler) Hello(hello protocol.Hello) {
 	if recovered {
 		w.notify(fmt.Sprintf("reached the coordinator at %s", w.coordURL))
 	}
-	select {
-	case <-w.helloCh:
-	default:
-	}
-	w.helloCh <- hello
 }
 
-func (h *handler) PeerUpdate(p protocol.Peer) {
-	w := (*Workspace)(h)
-	if p.Role != protocol.RoleAgent || p.Name != w.name {
-		return
-	}
+// onAgent hears the workspace agent's node, already in the tailnet (or
+// to be installed with it).
+func (w *Workspace) onAgent(p protocol.Peer) {
 	w.mu.Lock()
 	first := w.agent == nil
-	pp := p
-	w.agent = &pp
+	w.agent = &p
 	w.reachedAt = time.Time{}
-	conn := w.conn
 	w.mu.Unlock()
-	if conn != nil {
-		w.upsertAgent(&pp)
-	}
 	if first {
 		close(w.agentCh)
 	}
@@ -530,13 +468,13 @@ func (h *handler) PeerUpdate(p protocol.Peer) {
 	})
 }
 
-func (h *handler) PeerGone(g protocol.PeerGone) {
-	w := (*Workspace)(h)
+// onAgentGone hears that the workspace's agent left; unless it was only
+// lost, the joiner has removed it from the tailnet.
+func (w *Workspace) onAgentGone(_ protocol.Peer, g protocol.PeerGone) {
 	w.mu.Lock()
 	agent := w.agent
-	conn := w.conn
 	w.mu.Unlock()
-	if agent == nil || agent.Node.ID != g.NodeID || conn == nil {
+	if agent == nil || agent.Node.ID != g.NodeID {
 		return
 	}
 	if g.Reason == protocol.GoneLost || g.Reason == protocol.GoneDisconnected {
@@ -558,11 +496,9 @@ func (h *handler) PeerGone(g protocol.PeerGone) {
 	}
 	w.log.Info("the workspace left the tailnet", "workspace", w.name, "reason", g.Reason)
 	w.notify(fmt.Sprintf("workspace %q left the tailnet (%s)", w.name, g.Reason))
-	conn.RemovePeer(g.NodeID)
 }
 
-func (h *handler) TunnelStatus(s protocol.TunnelStatus) {
-	w := (*Workspace)(h)
+func (w *Workspace) onTunnelStatus(s protocol.TunnelStatus) {
 	if s.Agent != w.name {
 		return
 	}
@@ -591,8 +527,7 @@ func (w *Workspace) setStatus(update func(*protocol.TunnelStatus) *protocol.Tunn
 	}
 }
 
-func (h *handler) Error(e protocol.Error) {
-	w := (*Workspace)(h)
+func (w *Workspace) onError(e protocol.Error) {
 	if e.Agent != "" && e.Agent != w.name {
 		return
 	}
@@ -611,11 +546,6 @@ func (h *handler) Error(e protocol.Error) {
 			w.end(e.Message)
 		}
 	}
-}
-
-func (h *handler) Disconnected(err error) {
-	w := (*Workspace)(h)
-	w.log.Info("lost the coordinator; the tunnel stays up while it reconnects", "err", err)
 }
 
 // coordinatorRetry hears why an attempt to reach the coordinator failed.

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"log/slog"
 	"strings"
 	"sync"
@@ -12,10 +11,8 @@ import (
 	"time"
 
 	"github.com/agentd/agent/client"
-	"github.com/agentd/agent/coordinator"
-	"github.com/agentd/agent/coordinator/admin"
 	"github.com/agentd/agent/coordinator/coordclient"
-	"github.com/agentd/agent/coordinator/store"
+	"github.com/agentd/agent/internal/testkit/coordtest"
 	"github.com/agentd/agent/protocol"
 	"github.com/agentd/agent/tailnet"
 )
@@ -61,38 +58,9 @@ func wantAll(t *testing.T, what, got string, wants ...string) {
 }
 
 // env is a coordinator on loopback with user alice owning agent ws1.
-type env struct {
-	url, fp    string
-	userToken  string
-	agentToken string
-}
+type env struct{ *coordtest.Deployment }
 
-func startEnv(t *testing.T) *env {
-	t.Helper()
-	dir := t.TempDir()
-	srv, err := coordinator.New(coordinator.Config{DataDir: dir, Listen: "127.0.0.1:0", STUNAddr: "127.0.0.1:0"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		<-served
-	})
-	adm, err := admin.DialSocket(ctx, admin.SocketPath(dir))
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, errUser := adm.CreateUser("alice")
-	ag, errAgent := adm.CreateAgent("ws1", "alice")
-	ut, errToken := adm.CreateToken(store.KindUser, "alice", time.Time{})
-	if err := errors.Join(errUser, errAgent, errToken); err != nil {
-		t.Fatalf("provisioning alice and ws1: %v", err)
-	}
-	return &env{url: srv.URL(), fp: srv.Fingerprint(), userToken: ut.Secret, agentToken: ag.Secret}
-}
+func startEnv(t *testing.T) *env { return &env{coordtest.Start(t, nil)} }
 
 // agentPeer is the agent's side of the coordination protocol, driven by the
 // real coordclient: it publishes a node whose keys nothing holds (like a
@@ -105,7 +73,7 @@ type agentPeer struct {
 func startAgentPeer(t *testing.T, e *env, verdict protocol.NetworkVerdict) *agentPeer {
 	t.Helper()
 	hellos := make(chan protocol.Hello, 4)
-	c := coordclient.New(coordclient.Config{URL: e.url, Token: e.agentToken, Fingerprint: e.fp},
+	c := coordclient.New(coordclient.Config{URL: e.URL, Token: e.AgentToken, Fingerprint: e.Fingerprint},
 		coordclient.HandlerFuncs{OnHello: func(h protocol.Hello) { hellos <- h }})
 	c.ReportNetwork(verdict)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -140,7 +108,7 @@ func randHex(t *testing.T) string {
 
 func (e *env) connect(ctx context.Context, warned *warnings) (*client.Workspace, error) {
 	return client.Connect(ctx, client.Config{
-		Coordinator:   coordclient.Config{URL: e.url, Token: e.userToken, Fingerprint: e.fp},
+		Coordinator:   coordclient.Config{URL: e.URL, Token: e.UserToken, Fingerprint: e.Fingerprint},
 		Logger:        slog.New(warned),
 		UnhealthyWait: 2 * time.Second,
 	}, "ws1")
