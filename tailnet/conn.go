@@ -87,6 +87,8 @@ type Conn struct {
 	eng    wgengine.Engine
 	mc     *magicsock.Conn
 	ns     *netstack.Impl
+	// timeWait lets new SYNs take over port pairs in TIME-WAIT.
+	timeWait *timeWaitRecycler
 
 	// configMu serialises changes that reach into the engine (peers,
 	// filter, DERP map). It is never held while the engine calls back into
@@ -246,6 +248,9 @@ func (c *Conn) start() error {
 	c.ns = ns
 	ns.ProcessLocalIPs = true
 	installGROOneFlow(c.sys.Tun.Get())
+	if c.timeWait = installTimeWaitRecycler(c.sys.Tun.Get(), ns); c.timeWait == nil {
+		c.logger.Warn("tailnet: cannot reach netstack's TCP stack; a new connection that reuses a port pair in TIME-WAIT will stall")
+	}
 	// Every flow not taken by a listener is decided here, and always
 	// intercepted: netstack's default would forward it to the host.
 	ns.GetTCPHandlerForFlow = c.tcpFlow

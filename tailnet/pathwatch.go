@@ -150,25 +150,19 @@ func (c *Conn) checkPaths(states map[key.NodePublic]*pathState) {
 	}
 }
 
-// resetPath rebuilds a peer's magicsock endpoint and WireGuard peer: the
-// new endpoint has no trusted direct address, so packets go through DERP at
-// once while discovery pings every endpoint again.
+// resetPath makes magicsock forget a peer's direct path: packets go
+// through DERP at once while discovery pings every endpoint again. The
+// WireGuard peer and its session stay (see forgetDirectPath for why they
+// must).
 func (c *Conn) resetPath(id NodeID) {
-	c.configMu.Lock()
-	defer c.configMu.Unlock()
 	c.mu.RLock()
 	p, ok := c.peers[id]
 	closed := c.closed
-	var view tailcfg.NodeView
-	if ok {
-		view = c.magicsockViewLocked(p)
-	}
 	c.mu.RUnlock()
 	if !ok || closed {
 		return
 	}
-	c.mc.RemovePeer(tailcfg.NodeID(id))
-	c.mc.UpsertPeer(view)
-	c.eng.ResetDevicePeer(p.key)
-	c.eng.SyncDevicePeer(p.key)
+	if !c.forgetDirectPath(p.key) {
+		c.logger.Warn("cannot reset the direct path of a peer magicsock does not know", "peer", id)
+	}
 }

@@ -121,30 +121,11 @@ func median(v []float64) float64 {
 // deploymentResult as JSON. uid is the caller's real user ID (0: root, so
 // OpenSSH's sshd can serve as the reference).
 func deploymentChild(ctx context.Context, bin string, uid int) error {
-	// Loopback, and a veth pair with a documentation address: with no
-	// interface but loopback, Tailscale's engine takes the network for down
-	// and never dials its relay.
-	for _, args := range [][]string{
-		{"link", "set", "lo", "up"},
-		{"link", "add", "bench0", "type", "veth", "peer", "name", "bench1"},
-		{"addr", "add", "198.51.100.1/24", "dev", "bench0"},
-		{"link", "set", "bench0", "up"},
-		{"link", "set", "bench1", "up"},
-	} {
-		if out, err := exec.CommandContext(ctx, "ip", args...).CombinedOutput(); err != nil {
-			return fmt.Errorf("ip %s in the bench namespace: %w: %s", strings.Join(args, " "), err, out)
-		}
-	}
-	dir, err := os.MkdirTemp("", "agent-bench-")
+	d, stop, err := startBenchDeployment(ctx, bin)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	d := &deployment{bin: bin, dir: dir}
-	defer d.stop()
-	if err := d.start(ctx); err != nil {
-		return err
-	}
+	defer stop()
 	var res deploymentResult
 	// The first connection also brings the agent's side up; it is timed
 	// like the others but kept out of the median's runs.
@@ -167,12 +148,53 @@ func deploymentChild(ctx context.Context, bin string, uid int) error {
 	}
 	if uid != 0 {
 		res.OpenSSHNote = "needs root to run sshd"
-	} else if ms, err := openSSHTrue(ctx, dir); err != nil {
+	} else if ms, err := openSSHTrue(ctx, d.dir); err != nil {
 		res.OpenSSHNote = err.Error()
 	} else {
 		res.OpenSSHTrueMS = ms
 	}
 	return json.NewEncoder(os.Stdout).Encode(res)
+}
+
+// startBenchDeployment sets up the bench namespace's links and starts a
+// deployment in a new temporary directory; stop ends its processes and
+// removes the directory.
+func startBenchDeployment(ctx context.Context, bin string) (d *deployment, stop func(), err error) {
+	if err := benchNamespaceLinks(ctx); err != nil {
+		return nil, nil, err
+	}
+	dir, err := os.MkdirTemp("", "agent-bench-")
+	if err != nil {
+		return nil, nil, err
+	}
+	d = &deployment{bin: bin, dir: dir}
+	stop = func() {
+		d.stop()
+		os.RemoveAll(dir)
+	}
+	if err := d.start(ctx); err != nil {
+		stop()
+		return nil, nil, err
+	}
+	return d, stop, nil
+}
+
+// benchNamespaceLinks sets up loopback, and a veth pair with a
+// documentation address: with no interface but loopback, Tailscale's
+// engine takes the network for down and never dials its relay.
+func benchNamespaceLinks(ctx context.Context) error {
+	for _, args := range [][]string{
+		{"link", "set", "lo", "up"},
+		{"link", "add", "bench0", "type", "veth", "peer", "name", "bench1"},
+		{"addr", "add", "198.51.100.1/24", "dev", "bench0"},
+		{"link", "set", "bench0", "up"},
+		{"link", "set", "bench1", "up"},
+	} {
+		if out, err := exec.CommandContext(ctx, "ip", args...).CombinedOutput(); err != nil {
+			return fmt.Errorf("ip %s in the bench namespace: %w: %s", strings.Join(args, " "), err, out)
+		}
+	}
+	return nil
 }
 
 type deployment struct {

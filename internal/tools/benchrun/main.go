@@ -35,6 +35,14 @@ func main() {
 		}
 		return
 	}
+	if len(os.Args) == 4 && os.Args[1] == loadPFChildArg {
+		requests, _ := strconv.Atoi(os.Args[3])
+		if err := loadPortForwardChild(ctx, os.Args[2], requests); err != nil {
+			fmt.Fprintln(os.Stderr, "bench load-portforward:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	var some errSomeFailed
 	switch {
@@ -64,7 +72,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	outDir := fs.String("out", "bench-results", "directory for the table (.md, .json) and the raw output (.log)")
-	only := fs.String("only", "", "comma-separated steps to run (binary, deployment, tailnet, derp1280, sshd, portforward, coordinator, netcheck); default all")
+	only := fs.String("only", "", "comma-separated steps to run (binary, deployment, load-portforward, tailnet, derp1280, sshd, portforward, coordinator, netcheck); default all")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -113,6 +121,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			return failRows(deploymentRowNames, fmt.Errorf("the agent binary did not build: %w", buildErr))
 		}
 		return measureDeployment(ctx, log, bin)
+	}}, {key: "load-portforward", run: func(ctx context.Context, log io.Writer) []benchtable.Row {
+		if buildErr != nil {
+			return failRows(loadPFRowNames(1000), fmt.Errorf("the agent binary did not build: %w", buildErr))
+		}
+		return measureLoadPortForward(ctx, log, bin)
 	}}}
 	keys := []string{"tailnet", "derp1280", "sshd", "portforward", "coordinator", "netcheck"}
 	for i, g := range goBenches(sz) {
@@ -128,7 +141,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			}
 			wanted[k] = true
 		}
-		if wanted["deployment"] && !wanted["binary"] {
+		if (wanted["deployment"] || wanted["load-portforward"]) && !wanted["binary"] {
 			wanted["binary"] = true // the deployment runs the binary it builds
 		}
 	}
