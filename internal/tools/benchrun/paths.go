@@ -122,9 +122,10 @@ func vsTsnetBench(mib int) goBench {
 		env: []string{fmt.Sprintf("TAILNET_BENCH_MIB=%d", mib)},
 		rows: func(o benchtable.Output) []benchtable.Row {
 			rounds := printed(o, regexp.MustCompile(`medians of \d+ rounds: .*; (ours \[.*\] MB/s, tsnet \[.*\] MB/s)`))
+			perRound := printed(o, regexp.MustCompile(`median of the rounds' ratios ([0-9.]+)`))
 			return []benchtable.Row{o.Compare(rowVsTsnet, pick("BenchmarkVsTsnet", "tailnet-MB/s", "MB/s"),
 				"tsnet pair (Tailscale's embedding, same version)", pick("BenchmarkVsTsnet", "tsnet-MB/s", "MB/s"),
-				fmt.Sprintf("%d MiB per transfer, median of 3 alternating rounds: %s", mib, rounds))}
+				fmt.Sprintf("%d MiB per transfer, medians of 3 alternating rounds: %s; median of each round's ratio %s", mib, rounds, perRound))}
 		},
 		rowNames: []string{rowVsTsnet},
 	}
