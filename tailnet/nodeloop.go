@@ -158,8 +158,26 @@ func (c *Conn) onStatus(st *wgengine.Status, err error) {
 	c.mu.Unlock()
 	if changed {
 		c.notifyNode()
+		// The engine calls back on each goroutine that asked for a status
+		// (its DERP-connected and endpoints-changed hooks both ask, often
+		// within a millisecond), so an older snapshot can arrive last and
+		// wipe newer endpoints; nothing asks again until they change, and
+		// the node is published without them (seen: a client's node with
+		// no endpoints, so the agent could not punch first). Asking once
+		// more after every change makes a current snapshot the last word.
+		time.AfterFunc(statusRecheck, func() {
+			select {
+			case <-c.closeCh:
+			default:
+				c.eng.RequestStatus()
+			}
+		})
 	}
 }
+
+// statusRecheck is how long after an endpoint change onStatus asks the
+// engine for its status again.
+const statusRecheck = 50 * time.Millisecond
 
 // homeOnlyRegion makes a map's only region our home at once. Magicsock
 // would pick it too, but only after its network check, which waits 3 s for

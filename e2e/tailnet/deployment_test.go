@@ -23,7 +23,7 @@ import (
 // agentBinary is the real binary these tests run, built once.
 var agentBinary agentbin.Builder
 
-func buildAgent(t *testing.T) string { return agentBinary.Path(t) }
+func buildAgent(t testing.TB) string { return agentBinary.Path(t) }
 
 func TestMain(m *testing.M) {
 	// Sessions run /bin/sh, not root's login shell: bash reads ~/.bashrc
@@ -40,7 +40,7 @@ const coordPort = "8443"
 
 // deployment is the whole product across the lab.
 type deployment struct {
-	t       *testing.T
+	t       testing.TB
 	bin     string
 	lab     *netlab.Lab
 	sites   *netlab.TwoSites
@@ -55,14 +55,14 @@ type deployment struct {
 	home  string // the client's HOME
 }
 
-func newDeployment(t *testing.T, mode netlab.NATMode) *deployment {
+func newDeployment(t testing.TB, mode netlab.NATMode) *deployment {
 	t.Helper()
 	return newDeploymentWith(t, mode, netlab.DropUnsolicited)
 }
 
 // newDeploymentWith is newDeployment with the workspace router's treatment
 // of unsolicited inbound UDP given (the laptop's router always drops it).
-func newDeploymentWith(t *testing.T, mode netlab.NATMode, workspaceFW netlab.Firewall) *deployment {
+func newDeploymentWith(t testing.TB, mode netlab.NATMode, workspaceFW netlab.Firewall) *deployment {
 	t.Helper()
 	lab := netlab.New(t)
 	bin := buildAgent(t)
@@ -168,7 +168,7 @@ func (d *deployment) stopAgent() {
 }
 
 // stopProcess sends SIGTERM and requires an exit within 5 s.
-func stopProcess(t *testing.T, cmd *exec.Cmd) {
+func stopProcess(t testing.TB, cmd *exec.Cmd) {
 	t.Helper()
 	if err := cmd.Process.Signal(os.Interrupt); err != nil {
 		t.Fatalf("signal %s: %v", cmd.Path, err)

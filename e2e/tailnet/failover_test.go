@@ -3,10 +3,8 @@ package tailnet_test
 import (
 	"bufio"
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
 	"fmt"
-	"io"
 	"net"
 	"strings"
 	"sync"
@@ -77,96 +75,14 @@ func directTimes(log string) []time.Time {
 // within 5 s of UDP's return, and every byte arrives.
 func TestFailoverMidTransfer(t *testing.T) {
 	d := newDeployment(t, netlab.NATEndpointIndependent)
-	_, pfOut := startPortForward(t, d, "--log-level", "info")
-	ports := &workspacePorts{ns: d.sites.Host1, next: forwardLo}
-	ln, err := ports.listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	g := &gapReader{}
-	go func() {
-		c, err := ln.Accept()
-		if err == nil {
-			g.serve(c)
-		}
-	}()
-	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
-	defer cancel()
-	conn, err := d.sites.Host2.DialContext(ctx, "tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-
-	// About 3 MB/s until told to stop.
-	h := sha256.New()
-	stop := make(chan struct{})
-	sent := make(chan error, 1)
-	go func() {
-		buf := make([]byte, 64<<10)
-		for {
-			select {
-			case <-stop:
-				sent <- conn.(*net.TCPConn).CloseWrite()
-				return
-			case <-time.After(20 * time.Millisecond):
-			}
-			rand.Read(buf)
-			h.Write(buf)
-			if _, err := conn.Write(buf); err != nil {
-				sent <- err
-				return
-			}
-		}
-	}()
-
-	deadline := time.Now().Add(20 * time.Second)
-	for len(directTimes(pfOut.String())) == 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("the transfer never went direct within 20 s:\n%s", pfOut.String())
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	time.Sleep(2 * time.Second)
-
-	cut := time.Now()
-	g.setWindow(cut, time.Time{})
-	d.sites.Site1.Router.DropUDP()
-	time.Sleep(10 * time.Second)
-	back := time.Now()
-	d.sites.Site1.Router.AllowUDP()
-	g.setWindow(cut, back)
-	time.Sleep(7 * time.Second)
-	close(stop)
-	if err := <-sent; err != nil {
-		t.Fatalf("sending across the outage: %v", err)
-	}
-	got, err := io.ReadAll(conn)
-	if err != nil {
-		t.Fatalf("reading the digest: %v", err)
-	}
-	if want := h.Sum(nil); string(got) != string(want) {
-		t.Fatalf("bytes lost or corrupted across the outage: far side %x, sent %x", got, want)
-	}
-
-	g.mu.Lock()
-	stall, stallAt := g.maxGap, g.gapAt
-	g.mu.Unlock()
-	var redirect time.Duration
-	for _, dt := range directTimes(pfOut.String()) {
-		if dt.After(back) {
-			redirect = dt.Sub(back)
-			break
-		}
-	}
+	f := measureFailover(t, d, 10*time.Second)
 	t.Logf("longest data stall during the outage: %v (starting %v after the cut; target 3 s); direct again %v after UDP returned (target 5 s)",
-		stall.Round(time.Millisecond), stallAt.Sub(cut).Round(time.Millisecond), redirect.Round(time.Millisecond))
-	if stall > 3*time.Second {
-		t.Errorf("data stalled %v when the direct path died, want at most 3 s", stall.Round(time.Millisecond))
+		f.stall.Round(time.Millisecond), f.stallAfterCut.Round(time.Millisecond), f.redirect.Round(time.Millisecond))
+	if f.stall > 3*time.Second {
+		t.Errorf("data stalled %v when the direct path died, want at most 3 s", f.stall.Round(time.Millisecond))
 	}
-	if redirect == 0 || redirect > 5*time.Second {
-		t.Errorf("path direct again %v after UDP returned (0: not at all within 7 s), want within 5 s:\n%s", redirect.Round(time.Millisecond), pfOut.String())
+	if f.redirect == 0 || f.redirect > 5*time.Second {
+		t.Errorf("path direct again %v after UDP returned (0: not at all within 7 s), want within 5 s:\n%s", f.redirect.Round(time.Millisecond), f.pfLog)
 	}
 }
 
@@ -175,28 +91,12 @@ func TestFailoverMidTransfer(t *testing.T) {
 // ssh works within 1.5 s of the agent's start.
 func TestUDPBlockedFirstSSH(t *testing.T) {
 	d := newDeployment(t, netlab.NATEndpointIndependent)
-	d.stopAgent()
 	d.sites.Site1.Router.DropUDP()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	var times []time.Duration
-	for run := 1; run <= 3; run++ {
-		start := time.Now()
-		d.startAgent()
-		// The command waits for the client's end of stdin, so it cannot end
-		// before the client has finished starting it: an exec answered in
-		// a few milliseconds sometimes failed with "SSH session: EOF" (an
-		// sshclient race, reported to the lead).
-		out, stderr, err := d.client(ctx, d.userToken, "ssh", "ws1", "--", "cat; echo up")
-		took := time.Since(start)
-		if err != nil || out != "up\n" {
-			t.Fatalf("run %d: agent ssh ws1 -- 'cat; echo up': err %v stdout %q stderr %q", run, err, out, stderr)
-		}
+	times := firstSSHAfterStart(t, d, 3)
+	for run, took := range times {
 		if took > 1500*time.Millisecond {
-			t.Errorf("run %d: first ssh %v after the agent's start, want within 1.5 s", run, took.Round(time.Millisecond))
+			t.Errorf("run %d: first ssh %v after the agent's start, want within 1.5 s", run+1, took)
 		}
-		times = append(times, took.Round(time.Millisecond))
-		d.stopAgent()
 	}
 	t.Logf("agent start to first ssh with UDP blocked at the workspace, 3 runs: %v (target 1.5 s)", times)
 }
@@ -206,21 +106,10 @@ func TestUDPBlockedFirstSSH(t *testing.T) {
 // succeeds within 2 s of the coordinator serving again.
 func TestCoordinatorReturn(t *testing.T) {
 	d := newDeployment(t, netlab.NATEndpointIndependent)
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	if out, stderr, err := d.client(ctx, d.userToken, "ssh", "ws1", "--", "cat; echo up"); err != nil || out != "up\n" {
-		t.Fatalf("ssh before the outage: err %v stdout %q stderr %q", err, out, stderr)
-	}
-	d.stopCoordinator()
-	time.Sleep(12 * time.Second) // long enough for a 30 s cap to have grown past 8 s
-	d.startCoordinator()         // returns once the coordinator serves
-	back := time.Now()
-	out, stderr, err := d.client(ctx, d.userToken, "ssh", "ws1", "--", "cat; echo up")
-	took := time.Since(back)
-	if err != nil || out != "up\n" {
-		t.Fatalf("ssh after the outage: err %v stdout %q stderr %q", err, out, stderr)
-	}
-	t.Logf("first ssh completed %v after the coordinator returned from a 12 s outage (target 2 s)", took.Round(time.Millisecond))
+	// 12 s: long enough for a 30 s backoff cap to have grown past 8 s.
+	took, agent := coordinatorReturn(t, d, 12*time.Second)
+	t.Logf("first ssh completed %v (agent attached %v) after the coordinator returned from a 12 s outage (target 2 s)",
+		took.Round(time.Millisecond), agent.Round(time.Millisecond))
 	if took > 2*time.Second {
 		t.Errorf("first ssh %v after the coordinator returned, want within 2 s", took.Round(time.Millisecond))
 	}

@@ -72,7 +72,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	outDir := fs.String("out", "bench-results", "directory for the table (.md, .json) and the raw output (.log)")
-	only := fs.String("only", "", "comma-separated steps to run (binary, deployment, load-portforward, tailnet, derp1280, sshd, portforward, coordinator, netcheck); default all")
+	only := fs.String("only", "", "comma-separated steps to run (binary, deployment, load-portforward, tailnet, derp1280, sshd, portforward, coordinator, netcheck, paths); default all")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -133,6 +133,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			return g.run(ctx, log, sz.env())
 		}})
 	}
+	steps = append(steps, pathsStep())
 	wanted := map[string]bool{}
 	if *only != "" {
 		for _, k := range strings.Split(*only, ",") {
