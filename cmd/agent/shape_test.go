@@ -368,7 +368,7 @@ func TestAdminChecksTheCommandLineFirst(t *testing.T) {
 		want string
 	}{
 		{[]string{"agent", "create", "ws1"}, 2, "--owner is required"},
-		{[]string{"token", "create"}, 2, "exactly one of --user USER or --agent AGENT"},
+		{[]string{"token", "create"}, 2, "exactly one of --user USER, --agent AGENT or --admin USER"},
 		{[]string{"token", "create", "--user", "a", "--expires", "soon"}, 1, `--expires "soon"`},
 		{[]string{"list"}, 1, "does not exist"},
 	} {
