@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"os"
 	"path/filepath"
 	"strings"
@@ -15,14 +14,7 @@ import (
 // the token kind are checked first, each refusal in one line.
 func TestAdminOverHTTPS(t *testing.T) {
 	dir := t.TempDir()
-	srv, err := coordinator.New(coordinator.Config{DataDir: dir, Listen: "127.0.0.1:0"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx) }()
-	defer func() { cancel(); <-done }()
+	srv := serveCoordinator(t, coordinator.Config{DataDir: dir, Listen: "127.0.0.1:0"})
 
 	// On the coordinator's machine: an admin token for user ops.
 	local := map[string]string{"AGENT_COORDINATOR_DATA_DIR": dir, "XDG_CONFIG_HOME": t.TempDir()}
