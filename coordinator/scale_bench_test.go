@@ -291,11 +291,17 @@ func serveScaleChild(b *testing.B) {
 		if listen == "" {
 			listen = "127.0.0.1:0"
 		}
+		// COORD_SCALE_LOG=1 shows the coordinators' warnings, to see why
+		// a run falls behind.
+		logger := slog.New(slog.DiscardHandler)
+		if os.Getenv("COORD_SCALE_LOG") != "" {
+			logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+		}
 		srv, err := coordinator.New(coordinator.Config{
 			DataDir:     os.Getenv(scaleDirEnv),
 			PostgresURL: os.Getenv(scalePGEnv),
 			Listen:      listen,
-			Logger:      slog.New(slog.DiscardHandler),
+			Logger:      logger,
 			Limits:      coordinator.EdgeLimits{MaxSessionsPerAddress: 1 << 20, SessionRatePerAddress: 1 << 20, SessionBurstPerAddress: 1 << 20},
 		})
 		if err != nil {
