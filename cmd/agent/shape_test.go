@@ -325,14 +325,7 @@ func TestLoginOptionsAndProfile(t *testing.T) {
 		t.Fatal(stderr)
 	}
 	agentToken := lastLine(out)
-	srv, err := coordinator.New(coordinator.Config{DataDir: dir, Listen: "127.0.0.1:0"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	srv := serveCoordinator(t, coordinator.Config{DataDir: dir, Listen: "127.0.0.1:0"})
 
 	if _, stderr, code := runClientCLI(t, vars, "login", srv.URL(), "--token", agentToken, "--fingerprint", srv.Fingerprint()); code != 1 || !strings.Contains(stderr, "token of agent ws1") {
 		t.Errorf("login with an agent token: %d %s", code, stderr)
