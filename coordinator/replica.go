@@ -43,6 +43,9 @@ type replicator struct {
 	heartbeat time.Duration
 	deadAfter time.Duration
 	onAccess  func()
+	// onRevokedKey closes our relay connections of a node key whose peer
+	// another replica cut off for an access decision.
+	onRevokedKey func(nodeKey string)
 	// describeErr words database errors as the store does.
 	describeErr func(error) string
 	// fingerprint is our certificate's, for the other replicas' mesh
@@ -200,17 +203,27 @@ func (r *replicator) write(ctx context.Context, ev replEvent) error {
 			// do not come back are reaped with this replica.
 			return nil
 		}
-		tag, err := r.pool.Exec(ctx, `DELETE FROM peers WHERE id = $1 AND epoch = $2`, int64(p.id), epoch)
-		if err != nil {
+		var key *string
+		err := r.pool.QueryRow(ctx, `DELETE FROM peers WHERE id = $1 AND epoch = $2 RETURNING node ->> 'key'`, int64(p.id), epoch).Scan(&key)
+		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
 			return err
 		}
 		if _, err := r.pool.Exec(ctx, `DELETE FROM tunnels WHERE client = $1 AND epoch = $2`, int64(p.id), epoch); err != nil {
 			return err
 		}
-		if tag.RowsAffected() == 0 {
-			return nil // the peer moved to another replica meanwhile
+		if err != nil {
+			return nil // no row: the peer moved to another replica meanwhile
 		}
-		return r.exec(ctx, `SELECT pg_notify($1, $2)`, pgstore.EventsChannel, r.id+" gone "+id+" "+string(ev.reason))
+		if err := r.exec(ctx, `SELECT pg_notify($1, $2)`, pgstore.EventsChannel, r.id+" gone "+id+" "+string(ev.reason)); err != nil {
+			return err
+		}
+		if ev.reason == protocol.GoneRevoked && key != nil && *key != "" {
+			// Its relay connection may be on another replica's DERP
+			// server: every replica closes it (an event of its own,
+			// which older replicas ignore).
+			return r.exec(ctx, `SELECT pg_notify($1, $2)`, pgstore.EventsChannel, r.id+" revokedkey "+*key)
+		}
+		return nil
 	case evNode, evNetwork:
 		epoch, ok := r.epochs[p]
 		if !ok {
@@ -375,6 +388,12 @@ func (r *replicator) handle(ctx context.Context, payload string) error {
 		return nil
 	}
 	if origin == r.id {
+		return nil
+	}
+	if kind == "revokedkey" && len(args) == 1 {
+		if r.onRevokedKey != nil {
+			r.onRevokedKey(args[0])
+		}
 		return nil
 	}
 	ids := make([]tailnet.NodeID, 0, 2)
@@ -647,6 +666,7 @@ func (s *Server) setupReplication() error {
 	}
 	r.describeErr = pg.Describe
 	r.fingerprint = s.fingerprint
+	r.onRevokedKey = func(k string) { s.derp.ClosePeer(k) }
 	if s.cfg.MeshKey != "" {
 		r.mesh = &mesh{r: r, derp: s.derp, peers: map[string]*meshPeer{}, failed: map[string]bool{}}
 	}

@@ -36,31 +36,49 @@ import (
 	"github.com/agentd/agent/coordinator/admin"
 	"github.com/agentd/agent/coordinator/coordclient"
 	"github.com/agentd/agent/coordinator/store"
+	"github.com/agentd/agent/internal/pgtest"
 	"github.com/agentd/agent/protocol"
 	"github.com/agentd/agent/tailnet"
 )
 
-// Scale benchmarks: many simulated agents against one coordinator running
-// in a child process (so that its memory is its own), over real TLS
-// WebSockets on loopback, each peer a real coordclient.
+// Scale benchmarks: many simulated agents against coordinators running
+// in child processes (so that their memory is their own), over real TLS
+// WebSockets on loopback, each peer a real coordclient with the default
+// reconnect backoff.
 //
-//	go test -run '^$' -bench 'CoordinatorScale|WebSocketEchoScale' -benchtime 1x ./coordinator/
+//	go test -run '^$' -bench 'CoordinatorScale|CoordinatorRestart|WebSocketEchoScale' -benchtime 1x ./coordinator/
 //
-// COORD_BENCH_AGENTS sets N (default 2000). Every user owns
+// COORD_BENCH_AGENTS sets N (default 2000); BenchmarkCoordinatorScale runs
+// N/5 and N agents, so the two sizes show how cost grows. Every user owns
 // scaleAgentsPerClient agents and has one client connection with a tunnel
-// to each of them, so N agents bring N/100 clients.
+// to each of them, so N agents bring N/100 clients. COORD_BENCH_STORES
+// picks the deployments (default all three):
 //
-// BenchmarkCoordinatorScale runs N=100 first, as the reference for N, and
-// reports per run:
+//	bbolt        one coordinator on its bbolt file (the reference)
+//	postgres     one replica on PostgreSQL (a real server, internal/pgtest)
+//	postgres-3   three replicas on the same PostgreSQL; agent i and client
+//	             u connect to replica i%3 and u%3, so two tunnels in three
+//	             cross replicas (through the database and LISTEN/NOTIFY)
 //
-//	reg-total-s, reg-per-agent-ms   all N agents dial at once; done when
+// Reported per run:
+//
+//	reg-total-s, reg-per-agent-ms   all agents dial at once; done when
 //	                                every agent's node reached its client
 //	agent-update-p50/p99-ms         every agent publishes a new node at
 //	                                once; time until its client has it
 //	client-fanout-p50/p99-ms        every client publishes a new node at
 //	                                once; time until each of its agents has it
-//	rss-KiB/conn, heap-KiB/conn     the coordinator's RSS and Go heap+stacks
-//	                                growth divided by the connections
+//	rss-KiB/conn, heap-KiB/conn     the coordinators' RSS and Go heap+stacks
+//	                                growth (summed over replicas) divided by
+//	                                the connections
+//
+// BenchmarkCoordinatorRestart connects N agents to one bbolt coordinator,
+// shuts it down gracefully, keeps it down scaleOutage and starts it again
+// on the same address and store: how long after its return each agent is
+// back (p50, p99, max) and how spread out they arrive (the busiest 100 ms
+// as a share of N; a histogram in the log), and, apart from the time the
+// coordinator takes to serve them, when each agent's backoff let it try
+// (try-p50/p99/max-ms: the jitter alone).
 //
 // BenchmarkWebSocketEchoScale is the memory reference: a bare TLS WebSocket
 // echo server holding the same number of connections.
@@ -68,8 +86,11 @@ import (
 const (
 	scaleModeEnv         = "COORD_SCALE_CHILD"
 	scaleDirEnv          = "COORD_SCALE_DIR"
+	scalePGEnv           = "COORD_SCALE_PG"
+	scaleListenEnv       = "COORD_SCALE_LISTEN"
 	scaleAgentsPerClient = 100
 	scaleWait            = 3 * time.Minute
+	scaleOutage          = 5 * time.Second
 )
 
 func scaleAgents(b *testing.B) int {
@@ -84,22 +105,65 @@ func scaleAgents(b *testing.B) int {
 	return n
 }
 
+// scaleStores are the deployments COORD_BENCH_STORES picks from.
+var scaleStores = map[string]int{"bbolt": 1, "postgres": 1, "postgres-3": 3}
+
+func scaleStoresFromEnv(b *testing.B) []string {
+	v := os.Getenv("COORD_BENCH_STORES")
+	if v == "" {
+		return []string{"bbolt", "postgres", "postgres-3"}
+	}
+	var out []string
+	for _, name := range strings.Split(v, ",") {
+		if _, ok := scaleStores[name]; !ok {
+			b.Fatalf("COORD_BENCH_STORES=%q: %q is not one of bbolt, postgres, postgres-3", v, name)
+		}
+		out = append(out, name)
+	}
+	return out
+}
+
 func BenchmarkCoordinatorScale(b *testing.B) {
 	if os.Getenv(scaleModeEnv) != "" {
 		serveScaleChild(b)
 		return
 	}
-	sizes := []int{scaleAgentsPerClient}
-	if n := scaleAgents(b); n != scaleAgentsPerClient {
-		sizes = append(sizes, n)
+	n := scaleAgents(b)
+	sizes := []int{n}
+	if small := n / 5 / scaleAgentsPerClient * scaleAgentsPerClient; small >= scaleAgentsPerClient {
+		sizes = []int{small, n}
 	}
-	for _, n := range sizes {
-		b.Run(fmt.Sprintf("agents=%d", n), func(b *testing.B) {
-			for b.Loop() {
-				runCoordinatorScale(b, n)
-			}
-		})
+	stores := scaleStoresFromEnv(b)
+	var pg *pgtest.Server
+	if slices.ContainsFunc(stores, func(st string) bool { return st != "bbolt" }) {
+		pg = pgtest.Start(b) // one server for every run; a database each
 	}
+	for _, st := range stores {
+		for _, size := range sizes {
+			b.Run(fmt.Sprintf("store=%s/agents=%d", st, size), func(b *testing.B) {
+				pgURL := ""
+				if st != "bbolt" {
+					pgURL = pg.NewDatabase()
+				}
+				for b.Loop() {
+					runCoordinatorScale(b, size, scaleStores[st], pgURL)
+				}
+			})
+		}
+	}
+}
+
+func BenchmarkCoordinatorRestart(b *testing.B) {
+	if os.Getenv(scaleModeEnv) != "" {
+		serveScaleChild(b)
+		return
+	}
+	n := scaleAgents(b)
+	b.Run(fmt.Sprintf("agents=%d", n), func(b *testing.B) {
+		for b.Loop() {
+			runCoordinatorRestart(b, n)
+		}
+	})
 }
 
 func BenchmarkWebSocketEchoScale(b *testing.B) {
@@ -119,6 +183,7 @@ func BenchmarkWebSocketEchoScale(b *testing.B) {
 // scaleChild is the server process: it prints its URL and fingerprint, and
 // answers "mem" on stdin with its Go heap and stacks after a collection.
 type scaleChild struct {
+	dir   string
 	cmd   *exec.Cmd
 	stdin io.WriteCloser
 	out   *bufio.Scanner
@@ -126,14 +191,17 @@ type scaleChild struct {
 	fp    string
 }
 
-func startScaleChild(b *testing.B, mode, dir string) *scaleChild {
+// startScaleChild starts a child serving mode (coordinator or echo) with
+// its data in dir; env adds the child's settings (scalePGEnv,
+// scaleListenEnv).
+func startScaleChild(b *testing.B, mode, dir string, env ...string) *scaleChild {
 	b.Helper()
 	bench := "^BenchmarkCoordinatorScale$"
 	if mode == "echo" {
 		bench = "^BenchmarkWebSocketEchoScale$"
 	}
 	cmd := exec.Command(os.Args[0], "-test.run=^$", "-test.bench="+bench, "-test.benchtime=1x")
-	cmd.Env = append(os.Environ(), scaleModeEnv+"="+mode, scaleDirEnv+"="+dir)
+	cmd.Env = append(append(os.Environ(), scaleModeEnv+"="+mode, scaleDirEnv+"="+dir), env...)
 	cmd.Stderr = os.Stderr
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -146,7 +214,7 @@ func startScaleChild(b *testing.B, mode, dir string) *scaleChild {
 	if err := cmd.Start(); err != nil {
 		b.Fatalf("starting the %s child: %v", mode, err)
 	}
-	c := &scaleChild{cmd: cmd, stdin: stdin, out: bufio.NewScanner(stdout)}
+	c := &scaleChild{dir: dir, cmd: cmd, stdin: stdin, out: bufio.NewScanner(stdout)}
 	b.Cleanup(c.stop)
 	line := c.expect(b, "SCALE-READY ")
 	if _, err := fmt.Sscanf(line, "%s %s", &c.url, &c.fp); err != nil {
@@ -219,11 +287,22 @@ func serveScaleChild(b *testing.B) {
 	case "coordinator":
 		// Every simulated machine dials from loopback: lift the
 		// per-address limits, which would otherwise see one huge site.
+		listen := os.Getenv(scaleListenEnv)
+		if listen == "" {
+			listen = "127.0.0.1:0"
+		}
+		// COORD_SCALE_LOG=1 shows the coordinators' warnings, to see why
+		// a run falls behind.
+		logger := slog.New(slog.DiscardHandler)
+		if os.Getenv("COORD_SCALE_LOG") != "" {
+			logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+		}
 		srv, err := coordinator.New(coordinator.Config{
-			DataDir: os.Getenv(scaleDirEnv),
-			Listen:  "127.0.0.1:0",
-			Logger:  slog.New(slog.DiscardHandler),
-			Limits:  coordinator.EdgeLimits{MaxSessionsPerAddress: 1 << 20, SessionRatePerAddress: 1 << 20, SessionBurstPerAddress: 1 << 20},
+			DataDir:     os.Getenv(scaleDirEnv),
+			PostgresURL: os.Getenv(scalePGEnv),
+			Listen:      listen,
+			Logger:      logger,
+			Limits:      coordinator.EdgeLimits{MaxSessionsPerAddress: 1 << 20, SessionRatePerAddress: 1 << 20, SessionBurstPerAddress: 1 << 20},
 		})
 		if err != nil {
 			b.Fatal(err)
@@ -357,6 +436,9 @@ type scalePeer struct {
 	hello  chan protocol.Hello
 	cancel context.CancelFunc
 	done   chan error
+	// lastHello is when the coordinator last said hello, and nextTry
+	// when the client's backoff lets it try next (Unix ns).
+	lastHello, nextTry atomic.Int64
 
 	mu   sync.Mutex
 	node *tailnet.Node
@@ -388,10 +470,15 @@ func startScalePeer(child *scaleChild, name, token string, h coordclient.Handler
 		default:
 		}
 	}
-	p.client = coordclient.New(coordclient.Config{
-		URL: child.url, Token: token, Fingerprint: child.fp, Software: "scale-bench",
-		MinBackoff: 100 * time.Millisecond, MaxBackoff: 2 * time.Second,
-	}, h)
+	prevHello := h.OnHello
+	h.OnHello = func(hello protocol.Hello) {
+		p.lastHello.Store(time.Now().UnixNano())
+		prevHello(hello)
+	}
+	// The default backoff, as agents have: the restart benchmark
+	// measures it.
+	p.client = coordclient.New(coordclient.Config{URL: child.url, Token: token, Fingerprint: child.fp, Software: "scale-bench",
+		OnRetry: func(_ error, wait time.Duration) { p.nextTry.Store(time.Now().Add(wait).UnixNano()) }}, h)
 	ctx, cancel := context.WithCancel(context.Background())
 	p.cancel = cancel
 	go func() { p.done <- p.client.Run(ctx) }()
@@ -527,46 +614,105 @@ func (w *scaleWorld) storm(b *testing.B, what string, dst **arrivals, senders []
 	return fresh.latencies(func(slot int) time.Time { return sent[senderOf(slot)] })
 }
 
-func runCoordinatorScale(b *testing.B, n int) {
-	clients := n / scaleAgentsPerClient
-	dir := b.TempDir()
-	child := startScaleChild(b, "coordinator", dir)
-	adm, err := admin.DialSocket(context.Background(), admin.SocketPath(dir))
+// scaleDeployment is the coordinators of one run and what they serve.
+type scaleDeployment struct {
+	children    []*scaleChild
+	agentTokens []string
+	userTokens  []string
+}
+
+// startScaleDeployment starts replicas coordinators (on pgURL, or one on
+// bbolt when it is "") and provisions n agents, 100 per user.
+func startScaleDeployment(b *testing.B, n, replicas int, pgURL string) (*scaleDeployment, *scaleWorld) {
+	d := &scaleDeployment{}
+	for range replicas {
+		var env []string
+		if pgURL != "" {
+			env = append(env, scalePGEnv+"="+pgURL)
+		}
+		d.children = append(d.children, startScaleChild(b, "coordinator", b.TempDir(), env...))
+	}
+	w := provisionScale(b, d, n)
+	return d, w
+}
+
+// provisionScale creates the users, agents and tokens through the first
+// coordinator's admin socket, several at a time (not measured).
+func provisionScale(b *testing.B, d *scaleDeployment, n int) *scaleWorld {
+	adm, err := admin.DialSocket(context.Background(), admin.SocketPath(d.children[0].dir))
 	if err != nil {
 		b.Fatalf("admin socket: %v", err)
 	}
+	clients := n / scaleAgentsPerClient
 	w := &scaleWorld{agentSlot: map[string]int{}, clientSlot: map[string]int{}, tunnelsAll: make(chan struct{})}
-	agentTokens := make([]string, n)
-	userTokens := make([]string, clients)
+	d.agentTokens = make([]string, n)
+	d.userTokens = make([]string, clients)
+	var wg sync.WaitGroup
+	var failed atomic.Pointer[error]
+	sem := make(chan struct{}, 8)
 	for u := range clients {
 		user := fmt.Sprintf("u%03d", u)
-		if _, err := adm.CreateUser(user); err != nil {
-			b.Fatal(err)
-		}
-		t, err := adm.CreateToken(store.KindUser, user, time.Time{})
-		if err != nil {
-			b.Fatal(err)
-		}
-		userTokens[u] = t.Secret
 		w.clientSlot[user] = u
 		for i := u * scaleAgentsPerClient; i < (u+1)*scaleAgentsPerClient; i++ {
-			name := fmt.Sprintf("a%05d", i)
-			created, err := adm.CreateAgent(name, user)
-			if err != nil {
-				b.Fatal(err)
-			}
-			agentTokens[i] = created.Secret
-			w.agentSlot[name] = i
+			w.agentSlot[fmt.Sprintf("a%05d", i)] = i
 		}
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			err := func() error {
+				if _, err := adm.CreateUser(user); err != nil {
+					return err
+				}
+				t, err := adm.CreateToken(store.KindUser, user, time.Time{})
+				if err != nil {
+					return err
+				}
+				d.userTokens[u] = t.Secret
+				for i := u * scaleAgentsPerClient; i < (u+1)*scaleAgentsPerClient; i++ {
+					created, err := adm.CreateAgent(fmt.Sprintf("a%05d", i), user)
+					if err != nil {
+						return err
+					}
+					d.agentTokens[i] = created.Secret
+				}
+				return nil
+			}()
+			if err != nil {
+				failed.Store(&err)
+			}
+		}()
 	}
-	before := child.memory(b)
+	wg.Wait()
+	if e := failed.Load(); e != nil {
+		b.Fatalf("provisioning: %v", *e)
+	}
+	return w
+}
+
+// memory is the coordinators' memory, summed.
+func (d *scaleDeployment) memory(b *testing.B) memory {
+	var m memory
+	for _, c := range d.children {
+		cm := c.memory(b)
+		m.rss += cm.rss
+		m.goMem += cm.goMem
+	}
+	return m
+}
+
+func runCoordinatorScale(b *testing.B, n, replicas int, pgURL string) {
+	clients := n / scaleAgentsPerClient
+	d, w := startScaleDeployment(b, n, replicas, pgURL)
+	child := func(i int) *scaleChild { return d.children[i%len(d.children)] }
+	before := d.memory(b)
 
 	// Clients first, each with a tunnel to its agents (offline yet).
 	w.atClients = newArrivals(n, 1)
 	w.atAgents = newArrivals(n, 1)
 	clientPeers := make([]*scalePeer, clients)
 	for u := range clients {
-		clientPeers[u] = startScalePeer(child, fmt.Sprintf("u%03d", u), userTokens[u], coordclient.HandlerFuncs{
+		clientPeers[u] = startScalePeer(child(u), fmt.Sprintf("u%03d", u), d.userTokens[u], coordclient.HandlerFuncs{
 			OnPeerUpdate: func(p protocol.Peer) {
 				atClients, _ := w.current()
 				atClients.record(w.agentSlot[p.Name], p.Node)
@@ -600,7 +746,7 @@ func runCoordinatorScale(b *testing.B, n int) {
 	agentPeers := make([]*scalePeer, n)
 	start := time.Now()
 	for i := range n {
-		agentPeers[i] = startScalePeer(child, fmt.Sprintf("a%05d", i), agentTokens[i], coordclient.HandlerFuncs{
+		agentPeers[i] = startScalePeer(child(i), fmt.Sprintf("a%05d", i), d.agentTokens[i], coordclient.HandlerFuncs{
 			OnPeerUpdate: func(peer protocol.Peer) {
 				_, atAgents := w.current()
 				atAgents.record(i, peer.Node)
@@ -612,7 +758,7 @@ func runCoordinatorScale(b *testing.B, n int) {
 	atClients.wait(b, "agents' nodes at their clients")
 	registration := time.Since(start)
 	atAgents.wait(b, "clients' nodes at their agents")
-	after := child.memory(b)
+	after := d.memory(b)
 
 	// Every agent publishes a new node at once, then every client does
 	// (fan-out to its agents).
@@ -628,4 +774,78 @@ func runCoordinatorScale(b *testing.B, n int) {
 	b.ReportMetric(percentileMS(fanLat, 0.50), "client-fanout-p50-ms")
 	b.ReportMetric(percentileMS(fanLat, 0.99), "client-fanout-p99-ms")
 	reportMemoryPerConn(b, before, after, n+clients)
+}
+
+// runCoordinatorRestart: n agents on one bbolt coordinator; it shuts down
+// gracefully, stays down scaleOutage and comes back on the same address
+// and store; each agent's delay is from the new process's ready line to
+// the agent's next hello.
+func runCoordinatorRestart(b *testing.B, n int) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	dir := b.TempDir()
+	first := startScaleChild(b, "coordinator", dir, scaleListenEnv+"="+addr)
+	d := &scaleDeployment{children: []*scaleChild{first}}
+	provisionScale(b, d, n)
+	peers := make([]*scalePeer, n)
+	for i := range n {
+		peers[i] = startScalePeer(first, fmt.Sprintf("a%05d", i), d.agentTokens[i], coordclient.HandlerFuncs{})
+	}
+	b.Cleanup(func() { stopPeers(peers) })
+	deadline := time.Now().Add(scaleWait)
+	for i, p := range peers {
+		select {
+		case <-p.hello:
+		case <-time.After(time.Until(deadline)):
+			b.Fatalf("agent %d got no hello", i)
+		}
+	}
+
+	down := time.Now()
+	first.stop()
+	gone := time.Now().UnixNano()
+	time.Sleep(scaleOutage - time.Since(down))
+	startScaleChild(b, "coordinator", dir, scaleListenEnv+"="+addr)
+	// The listener is bound a moment before the ready line: an agent
+	// back by then counts as back at once.
+	back := time.Now()
+	var delays, tries []time.Duration
+	for len(delays) < n {
+		if time.Since(back) > scaleWait {
+			b.Fatalf("%d of %d agents were back within %s of the coordinator's return", len(delays), n, scaleWait)
+		}
+		time.Sleep(50 * time.Millisecond)
+		delays, tries = delays[:0], tries[:0]
+		for _, p := range peers {
+			if t := p.lastHello.Load(); t > gone {
+				delays = append(delays, max(0, time.Duration(t-back.UnixNano())))
+				// The attempt that succeeded began when its backoff ended.
+				tries = append(tries, max(0, time.Duration(p.nextTry.Load()-back.UnixNano())))
+			}
+		}
+	}
+	slices.Sort(delays)
+	slices.Sort(tries)
+	const bucket = 100 * time.Millisecond
+	hist := make([]int, int(delays[len(delays)-1]/bucket)+1)
+	for _, dl := range delays {
+		hist[dl/bucket]++
+	}
+	counts := make([]string, len(hist))
+	for i, c := range hist {
+		counts[i] = strconv.Itoa(c)
+	}
+	b.Logf("agents back per 100 ms after the coordinator's return (%s down): %s", scaleOutage, strings.Join(counts, " "))
+	b.ReportMetric(scaleOutage.Seconds(), "outage-s")
+	b.ReportMetric(percentileMS(delays, 0.50), "return-p50-ms")
+	b.ReportMetric(percentileMS(delays, 0.99), "return-p99-ms")
+	b.ReportMetric(float64(delays[len(delays)-1].Microseconds())/1000, "return-max-ms")
+	b.ReportMetric(float64(slices.Max(hist))*100/float64(n), "busiest-100ms-pct")
+	b.ReportMetric(percentileMS(tries, 0.50), "try-p50-ms")
+	b.ReportMetric(percentileMS(tries, 0.99), "try-p99-ms")
+	b.ReportMetric(float64(tries[len(tries)-1].Microseconds())/1000, "try-max-ms")
 }

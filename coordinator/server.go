@@ -293,6 +293,7 @@ func (s *Server) routes() http.Handler {
 	mux.HandleFunc(protocol.WhoAmIPath, s.handleWhoAmI)
 	mux.HandleFunc(protocol.HostKeyPath, s.handleHostKey)
 	mux.HandleFunc(protocol.WorkspacesPath, s.handleWorkspaces)
+	mux.Handle(admin.HTTPSPrefix+"/", s.adminHTTPS())
 	derp := s.derp.Handler()
 	mux.Handle("/derp", derp)
 	mux.Handle("/derp/", derp)
@@ -486,6 +487,11 @@ func (s *Server) authenticate(r *http.Request) (store.Principal, *protocol.Error
 	p, err := s.store.Authenticate(tok)
 	if err != nil {
 		return store.Principal{}, tokenError(err, p.Token)
+	}
+	if p.Token.Kind == store.KindAdmin {
+		// An admin token administers; it never joins the tailnet.
+		return store.Principal{}, &protocol.Error{Code: protocol.CodeWrongRole, Fatal: true,
+			Message: "this is an admin token, for 'agent admin --url' only; peers need a user token (agent admin token create --user NAME) or an agent token"}
 	}
 	return p, nil
 }

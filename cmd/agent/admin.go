@@ -19,6 +19,7 @@ import (
 
 	"github.com/agentd/agent/coordinator"
 	"github.com/agentd/agent/coordinator/admin"
+	"github.com/agentd/agent/coordinator/coordclient"
 	"github.com/agentd/agent/coordinator/store"
 	"github.com/agentd/agent/coordinator/store/pgstore"
 )
@@ -29,11 +30,27 @@ type adminOptions struct {
 	postgresURL string
 	getenv      func(string) string
 	json        bool
+	// remote is the admin API over HTTPS (--url), used instead of the
+	// data directory or the database when set.
+	remote adminRemote
 }
 
-// open reaches the coordinator's admin API: over its socket when it runs,
-// otherwise straight on the store file. The returned function releases it.
+// adminRemote is how `agent admin --url` reaches a coordinator replica.
+type adminRemote struct {
+	url, token, tokenFile, fingerprint string
+	insecureHTTP                       bool
+}
+
+// open reaches the coordinator's admin API: over HTTPS with --url, else
+// over its socket when it runs, otherwise straight on the store file (or
+// the database). The returned function releases it.
 func (f *adminOptions) open(ctx context.Context) (admin.Ops, func(), error) {
+	if f.remote.url == "" {
+		f.remote.url = f.getenv("AGENT_ADMIN_URL")
+	}
+	if f.remote.url != "" {
+		return f.openRemote()
+	}
 	if f.postgresURL == "" {
 		f.postgresURL = f.getenv("AGENT_POSTGRES_URL") // not the flag default: --help would show the password
 	}
@@ -102,6 +119,48 @@ func (f *adminOptions) openPostgres(ctx context.Context) (admin.Ops, func(), err
 	return local, func() { st.Close() }, nil
 }
 
+// openRemote is the admin API of the coordinator at --url, with an admin
+// token from --token-file, --token or AGENT_ADMIN_TOKEN.
+func (f *adminOptions) openRemote() (admin.Ops, func(), error) {
+	r := f.remote
+	if r.fingerprint == "" {
+		r.fingerprint = f.getenv(coordclient.EnvFingerprint)
+	}
+	if !r.insecureHTTP {
+		r.insecureHTTP = coordclient.InsecureHTTPFromEnv(f.getenv(coordclient.EnvInsecureHTTP))
+	}
+	u, err := coordclient.ParseURL(r.url, r.fingerprint, r.insecureHTTP)
+	if err != nil {
+		return nil, nil, err
+	}
+	tok := r.token
+	switch {
+	case r.tokenFile != "" && tok != "":
+		return nil, nil, usageErrorf("pass either --token or --token-file, not both")
+	case r.tokenFile != "":
+		// The admin token is the whole deployment: no override.
+		if st, err := os.Stat(r.tokenFile); err == nil && st.Mode().Perm()&0o004 != 0 {
+			return nil, nil, fmt.Errorf("the admin token file %s is readable by every local user (mode %04o): anyone on this machine could administer the coordinator; run chmod 600 %s", r.tokenFile, st.Mode().Perm(), r.tokenFile)
+		}
+		data, err := os.ReadFile(r.tokenFile)
+		if err != nil {
+			return nil, nil, fmt.Errorf("reading the admin token file: %w", err)
+		}
+		tok = string(data)
+	case tok == "":
+		tok = f.getenv("AGENT_ADMIN_TOKEN")
+	}
+	tok = strings.TrimSpace(tok)
+	if tok == "" {
+		return nil, nil, errors.New("--url needs an admin token: pass --token-file FILE (or set AGENT_ADMIN_TOKEN) with a token from 'agent admin token create --admin USER', run on the coordinator's machine")
+	}
+	hc, err := coordclient.HTTPClient(r.fingerprint)
+	if err != nil {
+		return nil, nil, err
+	}
+	return admin.NewHTTPSClient(u.String(), tok, hc), func() { hc.CloseIdleConnections() }, nil
+}
+
 // with runs one admin operation between opening and closing the admin API.
 func (f *adminOptions) with(ctx context.Context, env *cliEnv, args []string, fn func(ops admin.Ops, out io.Writer, args []string) error) error {
 	ops, done, err := f.open(ctx)
@@ -152,11 +211,23 @@ While the coordinator runs, changes go through its admin socket in the data
 directory and take effect at once (revoking a token or a grant disconnects
 what it allowed); otherwise the store file is changed directly.
 
+From anywhere else, pass --url with an admin token (made on the coordinator's
+machine with 'agent admin token create --admin USER'); any replica answers,
+and with PostgreSQL every replica applies the change at once. With
+--postgres-url it changes the replicated store in the database itself.
+
 Tokens are shown once, when created; only their hashes are kept.`,
+		Example: `  sudo -u agent agent admin user create alice
+  agent admin --url https://coord.example.com --token-file ~/.agent-admin-token list`,
 	}
 	cmd.PersistentFlags().StringVar(&f.postgresURL, "postgres-url", "", "the replicated coordinator's PostgreSQL URL, to administer its store without a local coordinator (env AGENT_POSTGRES_URL)")
 	cmd.PersistentFlags().StringVar(&f.dataDir, "data-dir", envOr(env, "AGENT_COORDINATOR_DATA_DIR", defaultCoordinatorDataDir), "the coordinator's data directory (env AGENT_COORDINATOR_DATA_DIR)")
 	cmd.PersistentFlags().BoolVar(&f.json, "json", false, "print JSON")
+	cmd.PersistentFlags().StringVar(&f.remote.url, "url", "", "administer the coordinator (any replica) at this URL over HTTPS, with an admin token (env AGENT_ADMIN_URL)")
+	cmd.PersistentFlags().StringVar(&f.remote.tokenFile, "token-file", "", "file holding the admin token for --url")
+	cmd.PersistentFlags().StringVar(&f.remote.token, "token", "", "admin token for --url (env AGENT_ADMIN_TOKEN; prefer --token-file)")
+	cmd.PersistentFlags().StringVar(&f.remote.fingerprint, "fingerprint", "", "pinned certificate fingerprint of the coordinator at --url (env AGENT_FINGERPRINT)")
+	cmd.PersistentFlags().BoolVar(&f.remote.insecureHTTP, "insecure-http", false, "allow an http:// --url: the admin token travels in cleartext (env AGENT_INSECURE_HTTP=1)")
 
 	// run wraps an operation with opening and closing the admin API.
 	run := func(fn func(ops admin.Ops, out io.Writer, args []string) error) func(*cobra.Command, []string) error {
@@ -255,10 +326,10 @@ agent is the workspace's own: anyone holding the token could register.`,
 
 	tc := &adminTokenCreateOptions{}
 	tokenCreate := &cobra.Command{
-		Use: "create (--user USER | --agent AGENT) [--expires 720h]", Short: "Create a token and print it", Args: usageArgs(cobra.NoArgs),
+		Use: "create (--user USER | --agent AGENT | --admin USER) [--expires 720h]", Short: "Create a token and print it", Args: usageArgs(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if (tc.user == "") == (tc.agent == "") {
-				return usageErrorf("pass exactly one of --user USER or --agent AGENT")
+			if n := btoi(tc.user != "") + btoi(tc.agent != "") + btoi(tc.admin != ""); n != 1 {
+				return usageErrorf("pass exactly one of --user USER, --agent AGENT or --admin USER")
 			}
 			expires, err := parseExpiry(tc.expires, time.Now())
 			if err != nil {
@@ -271,6 +342,7 @@ agent is the workspace's own: anyone holding the token could register.`,
 	}
 	tokenCreate.Flags().StringVar(&tc.user, "user", "", "user the token authenticates")
 	tokenCreate.Flags().StringVar(&tc.agent, "agent", "", "agent the token authenticates")
+	tokenCreate.Flags().StringVar(&tc.admin, "admin", "", "user who holds a new admin token, for 'agent admin --url' (not with --url itself)")
 	tokenCreate.Flags().StringVar(&tc.expires, "expires", "", `lifetime ("720h", "30d") or date (RFC 3339); default: never`)
 	token := &cobra.Command{Use: "token", Short: "Create or revoke tokens"}
 	token.AddCommand(tokenCreate, &cobra.Command{
@@ -326,15 +398,25 @@ func runAdminAgentCreate(ops admin.Ops, out io.Writer, f *adminOptions, o *admin
 }
 
 // adminTokenCreateOptions is `agent admin token create`: exactly one of
-// user and agent is set.
+// user, agent and admin is set.
 type adminTokenCreateOptions struct {
-	user, agent, expires string
+	user, agent, admin, expires string
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 func runAdminTokenCreate(ops admin.Ops, out io.Writer, f *adminOptions, o *adminTokenCreateOptions, expires time.Time) error {
 	kind, subject := store.KindUser, o.user
-	if o.agent != "" {
+	switch {
+	case o.agent != "":
 		kind, subject = store.KindAgent, o.agent
+	case o.admin != "":
+		kind, subject = store.KindAdmin, o.admin
 	}
 	tc, err := ops.CreateToken(kind, subject, expires)
 	if err != nil {

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"strings"
 	"testing"
 	"time"
@@ -26,14 +25,7 @@ func TestAdminOnPostgres(t *testing.T) {
 	}
 
 	// A replica elsewhere (its own data directory) sees them.
-	srv, err := coordinator.New(coordinator.Config{DataDir: t.TempDir(), Listen: "127.0.0.1:0", PostgresURL: url})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx) }()
-	defer func() { cancel(); <-done }()
+	srv := serveCoordinator(t, coordinator.Config{DataDir: t.TempDir(), Listen: "127.0.0.1:0", PostgresURL: url})
 	if srv.FirstStart() {
 		t.Fatal("the replica thinks the store is empty")
 	}

@@ -27,6 +27,20 @@ func runCLI(t *testing.T, vars map[string]string, args ...string) (string, error
 	return out.String(), err
 }
 
+// serveCoordinator runs a coordinator until the test ends.
+func serveCoordinator(t *testing.T, cfg coordinator.Config) *coordinator.Server {
+	t.Helper()
+	srv, err := coordinator.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return srv
+}
+
 // lastLine is the token line of "create" output.
 func lastLine(s string) string {
 	lines := strings.Split(strings.TrimSpace(s), "\n")
@@ -59,14 +73,7 @@ func TestAdminOfflineThenThroughRunningCoordinator(t *testing.T) {
 	}
 
 	// Now a coordinator holds the store; admin goes through its socket.
-	srv, err := coordinator.New(coordinator.Config{DataDir: dir, Listen: "127.0.0.1:0"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	srv := serveCoordinator(t, coordinator.Config{DataDir: dir, Listen: "127.0.0.1:0"})
 
 	out, err = runCLI(t, vars, "admin", "token", "create", "--user", "alice", "--expires", "30d")
 	if err != nil || !strings.HasPrefix(lastLine(out), "usr_") || !strings.Contains(out, "expires") {

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"os"
 	"strings"
@@ -29,14 +28,7 @@ func TestListCompletionAndLogout(t *testing.T) {
 			t.Fatalf("%v: %s", args, stderr)
 		}
 	}
-	srv, err := coordinator.New(coordinator.Config{DataDir: dir, Listen: "127.0.0.1:0"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	srv := serveCoordinator(t, coordinator.Config{DataDir: dir, Listen: "127.0.0.1:0"})
 	out, stderr, code := runClientCLI(t, vars, "admin", "token", "create", "--user", "alice")
 	if code != 0 {
 		t.Fatal(stderr)

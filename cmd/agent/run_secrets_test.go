@@ -254,15 +254,8 @@ func startSecretsCoordinator(t *testing.T, dir string) (*coordinator.Server, *ad
 	if err := os.Mkdir(coordDir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	srv, err := coordinator.New(coordinator.Config{DataDir: coordDir, Listen: "127.0.0.1:0"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
-	ac, err := admin.DialSocket(ctx, admin.SocketPath(coordDir))
+	srv := serveCoordinator(t, coordinator.Config{DataDir: coordDir, Listen: "127.0.0.1:0"})
+	ac, err := admin.DialSocket(t.Context(), admin.SocketPath(coordDir))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -483,14 +476,7 @@ func TestAdminAsAnotherUserSaysWhatItNeeds(t *testing.T) {
 	if out := run(); !strings.Contains(out, want) || !strings.Contains(out, "root (uid 0)") || strings.Contains(out, "bolt") || strings.Contains(out, ".db") {
 		t.Errorf("offline: %s", out)
 	}
-	srv, err := coordinator.New(coordinator.Config{DataDir: coordDir, Listen: "127.0.0.1:0"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	serveCoordinator(t, coordinator.Config{DataDir: coordDir, Listen: "127.0.0.1:0"})
 	if out := run(); !strings.Contains(out, want) {
 		t.Errorf("with a running coordinator: %s", out)
 	}

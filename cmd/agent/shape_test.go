@@ -327,14 +327,7 @@ func TestLoginOptionsAndProfile(t *testing.T) {
 		t.Fatal(stderr)
 	}
 	agentToken := lastLine(out)
-	srv, err := coordinator.New(coordinator.Config{DataDir: dir, Listen: "127.0.0.1:0"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	srv := serveCoordinator(t, coordinator.Config{DataDir: dir, Listen: "127.0.0.1:0"})
 
 	if _, stderr, code := runClientCLI(t, vars, "login", srv.URL(), "--token", agentToken, "--fingerprint", srv.Fingerprint()); code != 1 || !strings.Contains(stderr, "token of agent ws1") {
 		t.Errorf("login with an agent token: %d %s", code, stderr)
@@ -370,7 +363,7 @@ func TestAdminChecksTheCommandLineFirst(t *testing.T) {
 		want string
 	}{
 		{[]string{"agent", "create", "ws1"}, 2, "--owner is required"},
-		{[]string{"token", "create"}, 2, "exactly one of --user USER or --agent AGENT"},
+		{[]string{"token", "create"}, 2, "exactly one of --user USER, --agent AGENT or --admin USER"},
 		{[]string{"token", "create", "--user", "a", "--expires", "soon"}, 1, `--expires "soon"`},
 		{[]string{"list"}, 1, "does not exist"},
 	} {

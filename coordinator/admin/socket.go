@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/agentd/agent/coordinator/store"
@@ -26,9 +27,10 @@ type request struct {
 	Token   string          `json:"token,omitempty"`
 }
 
-// NewHandler serves ops over HTTP, for the admin socket. Only the socket's
+// NewHandler serves ops over HTTP. On the admin socket only the socket's
 // file mode (0600, in a 0700 directory) guards it: whoever can open it can
-// administer the coordinator.
+// administer the coordinator. Over HTTPS the coordinator puts an admin
+// token check in front of it (under HTTPSPrefix).
 func NewHandler(ops Ops) http.Handler {
 	mux := http.NewServeMux()
 	handle := func(path string, fn func(r request) (any, error)) {
@@ -69,16 +71,30 @@ func NewHandler(ops Ops) http.Handler {
 	return mux
 }
 
+// HTTPSPrefix is where a coordinator serves NewHandler on its HTTPS
+// listener, behind an admin token.
+const HTTPSPrefix = "/api/admin"
+
+// WriteRefusal answers an admin request that is not allowed (status 401 or
+// 403) with msg, in the shape Client reads.
+func WriteRefusal(w http.ResponseWriter, status int, msg string) {
+	writeJSON(w, status, &remoteError{Kind: "denied", Message: msg})
+}
+
 func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
 	json.NewEncoder(w).Encode(v)
 }
 
-// Client calls a running coordinator's admin socket.
+// Client calls a running coordinator's admin API: its unix socket, or its
+// HTTPS listener with an admin token.
 type Client struct {
-	path string
-	hc   *http.Client
+	// where names the API in errors: the socket path or the URL.
+	where string
+	base  string
+	token string
+	hc    *http.Client
 }
 
 // ErrNoCoordinator means nothing listens on the admin socket.
@@ -94,7 +110,7 @@ func DialSocket(ctx context.Context, path string) (*Client, error) {
 		return nil, fmt.Errorf("%w (%s): %v", ErrNoCoordinator, path, err)
 	}
 	conn.Close()
-	c := &Client{path: path, hc: &http.Client{
+	c := &Client{where: "admin socket " + path, base: "http://coordinator", hc: &http.Client{
 		Timeout: 30 * time.Second,
 		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			return d.DialContext(ctx, "unix", path)
@@ -103,24 +119,45 @@ func DialSocket(ctx context.Context, path string) (*Client, error) {
 	return c, nil
 }
 
+// NewHTTPSClient calls the admin API of the coordinator at baseURL (any
+// replica) with an admin token, over hc (which pins the certificate).
+func NewHTTPSClient(baseURL, token string, hc *http.Client) *Client {
+	base := strings.TrimRight(baseURL, "/")
+	return &Client{where: "coordinator " + base, base: base + HTTPSPrefix, token: token, hc: hc}
+}
+
 func (c *Client) call(path string, r request, out any) error {
 	body, err := json.Marshal(r)
 	if err != nil {
 		return err
 	}
-	resp, err := c.hc.Post("http://coordinator"+path, "application/json", bytes.NewReader(body))
+	req, err := http.NewRequest(http.MethodPost, c.base+path, bytes.NewReader(body))
 	if err != nil {
-		return fmt.Errorf("admin socket %s: %w", c.path, err)
+		return fmt.Errorf("%s: %w", c.where, err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("%s: %w", c.where, err)
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
 	if err != nil {
-		return fmt.Errorf("admin socket %s: reading answer: %w", c.path, err)
+		return fmt.Errorf("%s: reading answer: %w", c.where, err)
 	}
 	if resp.StatusCode != http.StatusOK {
 		var re remoteError
 		if json.Unmarshal(data, &re) != nil || re.Message == "" {
-			return fmt.Errorf("admin socket %s: %s", c.path, resp.Status)
+			if resp.StatusCode == http.StatusNotFound && c.token != "" {
+				return fmt.Errorf("%s answered %s: it serves no admin API (is it a coordinator of this version?)", c.where, resp.Status)
+			}
+			return fmt.Errorf("%s: %s", c.where, resp.Status)
+		}
+		if re.Kind == "denied" {
+			return fmt.Errorf("%s refused: %w", c.where, &re)
 		}
 		return &re
 	}
@@ -128,7 +165,7 @@ func (c *Client) call(path string, r request, out any) error {
 		return nil
 	}
 	if err := json.Unmarshal(data, out); err != nil {
-		return fmt.Errorf("admin socket %s: bad answer: %w", c.path, err)
+		return fmt.Errorf("%s: bad answer: %w", c.where, err)
 	}
 	return nil
 }

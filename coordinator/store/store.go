@@ -33,7 +33,14 @@ const FileName = "coordinator.db"
 const (
 	AgentTokenPrefix = "agt_"
 	UserTokenPrefix  = "usr_"
+	AdminTokenPrefix = "adm_"
 )
+
+// IsTokenSecret reports whether s looks like a token secret rather than a
+// token ID, by its prefix.
+func IsTokenSecret(s string) bool {
+	return strings.HasPrefix(s, AgentTokenPrefix) || strings.HasPrefix(s, UserTokenPrefix) || strings.HasPrefix(s, AdminTokenPrefix)
+}
 
 // tokenBytes is the amount of randomness in a token.
 const tokenBytes = 32
@@ -91,6 +98,10 @@ type TokenKind string
 const (
 	KindAgent TokenKind = "agent"
 	KindUser  TokenKind = "user"
+	// KindAdmin administers the coordinator over HTTPS (agent admin
+	// --url); its subject is the user who holds it. It cannot join the
+	// tailnet.
+	KindAdmin TokenKind = "admin"
 )
 
 // Token describes a token; the secret itself is never stored.
@@ -98,7 +109,7 @@ type Token struct {
 	// ID names the token for listing and revocation; it is not secret.
 	ID      string    `json:"id"`
 	Kind    TokenKind `json:"kind"`
-	Subject string    `json:"subject"` // agent or user name
+	Subject string    `json:"subject"` // agent or user name (the holder, for admin tokens)
 	Created time.Time `json:"created"`
 	// Expires is zero for a token that does not expire.
 	Expires time.Time `json:"expires,omitzero"`
@@ -265,6 +276,9 @@ func (s *Store) DeleteUser(name string) error {
 		}); err != nil {
 			return err
 		}
+		if err := s.deleteTokensTx(tx, KindAdmin, name); err != nil {
+			return err
+		}
 		return s.deleteTokensTx(tx, KindUser, name)
 	})
 }
@@ -348,8 +362,11 @@ func (s *Store) createTokenTx(tx *bolt.Tx, kind TokenKind, subject string, expir
 		if tx.Bucket(bucketAgents).Get([]byte(subject)) == nil {
 			return "", Token{}, fmt.Errorf("agent %q %w", subject, ErrNotFound)
 		}
-	case KindUser:
+	case KindUser, KindAdmin:
 		prefix = UserTokenPrefix
+		if kind == KindAdmin {
+			prefix = AdminTokenPrefix
+		}
 		if tx.Bucket(bucketUsers).Get([]byte(subject)) == nil {
 			return "", Token{}, fmt.Errorf("user %q %w", subject, ErrNotFound)
 		}
@@ -374,7 +391,7 @@ func (s *Store) RevokeToken(idOrSecret string) (Token, error) {
 	var tok Token
 	err := s.db.Update(func(tx *bolt.Tx) error {
 		id := idOrSecret
-		if strings.HasPrefix(idOrSecret, AgentTokenPrefix) || strings.HasPrefix(idOrSecret, UserTokenPrefix) {
+		if IsTokenSecret(idOrSecret) {
 			v := tx.Bucket(bucketTokenIndex).Get([]byte(HashToken(idOrSecret)))
 			if v == nil {
 				return fmt.Errorf("token %w", ErrNotFound)

@@ -263,7 +263,7 @@ func (s *Store) DeleteUser(name string) error {
 		if _, err := tx.Exec(ctx, `DELETE FROM users WHERE name = $1`, name); err != nil {
 			return err
 		}
-		if _, err = tx.Exec(ctx, `DELETE FROM tokens WHERE kind = $1 AND subject = $2`, string(store.KindUser), name); err != nil {
+		if _, err = tx.Exec(ctx, `DELETE FROM tokens WHERE kind IN ($1, $2) AND subject = $3`, string(store.KindUser), string(store.KindAdmin), name); err != nil {
 			return err
 		}
 		return notifyAccess(ctx, tx)
@@ -371,8 +371,11 @@ func (s *Store) createTokenTx(ctx context.Context, tx pgx.Tx, kind store.TokenKi
 		if err := exists(ctx, tx, fmt.Errorf("agent %q %w", subject, store.ErrNotFound), `SELECT 1 FROM agents WHERE name = $1 FOR SHARE`, subject); err != nil {
 			return "", store.Token{}, err
 		}
-	case store.KindUser:
+	case store.KindUser, store.KindAdmin:
 		prefix = store.UserTokenPrefix
+		if kind == store.KindAdmin {
+			prefix = store.AdminTokenPrefix
+		}
 		if err := exists(ctx, tx, fmt.Errorf("user %q %w", subject, store.ErrNotFound), `SELECT 1 FROM users WHERE name = $1 FOR SHARE`, subject); err != nil {
 			return "", store.Token{}, err
 		}
@@ -396,7 +399,7 @@ func (s *Store) RevokeToken(idOrSecret string) (store.Token, error) {
 	var tok store.Token
 	err := s.tx("revoking a token", func(ctx context.Context, tx pgx.Tx) error {
 		q, arg := `SELECT doc FROM tokens WHERE id = $1 FOR UPDATE`, idOrSecret
-		bySecret := strings.HasPrefix(idOrSecret, store.AgentTokenPrefix) || strings.HasPrefix(idOrSecret, store.UserTokenPrefix)
+		bySecret := store.IsTokenSecret(idOrSecret)
 		if bySecret {
 			q, arg = `SELECT doc FROM tokens WHERE hash = $1 FOR UPDATE`, store.HashToken(idOrSecret)
 		}

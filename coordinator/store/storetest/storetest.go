@@ -31,6 +31,7 @@ func Run(t *testing.T, fresh func(t *testing.T) Opener) {
 		{"ListOrder", testListOrder},
 		{"ConcurrentWriters", testConcurrentWriters},
 		{"HostKeyPinning", testHostKeyPinning},
+		{"AdminTokens", testAdminTokens},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) { tc.fn(t, fresh(t)) })
@@ -462,5 +463,56 @@ func testHostKeyPinning(t *testing.T, open Opener) {
 	}
 	if snap.Agents[0].HostKey != "key-B" {
 		t.Fatalf("vouched key after re-pin = %q, want key-B", snap.Agents[0].HostKey)
+	}
+}
+
+// testAdminTokens: an admin token belongs to an existing user, says it is
+// an admin token when presented, is revoked by its secret like any other,
+// and goes with its user.
+func testAdminTokens(t *testing.T, open Opener) {
+	c := newClock()
+	s := mustOpen(t, open, c)
+	if _, _, err := s.CreateToken(store.KindAdmin, "nobody", time.Time{}); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("admin token for an unknown user: %v", err)
+	}
+	must[store.User](t)(s.CreateUser("root-ops"))
+	secret, tok, err := s.CreateToken(store.KindAdmin, "root-ops", time.Time{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(secret, store.AdminTokenPrefix) || tok.Kind != store.KindAdmin || tok.Subject != "root-ops" {
+		t.Fatalf("admin token %q %+v: want adm_ prefix, kind admin, subject root-ops", secret[:4], tok)
+	}
+	p, err := s.Authenticate(secret)
+	if err != nil || p.Token.Kind != store.KindAdmin || p.User.Name != "root-ops" || p.Agent != nil {
+		t.Fatalf("Authenticate(admin token) = %+v, %v", p, err)
+	}
+	if r, err := s.RevokeToken(secret); err != nil || r.ID != tok.ID {
+		t.Fatalf("revoke an admin token by its secret: %+v %v", r, err)
+	}
+	if _, err := s.Authenticate(secret); !errors.Is(err, store.ErrTokenRevoked) {
+		t.Fatalf("revoked admin token: %v", err)
+	}
+	secret2, tok2 := must2(t)(s.CreateToken(store.KindAdmin, "root-ops", time.Time{}))
+	if err := s.DeleteUser("root-ops"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Authenticate(secret2); err == nil {
+		t.Fatal("an admin token outlived its user")
+	}
+	for _, st := range must[store.Snapshot](t)(s.List()).Tokens {
+		if st.ID == tok2.ID {
+			t.Fatalf("deleted user's admin token still listed: %+v", st)
+		}
+	}
+}
+
+func must2(t *testing.T) func(secret string, tok store.Token, err error) (string, store.Token) {
+	return func(secret string, tok store.Token, err error) (string, store.Token) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return secret, tok
 	}
 }

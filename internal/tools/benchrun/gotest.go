@@ -42,7 +42,7 @@ type sizes struct {
 }
 
 func sizesFromEnv(getenv func(string) string) (sizes, error) {
-	s := sizes{tailnetMiB: 256, sshdBytes: 256 << 20, iperfSecs: 3, forwardMiB: 256, coordAgents: 2000}
+	s := sizes{tailnetMiB: 256, sshdBytes: 256 << 20, iperfSecs: 3, forwardMiB: 256, coordAgents: 10000}
 	for _, knob := range []struct {
 		name string
 		dst  any
@@ -91,27 +91,6 @@ func goBenches(s sizes) []goBench {
 				"loopback TCP", pick("BenchmarkTransferDERP", "loopback-MB/s", "MB/s"), mib),
 			o.Compare("tailnet time to first pong", pick("BenchmarkFirstPong", "ms-to-first-pong", "ms"),
 				"first direct pong", pick("BenchmarkFirstPong", "ms-to-direct-pong", "ms"), "from both conns created"),
-		}
-	}
-	coordRows := func(o benchtable.Output) []benchtable.Row {
-		n := s.coordAgents
-		at := func(agents int) string { return fmt.Sprintf("BenchmarkCoordinatorScale/agents=%d", agents) }
-		echo := fmt.Sprintf("BenchmarkWebSocketEchoScale/conns=%d", n+n/100)
-		ref := "same run, N=100"
-		row := func(name, metric, unit string) benchtable.Row {
-			return o.Compare(fmt.Sprintf("coordinator, %d agents: %s", n, name), pick(at(n), metric, unit), ref, pick(at(100), metric, unit), "")
-		}
-		return []benchtable.Row{
-			row("registration, all at once (total)", "reg-total-s", "s"),
-			row("registration per agent (total ÷ N)", "reg-per-agent-ms", "ms"),
-			row("agent node update to its client, p50", "agent-update-p50-ms", "ms"),
-			row("agent node update to its client, p99", "agent-update-p99-ms", "ms"),
-			row("client node fan-out to its 100 agents, p50", "client-fanout-p50-ms", "ms"),
-			row("client node fan-out to its 100 agents, p99", "client-fanout-p99-ms", "ms"),
-			o.Compare(fmt.Sprintf("coordinator, %d agents: Go heap per connection", n), pick(at(n), "heap-KiB/conn", "KiB"),
-				"bare TLS WebSocket echo server", pick(echo, "heap-KiB/conn", "KiB"), fmt.Sprintf("%d connections", n+n/100)),
-			o.Compare(fmt.Sprintf("coordinator, %d agents: RSS per connection", n), pick(at(n), "rss-KiB/conn", "KiB"),
-				"bare TLS WebSocket echo server", pick(echo, "rss-KiB/conn", "KiB"), fmt.Sprintf("%d connections", n+n/100)),
 		}
 	}
 	return []goBench{
@@ -163,11 +142,7 @@ func goBenches(s sizes) []goBench {
 			rowNames: []string{"iperf3 through the agent forwarder (loopback)", "iperf3 through laptop listener + agent forwarder (loopback, no tailnet)",
 				"tailnet TCP forwarded by the agent to 127.0.0.1", "iperf3 through laptop listener + tailnet + agent forwarder"},
 		},
-		{
-			name: "coordinator scale", pkg: "./coordinator/", bench: "^(BenchmarkCoordinatorScale|BenchmarkWebSocketEchoScale)$", benchtime: "1x",
-			timeout: 6 * time.Minute, rows: coordRows,
-			rowNames: []string{fmt.Sprintf("coordinator, %d agents", s.coordAgents)},
-		},
+		coordScaleBench(s),
 		{
 			name: "netcheck", pkg: "./agent/netcheck/", bench: "^(BenchmarkHealthyReport|BenchmarkWatchTeardownDetection)$", benchtime: "3x", timeout: 3 * time.Minute,
 			rows: func(o benchtable.Output) []benchtable.Row {
