@@ -570,20 +570,21 @@ func (h *coordHandler) PeerGone(g protocol.PeerGone) {
 		return
 	}
 	a.removePeerLocked(g.NodeID)
-	if g.Reason == protocol.GoneRevoked {
-		// An access decision: its SSH sessions and forwarded connections
-		// end now, not when keepalives give up.
-		var addrs []netip.Addr
-		for _, pre := range pi.peer.Node.Addresses {
-			addrs = append(addrs, pre.Addr())
-		}
-		go func() {
-			n := a.flows.closeFrom(addrs...)
-			a.log.Info("peer's access ended; hung up its connections", "peer", pi.peer.Name, "user", pi.peer.User, "connections", n)
-		}()
-		return
+	// Its node is out of the tailnet, so nothing of its connections can
+	// arrive any more: they end now, not when keepalives give up (a
+	// client that said goodbye may have lost its last FIN under load).
+	var addrs []netip.Addr
+	for _, pre := range pi.peer.Node.Addresses {
+		addrs = append(addrs, pre.Addr())
 	}
-	a.log.Info("peer gone", "peer", pi.peer.Name, "reason", g.Reason)
+	go func() {
+		n := a.flows.closeFrom(addrs...)
+		if g.Reason == protocol.GoneRevoked {
+			a.log.Info("peer's access ended; hung up its connections", "peer", pi.peer.Name, "user", pi.peer.User, "connections", n)
+			return
+		}
+		a.log.Info("peer gone", "peer", pi.peer.Name, "reason", g.Reason, "connections_hung_up", n)
+	}()
 }
 
 func (a *Agent) removePeerLocked(id tailnet.NodeID) {
