@@ -440,25 +440,28 @@ func (a *Agent) onPeer(p protocol.Peer) {
 	a.log.Info("peer introduced", "peer", p.Name, "user", p.User, "role", p.Role, "id", p.Node.ID)
 }
 
-// onPeerGone ends a peer's connections when an access decision removed it.
+// onPeerGone ends a peer's connections when it left the tailnet for good
+// (revoked, or gone after saying goodbye); a lost peer keeps its tunnel.
 func (a *Agent) onPeerGone(p protocol.Peer, g protocol.PeerGone) {
-	switch g.Reason {
-	case protocol.GoneLost:
+	if g.Reason == protocol.GoneLost {
 		a.log.Info("peer lost its coordinator connection; keeping its tunnel for now", "peer", p.Name, "grace", lostPeerGrace)
-	case protocol.GoneRevoked:
-		// Its SSH sessions and forwarded connections end now, not when
-		// keepalives give up.
-		var addrs []netip.Addr
-		for _, pre := range p.Node.Addresses {
-			addrs = append(addrs, pre.Addr())
-		}
-		go func() {
-			n := a.flows.closeFrom(addrs...)
-			a.log.Info("peer's access ended; hung up its connections", "peer", p.Name, "user", p.User, "connections", n)
-		}()
-	default:
-		a.log.Info("peer gone", "peer", p.Name, "reason", g.Reason)
+		return
 	}
+	// Its node is out of the tailnet, so nothing of its connections can
+	// arrive any more: they end now, not when keepalives give up (a
+	// client that said goodbye may have lost its last FIN under load).
+	var addrs []netip.Addr
+	for _, pre := range p.Node.Addresses {
+		addrs = append(addrs, pre.Addr())
+	}
+	go func() {
+		n := a.flows.closeFrom(addrs...)
+		if g.Reason == protocol.GoneRevoked {
+			a.log.Info("peer's access ended; hung up its connections", "peer", p.Name, "user", p.User, "connections", n)
+			return
+		}
+		a.log.Info("peer gone", "peer", p.Name, "reason", g.Reason, "connections_hung_up", n)
+	}()
 }
 
 func (a *Agent) onDisconnected(err error) {

@@ -212,7 +212,7 @@ func (c *Conn) UpsertPeer(n *Node) error {
 		c.mc.RemovePeer(tailcfg.NodeID(id))
 	}
 	for _, k := range staleKeys {
-		c.eng.SyncDevicePeer(k)
+		c.retireDevicePeer(k)
 	}
 	c.mc.UpsertPeer(toMagicsock)
 	if c.opts.AcceptInbound && len(n.Endpoints) > 0 && (old == nil || old.disco != dk || !slices.Equal(old.node.Endpoints, n.Endpoints)) {
@@ -349,8 +349,8 @@ func (c *Conn) removeLocked(p *peer) {
 	}
 }
 
-// RemovePeer forgets a peer: its WireGuard session ends and its addresses
-// no longer pass the packet filter.
+// RemovePeer forgets a peer: its addresses no longer pass the packet
+// filter, and its WireGuard session ends (see retireDevicePeer).
 func (c *Conn) RemovePeer(id NodeID) {
 	c.configMu.Lock()
 	defer c.configMu.Unlock()
@@ -365,8 +365,8 @@ func (c *Conn) RemovePeer(id NodeID) {
 		return
 	}
 	c.mc.RemovePeer(tailcfg.NodeID(id))
-	c.eng.SyncDevicePeer(p.key)
 	c.updateFilterLocked()
+	c.retireDevicePeer(p.key)
 }
 
 // updateFilterLocked installs a packet filter built from the peer table.

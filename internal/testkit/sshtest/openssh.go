@@ -20,8 +20,9 @@ const OpenSSHDPath = "/usr/sbin/sshd"
 // configuration in dir with the given host key and authorized keys file,
 // root login by key only, and internal sftp. It returns sshd's address once
 // it accepts connections, and a func that stops it. sshd's own messages go
-// to stderr (nil discards them).
-func StartOpenSSHD(ctx context.Context, dir, hostKey, authorizedKeys string, stderr io.Writer) (addr string, stop func(), err error) {
+// to stderr (nil discards them). Extra lines, e.g. "MaxStartups 1000",
+// are appended to the configuration.
+func StartOpenSSHD(ctx context.Context, dir, hostKey, authorizedKeys string, stderr io.Writer, extra ...string) (addr string, stop func(), err error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return "", nil, err
@@ -44,6 +45,9 @@ PrintMotd no
 Subsystem sftp internal-sftp
 LogLevel ERROR
 `, port, hostKey, authorizedKeys)
+	for _, line := range extra {
+		conf += line + "\n"
+	}
 	if err := os.WriteFile(cfg, []byte(conf), 0o600); err != nil {
 		return "", nil, err
 	}

@@ -54,10 +54,6 @@ var deploymentRowNames = []string{
 // without a user namespace (OpenSSH's sshd, the reference, needs real
 // root), otherwise in a user namespace, where the reference cannot run.
 func measureDeployment(ctx context.Context, log io.Writer, bin string) []benchtable.Row {
-	self, err := os.Executable()
-	if err != nil {
-		return failRows(deploymentRowNames, err)
-	}
 	if _, err := exec.LookPath("unshare"); err != nil {
 		return skipRows(deploymentRowNames, "needs unshare (util-linux) for a private network namespace")
 	}
@@ -71,21 +67,9 @@ func measureDeployment(ctx context.Context, log io.Writer, bin string) []benchta
 	}
 	ctx, cancel := context.WithTimeout(ctx, 4*time.Minute)
 	defer cancel()
-	var stdout, stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, "unshare", append(nsArgs, "--", self, deploymentChildArg, bin, strconv.Itoa(os.Geteuid()))...)
-	cmd.Stdout = &stdout
-	cmd.Stderr = io.MultiWriter(log, &stderr)
-	// unshare executes the child in its place: an interrupt lets the child
-	// stop what it started.
-	cmd.Cancel = func() error { return cmd.Process.Signal(os.Interrupt) }
-	cmd.WaitDelay = 15 * time.Second
-	fmt.Fprintf(log, "\n$ unshare %s -- benchrun %s %s\n", strings.Join(nsArgs, " "), deploymentChildArg, bin)
-	if err := cmd.Run(); err != nil {
-		return failRows(deploymentRowNames, fmt.Errorf("deployment measurements: %w: %s", err, lastLines(stderr.String(), 1)))
-	}
 	var res deploymentResult
-	if err := json.Unmarshal(stdout.Bytes(), &res); err != nil {
-		return failRows(deploymentRowNames, fmt.Errorf("deployment measurements printed %q: %w", stdout.String(), err))
+	if err := runNamespaceChild(ctx, log, nsArgs, nil, "deployment measurements", &res, deploymentChildArg, bin, strconv.Itoa(os.Geteuid())); err != nil {
+		return failRows(deploymentRowNames, err)
 	}
 	return res.rows()
 }
@@ -121,17 +105,14 @@ func median(v []float64) float64 {
 // deploymentResult as JSON. uid is the caller's real user ID (0: root, so
 // OpenSSH's sshd can serve as the reference).
 func deploymentChild(ctx context.Context, bin string, uid int) error {
-	d, stop, err := startBenchDeployment(ctx, bin)
+	// Its first connection also brings the agent's side up; it is timed
+	// like the others but kept out of the median's runs.
+	d, done, err := upDeployment(ctx, bin, "bench0", "bench1")
 	if err != nil {
 		return err
 	}
-	defer stop()
+	defer done()
 	var res deploymentResult
-	// The first connection also brings the agent's side up; it is timed
-	// like the others but kept out of the median's runs.
-	if _, err := d.sshTrue(ctx); err != nil {
-		return err
-	}
 	for range sshRuns {
 		ms, err := d.sshTrue(ctx)
 		if err != nil {
@@ -154,47 +135,6 @@ func deploymentChild(ctx context.Context, bin string, uid int) error {
 		res.OpenSSHTrueMS = ms
 	}
 	return json.NewEncoder(os.Stdout).Encode(res)
-}
-
-// startBenchDeployment sets up the bench namespace's links and starts a
-// deployment in a new temporary directory; stop ends its processes and
-// removes the directory.
-func startBenchDeployment(ctx context.Context, bin string) (d *deployment, stop func(), err error) {
-	if err := benchNamespaceLinks(ctx); err != nil {
-		return nil, nil, err
-	}
-	dir, err := os.MkdirTemp("", "agent-bench-")
-	if err != nil {
-		return nil, nil, err
-	}
-	d = &deployment{bin: bin, dir: dir}
-	stop = func() {
-		d.stop()
-		os.RemoveAll(dir)
-	}
-	if err := d.start(ctx); err != nil {
-		stop()
-		return nil, nil, err
-	}
-	return d, stop, nil
-}
-
-// benchNamespaceLinks sets up loopback, and a veth pair with a
-// documentation address: with no interface but loopback, Tailscale's
-// engine takes the network for down and never dials its relay.
-func benchNamespaceLinks(ctx context.Context) error {
-	for _, args := range [][]string{
-		{"link", "set", "lo", "up"},
-		{"link", "add", "bench0", "type", "veth", "peer", "name", "bench1"},
-		{"addr", "add", "198.51.100.1/24", "dev", "bench0"},
-		{"link", "set", "bench0", "up"},
-		{"link", "set", "bench1", "up"},
-	} {
-		if out, err := exec.CommandContext(ctx, "ip", args...).CombinedOutput(); err != nil {
-			return fmt.Errorf("ip %s in the bench namespace: %w: %s", strings.Join(args, " "), err, out)
-		}
-	}
-	return nil
 }
 
 type deployment struct {

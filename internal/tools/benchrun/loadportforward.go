@@ -203,14 +203,11 @@ func loadPortForwardChild(ctx context.Context, bin string, requests int) error {
 	defer srv.Close()
 	srvPort := srvLn.Addr().(*net.TCPAddr).Port
 
-	d, stop, err := startBenchDeployment(ctx, bin)
+	d, stop, err := upDeployment(ctx, bin, "bench0", "bench1") // returns once the agent has joined
 	if err != nil {
 		return err
 	}
 	defer stop()
-	if _, err := d.sshTrue(ctx); err != nil { // the agent has joined
-		return err
-	}
 	localPort, err := freePort()
 	if err != nil {
 		return err

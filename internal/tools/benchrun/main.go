@@ -27,6 +27,9 @@ import (
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if len(os.Args) > 1 && os.Args[1] == loadSSHChildArg {
+		os.Exit(loadSSHChildMain(ctx, os.Args))
+	}
 	if len(os.Args) == 4 && os.Args[1] == deploymentChildArg {
 		uid, _ := strconv.Atoi(os.Args[3])
 		if err := deploymentChild(ctx, os.Args[2], uid); err != nil {
@@ -72,7 +75,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	outDir := fs.String("out", "bench-results", "directory for the table (.md, .json) and the raw output (.log)")
-	only := fs.String("only", "", "comma-separated steps to run (binary, deployment, load-portforward, tailnet, derp1280, sshd, portforward, coordinator, netcheck, paths); default all")
+	only := fs.String("only", "", "comma-separated steps to run (binary, deployment, load-portforward, load-ssh, tailnet, derp1280, sshd, portforward, coordinator, netcheck, paths); default all")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -134,6 +137,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}})
 	}
 	steps = append(steps, pathsStep())
+	steps = append(steps, step{key: "load-ssh", run: func(ctx context.Context, log io.Writer) []benchtable.Row {
+		if buildErr != nil {
+			return failRows(loadRowNames, fmt.Errorf("the agent binary did not build: %w", buildErr))
+		}
+		return measureLoadSSH(ctx, log, bin)
+	}})
 	wanted := map[string]bool{}
 	if *only != "" {
 		for _, k := range strings.Split(*only, ",") {
@@ -142,8 +151,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			}
 			wanted[k] = true
 		}
-		if (wanted["deployment"] || wanted["load-portforward"]) && !wanted["binary"] {
-			wanted["binary"] = true // the deployment runs the binary it builds
+		if (wanted["deployment"] || wanted["load-portforward"] || wanted["load-ssh"]) && !wanted["binary"] {
+			wanted["binary"] = true // they run the binary it builds
 		}
 	}
 
