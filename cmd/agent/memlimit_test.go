@@ -1,11 +1,15 @@
 package main
 
 import (
+	"context"
 	"io"
 	"math"
+	"runtime"
 	"runtime/debug"
+	"runtime/metrics"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/spf13/cobra"
 )
@@ -75,5 +79,37 @@ func TestLongRunningModesHaveAMemoryLimit(t *testing.T) {
 		if got := tc.newCmd(env).Flags().Lookup("memory-limit").DefValue; got != "300MiB" {
 			t.Errorf("agent %s: with %s=300MiB the default is %q", tc.cmd, tc.envVar, got)
 		}
+	}
+}
+
+// After a busy period the heap it left behind goes back to the system
+// within two idle intervals, without waiting for Go's slow background
+// scavenger.
+func TestIdleMemoryIsReturned(t *testing.T) {
+	released := []metrics.Sample{{Name: "/memory/classes/heap/released:bytes"}}
+	read := func() uint64 { metrics.Read(released); return released[0].Value.Uint64() }
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	const every = 100 * time.Millisecond
+	go returnIdleMemory(ctx, every)
+
+	// Busy: 64 MiB of short-lived 64 KiB buffers, as a transfer leaves.
+	var keep [][]byte
+	for range 1024 {
+		keep = append(keep, make([]byte, 64<<10))
+		for i := range keep[len(keep)-1] {
+			keep[len(keep)-1][i] = 1 // touched, so the pages are really in use
+		}
+	}
+	before := read()
+	keep = nil
+	runtime.KeepAlive(keep)
+
+	deadline := time.Now().Add(20 * every)
+	for read() < before+32<<20 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d MiB returned to the system %v after the busy period, want at least 32 MiB", (read()-before)>>20, 20*every)
+		}
+		time.Sleep(every / 4)
 	}
 }
