@@ -14,10 +14,16 @@ import (
 // defaultMemoryLimit bounds the agent's heap under load. WireGuard-go takes
 // a 64 KiB buffer for every packet in flight and pools them; with Go's
 // default GC pacing a single large download lifted the agent from 34 MB to
-// about 290 MB RSS, while a 96 MiB soft limit held it near 90 MB at the same
-// throughput (docs/bench.md). A workspace pod's memory limit is shared with
-// the developer's own processes, so the agent should not take that much.
-const defaultMemoryLimit = "96MiB"
+// about 270 MB RSS. A workspace pod's memory limit is shared with the
+// developer's own processes, so the agent should not take that much. The
+// limit is what keeps RSS down (the runtime returns freed pages eagerly near
+// it; a lower GOGC alone did not): during a 1 GiB transfer 96 MiB held the
+// agent near 87 MB, 64 MiB near 60 MB, and 48 MiB near 52 MB, while 44, 40
+// and 36 MiB gained nothing more (49-53 MB) and only made the collector run
+// back to back over the ~33 MiB WireGuard keeps live. Throughput did not
+// drop measurably (docs/bench.md). Agents with a larger working set (many
+// forwarded connections) should raise --memory-limit.
+const defaultMemoryLimit = "48MiB"
 
 // defaultDevMemoryLimit is for "agent dev": a coordinator, its DERP relay and
 // an agent in one process. Without a limit 2,000 SSH runs took it from 33 to
@@ -33,7 +39,7 @@ const defaultCoordinatorMemoryLimit = "512MiB"
 // memoryLimitFlagUsage is the --memory-limit help text for every
 // long-running command; envVar names its environment variable.
 func memoryLimitFlagUsage(envVar string) string {
-	return "soft limit for the process's heap, e.g. 96MiB; the garbage collector works harder near it; 0 for none; GOMEMLIMIT, if set, wins (env " + envVar + ")"
+	return "soft limit for the process's heap, e.g. 48MiB; the garbage collector works harder near it; 0 for none; GOMEMLIMIT, if set, wins (env " + envVar + ")"
 }
 
 // parseSize reads a byte count such as 96MiB, 128MB, 1GiB or 100000000.

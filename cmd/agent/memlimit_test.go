@@ -38,7 +38,7 @@ func TestApplyMemoryLimit(t *testing.T) {
 		return &cliEnv{Stdin: strings.NewReader(""), Stdout: io.Discard, Stderr: io.Discard, Getenv: func(k string) string { return vars[k] }}
 	}
 
-	if got, err := applyMemoryLimit(env(nil), defaultMemoryLimit); err != nil || got != 96<<20 || debug.SetMemoryLimit(-1) != 96<<20 {
+	if got, err := applyMemoryLimit(env(nil), defaultMemoryLimit); err != nil || got != 48<<20 || debug.SetMemoryLimit(-1) != 48<<20 {
 		t.Errorf("default: limit %d, %v; runtime has %d", got, err, debug.SetMemoryLimit(-1))
 	}
 	if got, err := applyMemoryLimit(env(nil), "0"); err != nil || got != 0 || debug.SetMemoryLimit(-1) != math.MaxInt64 {
