@@ -18,20 +18,10 @@ import (
 // reference for `agent ssh WORKSPACE true`. It returns sshRuns timings
 // after one untimed connection.
 func openSSHTrue(ctx context.Context, dir string) ([]float64, error) {
-	for _, tool := range []string{sshtest.OpenSSHDPath, "ssh", "ssh-keygen"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			return nil, fmt.Errorf("%s not installed (openssh-server, openssh-client)", tool)
-		}
-	}
 	dir = filepath.Join(dir, "openssh")
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	hostKey, clientKey, err := openSSHKeys(ctx, dir, "ssh")
+	if err != nil {
 		return nil, err
-	}
-	hostKey, clientKey := filepath.Join(dir, "host_key"), filepath.Join(dir, "client_key")
-	for _, k := range []string{hostKey, clientKey} {
-		if out, err := exec.CommandContext(ctx, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", k).CombinedOutput(); err != nil {
-			return nil, fmt.Errorf("ssh-keygen: %w: %s", err, out)
-		}
 	}
 	addr, stop, err := sshtest.StartOpenSSHD(ctx, dir, hostKey, clientKey+".pub", nil)
 	if err != nil {
@@ -56,4 +46,24 @@ func openSSHTrue(ctx context.Context, dir string) ([]float64, error) {
 		}
 	}
 	return times, nil
+}
+
+// openSSHKeys checks that OpenSSH's sshd and the client tool are installed
+// and makes dir with a throwaway host key and client key in it.
+func openSSHKeys(ctx context.Context, dir, client string) (hostKey, clientKey string, err error) {
+	for _, tool := range []string{sshtest.OpenSSHDPath, client, "ssh-keygen"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			return "", "", fmt.Errorf("%s not installed (openssh-server, openssh-client)", tool)
+		}
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", "", err
+	}
+	hostKey, clientKey = filepath.Join(dir, "host_key"), filepath.Join(dir, "client_key")
+	for _, k := range []string{hostKey, clientKey} {
+		if out, err := exec.CommandContext(ctx, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", k).CombinedOutput(); err != nil {
+			return "", "", fmt.Errorf("ssh-keygen: %w: %s", err, out)
+		}
+	}
+	return hostKey, clientKey, nil
 }

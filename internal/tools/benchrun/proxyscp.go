@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -28,20 +29,10 @@ const proxySCPBytes = 512 << 20
 // run twice, alternating, and the best run of each counts (the machine is
 // shared). It returns MB/s for ours and the reference.
 func (d *deployment) proxySCP(ctx context.Context) (ours, ref float64, err error) {
-	for _, tool := range []string{sshtest.OpenSSHDPath, "scp", "ssh-keygen"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			return 0, 0, fmt.Errorf("%s not installed (openssh-server, openssh-client)", tool)
-		}
-	}
 	dir := filepath.Join(d.dir, "proxyscp")
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	hostKey, clientKey, err := openSSHKeys(ctx, dir, "scp")
+	if err != nil {
 		return 0, 0, err
-	}
-	hostKey, clientKey := filepath.Join(dir, "host_key"), filepath.Join(dir, "client_key")
-	for _, k := range []string{hostKey, clientKey} {
-		if out, err := exec.CommandContext(ctx, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", k).CombinedOutput(); err != nil {
-			return 0, 0, fmt.Errorf("ssh-keygen: %w: %s", err, out)
-		}
 	}
 	sshdAddr, stopSSHD, err := sshtest.StartOpenSSHD(ctx, dir, hostKey, clientKey+".pub", nil)
 	if err != nil {
@@ -78,8 +69,8 @@ func (d *deployment) proxySCP(ctx context.Context) (ours, ref float64, err error
 	common := []string{"-q", "-o", "Ciphers=aes128-gcm@openssh.com", "-o", "StrictHostKeyChecking=no",
 		"-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "-F", "/dev/null",
 		"-i", clientKey, "-o", "IdentitiesOnly=yes"}
-	viaStdio := append(append([]string{}, common...), "-o", "ProxyCommand="+d.bin+" ssh --stdio %n", src, "root@ws:"+dst)
-	viaForward := append(append([]string{}, common...), "-P", strconv.Itoa(localPort), src, "root@127.0.0.1:"+dst)
+	viaStdio := append(slices.Clone(common), "-o", "ProxyCommand="+d.bin+" ssh --stdio %n", src, "root@ws:"+dst)
+	viaForward := append(slices.Clone(common), "-P", strconv.Itoa(localPort), src, "root@127.0.0.1:"+dst)
 
 	// The forward's listener is up before its tunnel: the first copy (small)
 	// retries until the whole path answers.
@@ -88,7 +79,7 @@ func (d *deployment) proxySCP(ctx context.Context) (ours, ref float64, err error
 		return 0, 0, err
 	}
 	for _, args := range [][]string{viaStdio, viaForward} {
-		args = append(slices0(args[:len(args)-2]), warm, args[len(args)-1])
+		args = append(slices.Clone(args[:len(args)-2]), warm, args[len(args)-1])
 		deadline := time.Now().Add(30 * time.Second)
 		for {
 			if _, err := d.scp(ctx, args, dst, 1<<20); err == nil {
@@ -136,8 +127,6 @@ func (d *deployment) scp(ctx context.Context, args []string, dst string, size in
 	}
 	return secs, nil
 }
-
-func slices0(s []string) []string { return append([]string{}, s...) }
 
 func writeZeros(path string, size int64) error {
 	f, err := os.Create(path)
