@@ -4,7 +4,6 @@ import (
 	"context"
 	"io"
 	"math"
-	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
 	"strings"
@@ -93,17 +92,8 @@ func TestIdleMemoryIsReturned(t *testing.T) {
 	const every = 100 * time.Millisecond
 	go returnIdleMemory(ctx, every)
 
-	// Busy: 64 MiB of short-lived 64 KiB buffers, as a transfer leaves.
-	var keep [][]byte
-	for range 1024 {
-		keep = append(keep, make([]byte, 64<<10))
-		for i := range keep[len(keep)-1] {
-			keep[len(keep)-1][i] = 1 // touched, so the pages are really in use
-		}
-	}
+	busy() // 64 MiB of short-lived 64 KiB buffers, as a transfer leaves
 	before := read()
-	keep = nil
-	runtime.KeepAlive(keep)
 
 	deadline := time.Now().Add(20 * every)
 	for read() < before+32<<20 {
@@ -111,5 +101,19 @@ func TestIdleMemoryIsReturned(t *testing.T) {
 			t.Fatalf("%d MiB returned to the system %v after the busy period, want at least 32 MiB", (read()-before)>>20, 20*every)
 		}
 		time.Sleep(every / 4)
+	}
+}
+
+// busy allocates and touches 64 MiB that is garbage once it returns.
+//
+//go:noinline
+func busy() {
+	keep := make([][]byte, 0, 1024)
+	for range cap(keep) {
+		b := make([]byte, 64<<10)
+		for i := 0; i < len(b); i += 4096 {
+			b[i] = 1 // touched, so the pages are really in use
+		}
+		keep = append(keep, b)
 	}
 }
