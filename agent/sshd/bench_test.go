@@ -31,7 +31,10 @@ import (
 //
 // Each iteration runs every measurement once per server, alternating; the
 // best of the iterations is reported (the machine is shared, and the best run
-// is the one least disturbed). SSHD_BENCH_BYTES sets SIZE (default 1 GiB).
+// is the one least disturbed). SSHD_BENCH_BYTES sets SIZE (default 1 GiB);
+// stream-large and scp-large repeat stream and scp at SSHD_BENCH_LARGE_BYTES
+// (default 1 GiB), so a run can show a short and a long transfer side by
+// side.
 //
 //	go test -run '^$' -bench VsOpenSSH -benchtime 3x ./agent/sshd/
 //
@@ -42,14 +45,18 @@ func BenchmarkVsOpenSSH(b *testing.B) {
 		b.Skip("needs root to run OpenSSH's sshd as the reference")
 	}
 	sshtest.RequireTools(b, "ssh", "scp", "ssh-keygen", "/usr/sbin/sshd")
-	size := int64(1 << 30)
-	if v := os.Getenv("SSHD_BENCH_BYTES"); v != "" {
+	byteCount := func(name string) int64 {
+		v := os.Getenv(name)
+		if v == "" {
+			return 1 << 30
+		}
 		n, err := strconv.ParseInt(v, 10, 64)
 		if err != nil || n <= 0 {
-			b.Fatalf("SSHD_BENCH_BYTES=%q: want a positive byte count", v)
+			b.Fatalf("%s=%q: want a positive byte count", name, v)
 		}
-		size = n
+		return n
 	}
+	size, large := byteCount("SSHD_BENCH_BYTES"), byteCount("SSHD_BENCH_LARGE_BYTES")
 	dir := b.TempDir()
 	key := filepath.Join(dir, "id_ed25519")
 	sshtest.Run(b, nil, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key)
@@ -64,21 +71,39 @@ func BenchmarkVsOpenSSH(b *testing.B) {
 		{"agentd", withOptions(ours, client)},
 		{"openssh", withOptions(ref, client)},
 	}
-	src, _ := sshtest.MakeFile(b, dir, size)
+	srcDirs := map[int64]string{}
+	src := func(size int64) string {
+		if _, ok := srcDirs[size]; !ok {
+			srcDirs[size] = filepath.Join(dir, strconv.FormatInt(size, 10))
+			if err := os.Mkdir(srcDirs[size], 0o700); err != nil {
+				b.Fatal(err)
+			}
+			sshtest.MakeFile(b, srcDirs[size], size)
+		}
+		return filepath.Join(srcDirs[size], "big.bin")
+	}
 	dst := filepath.Join(dir, "dst.bin")
-
-	measure := map[string]func(tg sshtest.Target) time.Duration{
-		"stream": func(tg sshtest.Target) time.Duration {
+	stream := func(size int64) func(tg sshtest.Target) time.Duration {
+		return func(tg sshtest.Target) time.Duration {
 			return timed(b, "ssh", append(tg.SSHArgs(), tg.Host, fmt.Sprintf("head -c %d /dev/zero", size))...)
-		},
-		"scp": func(tg sshtest.Target) time.Duration {
-			d := timed(b, "scp", append(append(tg.SSHArgs(), "-q"), src, tg.Host+":"+dst)...)
+		}
+	}
+	scp := func(size int64) func(tg sshtest.Target) time.Duration {
+		return func(tg sshtest.Target) time.Duration {
+			d := timed(b, "scp", append(append(tg.SSHArgs(), "-q"), src(size), tg.Host+":"+dst)...)
 			if fi, err := os.Stat(dst); err != nil || fi.Size() != size {
 				b.Fatalf("scp left %v (%v), want %d bytes", fi, err, size)
 			}
 			os.Remove(dst)
 			return d
-		},
+		}
+	}
+	sizeOf := map[string]int64{"stream": size, "scp": size, "stream-large": large, "scp-large": large}
+	measure := map[string]func(tg sshtest.Target) time.Duration{
+		"stream":       stream(size),
+		"scp":          scp(size),
+		"stream-large": stream(large),
+		"scp-large":    scp(large),
 		"setup": func(tg sshtest.Target) time.Duration {
 			const n = 5
 			var total time.Duration
@@ -88,7 +113,7 @@ func BenchmarkVsOpenSSH(b *testing.B) {
 			return total / n
 		},
 	}
-	for _, name := range []string{"stream", "scp", "setup"} {
+	for _, name := range []string{"stream", "scp", "stream-large", "scp-large", "setup"} {
 		b.Run(name, func(b *testing.B) {
 			best := map[string]time.Duration{}
 			for i := 0; i < b.N; i++ {
@@ -108,6 +133,7 @@ func BenchmarkVsOpenSSH(b *testing.B) {
 					ms(ourD), ms(refD), float64(refD)/float64(ourD))
 				return
 			}
+			size := sizeOf[name]
 			ourMB, refMB := mbps(size, ourD), mbps(size, refD)
 			b.ReportMetric(ourMB, "agentd-MB/s")
 			b.ReportMetric(refMB, "openssh-MB/s")

@@ -87,7 +87,6 @@ type Server struct {
 	listeners map[net.Listener]struct{}
 	conns     map[*serverConn]struct{}
 	wg        sync.WaitGroup // one per connection, until all its work is done
-	release   idleRelease
 }
 
 // New loads (or creates) the host key and prepares a server.
@@ -263,7 +262,6 @@ func (s *Server) Close() error {
 	s.srv.Close()
 	s.wg.Wait()
 	s.sessions.close()
-	s.release.stop()
 	return nil
 }
 
@@ -300,7 +298,6 @@ func (s *Server) connOpened(ctx ssh.Context, nc net.Conn) net.Conn {
 	closed := s.opts.Metrics.ConnectionOpened(metrics.KindSSH)
 	c.nc = s.opts.Metrics.CountBytes(metrics.KindSSH, nc)
 	s.conns[c] = struct{}{}
-	s.release.busy()
 	s.wg.Add(1)
 	s.mu.Unlock()
 	ctx.SetValue(connKey, c)
@@ -322,9 +319,6 @@ func (s *Server) connOpened(ctx ssh.Context, nc net.Conn) net.Conn {
 		c.finish()
 		s.mu.Lock()
 		delete(s.conns, c)
-		if len(s.conns) == 0 && !s.closed {
-			s.release.idle()
-		}
 		s.mu.Unlock()
 		// Counted as open until its sessions and forwards are done.
 		closed()

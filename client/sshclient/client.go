@@ -339,6 +339,9 @@ func ProxyStdio(ctx context.Context, conn net.Conn, stdin io.Reader, stdout io.W
 	defer signal.Stop(hangup)
 
 	defer conn.Close()
+	if f, ok := stdout.(*os.File); ok {
+		GrowPipe(f)
+	}
 
 	var closeWriteOnce sync.Once
 	closeWrite := func() {
@@ -404,38 +407,68 @@ func ProxyStdio(ctx context.Context, conn net.Conn, stdin io.Reader, stdout io.W
 // server closes. Once a write to the client fails (outputFailed is closed
 // then) or the client is gone, the rest is read and dropped. The writes run
 // on a goroutine of their own, so a write blocked on a client that is gone
-// cannot keep us from reading on to the server's close.
+// cannot keep us from reading on to the server's close; up to two chunks
+// wait with that goroutine while the next is read, so reading from the
+// tailnet and writing to the client overlap.
 func copyToClient(conn net.Conn, stdout io.Writer, clientGone <-chan struct{}, outputFailed chan<- struct{}) error {
-	chunks := make(chan []byte)
+	var bufs [3][]byte // one being read into, up to two with the writer
+	for i := range bufs {
+		bufs[i] = make([]byte, StdioChunk)
+	}
+	chunks := make(chan []byte, len(bufs)-1)
 	defer close(chunks)
-	written := make(chan error, 1)
+	written := make(chan error, len(bufs)-1)
 	go func() {
 		for p := range chunks {
 			_, err := stdout.Write(p)
 			written <- err
 		}
 	}()
-	buf := make([]byte, 32<<10)
-	writing := true
-	for {
-		n, err := conn.Read(buf)
-		if n > 0 && writing {
-			chunks <- buf[:n]
+	var drop []byte // reads once nothing is written any more
+	writing, pending, next := true, 0, 0
+	done := func(err error) {
+		pending--
+		if err != nil && writing {
+			writing = false
+			close(outputFailed)
+		}
+	}
+	// wait takes finished writes; with all set it waits for every pending
+	// one, otherwise until a buffer is free.
+	wait := func(all bool) {
+		for writing && (pending == len(bufs)-1 || all && pending > 0) {
 			select {
-			case werr := <-written:
-				if werr != nil {
-					writing = false
-					close(outputFailed)
-				}
+			case err := <-written:
+				done(err)
 			case <-clientGone:
 				writing = false
-				buf = make([]byte, len(buf)) // the blocked write still holds the old one
 			}
 		}
-		if errors.Is(err, io.EOF) {
-			return nil
+	}
+	for {
+		wait(false)
+		buf := bufs[next]
+		if !writing {
+			if drop == nil {
+				drop = make([]byte, StdioChunk) // the writer may still hold the others
+			}
+			buf = drop
+		}
+		n, err := conn.Read(buf)
+		if n > 0 && writing {
+			select {
+			case chunks <- buf[:n]:
+				pending++
+				next = (next + 1) % len(bufs)
+			case <-clientGone:
+				writing = false
+			}
 		}
 		if err != nil {
+			wait(true) // what was read reaches the client before we return
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
 			return err
 		}
 	}

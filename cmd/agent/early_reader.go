@@ -2,7 +2,10 @@ package main
 
 import (
 	"io"
+	"os"
 	"sync"
+
+	"github.com/agentd/agent/client/sshclient"
 )
 
 // earlyReader reads its source from the start on a goroutine of its own,
@@ -19,10 +22,15 @@ type earlyReader struct {
 	pool    sync.Pool
 }
 
-const earlyChunk = 32 << 10
+// earlyChunk is the ProxyCommand bridge's chunk; four of them may wait
+// while the tunnel is slower than OpenSSH.
+const earlyChunk = sshclient.StdioChunk
 
 func newEarlyReader(src io.Reader) *earlyReader {
-	r := &earlyReader{chunks: make(chan []byte, 8), closed: make(chan struct{})}
+	if f, ok := src.(*os.File); ok {
+		sshclient.GrowPipe(f)
+	}
+	r := &earlyReader{chunks: make(chan []byte, 4), closed: make(chan struct{})}
 	r.pool.New = func() any { return make([]byte, earlyChunk) }
 	go r.fill(src)
 	return r

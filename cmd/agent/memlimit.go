@@ -1,20 +1,30 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"math"
+	"runtime"
 	"runtime/debug"
+	"runtime/metrics"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // defaultMemoryLimit bounds the agent's heap under load. WireGuard-go takes
 // a 64 KiB buffer for every packet in flight and pools them; with Go's
 // default GC pacing a single large download lifted the agent from 34 MB to
-// about 290 MB RSS, while a 96 MiB soft limit held it near 90 MB at the same
-// throughput (docs/bench.md). A workspace pod's memory limit is shared with
-// the developer's own processes, so the agent should not take that much.
-const defaultMemoryLimit = "96MiB"
+// about 270 MB RSS. A workspace pod's memory limit is shared with the
+// developer's own processes, so the agent should not take that much. The
+// limit is what keeps RSS down (the runtime returns freed pages eagerly near
+// it; a lower GOGC alone did not): during a 1 GiB transfer 96 MiB held the
+// agent near 87 MB, 64 MiB near 60 MB, and 48 MiB near 52 MB, while 44, 40
+// and 36 MiB gained nothing more (49-53 MB) and only made the collector run
+// back to back over the ~33 MiB WireGuard keeps live. Throughput did not
+// drop measurably (docs/bench.md). Agents with a larger working set (many
+// forwarded connections) should raise --memory-limit.
+const defaultMemoryLimit = "48MiB"
 
 // defaultDevMemoryLimit is for "agent dev": a coordinator, its DERP relay and
 // an agent in one process. Without a limit 2,000 SSH runs took it from 33 to
@@ -30,7 +40,7 @@ const defaultCoordinatorMemoryLimit = "512MiB"
 // memoryLimitFlagUsage is the --memory-limit help text for every
 // long-running command; envVar names its environment variable.
 func memoryLimitFlagUsage(envVar string) string {
-	return "soft limit for the process's heap, e.g. 96MiB; the garbage collector works harder near it; 0 for none; GOMEMLIMIT, if set, wins (env " + envVar + ")"
+	return "soft limit for the process's heap, e.g. 48MiB; the garbage collector works harder near it; 0 for none; GOMEMLIMIT, if set, wins (env " + envVar + ")"
 }
 
 // parseSize reads a byte count such as 96MiB, 128MB, 1GiB or 100000000.
@@ -75,4 +85,49 @@ func applyMemoryLimit(env *cliEnv, flag string) (int64, error) {
 	}
 	debug.SetMemoryLimit(n)
 	return n, nil
+}
+
+// A process counts as idle in an interval of returnIdleMemory (every
+// idleCheckInterval in the commands) in which it allocated
+// less than idleAllocBytes: an idle agent allocates a few hundred KiB per
+// second (keepalives, status), a transfer hundreds of MB.
+const (
+	idleCheckInterval = 2 * time.Second
+	idleAllocBytes    = 8 << 20
+)
+
+// returnIdleMemory hands the heap a busy period left behind back to the
+// system once the process goes idle, until ctx ends. Go returns free memory
+// only slowly on its own, and WireGuard keeps its 64 KiB packet buffers in
+// a sync.Pool that only a garbage collection empties, and an idle process
+// seldom collects: after a 1 GiB transfer the agent otherwise stayed near
+// 80 MB for minutes. At the first idle tick after a busy period two
+// collections are forced back to back, since a pool's buffers survive the
+// first one; the same covers a burst of short SSH sessions.
+func returnIdleMemory(ctx context.Context, every time.Duration) {
+	allocs := []metrics.Sample{{Name: "/gc/heap/allocs:bytes"}}
+	metrics.Read(allocs)
+	last := allocs[0].Value.Uint64()
+	t := time.NewTicker(every)
+	defer t.Stop()
+	pending := false // a busy period ended and its memory is not returned yet
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		metrics.Read(allocs)
+		now := allocs[0].Value.Uint64()
+		busy := now-last > idleAllocBytes
+		last = now
+		switch {
+		case busy:
+			pending = true
+		case pending:
+			pending = false
+			runtime.GC()
+			debug.FreeOSMemory()
+		}
+	}
 }

@@ -1,11 +1,14 @@
 package main
 
 import (
+	"context"
 	"io"
 	"math"
 	"runtime/debug"
+	"runtime/metrics"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/spf13/cobra"
 )
@@ -34,7 +37,7 @@ func TestApplyMemoryLimit(t *testing.T) {
 		return &cliEnv{Stdin: strings.NewReader(""), Stdout: io.Discard, Stderr: io.Discard, Getenv: func(k string) string { return vars[k] }}
 	}
 
-	if got, err := applyMemoryLimit(env(nil), defaultMemoryLimit); err != nil || got != 96<<20 || debug.SetMemoryLimit(-1) != 96<<20 {
+	if got, err := applyMemoryLimit(env(nil), defaultMemoryLimit); err != nil || got != 48<<20 || debug.SetMemoryLimit(-1) != 48<<20 {
 		t.Errorf("default: limit %d, %v; runtime has %d", got, err, debug.SetMemoryLimit(-1))
 	}
 	if got, err := applyMemoryLimit(env(nil), "0"); err != nil || got != 0 || debug.SetMemoryLimit(-1) != math.MaxInt64 {
@@ -75,5 +78,42 @@ func TestLongRunningModesHaveAMemoryLimit(t *testing.T) {
 		if got := tc.newCmd(env).Flags().Lookup("memory-limit").DefValue; got != "300MiB" {
 			t.Errorf("agent %s: with %s=300MiB the default is %q", tc.cmd, tc.envVar, got)
 		}
+	}
+}
+
+// After a busy period the heap it left behind goes back to the system
+// within two idle intervals, without waiting for Go's slow background
+// scavenger.
+func TestIdleMemoryIsReturned(t *testing.T) {
+	released := []metrics.Sample{{Name: "/memory/classes/heap/released:bytes"}}
+	read := func() uint64 { metrics.Read(released); return released[0].Value.Uint64() }
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	const every = 100 * time.Millisecond
+	go returnIdleMemory(ctx, every)
+
+	busy() // 64 MiB of short-lived 64 KiB buffers, as a transfer leaves
+	before := read()
+
+	deadline := time.Now().Add(20 * every)
+	for read() < before+32<<20 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d MiB returned to the system %v after the busy period, want at least 32 MiB", (read()-before)>>20, 20*every)
+		}
+		time.Sleep(every / 4)
+	}
+}
+
+// busy allocates and touches 64 MiB that is garbage once it returns.
+//
+//go:noinline
+func busy() {
+	keep := make([][]byte, 0, 1024)
+	for range cap(keep) {
+		b := make([]byte, 64<<10)
+		for i := 0; i < len(b); i += 4096 {
+			b[i] = 1 // touched, so the pages are really in use
+		}
+		keep = append(keep, b)
 	}
 }

@@ -139,6 +139,7 @@ func runAgent(ctx context.Context, env *cliEnv, o *runOptions) error {
 	if limit > 0 {
 		log.Debug("soft memory limit", "bytes", limit)
 	}
+	go returnIdleMemory(ctx, idleCheckInterval)
 	a, err := agent.New(agent.Options{
 		Logger:      log,
 		Coordinator: coordclient.Config{URL: o.url, Token: tok, Fingerprint: o.fingerprint, InsecureHTTP: o.insecureHTTP},

@@ -28,8 +28,10 @@ import (
 const (
 	deploymentChildArg = "deployment-child"
 	sshRuns            = 7
-	loadBytes          = 512 << 20
+	loadBytes          = 1 << 30
 	rssTargetMB        = 40
+	loadRSSTargetMB    = 48               // issue 13: during a 1 GiB transfer
+	afterLoad          = 10 * time.Second // when the memory should be back near idle
 )
 
 // deploymentResult is what the child measured; the parent turns it into rows.
@@ -42,12 +44,20 @@ type deploymentResult struct {
 	LoadRSSKiB    int64     `json:"load_rss_kib"` // highest VmRSS sampled during the transfer
 	LoadHWMKiB    int64     `json:"load_hwm_kib"`
 	LoadMBps      float64   `json:"load_mb_s"`
+	AfterRSSKiB   int64     `json:"after_rss_kib"` // afterLoad after the transfer ended
+	// scp uploads through `agent ssh --stdio` and, the reference, to
+	// OpenSSH's sshd through `agent port-forward` (MB/s).
+	ProxySCPMBps   float64 `json:"proxy_scp_mb_s,omitempty"`
+	ForwardSCPMBps float64 `json:"forward_scp_mb_s,omitempty"`
+	ProxySCPNote   string  `json:"proxy_scp_note,omitempty"`
 }
 
 var deploymentRowNames = []string{
 	"agent ssh WORKSPACE true (end to end)",
 	"agent run RSS, idle after a client connected",
 	"agent run RSS, during an SSH transfer",
+	"agent run RSS, 10 s after the transfer",
+	"scp upload through agent ssh --stdio (ProxyCommand)",
 }
 
 // measureDeployment runs the child in a new network namespace: as root
@@ -65,7 +75,7 @@ func measureDeployment(ctx context.Context, log io.Writer, bin string) []benchta
 		return skipRows(deploymentRowNames, fmt.Sprintf("no private network namespace here (unshare %s: %s)",
 			strings.Join(nsArgs, " "), strings.TrimSpace(string(out))))
 	}
-	ctx, cancel := context.WithTimeout(ctx, 4*time.Minute)
+	ctx, cancel := context.WithTimeout(ctx, 8*time.Minute)
 	defer cancel()
 	var res deploymentResult
 	if err := runNamespaceChild(ctx, log, nsArgs, nil, "deployment measurements", &res, deploymentChildArg, bin, strconv.Itoa(os.Geteuid())); err != nil {
@@ -80,6 +90,7 @@ func (r deploymentResult) rows() []benchtable.Row {
 		ssh.Value = &benchtable.Value{Value: median(r.OpenSSHTrueMS), Unit: "ms"}
 	}
 	target := benchtable.Reference{Name: "target", Value: &benchtable.Value{Value: rssTargetMB, Unit: "MB"}}
+	loadTarget := benchtable.Reference{Name: "target", Value: &benchtable.Value{Value: loadRSSTargetMB, Unit: "MB"}}
 	mb := func(kib int64) benchtable.Value {
 		return benchtable.Value{Value: float64(kib) * 1024 / 1e6, Unit: "MB"}
 	}
@@ -87,10 +98,26 @@ func (r deploymentResult) rows() []benchtable.Row {
 		benchtable.Measured(deploymentRowNames[0], benchtable.Value{Value: median(r.SSHTrueMS), Unit: "ms"}, ssh,
 			fmt.Sprintf("median of %d (min %.0f, max %.0f): new tailnet node, coordinator, DERP, SSH", len(r.SSHTrueMS), slices.Min(r.SSHTrueMS), slices.Max(r.SSHTrueMS))),
 		benchtable.Measured(deploymentRowNames[1], mb(r.IdleRSSKiB), target, fmt.Sprintf("VmHWM %s", mb(r.IdleHWMKiB))),
-		benchtable.Measured(deploymentRowNames[2], mb(r.LoadRSSKiB), target,
+		benchtable.Measured(deploymentRowNames[2], mb(r.LoadRSSKiB), loadTarget,
 			fmt.Sprintf("highest VmRSS sampled; VmHWM %s; %d MiB at %.0f MB/s", mb(r.LoadHWMKiB), loadBytes>>20, r.LoadMBps)),
+		benchtable.Measured(deploymentRowNames[3], mb(r.AfterRSSKiB), benchtable.Reference{Name: "idle", Value: ptr(mb(r.IdleRSSKiB))},
+			"VmRSS with no session open"),
+		r.proxySCPRow(),
 	}
 }
+
+func (r deploymentResult) proxySCPRow() benchtable.Row {
+	name := deploymentRowNames[4]
+	if r.ProxySCPNote != "" {
+		return benchtable.Skipped(name, r.ProxySCPNote)
+	}
+	ref := benchtable.Value{Value: r.ForwardSCPMBps, Unit: "MB/s"}
+	return benchtable.Measured(name, benchtable.Value{Value: r.ProxySCPMBps, Unit: "MB/s"},
+		benchtable.Reference{Name: "scp to OpenSSH sshd in the workspace through agent port-forward", Value: &ref},
+		fmt.Sprintf("%d MiB, aes128-gcm, best of 2, alternating", proxySCPBytes>>20))
+}
+
+func ptr[T any](v T) *T { return &v }
 
 func median(v []float64) float64 {
 	if len(v) == 0 {
@@ -125,6 +152,11 @@ func deploymentChild(ctx context.Context, bin string, uid int) error {
 		return err
 	}
 	if err := d.loaded(ctx, &res); err != nil {
+		return err
+	}
+	if uid != 0 {
+		res.ProxySCPNote = "needs root to run sshd"
+	} else if res.ProxySCPMBps, res.ForwardSCPMBps, err = d.proxySCP(ctx); err != nil {
 		return err
 	}
 	if uid != 0 {
@@ -310,7 +342,12 @@ func (d *deployment) loaded(ctx context.Context, res *deploymentResult) error {
 			}
 			res.LoadMBps = float64(loadBytes) / 1e6 / time.Since(start).Seconds()
 			_, hwm, err := procMemory(d.agent.Process.Pid)
+			if err != nil {
+				return err
+			}
 			res.LoadHWMKiB = hwm
+			time.Sleep(afterLoad)
+			res.AfterRSSKiB, _, err = procMemory(d.agent.Process.Pid)
 			return err
 		case <-tick.C:
 			rss, _, err := procMemory(d.agent.Process.Pid)

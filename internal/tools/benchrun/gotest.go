@@ -34,21 +34,23 @@ type goBench struct {
 // sizes are the knobs of the benchmarks, with defaults that keep the whole
 // run within about ten minutes on a two-core machine.
 type sizes struct {
-	tailnetMiB  int
-	sshdBytes   int64
-	iperfSecs   int
-	forwardMiB  int
-	coordAgents int
+	tailnetMiB     int
+	sshdBytes      int64
+	sshdLargeBytes int64
+	iperfSecs      int
+	forwardMiB     int
+	coordAgents    int
 }
 
 func sizesFromEnv(getenv func(string) string) (sizes, error) {
-	s := sizes{tailnetMiB: 256, sshdBytes: 256 << 20, iperfSecs: 3, forwardMiB: 256, coordAgents: 10000}
+	s := sizes{tailnetMiB: 256, sshdBytes: 256 << 20, sshdLargeBytes: 1 << 30, iperfSecs: 3, forwardMiB: 256, coordAgents: 10000}
 	for _, knob := range []struct {
 		name string
 		dst  any
 	}{
 		{"TAILNET_BENCH_MIB", &s.tailnetMiB},
 		{"SSHD_BENCH_BYTES", &s.sshdBytes},
+		{"SSHD_BENCH_LARGE_BYTES", &s.sshdLargeBytes},
 		{"AGENT_BENCH_SECONDS", &s.iperfSecs},
 		{"AGENT_BENCH_MB", &s.forwardMiB},
 		{"COORD_BENCH_AGENTS", &s.coordAgents},
@@ -71,6 +73,7 @@ func (s sizes) env() []string {
 	return []string{
 		fmt.Sprintf("TAILNET_BENCH_MIB=%d", s.tailnetMiB),
 		fmt.Sprintf("SSHD_BENCH_BYTES=%d", s.sshdBytes),
+		fmt.Sprintf("SSHD_BENCH_LARGE_BYTES=%d", s.sshdLargeBytes),
 		fmt.Sprintf("AGENT_BENCH_SECONDS=%d", s.iperfSecs),
 		fmt.Sprintf("AGENT_BENCH_MB=%d", s.forwardMiB),
 		fmt.Sprintf("COORD_BENCH_AGENTS=%d", s.coordAgents),
@@ -109,19 +112,25 @@ func goBenches(s sizes) []goBench {
 			rowNames: []string{"tailnet TCP, via DERP at MTU 1280 (production)"},
 		},
 		{
-			name: "SSH server", pkg: "./agent/sshd/", bench: "^BenchmarkVsOpenSSH$", benchtime: "2x", timeout: 5 * time.Minute,
+			name: "SSH server", pkg: "./agent/sshd/", bench: "^BenchmarkVsOpenSSH$", benchtime: "2x", timeout: 10 * time.Minute,
 			rows: func(o benchtable.Output) []benchtable.Row {
 				size := fmt.Sprintf("%d MiB, best of 2", s.sshdBytes>>20)
+				large := fmt.Sprintf("%d MiB, best of 2", s.sshdLargeBytes>>20)
 				return []benchtable.Row{
 					o.Compare("SSH stream (ssh host 'head -c N /dev/zero')", pick("BenchmarkVsOpenSSH/stream", "agentd-MB/s", "MB/s"),
 						"OpenSSH sshd", pick("BenchmarkVsOpenSSH/stream", "openssh-MB/s", "MB/s"), size),
 					o.Compare("scp upload (SFTP mode)", pick("BenchmarkVsOpenSSH/scp", "agentd-MB/s", "MB/s"),
 						"OpenSSH sshd", pick("BenchmarkVsOpenSSH/scp", "openssh-MB/s", "MB/s"), size),
+					o.Compare("SSH stream, large (ssh host 'head -c N /dev/zero')", pick("BenchmarkVsOpenSSH/stream-large", "agentd-MB/s", "MB/s"),
+						"OpenSSH sshd", pick("BenchmarkVsOpenSSH/stream-large", "openssh-MB/s", "MB/s"), large),
+					o.Compare("scp upload, large (SFTP mode)", pick("BenchmarkVsOpenSSH/scp-large", "agentd-MB/s", "MB/s"),
+						"OpenSSH sshd", pick("BenchmarkVsOpenSSH/scp-large", "openssh-MB/s", "MB/s"), large),
 					o.Compare("ssh host true (connection setup)", pick("BenchmarkVsOpenSSH/setup", "agentd-ms", "ms"),
 						"OpenSSH sshd", pick("BenchmarkVsOpenSSH/setup", "openssh-ms", "ms"), "loopback TCP, no tailnet; mean of 5, best of 2"),
 				}
 			},
-			rowNames: []string{"SSH stream (ssh host 'head -c N /dev/zero')", "scp upload (SFTP mode)", "ssh host true (connection setup)"},
+			rowNames: []string{"SSH stream (ssh host 'head -c N /dev/zero')", "scp upload (SFTP mode)",
+				"SSH stream, large (ssh host 'head -c N /dev/zero')", "scp upload, large (SFTP mode)", "ssh host true (connection setup)"},
 		},
 		{
 			name: "port forwarding", pkg: "./agent/portforward/", bench: "^(BenchmarkIperf3|BenchmarkTailnetForward)$", benchtime: "1x", timeout: 5 * time.Minute,

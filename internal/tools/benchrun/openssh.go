@@ -42,19 +42,9 @@ func openSSHTrue(ctx context.Context, dir string) ([]float64, error) {
 // returns the ssh arguments that log in to it as root, to which the caller
 // appends the command.
 func referenceSSHD(ctx context.Context, dir string, extra ...string) (sshArgs []string, stop func(), err error) {
-	for _, tool := range []string{sshtest.OpenSSHDPath, "ssh", "ssh-keygen"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			return nil, nil, fmt.Errorf("%s not installed (openssh-server, openssh-client)", tool)
-		}
-	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	hostKey, clientKey, err := openSSHKeys(ctx, dir, "ssh")
+	if err != nil {
 		return nil, nil, err
-	}
-	hostKey, clientKey := filepath.Join(dir, "host_key"), filepath.Join(dir, "client_key")
-	for _, k := range []string{hostKey, clientKey} {
-		if out, err := exec.CommandContext(ctx, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", k).CombinedOutput(); err != nil {
-			return nil, nil, fmt.Errorf("ssh-keygen: %w: %s", err, out)
-		}
 	}
 	addr, stop, err := sshtest.StartOpenSSHD(ctx, dir, hostKey, clientKey+".pub", nil, extra...)
 	if err != nil {
@@ -68,4 +58,24 @@ func referenceSSHD(ctx context.Context, dir string, extra ...string) (sshArgs []
 	return []string{"-p", port, "-i", clientKey, "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
 		"-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
 		"-F", "/dev/null", "root@127.0.0.1"}, stop, nil
+}
+
+// openSSHKeys checks that OpenSSH's sshd and the client tool are installed
+// and makes dir with a throwaway host key and client key in it.
+func openSSHKeys(ctx context.Context, dir, client string) (hostKey, clientKey string, err error) {
+	for _, tool := range []string{sshtest.OpenSSHDPath, client, "ssh-keygen"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			return "", "", fmt.Errorf("%s not installed (openssh-server, openssh-client)", tool)
+		}
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", "", err
+	}
+	hostKey, clientKey = filepath.Join(dir, "host_key"), filepath.Join(dir, "client_key")
+	for _, k := range []string{hostKey, clientKey} {
+		if out, err := exec.CommandContext(ctx, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", k).CombinedOutput(); err != nil {
+			return "", "", fmt.Errorf("ssh-keygen: %w: %s", err, out)
+		}
+	}
+	return hostKey, clientKey, nil
 }
