@@ -315,13 +315,16 @@ func checkProxyClientGone(t *testing.T, interrupted bool, gone func(t *testing.T
 	result := make(chan serverResult, 1)
 	go func() {
 		var res serverResult
-		defer func() { result <- res }()
 		c, err := ln.Accept()
 		if err != nil {
 			res.err = err
+			result <- res
 			return
 		}
+		// The result is in before the close: the proxy may exit as soon as
+		// it reads the server's EOF, and the test then looks for it.
 		defer c.Close()
+		defer func() { result <- res }()
 		_ = c.(*net.TCPConn).SetWriteBuffer(64 << 10)
 		// The upload arrives, then a greeting tells the test the proxy
 		// is copying (and has its signal handling in place).
