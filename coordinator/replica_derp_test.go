@@ -184,7 +184,10 @@ func TestReplicasShareCertificate(t *testing.T) {
 
 // TestDERPMapListsLiveReplicas: with a mesh, the DERP map a peer gets
 // lists every live replica's relay in the one region, the replica it
-// dialled first, and drops a replica that stopped.
+// dialled first, and drops a replica that stopped. The other relays come
+// in the same order and under the same names whichever replica answers,
+// so a peer that reconnects elsewhere keeps an equal map (a changed region
+// would make magicsock drop a working relay connection).
 func TestDERPMapListsLiveReplicas(t *testing.T) {
 	url := pgtest.Start(t).NewDatabase()
 	var reps []*testCoordinator
@@ -195,14 +198,13 @@ func TestDERPMapListsLiveReplicas(t *testing.T) {
 		}}))
 	}
 	f := replicaFixtureOn(t, reps, url)
-	a := reps[0]
 	relayOf := func(tc *testCoordinator) string {
 		return strings.TrimPrefix(tc.URL(), "https://")
 	}
-	// nodes returns the host:port of each node of the map a new client
-	// of replica A gets.
-	nodes := func() []string {
-		pc := startClient(t, a, f.alice)
+	// nodes returns "name host:port" for each node of the map a new
+	// client of replica tc gets.
+	nodes := func(tc *testCoordinator) []string {
+		pc := startClient(t, tc, f.alice)
 		defer pc.stop()
 		h := recv(t, pc.rec.hellos, "hello")
 		if n := len(h.DERPMap.Regions); n != 1 {
@@ -214,19 +216,35 @@ func TestDERPMapListsLiveReplicas(t *testing.T) {
 			if i > 0 && n.STUNPort != -1 {
 				t.Errorf("node %s: STUN port %d, want none", n.Name, n.STUNPort)
 			}
-			out = append(out, net.JoinHostPort(n.HostName, strconv.Itoa(n.DERPPort)))
+			out = append(out, n.Name+" "+net.JoinHostPort(n.HostName, strconv.Itoa(n.DERPPort)))
 		}
 		return out
 	}
-	waitNodes := func(want []string) {
+	addrs := func(got []string) []string {
+		var out []string
+		for _, n := range got {
+			_, a, _ := strings.Cut(n, " ")
+			out = append(out, a)
+		}
+		return out
+	}
+	// want: the dialled relay, then the others by URL.
+	waitNodes := func(tc *testCoordinator, live ...*testCoordinator) []string {
 		t.Helper()
+		want := []string{relayOf(tc)}
+		var others []string
+		for _, o := range live {
+			if o != tc {
+				others = append(others, relayOf(o))
+			}
+		}
+		slices.Sort(others)
+		want = append(want, others...)
 		deadline := time.Now().Add(waitFor)
 		for {
-			// The dialled replica comes first; the others in any order.
-			got := nodes()
-			if len(got) > 0 && got[0] == want[0] && len(got) == len(want) &&
-				slices.Equal(slices.Sorted(slices.Values(got[1:])), slices.Sorted(slices.Values(want[1:]))) {
-				return
+			got := nodes(tc)
+			if slices.Equal(addrs(got), want) {
+				return got
 			}
 			if time.Now().After(deadline) {
 				t.Fatalf("DERP map nodes %v, want %v", got, want)
@@ -234,10 +252,18 @@ func TestDERPMapListsLiveReplicas(t *testing.T) {
 			time.Sleep(100 * time.Millisecond)
 		}
 	}
-	waitNodes([]string{relayOf(a), relayOf(reps[1]), relayOf(reps[2])})
+	fromA := waitNodes(reps[0], reps...)
+	fromB := waitNodes(reps[1], reps...)
+	// Replica C's relay is listed by A and B alike, under one name.
+	c := relayOf(reps[2])
+	inA := fromA[slices.Index(addrs(fromA), c)]
+	inB := fromB[slices.Index(addrs(fromB), c)]
+	if inA != inB {
+		t.Errorf("replica C's relay is %q in A's map but %q in B's", inA, inB)
+	}
 
 	reps[2].stop()
-	waitNodes([]string{relayOf(a), relayOf(reps[1])})
+	waitNodes(reps[0], reps[0], reps[1])
 }
 
 // readyzOf returns the status and body of tc's /readyz.

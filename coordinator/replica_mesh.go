@@ -2,7 +2,11 @@ package coordinator
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -92,8 +96,11 @@ func (r *replicator) listRelays(ctx context.Context) ([]replicaRelay, error) {
 	})
 }
 
-// liveRelays returns the relays of the replicas that heartbeat, ours
-// first, as of the last heartbeat.
+// liveRelays returns the relays of the replicas that heartbeat, ordered
+// by URL: every replica then hands out the same DERP map for the same set
+// of live replicas, so a peer that reconnects to another replica gets a map
+// equal to the one it holds, and its relay connection is left alone
+// (magicsock drops the connection to any region whose definition changes).
 func (r *replicator) liveRelays() []replicaRelay {
 	p := r.relays.Load()
 	if p == nil {
@@ -101,12 +108,11 @@ func (r *replicator) liveRelays() []replicaRelay {
 	}
 	var out []replicaRelay
 	for _, x := range *p {
-		if x.live && x.id == r.id {
-			out = append([]replicaRelay{x}, out...)
-		} else if x.live {
+		if x.live {
 			out = append(out, x)
 		}
 	}
+	slices.SortFunc(out, func(a, b replicaRelay) int { return strings.Compare(a.url, b.url) })
 	return out
 }
 
@@ -176,15 +182,24 @@ func (m *mesh) sync(ctx context.Context, reps []replicaRelay) {
 // region of m after the node the peer dialled, so a peer whose relay's
 // replica stops moves to another one. Only meshed relays are listed:
 // without the mesh, peers on different relays cannot reach each other.
+// A node is named after its URL, not the replica's ID, which is new at
+// every restart: a restarted replica at the same URL is the same node.
 func (s *Server) addReplicaRelays(m *tailnet.DERPMap) {
 	if s.repl == nil || s.repl.mesh == nil {
 		return
 	}
 	for _, x := range s.repl.liveRelays() {
-		if err := m.AddRelay(fmt.Sprintf("%d-%s", tailnet.DefaultRegionID, x.id), x.url, x.fingerprint); err != nil {
+		if err := m.AddRelay(relayNodeName(x.url), x.url, x.fingerprint); err != nil {
 			s.logger.Debug("replica relay left out of the DERP map", "replica", x.id, "err", err)
 		}
 	}
+}
+
+// relayNodeName names a replica's relay node in the DERP map after its
+// URL, so the name stays the same across that replica's restarts.
+func relayNodeName(url string) string {
+	sum := sha256.Sum256([]byte(url))
+	return fmt.Sprintf("%d-%s", tailnet.DefaultRegionID, hex.EncodeToString(sum[:4]))
 }
 
 // stop ends every mesh connection.

@@ -95,6 +95,9 @@ type Conn struct {
 	// us; those callbacks take only mu.
 	configMu sync.Mutex
 	filt     *filter.Filter
+	// relayMap is the map magicsock holds: derpMap, except for regions
+	// kept as they were (see keepWorkingRegions).
+	relayMap *DERPMap
 
 	mu          sync.RWMutex
 	peers       map[NodeID]*peer
@@ -280,8 +283,9 @@ func (c *Conn) start() error {
 	eng.SetSelfNode(c.self.View())
 	c.configMu.Lock()
 	c.updateFilterLocked()
+	c.relayMap = c.derpMap.Clone()
+	c.mc.SetDERPMap(c.relayMap.toTailcfg())
 	c.configMu.Unlock()
-	c.mc.SetDERPMap(c.derpMap.toTailcfg())
 	if err := eng.Reconfig(
 		&wgcfg.Config{PrivateKey: c.priv, Addresses: slices.Clone(c.opts.Addresses)},
 		&router.Config{LocalAddrs: slices.Clone(c.opts.Addresses)},

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -148,6 +149,30 @@ func (m *DERPMap) AddRelay(name, baseURL, certFingerprint string) error {
 	}
 	region.Nodes = append(region.Nodes, relayNode(name, host, port, -1, certFingerprint))
 	return nil
+}
+
+// keepWorkingRegions returns m, except that a region whose first node is
+// unchanged since old keeps old's definition. Magicsock closes the
+// connection to any region whose definition changes at all, and replica
+// churn changes only the fallback nodes listed after the first: taking
+// them would drop a working relay connection (seconds without relayed
+// traffic) for nodes used only once the first one fails. The fallbacks
+// of old then stay in use until the first node changes.
+func (m *DERPMap) keepWorkingRegions(old *DERPMap) *DERPMap {
+	out := m.Clone()
+	if old == nil {
+		return out
+	}
+	for i, r := range out.Regions {
+		for _, o := range old.Regions {
+			if o.ID == r.ID && o.Code == r.Code && o.Name == r.Name &&
+				len(o.Nodes) > 0 && len(r.Nodes) > 0 && o.Nodes[0] == r.Nodes[0] {
+				o.Nodes = slices.Clone(o.Nodes)
+				out.Regions[i] = o
+			}
+		}
+	}
+	return out
 }
 
 // Validate reports the first problem that would make the map unusable.

@@ -188,3 +188,41 @@ func TestSecondSTUNPort(t *testing.T) {
 		t.Error("the map magicsock gets must not carry the second port")
 	}
 }
+
+// TestFallbackChangeKeepsRelayConnection: a new map that lists other
+// fallback relays after the same first node (a coordinator replica
+// started or stopped) leaves the working relay connection alone, and
+// peers still reach each other over it; a changed first node is applied.
+func TestFallbackChangeKeepsRelayConnection(t *testing.T) {
+	r := newTestRelay(t)
+	a, b := newTestConn(t, r, 1, true), newTestConn(t, r, 2, true)
+	link(t, a, b)
+	pingUntil(t, a, addrOf(b), func(PingResult) bool { return true })
+	before := r.dials.Load()
+
+	m := r.dm.Clone()
+	if err := m.AddRelay("900-other", "https://192.0.2.1:8443", ""); err != nil {
+		t.Fatal(err)
+	}
+	a.SetDERPMap(m)
+	m2 := r.dm.Clone()
+	if err := m2.AddRelay("900-else", "https://192.0.2.2:8443", ""); err != nil {
+		t.Fatal(err)
+	}
+	a.SetDERPMap(m2)
+	time.Sleep(500 * time.Millisecond)
+	pingUntil(t, a, addrOf(b), func(PingResult) bool { return true })
+	if n := r.dials.Load() - before; n != 0 {
+		t.Errorf("the relay saw %d new connections after a fallback-only map change, want none", n)
+	}
+
+	kept := m2.keepWorkingRegions(r.dm)
+	if len(kept.Regions[0].Nodes) != 1 {
+		t.Errorf("fallback-only change applied: %+v", kept.Regions[0].Nodes)
+	}
+	m3 := r.dm.Clone()
+	m3.Regions[0].Nodes[0].DERPPort++
+	if got := m3.keepWorkingRegions(r.dm); got.Regions[0].Nodes[0] != m3.Regions[0].Nodes[0] {
+		t.Errorf("a changed first node was not applied: %+v", got.Regions[0].Nodes[0])
+	}
+}

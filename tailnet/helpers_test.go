@@ -16,6 +16,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -29,6 +30,8 @@ type testRelay struct {
 	stun *STUNServer
 	srv  *httptest.Server
 	dm   *DERPMap
+	// dials counts the TCP connections the relay accepted.
+	dials atomic.Int64
 
 	mu      sync.Mutex
 	allowed map[string]bool
@@ -59,6 +62,11 @@ func newTestRelay(t testing.TB) *testRelay {
 	mux.Handle("/derp/", d.Handler())
 	r.srv = httptest.NewUnstartedServer(mux)
 	r.srv.Config.ErrorLog = nil
+	r.srv.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			r.dials.Add(1)
+		}
+	}
 	r.srv.StartTLS()
 	t.Cleanup(r.srv.Close)
 

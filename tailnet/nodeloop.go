@@ -217,9 +217,14 @@ func (c *Conn) SetDERPMap(m *DERPMap) {
 	if closed {
 		return
 	}
-	c.mc.SetDERPMap(m.toTailcfg())
+	c.relayMap = m.keepWorkingRegions(c.relayMap)
+	c.mc.SetDERPMap(c.relayMap.toTailcfg())
+	// A changed definition of our home region (another relay listed, say)
+	// makes magicsock close that connection and forget its home until its
+	// next network check, seconds without relayed traffic. With one region
+	// there is no choice to measure: go home again at once.
+	c.homeOnlyRegion()
 	if homeGone {
-		c.homeOnlyRegion()
 		go c.recheckHome()
 	}
 }
