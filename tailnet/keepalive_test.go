@@ -38,20 +38,7 @@ func TestDeadPeerFlowsEnd(t *testing.T) {
 			}
 		}
 	}
-	ln, err := agent.Listen(22)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go serve(c)
-		}
-	}()
+	serveTCP(t, agent, 22, serve)
 	agent.SetTCPFallback(func(src, dst netip.AddrPort) (func(net.Conn), bool) { return serve, true })
 
 	var conns []net.Conn
