@@ -69,7 +69,16 @@ type Options struct {
 	// SessionIdleTimeout is how long a reconnecting terminal session keeps
 	// running with no client attached; zero is sshd's default.
 	SessionIdleTimeout time.Duration
+	// DeadPeerTimeout bounds how long a peer's forwarded and SSH
+	// connections outlive the peer once it stops answering without
+	// closing them (killed, or its network gone); zero is
+	// DefaultDeadPeerTimeout.
+	DeadPeerTimeout time.Duration
 }
+
+// DefaultDeadPeerTimeout is Options.DeadPeerTimeout's default: TCP
+// keepalive after 30 s of silence, 3 probes 10 s apart.
+const DefaultDeadPeerTimeout = tailnet.DefaultDeadPeerTimeout
 
 // Agent is a running workspace agent.
 type Agent struct {
@@ -121,7 +130,7 @@ func New(opts Options) (*Agent, error) {
 	a.join = tailjoin.New(tailjoin.Options{
 		Logger:      opts.Logger,
 		Coordinator: cfg,
-		Tailnet:     tailnet.Options{ListenPort: opts.ListenPort, AcceptInbound: true},
+		Tailnet:     tailnet.Options{ListenPort: opts.ListenPort, AcceptInbound: true, DeadPeerTimeout: opts.DeadPeerTimeout},
 		LostGrace:   lostPeerGrace,
 		CloseWait:   shutdownGrace,
 		Hooks: tailjoin.Hooks{

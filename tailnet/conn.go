@@ -65,6 +65,11 @@ type Options struct {
 	// PrivateKey ("privkey:<hex>") keeps a node key across restarts; empty
 	// means a fresh key.
 	PrivateKey string
+	// DeadPeerTimeout bounds how long an inbound TCP connection (Listen,
+	// SetTCPFallback) stays open after its peer stopped answering without
+	// closing it, e.g. a client killed with SIGKILL. Zero means
+	// DefaultDeadPeerTimeout; negative leaves netstack's two hours.
+	DeadPeerTimeout time.Duration
 }
 
 // derpOnlyMTU is the tailnet MTU when no direct UDP path can exist. It is

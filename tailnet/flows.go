@@ -44,7 +44,17 @@ func (c *Conn) tcpFlow(src, dst netip.AddrPort) (func(net.Conn), bool) {
 	if !ok || h == nil {
 		return nil, true
 	}
-	return h, true
+	return func(nc net.Conn) {
+		c.limitDeadPeer(nc)
+		h(nc)
+	}, true
+}
+
+// limitDeadPeer applies DeadPeerTimeout to an accepted connection.
+func (c *Conn) limitDeadPeer(nc net.Conn) {
+	if !limitDeadPeer(nc, c.opts.deadPeerTimeout()) {
+		c.logger.Warn("cannot bound how long this connection outlives its peer; it ends only on netstack's 2 h keepalive", "remote", nc.RemoteAddr())
+	}
 }
 
 func (c *Conn) udpFlow(src, dst netip.AddrPort) (func(nettype.ConnPacketConn), bool) {
@@ -84,7 +94,7 @@ func (c *Conn) Listen(port uint16) (net.Listener, error) {
 		}
 		lns = append(lns, ln)
 	}
-	return newMultiListener(lns, netip.AddrPortFrom(c.opts.Addresses[0].Addr(), port)), nil
+	return newMultiListener(lns, netip.AddrPortFrom(c.opts.Addresses[0].Addr(), port), c.limitDeadPeer), nil
 }
 
 func (c *Conn) isClosed() bool {

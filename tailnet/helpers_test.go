@@ -234,3 +234,23 @@ func clientMetric(name string) int64 {
 	}
 	return 0
 }
+
+// serveTCP listens on c's port and hands each connection to handle on its
+// own goroutine until the test ends.
+func serveTCP(t testing.TB, c *Conn, port uint16, handle func(net.Conn)) {
+	t.Helper()
+	ln, err := c.Listen(port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			nc, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go handle(nc)
+		}
+	}()
+}

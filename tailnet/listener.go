@@ -17,15 +17,18 @@ type multiListener struct {
 	dead  chan struct{} // closed when every underlying listener has failed
 	once  sync.Once
 	wg    sync.WaitGroup
+	// accepted prepares each connection before a caller sees it.
+	accepted func(net.Conn)
 }
 
-func newMultiListener(lns []net.Listener, addr netip.AddrPort) *multiListener {
+func newMultiListener(lns []net.Listener, addr netip.AddrPort, accepted func(net.Conn)) *multiListener {
 	m := &multiListener{
-		lns:   lns,
-		addr:  net.TCPAddrFromAddrPort(addr),
-		conns: make(chan net.Conn),
-		done:  make(chan struct{}),
-		dead:  make(chan struct{}),
+		accepted: accepted,
+		lns:      lns,
+		addr:     net.TCPAddrFromAddrPort(addr),
+		conns:    make(chan net.Conn),
+		done:     make(chan struct{}),
+		dead:     make(chan struct{}),
 	}
 	for _, ln := range lns {
 		m.wg.Add(1)
@@ -46,6 +49,9 @@ func (m *multiListener) acceptLoop(ln net.Listener) {
 			// netstack listeners fail only when closed or when the stack
 			// shuts down; either way this address is done.
 			return
+		}
+		if m.accepted != nil {
+			m.accepted(c)
 		}
 		select {
 		case m.conns <- c:

@@ -24,7 +24,7 @@ type runOptions struct {
 	dataDir, healthAddr, memoryLimit   string
 	listenPort                         uint16
 	shell                              string
-	sessionIdle                        time.Duration
+	sessionIdle, deadPeer              time.Duration
 	insecureHTTP, allowInsecurePerms   bool
 }
 
@@ -71,6 +71,7 @@ whose group has other members is warned about. See docs/security.md.`,
 	f.StringVar(&memoryLimit, "memory-limit", envOr(env, "AGENT_MEMORY_LIMIT", defaultMemoryLimit), memoryLimitFlagUsage("AGENT_MEMORY_LIMIT"))
 	f.StringVar(&o.shell, "shell", env.Getenv("AGENT_SHELL"), "shell for SSH sessions instead of the account's login shell from /etc/passwd, e.g. /bin/sh in an image whose passwd entry names a shell it lacks (env AGENT_SHELL)")
 	f.DurationVar(&o.sessionIdle, "session-idle-timeout", sshd.DefaultSessionIdleTimeout, "end a reconnecting terminal session (agent ssh) after it had no client attached for this long")
+	f.DurationVar(&o.deadPeer, "dead-peer-timeout", agent.DefaultDeadPeerTimeout, "close a forwarded connection or SSH connection whose client stopped answering (killed, or its network gone) within this long; at least 1s")
 	f.Uint16Var(&o.listenPort, "listen-port", 0, "UDP port for WireGuard (0 picks one; set it when the host publishes a fixed UDP port)")
 	return cmd
 }
@@ -85,6 +86,9 @@ func runAgent(ctx context.Context, env *cliEnv, o *runOptions) error {
 	// same. Children are dumpable again after exec.
 	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
 		log.Warn("could not protect the agent's memory from processes of the same user", "err", err)
+	}
+	if o.deadPeer < time.Second {
+		return fmt.Errorf("--dead-peer-timeout %v is too short: give at least 1s (default %v)", o.deadPeer, agent.DefaultDeadPeerTimeout)
 	}
 	tok, src, err := loadToken(env, o.token, o.tokenFile)
 	if err != nil {
@@ -149,6 +153,7 @@ func runAgent(ctx context.Context, env *cliEnv, o *runOptions) error {
 		Shell:       o.shell,
 
 		SessionIdleTimeout: o.sessionIdle,
+		DeadPeerTimeout:    o.deadPeer,
 	})
 	if err != nil {
 		return err

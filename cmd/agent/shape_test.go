@@ -15,6 +15,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/agentd/agent/agent"
 	"github.com/agentd/agent/agent/sshd"
 	"github.com/agentd/agent/coordinator"
 	"github.com/agentd/agent/coordinator/coordclient"
@@ -185,7 +186,7 @@ func TestRunOptions(t *testing.T) {
 	}
 	want := runOptions{url: "https://coord.example:8443", tokenFile: "/run/secrets/token", fingerprint: "ab", insecureHTTP: true,
 		dataDir: "/state", healthAddr: ":2", shell: "/bin/sh", memoryLimit: "64MiB", allowInsecurePerms: true,
-		sessionIdle: sshd.DefaultSessionIdleTimeout}
+		sessionIdle: sshd.DefaultSessionIdleTimeout, deadPeer: agent.DefaultDeadPeerTimeout}
 	if *got != want {
 		t.Errorf("from the environment: %+v, want %+v", *got, want)
 	}

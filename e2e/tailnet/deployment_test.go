@@ -122,16 +122,22 @@ func (d *deployment) stopCoordinator() {
 
 func (d *deployment) startAgent() {
 	d.t.Helper()
+	d.startAgentWith()
+}
+
+// startAgentWith starts the agent with extra `agent run` flags.
+func (d *deployment) startAgentWith(extra ...string) {
+	d.t.Helper()
 	tokenFile := filepath.Join(d.t.TempDir(), "token")
 	if err := os.WriteFile(tokenFile, []byte(d.agentToken+"\n"), 0o600); err != nil {
 		d.t.Fatal(err)
 	}
-	d.agent = d.sites.Host1.Start(d.bin, "run",
+	d.agent = d.sites.Host1.Start(d.bin, append([]string{"run",
 		"--coordinator-url", d.url,
 		"--token-file", tokenFile,
 		"--fingerprint", d.fp,
 		"--data-dir", filepath.Join(d.dataDir, "agent-state"),
-		"--health-addr", "")
+		"--health-addr", ""}, extra...)...)
 	d.waitAgent("ws1")
 }
 
