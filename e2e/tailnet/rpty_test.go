@@ -1,7 +1,6 @@
 package tailnet_test
 
 import (
-	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -64,13 +63,7 @@ func newLaptopTerminals(t *testing.T, d *deployment) *laptopTerminals {
 
 func (m *laptopTerminals) tmux(args ...string) string {
 	m.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, "tmux", append([]string{"-S", m.sock}, args...)...).CombinedOutput()
-	if err != nil {
-		m.t.Fatalf("tmux %v: %v\n%s", args, err, out)
-	}
-	return string(out)
+	return sshtest.Tmux(m.t, m.sock, args...)
 }
 
 // open starts shellLine in a new window, recording its output.

@@ -21,11 +21,18 @@ type tmux struct {
 
 func (m tmux) run(args ...string) string {
 	m.t.Helper()
+	return Tmux(m.t, m.sock, args...)
+}
+
+// Tmux runs one tmux command against the tmux server at socket sock and
+// returns its output; a failure (or 30 s without an answer) ends the test.
+func Tmux(t testing.TB, sock string, args ...string) string {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, "tmux", append([]string{"-S", m.sock}, args...)...).CombinedOutput()
+	out, err := exec.CommandContext(ctx, "tmux", append([]string{"-S", sock}, args...)...).CombinedOutput()
 	if err != nil {
-		m.t.Fatalf("tmux %v: %v\n%s", args, err, out)
+		t.Fatalf("tmux %v: %v\n%s", args, err, out)
 	}
 	return string(out)
 }

@@ -98,10 +98,6 @@ func measureLoadPortForward(ctx context.Context, log io.Writer, bin string) []be
 		return failRows(loadPFRowNames(1000), err)
 	}
 	names := loadPFRowNames(requests)
-	self, err := os.Executable()
-	if err != nil {
-		return failRows(names, err)
-	}
 	if os.Geteuid() != 0 {
 		return skipRows(names, "needs root for a private network namespace with a veth pair")
 	}
@@ -110,19 +106,9 @@ func measureLoadPortForward(ctx context.Context, log io.Writer, bin string) []be
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
-	var stdout, stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, "unshare", "--net", "--", self, loadPFChildArg, bin, strconv.Itoa(requests))
-	cmd.Stdout = &stdout
-	cmd.Stderr = io.MultiWriter(log, &stderr)
-	cmd.Cancel = func() error { return cmd.Process.Signal(os.Interrupt) }
-	cmd.WaitDelay = 15 * time.Second
-	fmt.Fprintf(log, "\n$ unshare --net -- benchrun %s %s %d\n", loadPFChildArg, bin, requests)
-	if err := cmd.Run(); err != nil {
-		return failRows(names, fmt.Errorf("port-forward load: %w: %s", err, lastLines(stderr.String(), 1)))
-	}
 	var res loadPFResult
-	if err := json.Unmarshal(stdout.Bytes(), &res); err != nil {
-		return failRows(names, fmt.Errorf("port-forward load printed %q: %w", stdout.String(), err))
+	if err := runNamespaceChild(ctx, log, []string{"--net"}, nil, "port-forward load", &res, loadPFChildArg, bin, strconv.Itoa(requests)); err != nil {
+		return failRows(names, err)
 	}
 	return loadPFRows(res)
 }
