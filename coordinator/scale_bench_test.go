@@ -22,11 +22,13 @@ import (
 	"os/exec"
 	"runtime"
 	"runtime/debug"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -306,6 +308,18 @@ func serveScaleChild(b *testing.B) {
 		})
 		if err != nil {
 			b.Fatal(err)
+		}
+		// COORD_SCALE_CPUPROFILE=prefix writes each coordinator child's CPU
+		// profile to prefix.PID: -cpuprofile sees only the agents' process.
+		if prefix := os.Getenv("COORD_SCALE_CPUPROFILE"); prefix != "" {
+			f, err := os.Create(fmt.Sprintf("%s.%d", prefix, os.Getpid()))
+			if err != nil {
+				b.Fatal(err)
+			}
+			if err := pprof.StartCPUProfile(f); err != nil {
+				b.Fatal(err)
+			}
+			defer func() { pprof.StopCPUProfile(); f.Close() }()
 		}
 		serveErr = make(chan error, 1)
 		go func() { serveErr <- srv.Serve(ctx) }()
@@ -809,10 +823,11 @@ func runCoordinatorRestart(b *testing.B, n int) {
 	first.stop()
 	gone := time.Now().UnixNano()
 	time.Sleep(scaleOutage - time.Since(down))
-	startScaleChild(b, "coordinator", dir, scaleListenEnv+"="+addr)
+	second := startScaleChild(b, "coordinator", dir, scaleListenEnv+"="+addr)
 	// The listener is bound a moment before the ready line: an agent
 	// back by then counts as back at once.
 	back := time.Now()
+	agentsCPU := processCPU(b)
 	var delays, tries []time.Duration
 	for len(delays) < n {
 		if time.Since(back) > scaleWait {
@@ -828,6 +843,10 @@ func runCoordinatorRestart(b *testing.B, n int) {
 			}
 		}
 	}
+	// CPU time is the figure a loaded machine does not blur: what the
+	// coordinator (startup included) and the agents spent on the return.
+	agentsCPU = processCPU(b) - agentsCPU
+	coordCPU := childCPU(b, second.cmd.Process.Pid)
 	slices.Sort(delays)
 	slices.Sort(tries)
 	const bucket = 100 * time.Millisecond
@@ -845,7 +864,40 @@ func runCoordinatorRestart(b *testing.B, n int) {
 	b.ReportMetric(percentileMS(delays, 0.99), "return-p99-ms")
 	b.ReportMetric(float64(delays[len(delays)-1].Microseconds())/1000, "return-max-ms")
 	b.ReportMetric(float64(slices.Max(hist))*100/float64(n), "busiest-100ms-pct")
+	b.ReportMetric(float64(coordCPU.Milliseconds()), "coord-cpu-ms")
+	b.ReportMetric(float64(agentsCPU.Milliseconds()), "agents-cpu-ms")
 	b.ReportMetric(percentileMS(tries, 0.50), "try-p50-ms")
 	b.ReportMetric(percentileMS(tries, 0.99), "try-p99-ms")
 	b.ReportMetric(float64(tries[len(tries)-1].Microseconds())/1000, "try-max-ms")
+}
+
+// processCPU is this process's user+system CPU time so far.
+func processCPU(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// childCPU is a running child's user+system CPU time, from /proc.
+func childCPU(b *testing.B, pid int) time.Duration {
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	// The fields after the command name (which may hold spaces):
+	// utime and stime are the 14th and 15th of the line.
+	_, rest, _ := strings.Cut(string(raw), ") ")
+	f := strings.Fields(rest)
+	if len(f) < 13 {
+		b.Fatalf("/proc/%d/stat: too few fields", pid)
+	}
+	utime, err1 := strconv.ParseInt(f[11], 10, 64)
+	stime, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		b.Fatalf("/proc/%d/stat: utime %q stime %q", pid, f[11], f[12])
+	}
+	const clockTick = 10 * time.Millisecond // USER_HZ is 100 on Linux
+	return time.Duration(utime+stime) * clockTick
 }

@@ -139,8 +139,12 @@ type Server struct {
 	metrics     *metrics.Coordinator
 	edge        *edge
 	fingerprint string
-	firstStart  bool
-	resume      resumeSigner
+	// tlsCfg and ticketSecret rotate the session ticket keys (tlstickets.go);
+	// nil with --insecure-http.
+	tlsCfg       *tls.Config
+	ticketSecret []byte
+	firstStart   bool
+	resume       resumeSigner
 
 	baseCtx        context.Context
 	cancelSessions context.CancelCauseFunc
@@ -208,6 +212,15 @@ func New(cfg Config) (s *Server, err error) {
 		// HTTP/1.1 only: the DERP relay upgrades the connection, which
 		// HTTP/2 cannot do.
 		tlsCfg = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12, NextProtos: []string{"http/1.1"}}
+		if s.ticketSecret, err = ticketSecret(cert); err != nil {
+			return nil, err
+		}
+		keys, err := ticketKeys(s.ticketSecret, time.Now())
+		if err != nil {
+			return nil, err
+		}
+		tlsCfg.SetSessionTicketKeys(keys)
+		s.tlsCfg = tlsCfg
 	}
 
 	s.derp, err = tailnet.NewDERPServer(cfg.Logger.With("component", "derp"))
@@ -337,6 +350,11 @@ func (s *Server) Serve(ctx context.Context) error {
 		defer close(reauthDone)
 		s.reauthLoop()
 	}()
+	if s.tlsCfg != nil {
+		rotateCtx, stopRotate := context.WithCancel(ctx)
+		defer stopRotate()
+		go rotateTicketKeys(rotateCtx, s.tlsCfg, s.ticketSecret)
+	}
 	s.ready.Store(true)
 	s.logger.Info("coordinator serving", "url", s.URL(), "fingerprint", s.fingerprint, "stun", s.STUNAddr(), "data_dir", s.cfg.DataDir, "store", s.StoreDescription())
 

@@ -50,7 +50,10 @@ func (e *MismatchError) Error() string {
 // is accepted (no CA, no host name check: the pin is stronger); without
 // one, the system roots verify the chain as usual.
 func TLSConfig(fingerprint string) (*tls.Config, error) {
-	cfg := &tls.Config{MinVersion: tls.VersionTLS12, NextProtos: []string{"http/1.1"}}
+	// The session cache lets a reconnect resume instead of repeating the
+	// full handshake: the coordinator's ticket keys survive its restarts,
+	// which matters when all its agents come back at once.
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12, NextProtos: []string{"http/1.1"}, ClientSessionCache: tls.NewLRUClientSessionCache(4)}
 	if fingerprint == "" {
 		return cfg, nil
 	}
