@@ -4,7 +4,6 @@ import (
 	"reflect"
 	"unsafe"
 
-	"github.com/tailscale/wireguard-go/device"
 	"tailscale.com/types/key"
 )
 
@@ -35,40 +34,4 @@ func (c *Conn) forgetDirectPath(k key.NodePublic) bool {
 	}
 	magicsockForgetPath(v.UnsafePointer())
 	return true
-}
-
-// restartSession makes WireGuard start a fresh handshake with the peer on
-// its next packet, in place: the current keys stop being used for sending
-// and the handshake backoff is cleared, as ResetDevicePeer achieves by
-// removing the peer, but without RemovePeer's wait under the peer lock
-// (see forgetDirectPath). Tailscale's engine keeps the device unexported.
-// It reports false when the engine no longer has the field it reaches.
-func (c *Conn) restartSession(k key.NodePublic) bool {
-	v := reflect.ValueOf(c.eng)
-	if v.Kind() != reflect.Pointer || v.IsNil() || v.Elem().Kind() != reflect.Struct {
-		return false
-	}
-	f := v.Elem().FieldByName("wgdev")
-	if !f.IsValid() || f.Type() != reflect.TypeFor[*device.Device]() {
-		return false
-	}
-	dev := *(**device.Device)(unsafe.Pointer(f.UnsafeAddr()))
-	if dev == nil {
-		return false
-	}
-	if p, ok := dev.LookupActivePeer(device.NoisePublicKey(k.Raw32())); ok {
-		p.ExpireCurrentKeypairs()
-	}
-	// A peer the device does not hold has no session: its next packet
-	// creates it afresh.
-	return true
-}
-
-// resetSession restarts the peer's WireGuard handshake in place, or, if
-// that is impossible, by rebuilding the peer.
-func (c *Conn) resetSession(k key.NodePublic) {
-	if !c.restartSession(k) {
-		c.logger.Warn("cannot restart a WireGuard session in place; rebuilding the peer, which can stall under load")
-		c.eng.ResetDevicePeer(k)
-	}
 }

@@ -246,7 +246,7 @@ func (c *Conn) UpsertPeer(n *Node) error {
 	}
 	if resetSession {
 		c.logger.Info("peer restarted (new disco key); resetting WireGuard session", "peer", n.ID)
-		c.resetSession(nk)
+		c.eng.ResetDevicePeer(nk)
 	}
 	c.eng.SyncDevicePeer(nk)
 	if filterChanged {

@@ -65,7 +65,7 @@ func (c *Conn) AwaitReachable(ctx context.Context, ip netip.Addr) error {
 			// alive and its pong merely slow: leave it alone.
 			if hs := c.lastHandshake(p.key); hs.IsZero() || now.Sub(hs) > 3*time.Minute {
 				c.logger.Debug("no WireGuard handshake yet; restarting it", "peer", p.node.ID, "waited", now.Sub(start).Round(time.Millisecond))
-				c.resetSession(p.key)
+				c.eng.ResetDevicePeer(p.key)
 			}
 			resetAfter = min(resetAfter*2, 4*time.Second)
 			nextReset = now.Add(resetAfter)
