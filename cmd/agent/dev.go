@@ -79,6 +79,9 @@ func runDev(ctx context.Context, env *cliEnv, o *devOptions) error {
 		if limit > 0 {
 			log.Debug("soft memory limit", "bytes", limit)
 		}
+		// A burst of sessions grows both the agent's and the
+		// coordinator's heap; hand it back once quiet, as `agent run` does.
+		go returnIdleMemory(ctx, idleCheckInterval)
 	}
 	abs, err := filepath.Abs(o.dataDir)
 	if err != nil {
