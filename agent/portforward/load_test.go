@@ -117,7 +117,11 @@ func TestForwardBurstsServerClosesFirst(t *testing.T) {
 	closed := time.Now()
 	fwd.Close()
 	p.laptop.Close()
-	waitFlows(t, p, 0, time.Second)
+	// The bench step load-portforward holds the 1 s (129 ms
+	// measured); here the bound leaves room for the suite's other
+	// packages running beside this one under -race on 2 cores, where a
+	// full run saw 4-26 of the 50 flows still closing after 1 s.
+	waitFlows(t, p, 0, 5*time.Second)
 	t.Logf("the agent freed %d forwarded flows %v after the laptop side closed", open, time.Since(closed).Round(time.Millisecond))
 	if err := <-served; err != nil {
 		t.Errorf("Serve: %v", err)
