@@ -129,15 +129,7 @@ func TestOneShotCommandsGiveUpOnAClosedPort(t *testing.T) {
 		cmd.Env = env
 		return cmd
 	}
-	var wg sync.WaitGroup
-	for _, args := range oneShot {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			wantOneLineGiveUp(t, run, url, "last error: dial tcp 127.0.0.1:", args...)
-		}()
-	}
-	wg.Wait()
+	everyOneShotGivesUp(t, run, url, "last error: dial tcp 127.0.0.1:")
 }
 
 func TestOneShotCommandsGiveUpOnABlackholedAddress(t *testing.T) {
@@ -160,12 +152,18 @@ func TestOneShotCommandsGiveUpOnABlackholedAddress(t *testing.T) {
 		cmd.Env = env
 		return cmd
 	}
+	everyOneShotGivesUp(t, run, url, "no answer yet")
+}
+
+// everyOneShotGivesUp runs each one-shot command at once and checks that
+// each gives up with one line naming url and cause.
+func everyOneShotGivesUp(t *testing.T, run func(args ...string) *exec.Cmd, url, cause string) {
 	var wg sync.WaitGroup
 	for _, args := range oneShot {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			wantOneLineGiveUp(t, run, url, "no answer yet", args...)
+			wantOneLineGiveUp(t, run, url, cause, args...)
 		}()
 	}
 	wg.Wait()
