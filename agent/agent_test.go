@@ -368,7 +368,7 @@ func TestRevocationHangsUpWithinBound(t *testing.T) {
 	go io.Copy(io.Discard, pr)
 
 	start := time.Now()
-	if _, err := s.adm.RevokeToken(s.userTokenID); err != nil {
+	if _, err := s.adm.RevokeToken(t.Context(), s.userTokenID); err != nil {
 		t.Fatal(err)
 	}
 	select {

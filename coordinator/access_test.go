@@ -33,31 +33,31 @@ func TestAccessEndsWithinBound(t *testing.T) {
 	}{
 		{name: "token revoked", userErr: protocol.CodeTokenRevoked, reason: "carol's token was revoked",
 			act: func(t *testing.T, a admin.Ops, id string) {
-				must[store.Token](t)(a.RevokeToken(id))
+				must[store.Token](t)(a.RevokeToken(t.Context(), id))
 			}},
 		{name: "user deleted", userErr: protocol.CodeTokenRevoked, reason: "user carol was deleted",
 			act: func(t *testing.T, a admin.Ops, _ string) {
-				if err := a.DeleteUser("carol"); err != nil {
+				if err := a.DeleteUser(t.Context(), "carol"); err != nil {
 					t.Fatal(err)
 				}
 			}},
 		{name: "ungranted", reason: "carol's grant for agent ws1 was withdrawn",
 			act: func(t *testing.T, a admin.Ops, _ string) {
-				if err := a.RemoveGrant("carol", "ws1"); err != nil {
+				if err := a.RemoveGrant(t.Context(), "carol", "ws1"); err != nil {
 					t.Fatal(err)
 				}
 			}},
 		{name: "agent deleted", agentCut: true, reason: "agent ws1 was deleted",
 			act: func(t *testing.T, a admin.Ops, _ string) {
-				if err := a.DeleteAgent("ws1"); err != nil {
+				if err := a.DeleteAgent(t.Context(), "ws1"); err != nil {
 					t.Fatal(err)
 				}
 			}},
 		{name: "agent token revoked", agentCut: true, reason: "agent ws1's token was revoked",
 			act: func(t *testing.T, a admin.Ops, _ string) {
-				for _, tok := range must[store.Snapshot](t)(a.List()).Tokens {
+				for _, tok := range must[store.Snapshot](t)(a.List(t.Context())).Tokens {
 					if tok.Kind == store.KindAgent && tok.Subject == "ws1" {
-						must[store.Token](t)(a.RevokeToken(tok.ID))
+						must[store.Token](t)(a.RevokeToken(t.Context(), tok.ID))
 					}
 				}
 			}},
@@ -66,8 +66,8 @@ func TestAccessEndsWithinBound(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			f := newFixture(t, coordOpts{})
 			a := f.tc.admin(t)
-			must[store.Grant](t)(a.AddGrant("carol", "ws1"))
-			carolTok := must[admin.TokenCreated](t)(a.CreateToken(store.KindUser, "carol", time.Time{}))
+			must[store.Grant](t)(a.AddGrant(t.Context(), "carol", "ws1"))
+			carolTok := must[admin.TokenCreated](t)(a.CreateToken(t.Context(), store.KindUser, "carol", time.Time{}))
 			ws1, carol := connectPair(t, f, carolTok.Secret)
 
 			// From before the admin call: it returns only after the
@@ -124,9 +124,9 @@ func TestAccessEndsWithinBound(t *testing.T) {
 func TestExpiryEndsOpenSession(t *testing.T) {
 	f := newFixture(t, coordOpts{})
 	a := f.tc.admin(t)
-	must[store.Grant](t)(a.AddGrant("carol", "ws1"))
+	must[store.Grant](t)(a.AddGrant(t.Context(), "carol", "ws1"))
 	expires := time.Now().Add(1500 * time.Millisecond)
-	carolTok := must[admin.TokenCreated](t)(a.CreateToken(store.KindUser, "carol", expires))
+	carolTok := must[admin.TokenCreated](t)(a.CreateToken(t.Context(), store.KindUser, "carol", expires))
 	ws1, carol := connectPair(t, f, carolTok.Secret)
 	g := recv(t, ws1.rec.gone, "carol gone at ws1")
 	t.Logf("the agent heard %v after the expiry", time.Since(expires))
@@ -198,9 +198,9 @@ func TestDecisionDuringBlipReachesAgent(t *testing.T) {
 		name string
 		act  func(t *testing.T, a admin.Ops, tokenID string)
 	}{
-		{"token revoked", func(t *testing.T, a admin.Ops, id string) { must[store.Token](t)(a.RevokeToken(id)) }},
+		{"token revoked", func(t *testing.T, a admin.Ops, id string) { must[store.Token](t)(a.RevokeToken(t.Context(), id)) }},
 		{"ungranted", func(t *testing.T, a admin.Ops, _ string) {
-			if err := a.RemoveGrant("carol", "ws1"); err != nil {
+			if err := a.RemoveGrant(t.Context(), "carol", "ws1"); err != nil {
 				t.Fatal(err)
 			}
 		}},
@@ -208,8 +208,8 @@ func TestDecisionDuringBlipReachesAgent(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			f := newFixture(t, coordOpts{})
 			a := f.tc.admin(t)
-			must[store.Grant](t)(a.AddGrant("carol", "ws1"))
-			carolTok := must[admin.TokenCreated](t)(a.CreateToken(store.KindUser, "carol", time.Time{}))
+			must[store.Grant](t)(a.AddGrant(t.Context(), "carol", "ws1"))
+			carolTok := must[admin.TokenCreated](t)(a.CreateToken(t.Context(), store.KindUser, "carol", time.Time{}))
 			ws1 := startClient(t, f.tc, f.ws1Token)
 			ws1.UpdateNode(fakeNode(t, recv(t, ws1.rec.hellos, "ws1 hello")))
 

@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/http"
@@ -50,7 +51,7 @@ func (s *Server) adminPrincipal(r *http.Request) (store.Principal, int, string) 
 		return store.Principal{}, http.StatusUnauthorized,
 			"no admin token: pass --token-file (or AGENT_ADMIN_TOKEN) with a token from 'agent admin token create --admin USER', run on the coordinator's machine"
 	}
-	p, err := s.store.Authenticate(tok)
+	p, err := s.store.Authenticate(r.Context(), tok)
 	if err != nil {
 		if errors.Is(err, store.ErrUnavailable) {
 			return p, http.StatusServiceUnavailable, "the coordinator's database is unavailable; try again shortly"
@@ -69,11 +70,11 @@ func (s *Server) adminPrincipal(r *http.Request) (store.Principal, int, string) 
 // against the database.
 type remoteAdminOps struct{ admin.Ops }
 
-func (o remoteAdminOps) CreateToken(kind store.TokenKind, subject string, expires time.Time) (admin.TokenCreated, error) {
+func (o remoteAdminOps) CreateToken(ctx context.Context, kind store.TokenKind, subject string, expires time.Time) (admin.TokenCreated, error) {
 	if kind == store.KindAdmin {
 		return admin.TokenCreated{}, errors.New("admin tokens are created only on the coordinator's machine (admin socket) or with --postgres-url, not with an admin token")
 	}
-	return o.Ops.CreateToken(kind, subject, expires)
+	return o.Ops.CreateToken(ctx, kind, subject, expires)
 }
 
 // statusRecorder remembers the status a handler wrote, for the audit log.

@@ -35,17 +35,17 @@ func httpsAdmin(t *testing.T, tc *testCoordinator, token string) *admin.Client {
 func TestAdminOverHTTPSOnAnyReplica(t *testing.T) {
 	f := newReplicaFixture(t, 2)
 	a, b := f.reps[0], f.reps[1]
-	must[store.User](t)(f.adm.CreateUser("ops"))
-	admTok := must[admin.TokenCreated](t)(f.adm.CreateToken(store.KindAdmin, "ops", time.Time{}))
+	must[store.User](t)(f.adm.CreateUser(t.Context(), "ops"))
+	admTok := must[admin.TokenCreated](t)(f.adm.CreateToken(t.Context(), store.KindAdmin, "ops", time.Time{}))
 	if !strings.HasPrefix(admTok.Secret, store.AdminTokenPrefix) {
 		t.Fatalf("admin token %q...: want the %s prefix", admTok.Secret[:4], store.AdminTokenPrefix)
 	}
 	viaB := httpsAdmin(t, b, admTok.Secret)
 
 	// Provision through B: bob gets a grant for ws1.
-	must[store.User](t)(viaB.CreateUser("carol"))
-	must[store.Grant](t)(viaB.AddGrant("bob", "ws1"))
-	snap := must[store.Snapshot](t)(httpsAdmin(t, a, admTok.Secret).List())
+	must[store.User](t)(viaB.CreateUser(t.Context(), "carol"))
+	must[store.Grant](t)(viaB.AddGrant(t.Context(), "bob", "ws1"))
+	snap := must[store.Snapshot](t)(httpsAdmin(t, a, admTok.Secret).List(t.Context()))
 	if !slices.ContainsFunc(snap.Users, func(u store.User) bool { return u.Name == "carol" }) {
 		t.Fatal("a user created through replica B is not listed through replica A")
 	}
@@ -61,7 +61,7 @@ func TestAdminOverHTTPSOnAnyReplica(t *testing.T) {
 
 	// Ungrant through B: A tells bob at once.
 	start := time.Now()
-	if err := viaB.RemoveGrant("bob", "ws1"); err != nil {
+	if err := viaB.RemoveGrant(t.Context(), "bob", "ws1"); err != nil {
 		t.Fatal(err)
 	}
 	g := goneOf(t, bob, ws1ID, "ws1 gone at bob after the ungrant through replica B")
@@ -82,12 +82,12 @@ func TestAdminOverHTTPSOnAnyReplica(t *testing.T) {
 		{"no token", "", "no admin token"},
 		{"unknown token", store.AdminTokenPrefix + "AAAA", "does not know the token"},
 	} {
-		_, err := httpsAdmin(t, b, tc.token).List()
+		_, err := httpsAdmin(t, b, tc.token).List(t.Context())
 		if err == nil || !strings.Contains(err.Error(), tc.want) || strings.Contains(err.Error(), "\n") {
 			t.Errorf("%s: %v, want one line with %q", tc.name, err, tc.want)
 		}
 	}
-	if _, err := viaB.CreateToken(store.KindAdmin, "ops", time.Time{}); err == nil || !strings.Contains(err.Error(), "coordinator's machine") {
+	if _, err := viaB.CreateToken(t.Context(), store.KindAdmin, "ops", time.Time{}); err == nil || !strings.Contains(err.Error(), "coordinator's machine") {
 		t.Errorf("an admin token minted another admin token: %v", err)
 	}
 	if _, err := coordclient.WhoAmI(t.Context(), must[*http.Client](t)(coordclient.HTTPClient(b.Fingerprint())), b.URL(), b.Fingerprint(), false, admTok.Secret); err == nil ||
@@ -96,9 +96,9 @@ func TestAdminOverHTTPSOnAnyReplica(t *testing.T) {
 	}
 
 	// A revoked admin token stops working on every replica.
-	must[store.Token](t)(viaB.RevokeToken(admTok.Secret))
+	must[store.Token](t)(viaB.RevokeToken(t.Context(), admTok.Secret))
 	for _, tc := range []*testCoordinator{a, b} {
-		if _, err := httpsAdmin(t, tc, admTok.Secret).List(); err == nil || !strings.Contains(err.Error(), "revoked") {
+		if _, err := httpsAdmin(t, tc, admTok.Secret).List(t.Context()); err == nil || !strings.Contains(err.Error(), "revoked") {
 			t.Errorf("revoked admin token: %v", err)
 		}
 	}
@@ -110,14 +110,14 @@ func TestAdminOverHTTPSOnAnyReplica(t *testing.T) {
 func TestRevokedPeerRelayClosedOnOtherReplica(t *testing.T) {
 	f := newReplicaFixture(t, 2)
 	a, b := f.reps[0], f.reps[1]
-	carol := must[admin.TokenCreated](t)(f.adm.CreateToken(store.KindUser, "alice", time.Time{}))
+	carol := must[admin.TokenCreated](t)(f.adm.CreateToken(t.Context(), store.KindUser, "alice", time.Time{}))
 	priv := registerKey(t, a, carol.Secret)
 	conn, br := derpConnectEventually(t, b, priv)
 	defer conn.Close()
 	conn.SetDeadline(time.Time{}) // only the relay may end it
 	ended := relayEnded(br)
 	start := time.Now()
-	must[store.Token](t)(f.adm.RevokeToken(carol.Token.ID))
+	must[store.Token](t)(f.adm.RevokeToken(t.Context(), carol.Token.ID))
 	t.Logf("relay connection on the other replica closed %v after the revocation", expectRelayClosed(t, ended, start))
 }
 

@@ -29,14 +29,14 @@ func newFixture(t *testing.T, o coordOpts) *fixture {
 	tc := startCoordinator(t, t.TempDir(), o)
 	a := tc.admin(t)
 	for _, u := range []string{"alice", "bob", "carol"} {
-		must[store.User](t)(a.CreateUser(u))
+		must[store.User](t)(a.CreateUser(t.Context(), u))
 	}
 	f := &fixture{tc: tc}
-	f.ws1Token = must[admin.AgentCreated](t)(a.CreateAgent("ws1", "alice")).Secret
-	f.ws2Token = must[admin.AgentCreated](t)(a.CreateAgent("ws2", "bob")).Secret
-	f.aliceToken = must[admin.TokenCreated](t)(a.CreateToken(store.KindUser, "alice", time.Time{})).Secret
-	f.bobToken = must[admin.TokenCreated](t)(a.CreateToken(store.KindUser, "bob", time.Time{})).Secret
-	f.carolToken = must[admin.TokenCreated](t)(a.CreateToken(store.KindUser, "carol", time.Time{})).Secret
+	f.ws1Token = must[admin.AgentCreated](t)(a.CreateAgent(t.Context(), "ws1", "alice")).Secret
+	f.ws2Token = must[admin.AgentCreated](t)(a.CreateAgent(t.Context(), "ws2", "bob")).Secret
+	f.aliceToken = must[admin.TokenCreated](t)(a.CreateToken(t.Context(), store.KindUser, "alice", time.Time{})).Secret
+	f.bobToken = must[admin.TokenCreated](t)(a.CreateToken(t.Context(), store.KindUser, "bob", time.Time{})).Secret
+	f.carolToken = must[admin.TokenCreated](t)(a.CreateToken(t.Context(), store.KindUser, "carol", time.Time{})).Secret
 	return f
 }
 
@@ -112,7 +112,7 @@ func TestNodesFlowOnlyAlongTunnels(t *testing.T) {
 	nothing(t, ws1.rec.peers, "bob's node at ws1")
 
 	// A grant makes it work, on the same connection.
-	must[store.Grant](t)(f.tc.admin(t).AddGrant("bob", "ws1"))
+	must[store.Grant](t)(f.tc.admin(t).AddGrant(t.Context(), "bob", "ws1"))
 	bob.RemoveTunnel("ws1")
 	bob.AddTunnel("ws1")
 	recv(t, bob.rec.tunnels, "bob's tunnel status")
@@ -196,9 +196,9 @@ func TestCoordinatorRestart(t *testing.T) {
 	dir := t.TempDir()
 	tc := startCoordinator(t, dir, coordOpts{})
 	a := tc.admin(t)
-	must[store.User](t)(a.CreateUser("alice"))
-	ws1Tok := must[admin.AgentCreated](t)(a.CreateAgent("ws1", "alice"))
-	aliceTok := must[admin.TokenCreated](t)(a.CreateToken(store.KindUser, "alice", time.Time{}))
+	must[store.User](t)(a.CreateUser(t.Context(), "alice"))
+	ws1Tok := must[admin.AgentCreated](t)(a.CreateAgent(t.Context(), "ws1", "alice"))
+	aliceTok := must[admin.TokenCreated](t)(a.CreateToken(t.Context(), store.KindUser, "alice", time.Time{}))
 	fp := tc.Fingerprint()
 
 	ws1 := startClient(t, tc, ws1Tok.Secret)
@@ -233,7 +233,7 @@ func TestCoordinatorRestart(t *testing.T) {
 	if h := recv(t, ws1b.rec.hellos, "ws1 hello after restart"); h.NodeID != h1.NodeID || h.Addresses[0] != h1.Addresses[0] {
 		t.Fatalf("agent identity changed across coordinator restart")
 	}
-	snap := must[store.Snapshot](t)(tc2.admin(t).List())
+	snap := must[store.Snapshot](t)(tc2.admin(t).List(t.Context()))
 	if len(snap.Users) != 1 || len(snap.Agents) != 1 || len(snap.Tokens) != 2 {
 		t.Fatalf("store after restart: %+v", snap)
 	}
@@ -245,9 +245,9 @@ func TestClientReconnectResumesAddressAndTunnels(t *testing.T) {
 	tc := startCoordinator(t, dir, coordOpts{})
 	addr := tc.Addr().String()
 	a := tc.admin(t)
-	must[store.User](t)(a.CreateUser("alice"))
-	ws1Tok := must[admin.AgentCreated](t)(a.CreateAgent("ws1", "alice")).Secret
-	aliceTok := must[admin.TokenCreated](t)(a.CreateToken(store.KindUser, "alice", time.Time{})).Secret
+	must[store.User](t)(a.CreateUser(t.Context(), "alice"))
+	ws1Tok := must[admin.AgentCreated](t)(a.CreateAgent(t.Context(), "ws1", "alice")).Secret
+	aliceTok := must[admin.TokenCreated](t)(a.CreateToken(t.Context(), store.KindUser, "alice", time.Time{})).Secret
 
 	ws1 := startClient(t, tc, ws1Tok)
 	h1 := recv(t, ws1.rec.hellos, "ws1 hello")
@@ -289,9 +289,9 @@ func TestTokensRefused(t *testing.T) {
 	a := f.tc.admin(t)
 
 	expiresAt := time.Now().Add(3 * time.Second)
-	expiring := must[admin.TokenCreated](t)(a.CreateToken(store.KindUser, "alice", expiresAt))
-	revoked := must[admin.TokenCreated](t)(a.CreateToken(store.KindUser, "alice", time.Time{}))
-	must[store.Token](t)(a.RevokeToken(revoked.Token.ID))
+	expiring := must[admin.TokenCreated](t)(a.CreateToken(t.Context(), store.KindUser, "alice", expiresAt))
+	revoked := must[admin.TokenCreated](t)(a.CreateToken(t.Context(), store.KindUser, "alice", time.Time{}))
+	must[store.Token](t)(a.RevokeToken(t.Context(), revoked.Token.ID))
 
 	cases := []struct {
 		name, token string
@@ -322,7 +322,7 @@ func TestTokensRefused(t *testing.T) {
 	// changes re-check at once, and an expiry is caught by the next check,
 	// so nudge it with an unrelated admin change.
 	time.Sleep(time.Until(expiresAt) + 100*time.Millisecond)
-	must[store.Token](t)(a.RevokeToken(revoked.Token.ID))
+	must[store.Token](t)(a.RevokeToken(t.Context(), revoked.Token.ID))
 	if err := pc.runResult(t); errCode(err) != protocol.CodeTokenExpired {
 		t.Fatalf("Run returned %v, want token_expired", err)
 	}
@@ -336,7 +336,7 @@ func TestTokensRefused(t *testing.T) {
 func TestRevocationWhileConnected(t *testing.T) {
 	f := newFixture(t, coordOpts{})
 	a := f.tc.admin(t)
-	must[store.Grant](t)(a.AddGrant("bob", "ws1"))
+	must[store.Grant](t)(a.AddGrant(t.Context(), "bob", "ws1"))
 	ws1 := startClient(t, f.tc, f.ws1Token)
 	h1 := recv(t, ws1.rec.hellos, "ws1 hello")
 	ws1.UpdateNode(fakeNode(t, h1))
@@ -348,7 +348,7 @@ func TestRevocationWhileConnected(t *testing.T) {
 	recv(t, ws1.rec.peers, "bob at ws1")
 
 	// Withdrawing the grant removes the tunnel at once, on both ends.
-	if err := a.RemoveGrant("bob", "ws1"); err != nil {
+	if err := a.RemoveGrant(t.Context(), "bob", "ws1"); err != nil {
 		t.Fatal(err)
 	}
 	if g := recv(t, ws1.rec.gone, "bob revoked at ws1"); g.Reason != protocol.GoneRevoked || g.NodeID != hb.NodeID {
@@ -362,10 +362,10 @@ func TestRevocationWhileConnected(t *testing.T) {
 	}
 
 	// Revoking the agent's token disconnects the agent for good.
-	snap := must[store.Snapshot](t)(a.List())
+	snap := must[store.Snapshot](t)(a.List(t.Context()))
 	for _, tok := range snap.Tokens {
 		if tok.Kind == store.KindAgent && tok.Subject == "ws1" {
-			must[store.Token](t)(a.RevokeToken(tok.ID))
+			must[store.Token](t)(a.RevokeToken(t.Context(), tok.ID))
 		}
 	}
 	if err := ws1.runResult(t); errCode(err) != protocol.CodeTokenRevoked {

@@ -130,7 +130,7 @@ func TestDERPAdmitsOnlyRegisteredKeys(t *testing.T) {
 func TestDERPDropsRevokedPeer(t *testing.T) {
 	f := newFixture(t, coordOpts{})
 	a := f.tc.admin(t)
-	tok := must[admin.TokenCreated](t)(a.CreateToken(store.KindUser, "carol", time.Time{}))
+	tok := must[admin.TokenCreated](t)(a.CreateToken(t.Context(), store.KindUser, "carol", time.Time{}))
 	priv, err := ecdh.X25519().GenerateKey(rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -156,6 +156,6 @@ func TestDERPDropsRevokedPeer(t *testing.T) {
 	defer conn.Close()
 	ended := relayEnded(br)
 	start := time.Now()
-	must[store.Token](t)(a.RevokeToken(tok.Token.ID))
+	must[store.Token](t)(a.RevokeToken(t.Context(), tok.Token.ID))
 	expectRelayClosed(t, ended, start)
 }

@@ -147,7 +147,7 @@ func TestIdentityPinned(t *testing.T) {
 
 	// After reset-identity, the next agent pins its own key and clients
 	// are told to expect it.
-	if err := f.tc.admin(t).ResetIdentity("ws1"); err != nil {
+	if err := f.tc.admin(t).ResetIdentity(t.Context(), "ws1"); err != nil {
 		t.Fatal(err)
 	}
 	if a, _ := hostKeyOf(t, f.tc, f.aliceToken, "ws1"); a.HostKey != authorized(real.PublicKey()) {

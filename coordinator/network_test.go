@@ -61,7 +61,7 @@ func TestNetworkVerdictReachesClients(t *testing.T) {
 	}
 
 	// The admin listing shows it too.
-	info, err := f.tc.admin(t).Info()
+	info, err := f.tc.admin(t).Info(t.Context())
 	if err != nil {
 		t.Fatal(err)
 	}

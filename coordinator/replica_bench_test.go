@@ -100,14 +100,14 @@ func updateLatency(b *testing.B, a, c *coordinator.Server, adminDir string, n in
 		b.Fatal(err)
 	}
 	name := fmt.Sprintf("bench%d", time.Now().UnixNano()%1e9)
-	if _, err := adm.CreateUser(name); err != nil {
+	if _, err := adm.CreateUser(b.Context(), name); err != nil {
 		b.Fatal(err)
 	}
-	ac, err := adm.CreateAgent(name, name)
+	ac, err := adm.CreateAgent(b.Context(), name, name)
 	if err != nil {
 		b.Fatal(err)
 	}
-	ut, err := adm.CreateToken(store.KindUser, name, time.Time{})
+	ut, err := adm.CreateToken(b.Context(), store.KindUser, name, time.Time{})
 	if err != nil {
 		b.Fatal(err)
 	}

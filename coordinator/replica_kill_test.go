@@ -114,12 +114,12 @@ func TestReplicaKilledPeersMoveToSurvivor(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	must[store.User](t)(st.CreateUser("alice"))
-	_, ws1Token, _, err := st.CreateAgent("ws1", "alice")
+	must[store.User](t)(st.CreateUser(t.Context(), "alice"))
+	_, ws1Token, _, err := st.CreateAgent(t.Context(), "ws1", "alice")
 	if err != nil {
 		t.Fatal(err)
 	}
-	aliceToken, _, err := st.CreateToken(store.KindUser, "alice", time.Time{})
+	aliceToken, _, err := st.CreateToken(t.Context(), store.KindUser, "alice", time.Time{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -169,7 +169,7 @@ func TestReplicaKilledPeersMoveToSurvivor(t *testing.T) {
 	if p := peerFrom(t, alice, h1.NodeID, "ws1's node from replica A"); p.Node.Key != n1.Key {
 		t.Fatalf("alice got %+v", p.Node)
 	}
-	info, err := b.admin(t).Info()
+	info, err := b.admin(t).Info(t.Context())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -193,7 +193,7 @@ func TestReplicaKilledPeersMoveToSurvivor(t *testing.T) {
 	if attached > 3*time.Second+2*time.Second { // 3 s goal, slack for a loaded CI machine
 		t.Errorf("agent took %v to attach to the surviving replica", attached)
 	}
-	info, err = b.admin(t).Info()
+	info, err = b.admin(t).Info(t.Context())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -53,13 +53,13 @@ func newReplicaFixture(t *testing.T, n int) *replicaFixture {
 func replicaFixtureOn(t *testing.T, reps []*testCoordinator, url string) *replicaFixture {
 	t.Helper()
 	a := reps[0].admin(t)
-	must[store.User](t)(a.CreateUser("alice"))
-	must[store.User](t)(a.CreateUser("bob"))
+	must[store.User](t)(a.CreateUser(t.Context(), "alice"))
+	must[store.User](t)(a.CreateUser(t.Context(), "bob"))
 	return &replicaFixture{
 		reps: reps, url: url, adm: a,
-		ws1Token: must[admin.AgentCreated](t)(a.CreateAgent("ws1", "alice")).Secret,
-		alice:    must[admin.TokenCreated](t)(a.CreateToken(store.KindUser, "alice", time.Time{})).Secret,
-		bob:      must[admin.TokenCreated](t)(a.CreateToken(store.KindUser, "bob", time.Time{})).Secret,
+		ws1Token: must[admin.AgentCreated](t)(a.CreateAgent(t.Context(), "ws1", "alice")).Secret,
+		alice:    must[admin.TokenCreated](t)(a.CreateToken(t.Context(), store.KindUser, "alice", time.Time{})).Secret,
+		bob:      must[admin.TokenCreated](t)(a.CreateToken(t.Context(), store.KindUser, "bob", time.Time{})).Secret,
 	}
 }
 
@@ -191,11 +191,11 @@ func TestReplicasRelayBetweenPeers(t *testing.T) {
 	if e := recv(t, bob.rec.errs, "bob refused"); e.Code != protocol.CodeForbidden {
 		t.Fatalf("bob without a grant: %+v", e)
 	}
-	must[store.Grant](t)(f.adm.AddGrant("bob", "ws1"))
+	must[store.Grant](t)(f.adm.AddGrant(t.Context(), "bob", "ws1"))
 	bob.AddTunnel("ws1")
 	peerFrom(t, bob, h1.NodeID, "ws1's node for bob")
 	peerFrom(t, ws1, hb.NodeID, "bob's node for ws1")
-	if err := f.adm.RemoveGrant("bob", "ws1"); err != nil {
+	if err := f.adm.RemoveGrant(t.Context(), "bob", "ws1"); err != nil {
 		t.Fatal(err)
 	}
 	if g := goneOf(t, ws1, hb.NodeID, "bob gone from ws1"); g.Reason != protocol.GoneRevoked {

@@ -675,16 +675,16 @@ func provisionScale(b *testing.B, d *scaleDeployment, n int) *scaleWorld {
 		go func() {
 			defer func() { <-sem; wg.Done() }()
 			err := func() error {
-				if _, err := adm.CreateUser(user); err != nil {
+				if _, err := adm.CreateUser(b.Context(), user); err != nil {
 					return err
 				}
-				t, err := adm.CreateToken(store.KindUser, user, time.Time{})
+				t, err := adm.CreateToken(b.Context(), store.KindUser, user, time.Time{})
 				if err != nil {
 					return err
 				}
 				d.userTokens[u] = t.Secret
 				for i := u * scaleAgentsPerClient; i < (u+1)*scaleAgentsPerClient; i++ {
-					created, err := adm.CreateAgent(fmt.Sprintf("a%05d", i), user)
+					created, err := adm.CreateAgent(b.Context(), fmt.Sprintf("a%05d", i), user)
 					if err != nil {
 						return err
 					}

@@ -186,12 +186,16 @@ func New(cfg Config) (s *Server, err error) {
 			srv.closeAll()
 		}
 	}()
-	snap, err := st.List()
+	// No request bounds reading the store at start; a database that does
+	// not answer fails the start instead of hanging it.
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	snap, err := st.List(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("reading the store: %w", err)
 	}
 	s.firstStart = len(snap.Users) == 0
-	secret, err := st.Secret("resume")
+	secret, err := st.Secret(ctx, "resume")
 	if err != nil {
 		return nil, fmt.Errorf("reading the resume secret: %w", err)
 	}
@@ -502,7 +506,7 @@ func (s *Server) authenticate(r *http.Request) (store.Principal, *protocol.Error
 		return store.Principal{}, &protocol.Error{Code: protocol.CodeTokenMissing, Fatal: true,
 			Message: "no token: send \"Authorization: Bearer <token>\" (agent login --token, or AGENT_TOKEN)"}
 	}
-	p, err := s.store.Authenticate(tok)
+	p, err := s.store.Authenticate(r.Context(), tok)
 	if err != nil {
 		return store.Principal{}, tokenError(err, p.Token)
 	}
@@ -590,7 +594,7 @@ func (s *Server) handleHostKey(w http.ResponseWriter, r *http.Request) {
 		writeHTTPError(w, http.StatusBadRequest, &protocol.Error{Code: protocol.CodeBadMessage, Message: "agent: " + err.Error()})
 		return
 	}
-	a, err := s.store.MayReach(p.User.Name, name)
+	a, err := s.store.MayReach(r.Context(), p.User.Name, name)
 	switch {
 	case errors.Is(err, store.ErrNotFound):
 		writeHTTPError(w, http.StatusNotFound, &protocol.Error{Code: protocol.CodeNoSuchAgent, Agent: name, Message: "no agent has this name"})
@@ -633,7 +637,7 @@ func (s *Server) reauthLoop() {
 // that are no longer granted.
 func (s *Server) reauthorize() {
 	for _, p := range s.core.peersSnapshot() {
-		err := s.store.CheckToken(p.tokenID)
+		err := s.store.CheckToken(s.baseCtx, p.tokenID)
 		if errors.Is(err, store.ErrUnavailable) {
 			// The store logs the outage; sessions keep flowing meanwhile.
 			return
@@ -655,7 +659,7 @@ func (s *Server) reauthorize() {
 			continue
 		}
 		for id, name := range s.core.tunnelsOf(p) {
-			a, err := s.store.MayReach(p.user, name)
+			a, err := s.store.MayReach(s.baseCtx, p.user, name)
 			if (err == nil && a.ID == id) || errors.Is(err, store.ErrUnavailable) {
 				continue
 			}
@@ -670,13 +674,13 @@ func (s *Server) reauthorize() {
 	// Clients in a blip: their agents keep the tunnel for the grace, so a
 	// decision about them must reach the agents all the same.
 	for p, agents := range s.core.lostClients() {
-		if err := s.store.CheckToken(p.tokenID); errors.Is(err, store.ErrTokenExpired) || errors.Is(err, store.ErrTokenRevoked) || errors.Is(err, store.ErrTokenInvalid) {
+		if err := s.store.CheckToken(s.baseCtx, p.tokenID); errors.Is(err, store.ErrTokenExpired) || errors.Is(err, store.ErrTokenRevoked) || errors.Is(err, store.ErrTokenInvalid) {
 			s.logger.Info("cutting off a lost client whose access ended", "name", p.name, "reason", s.revokedReason(p, err))
 			s.core.revokeLost(p, 0)
 			continue
 		}
 		for id, name := range agents {
-			if a, err := s.store.MayReach(p.user, name); errors.Is(err, store.ErrNotFound) || errors.Is(err, store.ErrForbidden) || (err == nil && a.ID != id) {
+			if a, err := s.store.MayReach(s.baseCtx, p.user, name); errors.Is(err, store.ErrNotFound) || errors.Is(err, store.ErrForbidden) || (err == nil && a.ID != id) {
 				s.logger.Info("removing a lost client's tunnel that is no longer allowed", "user", p.user, "agent", name)
 				s.core.revokeLost(p, id)
 			}
@@ -694,12 +698,12 @@ func (s *Server) revokedReason(p *peer, err error) string {
 		return fmt.Sprintf("user %s's token expired", p.user)
 	}
 	if p.role == protocol.RoleAgent {
-		if _, e := s.store.AgentByID(p.id); errors.Is(e, store.ErrNotFound) {
+		if _, e := s.store.AgentByID(s.baseCtx, p.id); errors.Is(e, store.ErrNotFound) {
 			return fmt.Sprintf("agent %s was deleted", p.name)
 		}
 		return fmt.Sprintf("agent %s's token was revoked", p.name)
 	}
-	if snap, e := s.store.List(); e == nil && !slices.ContainsFunc(snap.Users, func(u store.User) bool { return u.Name == p.user }) {
+	if snap, e := s.store.List(s.baseCtx); e == nil && !slices.ContainsFunc(snap.Users, func(u store.User) bool { return u.Name == p.user }) {
 		return fmt.Sprintf("user %s was deleted", p.user)
 	}
 	return fmt.Sprintf("user %s's token was revoked", p.user)

@@ -342,7 +342,7 @@ func (ss *session) checkIdentity(id *protocol.AgentIdentity) *protocol.Error {
 			Message: fmt.Sprintf("the signature over this connection's challenge does not verify with host key %s; the agent must sign with the key it presents", gossh.FingerprintSHA256(pub))}
 	}
 	key := strings.TrimSpace(string(gossh.MarshalAuthorizedKey(pub)))
-	pinned, err := ss.srv.store.PinHostKey(tok.ID, key)
+	pinned, err := ss.srv.store.PinHostKey(ss.ctx, tok.ID, key)
 	switch {
 	case errors.Is(err, store.ErrIdentityMismatch):
 		want := pinned
@@ -371,7 +371,7 @@ func (ss *session) clientID(resumeToken string) (tailnet.NodeID, error) {
 		switch {
 		case err != nil:
 			ss.logger.Info("ignoring resume token", "err", err)
-		case s.store.IsAgentID(id):
+		case s.store.IsAgentID(ss.ctx, id):
 			ss.logger.Info("ignoring resume token naming an agent's id")
 		default:
 			if holder := s.core.inUse(id); holder == nil || (holder.role == protocol.RoleClient && holder.user == ss.p.user) {
@@ -384,7 +384,7 @@ func (ss *session) clientID(resumeToken string) (tailnet.NodeID, error) {
 		if err != nil {
 			return 0, err
 		}
-		if s.core.inUse(id) == nil && !s.store.IsAgentID(id) {
+		if s.core.inUse(id) == nil && !s.store.IsAgentID(ss.ctx, id) {
 			return id, nil
 		}
 	}
@@ -501,7 +501,7 @@ func (ss *session) networkStatus(ns *protocol.NetworkStatus) {
 
 func (ss *session) tunnel(agentName string) {
 	s, p := ss.srv, ss.p
-	a, err := s.store.MayReach(p.user, agentName)
+	a, err := s.store.MayReach(ss.ctx, p.user, agentName)
 	var refuse *protocol.Error
 	switch {
 	case errors.Is(err, store.ErrNotFound):

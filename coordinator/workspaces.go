@@ -21,7 +21,7 @@ func (s *Server) handleWorkspaces(w http.ResponseWriter, r *http.Request) {
 			Message: "this is an agent token; list workspaces with a user token"})
 		return
 	}
-	snap, err := s.store.List()
+	snap, err := s.store.List(r.Context())
 	if err != nil {
 		http.Error(w, "reading the store: "+err.Error(), http.StatusInternalServerError)
 		return

@@ -162,13 +162,13 @@ func (f *adminOptions) openRemote() (admin.Ops, func(), error) {
 }
 
 // with runs one admin operation between opening and closing the admin API.
-func (f *adminOptions) with(ctx context.Context, env *cliEnv, args []string, fn func(ops admin.Ops, out io.Writer, args []string) error) error {
+func (f *adminOptions) with(ctx context.Context, env *cliEnv, args []string, fn func(ctx context.Context, ops admin.Ops, out io.Writer, args []string) error) error {
 	ops, done, err := f.open(ctx)
 	if err != nil {
 		return err
 	}
 	defer done()
-	return fn(ops, env.Stdout, args)
+	return fn(ctx, ops, env.Stdout, args)
 }
 
 // emit prints v as JSON with --json, else runs text.
@@ -230,7 +230,7 @@ Tokens are shown once, when created; only their hashes are kept.`,
 	cmd.PersistentFlags().BoolVar(&f.remote.insecureHTTP, "insecure-http", false, "allow an http:// --url: the admin token travels in cleartext (env AGENT_INSECURE_HTTP=1)")
 
 	// run wraps an operation with opening and closing the admin API.
-	run := func(fn func(ops admin.Ops, out io.Writer, args []string) error) func(*cobra.Command, []string) error {
+	run := func(fn func(ctx context.Context, ops admin.Ops, out io.Writer, args []string) error) func(*cobra.Command, []string) error {
 		return func(cmd *cobra.Command, args []string) error {
 			return f.with(cmd.Context(), env, args, fn)
 		}
@@ -240,8 +240,8 @@ Tokens are shown once, when created; only their hashes are kept.`,
 	user := &cobra.Command{Use: "user", Short: "Create or delete users"}
 	user.AddCommand(&cobra.Command{
 		Use: "create NAME", Short: "Create a user", Args: usageArgs(cobra.ExactArgs(1)),
-		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
-			u, err := ops.CreateUser(args[0])
+		RunE: run(func(ctx context.Context, ops admin.Ops, out io.Writer, args []string) error {
+			u, err := ops.CreateUser(ctx, args[0])
 			if err != nil {
 				return err
 			}
@@ -251,8 +251,8 @@ Tokens are shown once, when created; only their hashes are kept.`,
 		}),
 	}, &cobra.Command{
 		Use: "delete NAME", Short: "Delete a user with their grants and tokens", Args: usageArgs(cobra.ExactArgs(1)),
-		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
-			if err := ops.DeleteUser(args[0]); err != nil {
+		RunE: run(func(ctx context.Context, ops admin.Ops, out io.Writer, args []string) error {
+			if err := ops.DeleteUser(ctx, args[0]); err != nil {
 				return err
 			}
 			return emit(out, map[string]string{"deleted": args[0]}, func() { fmt.Fprintf(out, "deleted user %s\n", args[0]) })
@@ -267,8 +267,8 @@ Tokens are shown once, when created; only their hashes are kept.`,
 			if ac.owner == "" {
 				return usageErrorf("--owner is required: the user who owns the agent (and may reach it without a grant)")
 			}
-			return f.with(cmd.Context(), env, args, func(ops admin.Ops, out io.Writer, _ []string) error {
-				return runAdminAgentCreate(ops, out, f, ac)
+			return f.with(cmd.Context(), env, args, func(ctx context.Context, ops admin.Ops, out io.Writer, _ []string) error {
+				return runAdminAgentCreate(ctx, ops, out, f, ac)
 			})
 		},
 	}
@@ -284,8 +284,8 @@ so the agent can register again; the next agent to register with the token
 pins its key, and clients are told to expect it. Check first that the new
 agent is the workspace's own: anyone holding the token could register.`,
 		Args: usageArgs(cobra.ExactArgs(1)),
-		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
-			if err := ops.ResetIdentity(args[0]); err != nil {
+		RunE: run(func(ctx context.Context, ops admin.Ops, out io.Writer, args []string) error {
+			if err := ops.ResetIdentity(ctx, args[0]); err != nil {
 				return err
 			}
 			return emit(out, map[string]string{"reset_identity": args[0]}, func() {
@@ -294,8 +294,8 @@ agent is the workspace's own: anyone holding the token could register.`,
 		}),
 	}, &cobra.Command{
 		Use: "delete NAME", Short: "Delete an agent with its grants and tokens", Args: usageArgs(cobra.ExactArgs(1)),
-		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
-			if err := ops.DeleteAgent(args[0]); err != nil {
+		RunE: run(func(ctx context.Context, ops admin.Ops, out io.Writer, args []string) error {
+			if err := ops.DeleteAgent(ctx, args[0]); err != nil {
 				return err
 			}
 			return emit(out, map[string]string{"deleted": args[0]}, func() { fmt.Fprintf(out, "deleted agent %s\n", args[0]) })
@@ -304,8 +304,8 @@ agent is the workspace's own: anyone holding the token could register.`,
 
 	grant := &cobra.Command{
 		Use: "grant USER AGENT", Short: "Let a user reach an agent", Args: usageArgs(cobra.ExactArgs(2)),
-		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
-			g, err := ops.AddGrant(args[0], args[1])
+		RunE: run(func(ctx context.Context, ops admin.Ops, out io.Writer, args []string) error {
+			g, err := ops.AddGrant(ctx, args[0], args[1])
 			if err != nil {
 				return err
 			}
@@ -314,8 +314,8 @@ agent is the workspace's own: anyone holding the token could register.`,
 	}
 	ungrant := &cobra.Command{
 		Use: "ungrant USER AGENT", Short: "Withdraw a grant (open tunnels close at once)", Args: usageArgs(cobra.ExactArgs(2)),
-		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
-			if err := ops.RemoveGrant(args[0], args[1]); err != nil {
+		RunE: run(func(ctx context.Context, ops admin.Ops, out io.Writer, args []string) error {
+			if err := ops.RemoveGrant(ctx, args[0], args[1]); err != nil {
 				return err
 			}
 			return emit(out, map[string]string{"user": args[0], "agent": args[1]}, func() {
@@ -335,8 +335,8 @@ agent is the workspace's own: anyone holding the token could register.`,
 			if err != nil {
 				return err
 			}
-			return f.with(cmd.Context(), env, nil, func(ops admin.Ops, out io.Writer, _ []string) error {
-				return runAdminTokenCreate(ops, out, f, tc, expires)
+			return f.with(cmd.Context(), env, nil, func(ctx context.Context, ops admin.Ops, out io.Writer, _ []string) error {
+				return runAdminTokenCreate(ctx, ops, out, f, tc, expires)
 			})
 		},
 	}
@@ -347,8 +347,8 @@ agent is the workspace's own: anyone holding the token could register.`,
 	token := &cobra.Command{Use: "token", Short: "Create or revoke tokens"}
 	token.AddCommand(tokenCreate, &cobra.Command{
 		Use: "revoke ID|TOKEN", Short: "Revoke a token (by its ID from 'list', or the token itself)", Args: usageArgs(cobra.ExactArgs(1)),
-		RunE: run(func(ops admin.Ops, out io.Writer, args []string) error {
-			t, err := ops.RevokeToken(args[0])
+		RunE: run(func(ctx context.Context, ops admin.Ops, out io.Writer, args []string) error {
+			t, err := ops.RevokeToken(ctx, args[0])
 			if err != nil {
 				return err
 			}
@@ -358,8 +358,8 @@ agent is the workspace's own: anyone holding the token could register.`,
 
 	list := &cobra.Command{
 		Use: "list", Short: "List users, agents, grants and tokens", Args: usageArgs(cobra.NoArgs),
-		RunE: run(func(ops admin.Ops, out io.Writer, _ []string) error {
-			s, err := ops.List()
+		RunE: run(func(ctx context.Context, ops admin.Ops, out io.Writer, _ []string) error {
+			s, err := ops.List(ctx)
 			if err != nil {
 				return err
 			}
@@ -368,8 +368,8 @@ agent is the workspace's own: anyone holding the token could register.`,
 	}
 	info := &cobra.Command{
 		Use: "info", Short: "Show the coordinator's URL, certificate fingerprint and connected peers", Args: usageArgs(cobra.NoArgs),
-		RunE: run(func(ops admin.Ops, out io.Writer, _ []string) error {
-			i, err := ops.Info()
+		RunE: run(func(ctx context.Context, ops admin.Ops, out io.Writer, _ []string) error {
+			i, err := ops.Info(ctx)
 			if err != nil {
 				return err
 			}
@@ -386,8 +386,8 @@ type adminAgentCreateOptions struct {
 	name, owner string
 }
 
-func runAdminAgentCreate(ops admin.Ops, out io.Writer, f *adminOptions, o *adminAgentCreateOptions) error {
-	a, err := ops.CreateAgent(o.name, o.owner)
+func runAdminAgentCreate(ctx context.Context, ops admin.Ops, out io.Writer, f *adminOptions, o *adminAgentCreateOptions) error {
+	a, err := ops.CreateAgent(ctx, o.name, o.owner)
 	if err != nil {
 		return err
 	}
@@ -410,7 +410,7 @@ func btoi(b bool) int {
 	return 0
 }
 
-func runAdminTokenCreate(ops admin.Ops, out io.Writer, f *adminOptions, o *adminTokenCreateOptions, expires time.Time) error {
+func runAdminTokenCreate(ctx context.Context, ops admin.Ops, out io.Writer, f *adminOptions, o *adminTokenCreateOptions, expires time.Time) error {
 	kind, subject := store.KindUser, o.user
 	switch {
 	case o.agent != "":
@@ -418,7 +418,7 @@ func runAdminTokenCreate(ops admin.Ops, out io.Writer, f *adminOptions, o *admin
 	case o.admin != "":
 		kind, subject = store.KindAdmin, o.admin
 	}
-	tc, err := ops.CreateToken(kind, subject, expires)
+	tc, err := ops.CreateToken(ctx, kind, subject, expires)
 	if err != nil {
 		return err
 	}

@@ -142,16 +142,16 @@ func devCredentials(ctx context.Context, dataDir, user, name string) (devCreds, 
 	if err != nil {
 		return devCreds{}, fmt.Errorf("reach the embedded coordinator's admin socket: %w", err)
 	}
-	if _, err := adm.CreateUser(user); err != nil && !errors.Is(err, store.ErrExists) {
+	if _, err := adm.CreateUser(ctx, user); err != nil && !errors.Is(err, store.ErrExists) {
 		return devCreds{}, fmt.Errorf("create user %q: %w", user, err)
 	}
 	var creds devCreds
-	created, err := adm.CreateAgent(name, user)
+	created, err := adm.CreateAgent(ctx, name, user)
 	switch {
 	case err == nil:
 		creds.agentToken = created.Secret
 	case errors.Is(err, store.ErrExists):
-		t, err := adm.CreateToken(store.KindAgent, name, time.Time{})
+		t, err := adm.CreateToken(ctx, store.KindAgent, name, time.Time{})
 		if err != nil {
 			return devCreds{}, fmt.Errorf("issue a token for agent %q: %w", name, err)
 		}
@@ -161,7 +161,7 @@ func devCredentials(ctx context.Context, dataDir, user, name string) (devCreds, 
 	}
 	// The user token expires, so a forgotten dev session leaves nothing
 	// usable behind for long.
-	t, err := adm.CreateToken(store.KindUser, user, time.Now().Add(24*time.Hour))
+	t, err := adm.CreateToken(ctx, store.KindUser, user, time.Now().Add(24*time.Hour))
 	if err != nil {
 		return devCreds{}, fmt.Errorf("issue a token for user %q: %w", user, err)
 	}

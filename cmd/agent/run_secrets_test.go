@@ -259,14 +259,14 @@ func startSecretsCoordinator(t *testing.T, dir string) (*coordinator.Server, *ad
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := ac.CreateUser("alice"); err != nil {
+	if _, err := ac.CreateUser(t.Context(), "alice"); err != nil {
 		t.Fatal(err)
 	}
-	ws, err := ac.CreateAgent("ws1", "alice")
+	ws, err := ac.CreateAgent(t.Context(), "ws1", "alice")
 	if err != nil {
 		t.Fatal(err)
 	}
-	ut, err := ac.CreateToken(store.KindUser, "alice", time.Time{})
+	ut, err := ac.CreateToken(t.Context(), store.KindUser, "alice", time.Time{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -278,7 +278,7 @@ func waitRegistered(t *testing.T, ac *admin.Client, logs *lockedBuffer) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		info, err := ac.Info()
+		info, err := ac.Info(t.Context())
 		if err == nil && len(info.Peers) > 0 {
 			return
 		}

@@ -5,6 +5,7 @@
 package admin
 
 import (
+	"context"
 	"errors"
 	"net/netip"
 	"path/filepath"
@@ -23,19 +24,19 @@ func SocketPath(dataDir string) string { return filepath.Join(dataDir, SocketNam
 
 // Ops is everything an admin can do.
 type Ops interface {
-	CreateUser(name string) (store.User, error)
-	DeleteUser(name string) error
-	CreateAgent(name, owner string) (AgentCreated, error)
-	DeleteAgent(name string) error
+	CreateUser(ctx context.Context, name string) (store.User, error)
+	DeleteUser(ctx context.Context, name string) error
+	CreateAgent(ctx context.Context, name, owner string) (AgentCreated, error)
+	DeleteAgent(ctx context.Context, name string) error
 	// ResetIdentity forgets the SSH host key pinned for the agent's
 	// tokens; the next agent to register with one pins its own.
-	ResetIdentity(name string) error
-	AddGrant(user, agent string) (store.Grant, error)
-	RemoveGrant(user, agent string) error
-	CreateToken(kind store.TokenKind, subject string, expires time.Time) (TokenCreated, error)
-	RevokeToken(idOrSecret string) (store.Token, error)
-	List() (store.Snapshot, error)
-	Info() (Info, error)
+	ResetIdentity(ctx context.Context, name string) error
+	AddGrant(ctx context.Context, user, agent string) (store.Grant, error)
+	RemoveGrant(ctx context.Context, user, agent string) error
+	CreateToken(ctx context.Context, kind store.TokenKind, subject string, expires time.Time) (TokenCreated, error)
+	RevokeToken(ctx context.Context, idOrSecret string) (store.Token, error)
+	List(ctx context.Context) (store.Snapshot, error)
+	Info(ctx context.Context) (Info, error)
 }
 
 // AgentCreated is a new agent with its first token. Secret is shown once.
@@ -96,65 +97,69 @@ func (l *Local) changed() {
 	}
 }
 
-func (l *Local) CreateUser(name string) (store.User, error) { return l.Store.CreateUser(name) }
+func (l *Local) CreateUser(ctx context.Context, name string) (store.User, error) {
+	return l.Store.CreateUser(ctx, name)
+}
 
-func (l *Local) DeleteUser(name string) error {
-	err := l.Store.DeleteUser(name)
+func (l *Local) DeleteUser(ctx context.Context, name string) error {
+	err := l.Store.DeleteUser(ctx, name)
 	if err == nil {
 		l.changed()
 	}
 	return err
 }
 
-func (l *Local) CreateAgent(name, owner string) (AgentCreated, error) {
-	a, secret, tok, err := l.Store.CreateAgent(name, owner)
+func (l *Local) CreateAgent(ctx context.Context, name, owner string) (AgentCreated, error) {
+	a, secret, tok, err := l.Store.CreateAgent(ctx, name, owner)
 	if err != nil {
 		return AgentCreated{}, err
 	}
 	return AgentCreated{Agent: a, Address: protocol.AgentAddress(a.ID), Token: tok, Secret: secret}, nil
 }
 
-func (l *Local) DeleteAgent(name string) error {
-	err := l.Store.DeleteAgent(name)
+func (l *Local) DeleteAgent(ctx context.Context, name string) error {
+	err := l.Store.DeleteAgent(ctx, name)
 	if err == nil {
 		l.changed()
 	}
 	return err
 }
 
-func (l *Local) ResetIdentity(name string) error { return l.Store.ResetIdentity(name) }
-
-func (l *Local) AddGrant(user, agent string) (store.Grant, error) {
-	return l.Store.AddGrant(user, agent)
+func (l *Local) ResetIdentity(ctx context.Context, name string) error {
+	return l.Store.ResetIdentity(ctx, name)
 }
 
-func (l *Local) RemoveGrant(user, agent string) error {
-	err := l.Store.RemoveGrant(user, agent)
+func (l *Local) AddGrant(ctx context.Context, user, agent string) (store.Grant, error) {
+	return l.Store.AddGrant(ctx, user, agent)
+}
+
+func (l *Local) RemoveGrant(ctx context.Context, user, agent string) error {
+	err := l.Store.RemoveGrant(ctx, user, agent)
 	if err == nil {
 		l.changed()
 	}
 	return err
 }
 
-func (l *Local) CreateToken(kind store.TokenKind, subject string, expires time.Time) (TokenCreated, error) {
-	secret, tok, err := l.Store.CreateToken(kind, subject, expires)
+func (l *Local) CreateToken(ctx context.Context, kind store.TokenKind, subject string, expires time.Time) (TokenCreated, error) {
+	secret, tok, err := l.Store.CreateToken(ctx, kind, subject, expires)
 	if err != nil {
 		return TokenCreated{}, err
 	}
 	return TokenCreated{Token: tok, Secret: secret}, nil
 }
 
-func (l *Local) RevokeToken(idOrSecret string) (store.Token, error) {
-	t, err := l.Store.RevokeToken(idOrSecret)
+func (l *Local) RevokeToken(ctx context.Context, idOrSecret string) (store.Token, error) {
+	t, err := l.Store.RevokeToken(ctx, idOrSecret)
 	if err == nil {
 		l.changed()
 	}
 	return t, err
 }
 
-func (l *Local) List() (store.Snapshot, error) { return l.Store.List() }
+func (l *Local) List(ctx context.Context) (store.Snapshot, error) { return l.Store.List(ctx) }
 
-func (l *Local) Info() (Info, error) {
+func (l *Local) Info(ctx context.Context) (Info, error) {
 	if l.InfoFn == nil {
 		return Info{}, errors.New("no coordinator information available")
 	}

@@ -33,7 +33,7 @@ type request struct {
 // token check in front of it (under HTTPSPrefix).
 func NewHandler(ops Ops) http.Handler {
 	mux := http.NewServeMux()
-	handle := func(path string, fn func(r request) (any, error)) {
+	handle := func(path string, fn func(ctx context.Context, r request) (any, error)) {
 		mux.HandleFunc("POST "+path, func(w http.ResponseWriter, hr *http.Request) {
 			var r request
 			dec := json.NewDecoder(io.LimitReader(hr.Body, 64<<10))
@@ -42,7 +42,7 @@ func NewHandler(ops Ops) http.Handler {
 				writeJSON(w, http.StatusBadRequest, &remoteError{Kind: "invalid", Message: "bad admin request: " + err.Error()})
 				return
 			}
-			v, err := fn(r)
+			v, err := fn(hr.Context(), r)
 			if err != nil {
 				status := http.StatusBadRequest
 				switch errorKind(err) {
@@ -57,17 +57,21 @@ func NewHandler(ops Ops) http.Handler {
 			writeJSON(w, http.StatusOK, v)
 		})
 	}
-	handle("/v1/users/create", func(r request) (any, error) { return ops.CreateUser(r.Name) })
-	handle("/v1/users/delete", func(r request) (any, error) { return struct{}{}, ops.DeleteUser(r.Name) })
-	handle("/v1/agents/create", func(r request) (any, error) { return ops.CreateAgent(r.Name, r.Owner) })
-	handle("/v1/agents/delete", func(r request) (any, error) { return struct{}{}, ops.DeleteAgent(r.Name) })
-	handle("/v1/agents/reset-identity", func(r request) (any, error) { return struct{}{}, ops.ResetIdentity(r.Name) })
-	handle("/v1/grants/add", func(r request) (any, error) { return ops.AddGrant(r.User, r.Agent) })
-	handle("/v1/grants/remove", func(r request) (any, error) { return struct{}{}, ops.RemoveGrant(r.User, r.Agent) })
-	handle("/v1/tokens/create", func(r request) (any, error) { return ops.CreateToken(r.Kind, r.Subject, r.Expires) })
-	handle("/v1/tokens/revoke", func(r request) (any, error) { return ops.RevokeToken(r.Token) })
-	handle("/v1/list", func(request) (any, error) { return ops.List() })
-	handle("/v1/info", func(request) (any, error) { return ops.Info() })
+	handle("/v1/users/create", func(ctx context.Context, r request) (any, error) { return ops.CreateUser(ctx, r.Name) })
+	handle("/v1/users/delete", func(ctx context.Context, r request) (any, error) { return struct{}{}, ops.DeleteUser(ctx, r.Name) })
+	handle("/v1/agents/create", func(ctx context.Context, r request) (any, error) { return ops.CreateAgent(ctx, r.Name, r.Owner) })
+	handle("/v1/agents/delete", func(ctx context.Context, r request) (any, error) { return struct{}{}, ops.DeleteAgent(ctx, r.Name) })
+	handle("/v1/agents/reset-identity", func(ctx context.Context, r request) (any, error) { return struct{}{}, ops.ResetIdentity(ctx, r.Name) })
+	handle("/v1/grants/add", func(ctx context.Context, r request) (any, error) { return ops.AddGrant(ctx, r.User, r.Agent) })
+	handle("/v1/grants/remove", func(ctx context.Context, r request) (any, error) {
+		return struct{}{}, ops.RemoveGrant(ctx, r.User, r.Agent)
+	})
+	handle("/v1/tokens/create", func(ctx context.Context, r request) (any, error) {
+		return ops.CreateToken(ctx, r.Kind, r.Subject, r.Expires)
+	})
+	handle("/v1/tokens/revoke", func(ctx context.Context, r request) (any, error) { return ops.RevokeToken(ctx, r.Token) })
+	handle("/v1/list", func(ctx context.Context, _ request) (any, error) { return ops.List(ctx) })
+	handle("/v1/info", func(ctx context.Context, _ request) (any, error) { return ops.Info(ctx) })
 	return mux
 }
 
@@ -126,12 +130,12 @@ func NewHTTPSClient(baseURL, token string, hc *http.Client) *Client {
 	return &Client{where: "coordinator " + base, base: base + HTTPSPrefix, token: token, hc: hc}
 }
 
-func (c *Client) call(path string, r request, out any) error {
+func (c *Client) call(ctx context.Context, path string, r request, out any) error {
 	body, err := json.Marshal(r)
 	if err != nil {
 		return err
 	}
-	req, err := http.NewRequest(http.MethodPost, c.base+path, bytes.NewReader(body))
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base+path, bytes.NewReader(body))
 	if err != nil {
 		return fmt.Errorf("%s: %w", c.where, err)
 	}
@@ -170,53 +174,53 @@ func (c *Client) call(path string, r request, out any) error {
 	return nil
 }
 
-func (c *Client) CreateUser(name string) (u store.User, err error) {
-	err = c.call("/v1/users/create", request{Name: name}, &u)
+func (c *Client) CreateUser(ctx context.Context, name string) (u store.User, err error) {
+	err = c.call(ctx, "/v1/users/create", request{Name: name}, &u)
 	return u, err
 }
 
-func (c *Client) DeleteUser(name string) error {
-	return c.call("/v1/users/delete", request{Name: name}, nil)
+func (c *Client) DeleteUser(ctx context.Context, name string) error {
+	return c.call(ctx, "/v1/users/delete", request{Name: name}, nil)
 }
 
-func (c *Client) CreateAgent(name, owner string) (a AgentCreated, err error) {
-	err = c.call("/v1/agents/create", request{Name: name, Owner: owner}, &a)
+func (c *Client) CreateAgent(ctx context.Context, name, owner string) (a AgentCreated, err error) {
+	err = c.call(ctx, "/v1/agents/create", request{Name: name, Owner: owner}, &a)
 	return a, err
 }
 
-func (c *Client) DeleteAgent(name string) error {
-	return c.call("/v1/agents/delete", request{Name: name}, nil)
+func (c *Client) DeleteAgent(ctx context.Context, name string) error {
+	return c.call(ctx, "/v1/agents/delete", request{Name: name}, nil)
 }
 
-func (c *Client) ResetIdentity(name string) error {
-	return c.call("/v1/agents/reset-identity", request{Name: name}, nil)
+func (c *Client) ResetIdentity(ctx context.Context, name string) error {
+	return c.call(ctx, "/v1/agents/reset-identity", request{Name: name}, nil)
 }
 
-func (c *Client) AddGrant(user, agent string) (g store.Grant, err error) {
-	err = c.call("/v1/grants/add", request{User: user, Agent: agent}, &g)
+func (c *Client) AddGrant(ctx context.Context, user, agent string) (g store.Grant, err error) {
+	err = c.call(ctx, "/v1/grants/add", request{User: user, Agent: agent}, &g)
 	return g, err
 }
 
-func (c *Client) RemoveGrant(user, agent string) error {
-	return c.call("/v1/grants/remove", request{User: user, Agent: agent}, nil)
+func (c *Client) RemoveGrant(ctx context.Context, user, agent string) error {
+	return c.call(ctx, "/v1/grants/remove", request{User: user, Agent: agent}, nil)
 }
 
-func (c *Client) CreateToken(kind store.TokenKind, subject string, expires time.Time) (t TokenCreated, err error) {
-	err = c.call("/v1/tokens/create", request{Kind: kind, Subject: subject, Expires: expires}, &t)
+func (c *Client) CreateToken(ctx context.Context, kind store.TokenKind, subject string, expires time.Time) (t TokenCreated, err error) {
+	err = c.call(ctx, "/v1/tokens/create", request{Kind: kind, Subject: subject, Expires: expires}, &t)
 	return t, err
 }
 
-func (c *Client) RevokeToken(idOrSecret string) (t store.Token, err error) {
-	err = c.call("/v1/tokens/revoke", request{Token: idOrSecret}, &t)
+func (c *Client) RevokeToken(ctx context.Context, idOrSecret string) (t store.Token, err error) {
+	err = c.call(ctx, "/v1/tokens/revoke", request{Token: idOrSecret}, &t)
 	return t, err
 }
 
-func (c *Client) List() (s store.Snapshot, err error) {
-	err = c.call("/v1/list", request{}, &s)
+func (c *Client) List(ctx context.Context) (s store.Snapshot, err error) {
+	err = c.call(ctx, "/v1/list", request{}, &s)
 	return s, err
 }
 
-func (c *Client) Info() (i Info, err error) {
-	err = c.call("/v1/info", request{}, &i)
+func (c *Client) Info(ctx context.Context) (i Info, err error) {
+	err = c.call(ctx, "/v1/info", request{}, &i)
 	return i, err
 }

@@ -1,6 +1,7 @@
 package store
 
 import (
+	"context"
 	"crypto/rand"
 	"errors"
 	"fmt"
@@ -13,31 +14,34 @@ import (
 // implementations keep the same contract (package storetest checks it):
 // the embedded bbolt file (*Store, one process, the default) and
 // PostgreSQL (package pgstore, shared by several coordinator replicas).
+// Every operation takes the context of the request it serves: cancelling
+// it abandons the operation, and its deadline bounds the wait for a
+// database that stopped answering.
 type Backend interface {
-	CreateUser(name string) (User, error)
-	DeleteUser(name string) error
-	CreateAgent(name, owner string) (Agent, string, Token, error)
-	DeleteAgent(name string) error
-	AgentByID(id tailnet.NodeID) (Agent, error)
+	CreateUser(ctx context.Context, name string) (User, error)
+	DeleteUser(ctx context.Context, name string) error
+	CreateAgent(ctx context.Context, name, owner string) (Agent, string, Token, error)
+	DeleteAgent(ctx context.Context, name string) error
+	AgentByID(ctx context.Context, id tailnet.NodeID) (Agent, error)
 	// IsAgentID reports whether id belongs to a stored agent. A store that
 	// cannot tell (database unreachable) says true, so the ID is not
 	// handed out.
-	IsAgentID(id tailnet.NodeID) bool
-	AddGrant(user, agent string) (Grant, error)
-	RemoveGrant(user, agent string) error
-	MayReach(user, agent string) (Agent, error)
-	CreateToken(kind TokenKind, subject string, expires time.Time) (string, Token, error)
-	RevokeToken(idOrSecret string) (Token, error)
-	Authenticate(secret string) (Principal, error)
-	CheckToken(id string) error
+	IsAgentID(ctx context.Context, id tailnet.NodeID) bool
+	AddGrant(ctx context.Context, user, agent string) (Grant, error)
+	RemoveGrant(ctx context.Context, user, agent string) error
+	MayReach(ctx context.Context, user, agent string) (Agent, error)
+	CreateToken(ctx context.Context, kind TokenKind, subject string, expires time.Time) (string, Token, error)
+	RevokeToken(ctx context.Context, idOrSecret string) (Token, error)
+	Authenticate(ctx context.Context, secret string) (Principal, error)
+	CheckToken(ctx context.Context, id string) error
 	// PinHostKey pins an agent token's SSH host key at its first use and
 	// records it as the agent's vouched key; a different key later is
 	// ErrIdentityMismatch, with the pinned key returned.
-	PinHostKey(tokenID, hostKey string) (pinned string, err error)
+	PinHostKey(ctx context.Context, tokenID, hostKey string) (pinned string, err error)
 	// ResetIdentity forgets the host keys pinned for an agent's tokens.
-	ResetIdentity(agent string) error
-	List() (Snapshot, error)
-	Secret(name string) ([]byte, error)
+	ResetIdentity(ctx context.Context, agent string) error
+	List(ctx context.Context) (Snapshot, error)
+	Secret(ctx context.Context, name string) ([]byte, error)
 	Close() error
 }
 

@@ -6,6 +6,7 @@
 package store
 
 import (
+	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/base64"
@@ -166,13 +167,29 @@ func Open(dataDir string) (*Store, error) {
 // Close releases the file.
 func (s *Store) Close() error { return s.db.Close() }
 
+// update and view run a bbolt transaction unless ctx is already done:
+// bbolt cannot stop one midway, and none runs long.
+func (s *Store) update(ctx context.Context, fn func(*bolt.Tx) error) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return s.db.Update(fn)
+}
+
+func (s *Store) view(ctx context.Context, fn func(*bolt.Tx) error) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return s.db.View(fn)
+}
+
 // CreateUser adds a user.
-func (s *Store) CreateUser(name string) (User, error) {
+func (s *Store) CreateUser(ctx context.Context, name string) (User, error) {
 	if err := protocol.ValidUserName(name); err != nil {
 		return User{}, err
 	}
 	u := User{Name: name, Created: s.now()}
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.update(ctx, func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketUsers)
 		if b.Get([]byte(name)) != nil {
 			return fmt.Errorf("user %q %w", name, ErrExists)
@@ -184,14 +201,14 @@ func (s *Store) CreateUser(name string) (User, error) {
 
 // CreateAgent adds an agent owned by an existing user, with a fresh stable
 // ID, and returns it with its first token's secret.
-func (s *Store) CreateAgent(name, owner string) (Agent, string, Token, error) {
+func (s *Store) CreateAgent(ctx context.Context, name, owner string) (Agent, string, Token, error) {
 	if err := protocol.ValidAgentName(name); err != nil {
 		return Agent{}, "", Token{}, err
 	}
 	var a Agent
 	var secret string
 	var tok Token
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.update(ctx, func(tx *bolt.Tx) error {
 		if tx.Bucket(bucketUsers).Get([]byte(owner)) == nil {
 			return fmt.Errorf("owner: user %q %w; create the user first", owner, ErrNotFound)
 		}
@@ -227,8 +244,8 @@ func (s *Store) CreateAgent(name, owner string) (Agent, string, Token, error) {
 }
 
 // DeleteAgent removes an agent, its grants and its tokens.
-func (s *Store) DeleteAgent(name string) error {
-	return s.db.Update(func(tx *bolt.Tx) error {
+func (s *Store) DeleteAgent(ctx context.Context, name string) error {
+	return s.update(ctx, func(tx *bolt.Tx) error {
 		var a Agent
 		if err := getJSON(tx.Bucket(bucketAgents), name, &a); err != nil {
 			return fmt.Errorf("agent %q %w", name, err)
@@ -251,8 +268,8 @@ func (s *Store) DeleteAgent(name string) error {
 
 // DeleteUser removes a user, their grants and tokens. A user who still owns
 // agents cannot be deleted.
-func (s *Store) DeleteUser(name string) error {
-	return s.db.Update(func(tx *bolt.Tx) error {
+func (s *Store) DeleteUser(ctx context.Context, name string) error {
+	return s.update(ctx, func(tx *bolt.Tx) error {
 		if tx.Bucket(bucketUsers).Get([]byte(name)) == nil {
 			return fmt.Errorf("user %q %w", name, ErrNotFound)
 		}
@@ -284,9 +301,9 @@ func (s *Store) DeleteUser(name string) error {
 }
 
 // AddGrant lets user reach agent.
-func (s *Store) AddGrant(user, agent string) (Grant, error) {
+func (s *Store) AddGrant(ctx context.Context, user, agent string) (Grant, error) {
 	g := Grant{User: user, Agent: agent, Created: s.now()}
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.update(ctx, func(tx *bolt.Tx) error {
 		if tx.Bucket(bucketUsers).Get([]byte(user)) == nil {
 			return fmt.Errorf("user %q %w", user, ErrNotFound)
 		}
@@ -303,8 +320,8 @@ func (s *Store) AddGrant(user, agent string) (Grant, error) {
 }
 
 // RemoveGrant withdraws a grant.
-func (s *Store) RemoveGrant(user, agent string) error {
-	return s.db.Update(func(tx *bolt.Tx) error {
+func (s *Store) RemoveGrant(ctx context.Context, user, agent string) error {
+	return s.update(ctx, func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketGrants)
 		if b.Get(grantKey(user, agent)) == nil {
 			return fmt.Errorf("grant %s -> %s %w", user, agent, ErrNotFound)
@@ -314,9 +331,9 @@ func (s *Store) RemoveGrant(user, agent string) error {
 }
 
 // MayReach returns the agent if user owns it or holds a grant for it.
-func (s *Store) MayReach(user, agent string) (Agent, error) {
+func (s *Store) MayReach(ctx context.Context, user, agent string) (Agent, error) {
 	var a Agent
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.view(ctx, func(tx *bolt.Tx) error {
 		if err := getJSON(tx.Bucket(bucketAgents), agent, &a); err != nil {
 			return fmt.Errorf("agent %q %w", agent, err)
 		}
@@ -329,9 +346,9 @@ func (s *Store) MayReach(user, agent string) (Agent, error) {
 }
 
 // AgentByID finds an agent by its stable ID.
-func (s *Store) AgentByID(id tailnet.NodeID) (Agent, error) {
+func (s *Store) AgentByID(ctx context.Context, id tailnet.NodeID) (Agent, error) {
 	var a Agent
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.view(ctx, func(tx *bolt.Tx) error {
 		name := tx.Bucket(bucketAgentIDs).Get(idKey(id))
 		if name == nil {
 			return fmt.Errorf("agent id %d %w", id, ErrNotFound)
@@ -343,10 +360,10 @@ func (s *Store) AgentByID(id tailnet.NodeID) (Agent, error) {
 
 // CreateToken makes a new token for an existing user or agent. A zero
 // expires means it never expires.
-func (s *Store) CreateToken(kind TokenKind, subject string, expires time.Time) (string, Token, error) {
+func (s *Store) CreateToken(ctx context.Context, kind TokenKind, subject string, expires time.Time) (string, Token, error) {
 	var secret string
 	var tok Token
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.update(ctx, func(tx *bolt.Tx) error {
 		var err error
 		secret, tok, err = s.createTokenTx(tx, kind, subject, expires)
 		return err
@@ -387,9 +404,9 @@ func (s *Store) createTokenTx(tx *bolt.Tx, kind TokenKind, subject string, expir
 }
 
 // RevokeToken revokes a token named by its ID or by its secret.
-func (s *Store) RevokeToken(idOrSecret string) (Token, error) {
+func (s *Store) RevokeToken(ctx context.Context, idOrSecret string) (Token, error) {
 	var tok Token
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.update(ctx, func(tx *bolt.Tx) error {
 		id := idOrSecret
 		if IsTokenSecret(idOrSecret) {
 			v := tx.Bucket(bucketTokenIndex).Get([]byte(HashToken(idOrSecret)))
@@ -413,9 +430,9 @@ func (s *Store) RevokeToken(idOrSecret string) (Token, error) {
 
 // Authenticate returns who a token secret belongs to, or ErrTokenInvalid,
 // ErrTokenExpired or ErrTokenRevoked.
-func (s *Store) Authenticate(secret string) (Principal, error) {
+func (s *Store) Authenticate(ctx context.Context, secret string) (Principal, error) {
 	var p Principal
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.view(ctx, func(tx *bolt.Tx) error {
 		id := tx.Bucket(bucketTokenIndex).Get([]byte(HashToken(secret)))
 		if id == nil {
 			return ErrTokenInvalid
@@ -430,8 +447,8 @@ func (s *Store) Authenticate(secret string) (Principal, error) {
 
 // CheckToken re-validates a token by ID, for sessions that outlive a
 // revocation or an expiry.
-func (s *Store) CheckToken(id string) error {
-	return s.db.View(func(tx *bolt.Tx) error {
+func (s *Store) CheckToken(ctx context.Context, id string) error {
+	return s.view(ctx, func(tx *bolt.Tx) error {
 		var p Principal
 		if err := getJSON(tx.Bucket(bucketTokens), id, &p.Token); err != nil {
 			return ErrTokenRevoked
@@ -471,10 +488,10 @@ var ErrIdentityMismatch = errors.New("host key differs from the pinned one")
 // first use) and records it as the agent's vouched key. With a different
 // key already pinned it changes nothing and returns the pinned key with
 // ErrIdentityMismatch.
-func (s *Store) PinHostKey(tokenID, hostKey string) (pinned string, err error) {
+func (s *Store) PinHostKey(ctx context.Context, tokenID, hostKey string) (pinned string, err error) {
 	// The common case, a known agent reconnecting, needs no write.
 	done := false
-	err = s.db.View(func(tx *bolt.Tx) error {
+	err = s.view(ctx, func(tx *bolt.Tx) error {
 		var t Token
 		var a Agent
 		if getJSON(tx.Bucket(bucketTokens), tokenID, &t) != nil || t.Kind != KindAgent || t.HostKey == "" {
@@ -492,7 +509,7 @@ func (s *Store) PinHostKey(tokenID, hostKey string) (pinned string, err error) {
 	if done {
 		return pinned, err
 	}
-	err = s.db.Update(func(tx *bolt.Tx) error {
+	err = s.update(ctx, func(tx *bolt.Tx) error {
 		var t Token
 		if err := getJSON(tx.Bucket(bucketTokens), tokenID, &t); err != nil {
 			return fmt.Errorf("token %q %w", tokenID, err)
@@ -527,8 +544,8 @@ func (s *Store) PinHostKey(tokenID, hostKey string) (pinned string, err error) {
 // ResetIdentity forgets the host key pinned for the agent's tokens, so the
 // next registration pins a new one. The agent's vouched key stays until
 // then: a connected agent keeps being reachable.
-func (s *Store) ResetIdentity(agent string) error {
-	return s.db.Update(func(tx *bolt.Tx) error {
+func (s *Store) ResetIdentity(ctx context.Context, agent string) error {
+	return s.update(ctx, func(tx *bolt.Tx) error {
 		if tx.Bucket(bucketAgents).Get([]byte(agent)) == nil {
 			return fmt.Errorf("agent %q %w", agent, ErrNotFound)
 		}
@@ -559,9 +576,9 @@ type Snapshot struct {
 }
 
 // List returns everything, sorted by name.
-func (s *Store) List() (Snapshot, error) {
+func (s *Store) List(ctx context.Context) (Snapshot, error) {
 	var snap Snapshot
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.view(ctx, func(tx *bolt.Tx) error {
 		if err := allJSON(tx.Bucket(bucketUsers), &snap.Users); err != nil {
 			return err
 		}
@@ -587,9 +604,9 @@ func (s *Store) List() (Snapshot, error) {
 
 // Secret returns the named random secret, creating it on first use. The
 // coordinator signs resume tokens with one, so they survive its restarts.
-func (s *Store) Secret(name string) ([]byte, error) {
+func (s *Store) Secret(ctx context.Context, name string) ([]byte, error) {
 	var secret []byte
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := s.update(ctx, func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketMeta)
 		key := []byte("secret/" + name)
 		if v := b.Get(key); v != nil {
@@ -606,9 +623,9 @@ func (s *Store) Secret(name string) ([]byte, error) {
 }
 
 // IsAgentID reports whether id belongs to a stored agent.
-func (s *Store) IsAgentID(id tailnet.NodeID) bool {
-	found := false
-	s.db.View(func(tx *bolt.Tx) error {
+func (s *Store) IsAgentID(ctx context.Context, id tailnet.NodeID) bool {
+	found := true // as the contract says when it cannot tell
+	s.view(ctx, func(tx *bolt.Tx) error {
 		found = tx.Bucket(bucketAgentIDs).Get(idKey(id)) != nil
 		return nil
 	})

@@ -176,7 +176,7 @@ func TestRevokedPeerIsRemoved(t *testing.T) {
 		t.Fatal("the client is not installed in the agent's node")
 	}
 
-	if _, err := d.Admin.RevokeToken(d.UserTokenID); err != nil {
+	if _, err := d.Admin.RevokeToken(t.Context(), d.UserTokenID); err != nil {
 		t.Fatal(err)
 	}
 	if g := await(t, agentEv.gone, "word that the client left"); g.NodeID != cl.Node.ID || g.Reason != protocol.GoneRevoked {

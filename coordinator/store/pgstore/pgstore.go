@@ -45,8 +45,9 @@ type Options struct {
 	// local clock, UTC), so every replica judges expiry the same way the
 	// bbolt store does.
 	Now func() time.Time
-	// OpTimeout bounds one store operation, so a database that stopped
-	// answering fails requests instead of hanging them (default 10s).
+	// OpTimeout bounds one store operation whose context has no deadline,
+	// so a database that stopped answering fails requests instead of
+	// hanging them (default 10s).
 	OpTimeout time.Duration
 	// ConnectTimeout bounds one connection attempt when the URL sets none
 	// (default 5s).
@@ -141,12 +142,22 @@ func (s *Store) Describe(err error) string {
 // Target names the database server for messages, without the password.
 func (s *Store) Target() string { return s.target }
 
-// op runs one operation with the operation timeout and turns database
-// failures into errors a person can act on.
-func (s *Store) op(name string, fn func(ctx context.Context) error) error {
-	ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
-	defer cancel()
-	err := fn(ctx)
+// op runs one operation under the caller's context and turns database
+// failures into errors a person can act on. A context without a deadline
+// gets the operation timeout, so a database that stopped answering fails
+// the request instead of hanging it.
+func (s *Store) op(ctx context.Context, name string, fn func(ctx context.Context) error) error {
+	octx := ctx
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		octx, cancel = context.WithTimeout(ctx, s.timeout)
+		defer cancel()
+	}
+	err := fn(octx)
+	if err != nil && errors.Is(ctx.Err(), context.Canceled) {
+		// The caller gave up: that says nothing about the database.
+		return fmt.Errorf("%s: %w", name, context.Cause(ctx))
+	}
 	if err == nil || !isUnavailable(err) {
 		if s.down.CompareAndSwap(true, false) {
 			s.logger.Info("PostgreSQL answers again", "db", s.target)
@@ -160,19 +171,19 @@ func (s *Store) op(name string, fn func(ctx context.Context) error) error {
 }
 
 // tx runs fn in a transaction, committed if fn returns nil.
-func (s *Store) tx(name string, fn func(ctx context.Context, tx pgx.Tx) error) error {
-	return s.op(name, func(ctx context.Context) error {
+func (s *Store) tx(ctx context.Context, name string, fn func(ctx context.Context, tx pgx.Tx) error) error {
+	return s.op(ctx, name, func(ctx context.Context) error {
 		return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error { return fn(ctx, tx) })
 	})
 }
 
 // CreateUser adds a user.
-func (s *Store) CreateUser(name string) (store.User, error) {
+func (s *Store) CreateUser(ctx context.Context, name string) (store.User, error) {
 	if err := protocol.ValidUserName(name); err != nil {
 		return store.User{}, err
 	}
 	u := store.User{Name: name, Created: s.now()}
-	err := s.op("creating a user", func(ctx context.Context) error {
+	err := s.op(ctx, "creating a user", func(ctx context.Context) error {
 		tag, err := s.pool.Exec(ctx, `INSERT INTO users (name, doc) VALUES ($1, $2) ON CONFLICT DO NOTHING`, name, doc(u))
 		if err != nil {
 			return err
@@ -188,7 +199,7 @@ func (s *Store) CreateUser(name string) (store.User, error) {
 // CreateAgent adds an agent owned by an existing user, with a fresh stable
 // ID, and returns it with its first token's secret, all in one
 // transaction.
-func (s *Store) CreateAgent(name, owner string) (store.Agent, string, store.Token, error) {
+func (s *Store) CreateAgent(ctx context.Context, name, owner string) (store.Agent, string, store.Token, error) {
 	if err := protocol.ValidAgentName(name); err != nil {
 		return store.Agent{}, "", store.Token{}, err
 	}
@@ -201,7 +212,7 @@ func (s *Store) CreateAgent(name, owner string) (store.Agent, string, store.Toke
 			return store.Agent{}, "", store.Token{}, err
 		}
 		a = store.Agent{Name: name, Owner: owner, ID: id, Created: s.now()}
-		err = s.tx("creating an agent", func(ctx context.Context, tx pgx.Tx) error {
+		err = s.tx(ctx, "creating an agent", func(ctx context.Context, tx pgx.Tx) error {
 			if err := exists(ctx, tx, fmt.Errorf("owner: user %q %w; create the user first", owner, store.ErrNotFound), `SELECT 1 FROM users WHERE name = $1 FOR SHARE`, owner); err != nil {
 				return err
 			}
@@ -230,8 +241,8 @@ func (s *Store) CreateAgent(name, owner string) (store.Agent, string, store.Toke
 }
 
 // DeleteAgent removes an agent, its grants and its tokens.
-func (s *Store) DeleteAgent(name string) error {
-	return s.tx("deleting an agent", func(ctx context.Context, tx pgx.Tx) error {
+func (s *Store) DeleteAgent(ctx context.Context, name string) error {
+	return s.tx(ctx, "deleting an agent", func(ctx context.Context, tx pgx.Tx) error {
 		tag, err := tx.Exec(ctx, `DELETE FROM agents WHERE name = $1`, name)
 		if err != nil {
 			return err
@@ -248,8 +259,8 @@ func (s *Store) DeleteAgent(name string) error {
 
 // DeleteUser removes a user, their grants and tokens. A user who still
 // owns agents cannot be deleted.
-func (s *Store) DeleteUser(name string) error {
-	return s.tx("deleting a user", func(ctx context.Context, tx pgx.Tx) error {
+func (s *Store) DeleteUser(ctx context.Context, name string) error {
+	return s.tx(ctx, "deleting a user", func(ctx context.Context, tx pgx.Tx) error {
 		if err := exists(ctx, tx, fmt.Errorf("user %q %w", name, store.ErrNotFound), `SELECT 1 FROM users WHERE name = $1 FOR UPDATE`, name); err != nil {
 			return err
 		}
@@ -271,9 +282,9 @@ func (s *Store) DeleteUser(name string) error {
 }
 
 // AddGrant lets user reach agent.
-func (s *Store) AddGrant(user, agent string) (store.Grant, error) {
+func (s *Store) AddGrant(ctx context.Context, user, agent string) (store.Grant, error) {
 	g := store.Grant{User: user, Agent: agent, Created: s.now()}
-	err := s.tx("adding a grant", func(ctx context.Context, tx pgx.Tx) error {
+	err := s.tx(ctx, "adding a grant", func(ctx context.Context, tx pgx.Tx) error {
 		if err := exists(ctx, tx, fmt.Errorf("user %q %w", user, store.ErrNotFound), `SELECT 1 FROM users WHERE name = $1 FOR SHARE`, user); err != nil {
 			return err
 		}
@@ -293,8 +304,8 @@ func (s *Store) AddGrant(user, agent string) (store.Grant, error) {
 }
 
 // RemoveGrant withdraws a grant.
-func (s *Store) RemoveGrant(user, agent string) error {
-	return s.tx("removing a grant", func(ctx context.Context, tx pgx.Tx) error {
+func (s *Store) RemoveGrant(ctx context.Context, user, agent string) error {
+	return s.tx(ctx, "removing a grant", func(ctx context.Context, tx pgx.Tx) error {
 		tag, err := tx.Exec(ctx, `DELETE FROM grants WHERE user_name = $1 AND agent = $2`, user, agent)
 		if err != nil {
 			return err
@@ -307,9 +318,9 @@ func (s *Store) RemoveGrant(user, agent string) error {
 }
 
 // MayReach returns the agent if user owns it or holds a grant for it.
-func (s *Store) MayReach(user, agent string) (store.Agent, error) {
+func (s *Store) MayReach(ctx context.Context, user, agent string) (store.Agent, error) {
 	var a store.Agent
-	err := s.op("checking access", func(ctx context.Context) error {
+	err := s.op(ctx, "checking access", func(ctx context.Context) error {
 		var granted bool
 		err := s.pool.QueryRow(ctx, `SELECT a.doc, EXISTS (SELECT 1 FROM grants g WHERE g.user_name = $1 AND g.agent = a.name)
 			FROM agents a WHERE a.name = $2`, user, agent).Scan(&a, &granted)
@@ -328,9 +339,9 @@ func (s *Store) MayReach(user, agent string) (store.Agent, error) {
 }
 
 // AgentByID finds an agent by its stable ID.
-func (s *Store) AgentByID(id tailnet.NodeID) (store.Agent, error) {
+func (s *Store) AgentByID(ctx context.Context, id tailnet.NodeID) (store.Agent, error) {
 	var a store.Agent
-	err := s.op("finding an agent", func(ctx context.Context) error {
+	err := s.op(ctx, "finding an agent", func(ctx context.Context) error {
 		err := s.pool.QueryRow(ctx, `SELECT doc FROM agents WHERE id = $1`, int64(id)).Scan(&a)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return fmt.Errorf("agent id %d %w", id, store.ErrNotFound)
@@ -342,9 +353,9 @@ func (s *Store) AgentByID(id tailnet.NodeID) (store.Agent, error) {
 
 // IsAgentID reports whether id belongs to a stored agent; true when the
 // database cannot tell, so the ID is not handed to a client.
-func (s *Store) IsAgentID(id tailnet.NodeID) bool {
+func (s *Store) IsAgentID(ctx context.Context, id tailnet.NodeID) bool {
 	found := true
-	s.op("checking an agent id", func(ctx context.Context) error {
+	s.op(ctx, "checking an agent id", func(ctx context.Context) error {
 		return s.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM agents WHERE id = $1)`, int64(id)).Scan(&found)
 	})
 	return found
@@ -352,10 +363,10 @@ func (s *Store) IsAgentID(id tailnet.NodeID) bool {
 
 // CreateToken makes a new token for an existing user or agent. A zero
 // expires means it never expires.
-func (s *Store) CreateToken(kind store.TokenKind, subject string, expires time.Time) (string, store.Token, error) {
+func (s *Store) CreateToken(ctx context.Context, kind store.TokenKind, subject string, expires time.Time) (string, store.Token, error) {
 	var secret string
 	var tok store.Token
-	err := s.tx("creating a token", func(ctx context.Context, tx pgx.Tx) error {
+	err := s.tx(ctx, "creating a token", func(ctx context.Context, tx pgx.Tx) error {
 		var err error
 		secret, tok, err = s.createTokenTx(ctx, tx, kind, subject, expires)
 		return err
@@ -395,9 +406,9 @@ func (s *Store) createTokenTx(ctx context.Context, tx pgx.Tx, kind store.TokenKi
 }
 
 // RevokeToken revokes a token named by its ID or by its secret.
-func (s *Store) RevokeToken(idOrSecret string) (store.Token, error) {
+func (s *Store) RevokeToken(ctx context.Context, idOrSecret string) (store.Token, error) {
 	var tok store.Token
-	err := s.tx("revoking a token", func(ctx context.Context, tx pgx.Tx) error {
+	err := s.tx(ctx, "revoking a token", func(ctx context.Context, tx pgx.Tx) error {
 		q, arg := `SELECT doc FROM tokens WHERE id = $1 FOR UPDATE`, idOrSecret
 		bySecret := store.IsTokenSecret(idOrSecret)
 		if bySecret {
@@ -427,9 +438,9 @@ func (s *Store) RevokeToken(idOrSecret string) (store.Token, error) {
 // key already pinned it changes nothing and returns the pinned key with
 // ErrIdentityMismatch. Row locks make two replicas racing to pin the same
 // token agree on one key.
-func (s *Store) PinHostKey(tokenID, hostKey string) (string, error) {
+func (s *Store) PinHostKey(ctx context.Context, tokenID, hostKey string) (string, error) {
 	var pinned string
-	err := s.tx("pinning a host key", func(ctx context.Context, tx pgx.Tx) error {
+	err := s.tx(ctx, "pinning a host key", func(ctx context.Context, tx pgx.Tx) error {
 		var t store.Token
 		err := tx.QueryRow(ctx, `SELECT doc FROM tokens WHERE id = $1 FOR UPDATE`, tokenID).Scan(&t)
 		if errors.Is(err, pgx.ErrNoRows) {
@@ -474,8 +485,8 @@ func (s *Store) PinHostKey(tokenID, hostKey string) (string, error) {
 // ResetIdentity forgets the host key pinned for the agent's tokens, so the
 // next registration pins a new one. The agent's vouched key stays until
 // then: a connected agent keeps being reachable.
-func (s *Store) ResetIdentity(agent string) error {
-	return s.tx("resetting an agent's identity", func(ctx context.Context, tx pgx.Tx) error {
+func (s *Store) ResetIdentity(ctx context.Context, agent string) error {
+	return s.tx(ctx, "resetting an agent's identity", func(ctx context.Context, tx pgx.Tx) error {
 		if err := exists(ctx, tx, fmt.Errorf("agent %q %w", agent, store.ErrNotFound), `SELECT 1 FROM agents WHERE name = $1`, agent); err != nil {
 			return err
 		}
@@ -493,9 +504,9 @@ const principalQuery = `SELECT t.doc, a.doc, u.doc
 
 // Authenticate returns who a token secret belongs to, or ErrTokenInvalid,
 // ErrTokenExpired or ErrTokenRevoked.
-func (s *Store) Authenticate(secret string) (store.Principal, error) {
+func (s *Store) Authenticate(ctx context.Context, secret string) (store.Principal, error) {
 	var p store.Principal
-	err := s.op("checking a token", func(ctx context.Context) error {
+	err := s.op(ctx, "checking a token", func(ctx context.Context) error {
 		var err error
 		p, err = s.principal(ctx, principalQuery+`t.hash = $1`, store.HashToken(secret), store.ErrTokenInvalid)
 		return err
@@ -505,8 +516,8 @@ func (s *Store) Authenticate(secret string) (store.Principal, error) {
 
 // CheckToken re-validates a token by ID, for sessions that outlive a
 // revocation or an expiry.
-func (s *Store) CheckToken(id string) error {
-	return s.op("re-checking a token", func(ctx context.Context) error {
+func (s *Store) CheckToken(ctx context.Context, id string) error {
+	return s.op(ctx, "re-checking a token", func(ctx context.Context) error {
 		_, err := s.principal(ctx, principalQuery+`t.id = $1`, id, store.ErrTokenRevoked)
 		return err
 	})
@@ -544,9 +555,9 @@ func (s *Store) principal(ctx context.Context, q, arg string, missing error) (st
 }
 
 // List returns everything, sorted as the bbolt store sorts it.
-func (s *Store) List() (store.Snapshot, error) {
+func (s *Store) List(ctx context.Context) (store.Snapshot, error) {
 	var snap store.Snapshot
-	err := s.op("listing the store", func(ctx context.Context) error {
+	err := s.op(ctx, "listing the store", func(ctx context.Context) error {
 		// One snapshot of the database, as bbolt's read transaction is.
 		return pgx.BeginTxFunc(ctx, s.pool, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly}, func(tx pgx.Tx) error {
 			var err error
@@ -574,13 +585,13 @@ func (s *Store) List() (store.Snapshot, error) {
 
 // Secret returns the named random secret, creating it on first use; every
 // replica gets the same one.
-func (s *Store) Secret(name string) ([]byte, error) {
+func (s *Store) Secret(ctx context.Context, name string) ([]byte, error) {
 	fresh, err := store.RandomSecret()
 	if err != nil {
 		return nil, err
 	}
 	var secret []byte
-	err = s.op("reading a secret", func(ctx context.Context) error {
+	err = s.op(ctx, "reading a secret", func(ctx context.Context) error {
 		if _, err := s.pool.Exec(ctx, `INSERT INTO secrets (name, value) VALUES ($1, $2) ON CONFLICT DO NOTHING`, name, fresh); err != nil {
 			return err
 		}

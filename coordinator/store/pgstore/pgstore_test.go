@@ -61,12 +61,12 @@ func TestOnlyHashesStored(t *testing.T) {
 	srv := pgtest.Start(t)
 	url := srv.NewDatabase()
 	s := open(t, url)
-	s.CreateUser("alice")
-	_, agentSecret, _, err := s.CreateAgent("ws1", "alice")
+	s.CreateUser(t.Context(), "alice")
+	_, agentSecret, _, err := s.CreateAgent(t.Context(), "ws1", "alice")
 	if err != nil {
 		t.Fatal(err)
 	}
-	userSecret, _, err := s.CreateToken(store.KindUser, "alice", time.Time{})
+	userSecret, _, err := s.CreateToken(t.Context(), store.KindUser, "alice", time.Time{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,10 +118,10 @@ func TestConcurrentMigration(t *testing.T) {
 		t.Fatalf("%d migration rows (%d distinct), want %d", versions, distinct, pgstore.SchemaVersion())
 	}
 	// Every replica sees the others' writes.
-	if _, err := stores[1].CreateUser("alice"); err != nil {
+	if _, err := stores[1].CreateUser(t.Context(), "alice"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := stores[4].CreateUser("alice"); !errors.Is(err, store.ErrExists) {
+	if _, err := stores[4].CreateUser(t.Context(), "alice"); !errors.Is(err, store.ErrExists) {
 		t.Fatalf("second replica creating the same user: %v", err)
 	}
 }
@@ -212,26 +212,26 @@ func TestOutageAndRecovery(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	s.CreateUser("alice")
-	_, secret, _, err := s.CreateAgent("ws1", "alice")
+	s.CreateUser(t.Context(), "alice")
+	_, secret, _, err := s.CreateAgent(t.Context(), "ws1", "alice")
 	if err != nil {
 		t.Fatal(err)
 	}
 	srv.Stop()
-	_, err = s.Authenticate(secret)
+	_, err = s.Authenticate(t.Context(), secret)
 	if !errors.Is(err, store.ErrUnavailable) || errors.Is(err, store.ErrTokenInvalid) {
 		t.Fatalf("authenticating while the database is down: %v", err)
 	}
 	if strings.Contains(err.Error(), "\n") || strings.Contains(err.Error(), "secret") {
 		t.Fatalf("error %q", err)
 	}
-	if !s.IsAgentID(12345) {
+	if !s.IsAgentID(t.Context(), 12345) {
 		t.Fatal("IsAgentID said no while the database is down")
 	}
 	srv.Start()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		p, err := s.Authenticate(secret)
+		p, err := s.Authenticate(t.Context(), secret)
 		if err == nil {
 			if p.Agent == nil || p.Agent.Name != "ws1" {
 				t.Fatalf("principal %+v", p)
@@ -283,7 +283,7 @@ func TestWriterDiesMidTransaction(t *testing.T) {
 	cmd.Wait()
 
 	s := open(t, url)
-	snap, err := s.List()
+	snap, err := s.List(t.Context())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -314,7 +314,7 @@ func TestWriterDiesMidTransaction(t *testing.T) {
 	}); err != nil {
 		t.Fatalf("users table still locked: %v", err)
 	}
-	if _, err := s.CreateUser("half"); err != nil {
+	if _, err := s.CreateUser(t.Context(), "half"); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -322,20 +322,20 @@ func TestWriterDiesMidTransaction(t *testing.T) {
 // runWriter writes users and agents, reporting each finished write, then
 // leaves one transaction open and waits to be killed.
 func runWriter(url string) error {
-	s, err := pgstore.Open(context.Background(), url, pgstore.Options{})
+	ctx := context.Background()
+	s, err := pgstore.Open(ctx, url, pgstore.Options{})
 	if err != nil {
 		return err
 	}
 	for i := range 20 {
-		if _, err := s.CreateUser(fmt.Sprintf("u%d", i)); err != nil {
+		if _, err := s.CreateUser(ctx, fmt.Sprintf("u%d", i)); err != nil {
 			return err
 		}
-		if _, _, _, err := s.CreateAgent(fmt.Sprintf("a%d", i), fmt.Sprintf("u%d", i)); err != nil {
+		if _, _, _, err := s.CreateAgent(ctx, fmt.Sprintf("a%d", i), fmt.Sprintf("u%d", i)); err != nil {
 			return err
 		}
 		fmt.Printf("done %d\n", i)
 	}
-	ctx := context.Background()
 	tx, err := s.Pool().Begin(ctx)
 	if err != nil {
 		return err

@@ -3,6 +3,7 @@
 package storetest
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -32,6 +33,7 @@ func Run(t *testing.T, fresh func(t *testing.T) Opener) {
 		{"ConcurrentWriters", testConcurrentWriters},
 		{"HostKeyPinning", testHostKeyPinning},
 		{"AdminTokens", testAdminTokens},
+		{"CancelledContext", testCancelledContext},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) { tc.fn(t, fresh(t)) })
@@ -72,8 +74,8 @@ func must[T any](t *testing.T) func(v T, err error) T {
 func testSurvivesReopen(t *testing.T, open Opener) {
 	c := newClock()
 	s := mustOpen(t, open, c)
-	must[store.User](t)(s.CreateUser("alice"))
-	a, agentSecret, agentTok, err := s.CreateAgent("ws1", "alice")
+	must[store.User](t)(s.CreateUser(t.Context(), "alice"))
+	a, agentSecret, agentTok, err := s.CreateAgent(t.Context(), "ws1", "alice")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -83,27 +85,27 @@ func testSurvivesReopen(t *testing.T, open Opener) {
 	if agentTok.Hash != store.HashToken(agentSecret) {
 		t.Fatal("the token description does not carry the secret's hash")
 	}
-	userSecret, _, err := s.CreateToken(store.KindUser, "alice", time.Time{})
+	userSecret, _, err := s.CreateToken(t.Context(), store.KindUser, "alice", time.Time{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !strings.HasPrefix(userSecret, store.UserTokenPrefix) {
 		t.Fatalf("user token %q", userSecret)
 	}
-	secret1 := must[[]byte](t)(s.Secret("resume"))
+	secret1 := must[[]byte](t)(s.Secret(t.Context(), "resume"))
 	if len(secret1) != 32 {
 		t.Fatalf("secret of %d bytes", len(secret1))
 	}
-	if again := must[[]byte](t)(s.Secret("resume")); string(again) != string(secret1) {
+	if again := must[[]byte](t)(s.Secret(t.Context(), "resume")); string(again) != string(secret1) {
 		t.Fatal("Secret changed between two calls")
 	}
-	if other := must[[]byte](t)(s.Secret("other")); string(other) == string(secret1) {
+	if other := must[[]byte](t)(s.Secret(t.Context(), "other")); string(other) == string(secret1) {
 		t.Fatal("two named secrets are the same")
 	}
 	s.Close()
 
 	s2 := mustOpen(t, open, c)
-	p, err := s2.Authenticate(agentSecret)
+	p, err := s2.Authenticate(t.Context(), agentSecret)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -113,22 +115,22 @@ func testSurvivesReopen(t *testing.T, open Opener) {
 	if !p.Agent.Created.Equal(a.Created) {
 		t.Fatalf("agent created %v after reopening, was %v", p.Agent.Created, a.Created)
 	}
-	if p, err := s2.Authenticate(userSecret); err != nil || p.Agent != nil || p.User.Name != "alice" {
+	if p, err := s2.Authenticate(t.Context(), userSecret); err != nil || p.Agent != nil || p.User.Name != "alice" {
 		t.Fatalf("user principal %+v, %v", p, err)
 	}
-	if secret2 := must[[]byte](t)(s2.Secret("resume")); string(secret2) != string(secret1) {
+	if secret2 := must[[]byte](t)(s2.Secret(t.Context(), "resume")); string(secret2) != string(secret1) {
 		t.Fatal("resume secret changed across reopening")
 	}
-	if got, err := s2.AgentByID(a.ID); err != nil || got.Name != "ws1" || got.Owner != "alice" {
+	if got, err := s2.AgentByID(t.Context(), a.ID); err != nil || got.Name != "ws1" || got.Owner != "alice" {
 		t.Fatalf("AgentByID: %+v %v", got, err)
 	}
-	if _, err := s2.AgentByID(a.ID + 1); !errors.Is(err, store.ErrNotFound) {
+	if _, err := s2.AgentByID(t.Context(), a.ID+1); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("AgentByID of an unknown id: %v", err)
 	}
-	if err := s2.CheckToken(agentTok.ID); err != nil {
+	if err := s2.CheckToken(t.Context(), agentTok.ID); err != nil {
 		t.Fatalf("CheckToken: %v", err)
 	}
-	if err := s2.CheckToken("tok_unknown"); !errors.Is(err, store.ErrTokenRevoked) {
+	if err := s2.CheckToken(t.Context(), "tok_unknown"); !errors.Is(err, store.ErrTokenRevoked) {
 		t.Fatalf("CheckToken of an unknown token: %v", err)
 	}
 }
@@ -137,66 +139,66 @@ func testTokenLifecycle(t *testing.T, open Opener) {
 	c := newClock()
 	s := mustOpen(t, open, c)
 	now := c.get()
-	must[store.User](t)(s.CreateUser("alice"))
+	must[store.User](t)(s.CreateUser(t.Context(), "alice"))
 
-	if _, _, err := s.CreateToken(store.KindUser, "nobody", time.Time{}); !errors.Is(err, store.ErrNotFound) {
+	if _, _, err := s.CreateToken(t.Context(), store.KindUser, "nobody", time.Time{}); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("token for unknown user: %v", err)
 	}
-	if _, _, err := s.CreateToken(store.KindAgent, "nope", time.Time{}); !errors.Is(err, store.ErrNotFound) {
+	if _, _, err := s.CreateToken(t.Context(), store.KindAgent, "nope", time.Time{}); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("token for unknown agent: %v", err)
 	}
-	if _, _, err := s.CreateToken("robot", "alice", time.Time{}); err == nil {
+	if _, _, err := s.CreateToken(t.Context(), "robot", "alice", time.Time{}); err == nil {
 		t.Fatal("token of an unknown kind accepted")
 	}
-	if _, _, err := s.CreateToken(store.KindUser, "alice", now.Add(-time.Minute)); err == nil {
+	if _, _, err := s.CreateToken(t.Context(), store.KindUser, "alice", now.Add(-time.Minute)); err == nil {
 		t.Fatal("token expiring in the past accepted")
 	}
-	secret, tok, err := s.CreateToken(store.KindUser, "alice", now.Add(time.Hour))
+	secret, tok, err := s.CreateToken(t.Context(), store.KindUser, "alice", now.Add(time.Hour))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Authenticate(secret); err != nil {
+	if _, err := s.Authenticate(t.Context(), secret); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Authenticate(secret + "x"); !errors.Is(err, store.ErrTokenInvalid) {
+	if _, err := s.Authenticate(t.Context(), secret+"x"); !errors.Is(err, store.ErrTokenInvalid) {
 		t.Fatalf("altered token: %v", err)
 	}
-	if _, err := s.Authenticate(""); !errors.Is(err, store.ErrTokenInvalid) {
+	if _, err := s.Authenticate(t.Context(), ""); !errors.Is(err, store.ErrTokenInvalid) {
 		t.Fatalf("empty token: %v", err)
 	}
 	c.set(now.Add(2 * time.Hour))
-	if _, err := s.Authenticate(secret); !errors.Is(err, store.ErrTokenExpired) {
+	if _, err := s.Authenticate(t.Context(), secret); !errors.Is(err, store.ErrTokenExpired) {
 		t.Fatalf("expired token: %v", err)
 	}
-	if err := s.CheckToken(tok.ID); !errors.Is(err, store.ErrTokenExpired) {
+	if err := s.CheckToken(t.Context(), tok.ID); !errors.Is(err, store.ErrTokenExpired) {
 		t.Fatalf("CheckToken of expired token: %v", err)
 	}
 
-	secret2, tok2, err := s.CreateToken(store.KindUser, "alice", time.Time{})
+	secret2, tok2, err := s.CreateToken(t.Context(), store.KindUser, "alice", time.Time{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	// Revoke by the secret itself, then again by ID (idempotent).
-	r1, err := s.RevokeToken(secret2)
+	r1, err := s.RevokeToken(t.Context(), secret2)
 	if err != nil || r1.ID != tok2.ID || r1.Revoked.IsZero() {
 		t.Fatalf("revoke by secret: %+v %v", r1, err)
 	}
-	if r, err := s.RevokeToken(tok2.ID); err != nil || !r.Revoked.Equal(r1.Revoked) {
+	if r, err := s.RevokeToken(t.Context(), tok2.ID); err != nil || !r.Revoked.Equal(r1.Revoked) {
 		t.Fatalf("second revoke: %+v %v", r, err)
 	}
-	if _, err := s.Authenticate(secret2); !errors.Is(err, store.ErrTokenRevoked) {
+	if _, err := s.Authenticate(t.Context(), secret2); !errors.Is(err, store.ErrTokenRevoked) {
 		t.Fatalf("revoked token: %v", err)
 	}
-	if err := s.CheckToken(tok2.ID); !errors.Is(err, store.ErrTokenRevoked) {
+	if err := s.CheckToken(t.Context(), tok2.ID); !errors.Is(err, store.ErrTokenRevoked) {
 		t.Fatalf("CheckToken of revoked token: %v", err)
 	}
-	if _, err := s.RevokeToken("tok_nonexistent"); !errors.Is(err, store.ErrNotFound) {
+	if _, err := s.RevokeToken(t.Context(), "tok_nonexistent"); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("revoking unknown token: %v", err)
 	}
-	if _, err := s.RevokeToken(store.UserTokenPrefix + "nonexistent"); !errors.Is(err, store.ErrNotFound) {
+	if _, err := s.RevokeToken(t.Context(), store.UserTokenPrefix+"nonexistent"); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("revoking unknown secret: %v", err)
 	}
-	snap := must[store.Snapshot](t)(s.List())
+	snap := must[store.Snapshot](t)(s.List(t.Context()))
 	for _, st := range snap.Tokens {
 		if st.Hash == "" || strings.Contains(fmt.Sprintf("%+v", st), secret2) {
 			t.Fatalf("listed token %+v", st)
@@ -206,28 +208,28 @@ func testTokenLifecycle(t *testing.T, open Opener) {
 
 func testAgentsGrantsAndDeletion(t *testing.T, open Opener) {
 	s := mustOpen(t, open, newClock())
-	must[store.User](t)(s.CreateUser("alice"))
-	must[store.User](t)(s.CreateUser("bob"))
-	if _, err := s.CreateUser("alice"); !errors.Is(err, store.ErrExists) {
+	must[store.User](t)(s.CreateUser(t.Context(), "alice"))
+	must[store.User](t)(s.CreateUser(t.Context(), "bob"))
+	if _, err := s.CreateUser(t.Context(), "alice"); !errors.Is(err, store.ErrExists) {
 		t.Fatalf("duplicate user: %v", err)
 	}
-	if _, err := s.CreateUser("Bad Name"); err == nil {
+	if _, err := s.CreateUser(t.Context(), "Bad Name"); err == nil {
 		t.Fatal("invalid user name accepted")
 	}
-	if _, _, _, err := s.CreateAgent("ws1", "nobody"); !errors.Is(err, store.ErrNotFound) || !strings.Contains(err.Error(), "create the user first") {
+	if _, _, _, err := s.CreateAgent(t.Context(), "ws1", "nobody"); !errors.Is(err, store.ErrNotFound) || !strings.Contains(err.Error(), "create the user first") {
 		t.Fatalf("agent with unknown owner: %v", err)
 	}
-	if _, _, _, err := s.CreateAgent("Bad Name", "alice"); err == nil {
+	if _, _, _, err := s.CreateAgent(t.Context(), "Bad Name", "alice"); err == nil {
 		t.Fatal("invalid agent name accepted")
 	}
-	a1, agentSecret, _, err := s.CreateAgent("ws1", "alice")
+	a1, agentSecret, _, err := s.CreateAgent(t.Context(), "ws1", "alice")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, _, _, err := s.CreateAgent("ws1", "bob"); !errors.Is(err, store.ErrExists) {
+	if _, _, _, err := s.CreateAgent(t.Context(), "ws1", "bob"); !errors.Is(err, store.ErrExists) {
 		t.Fatalf("duplicate agent: %v", err)
 	}
-	a2, _, _, err := s.CreateAgent("ws2", "alice")
+	a2, _, _, err := s.CreateAgent(t.Context(), "ws2", "alice")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -235,85 +237,85 @@ func testAgentsGrantsAndDeletion(t *testing.T, open Opener) {
 		t.Fatalf("agent ids %d %d", a1.ID, a2.ID)
 	}
 
-	if a, err := s.MayReach("alice", "ws1"); err != nil || a.ID != a1.ID {
+	if a, err := s.MayReach(t.Context(), "alice", "ws1"); err != nil || a.ID != a1.ID {
 		t.Fatalf("owner refused: %+v %v", a, err)
 	}
-	if _, err := s.MayReach("bob", "ws1"); !errors.Is(err, store.ErrForbidden) {
+	if _, err := s.MayReach(t.Context(), "bob", "ws1"); !errors.Is(err, store.ErrForbidden) {
 		t.Fatalf("bob without grant: %v", err)
 	}
-	if _, err := s.MayReach("bob", "nope"); !errors.Is(err, store.ErrNotFound) {
+	if _, err := s.MayReach(t.Context(), "bob", "nope"); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("unknown agent: %v", err)
 	}
-	if _, err := s.AddGrant("carol", "ws1"); !errors.Is(err, store.ErrNotFound) {
+	if _, err := s.AddGrant(t.Context(), "carol", "ws1"); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("grant for unknown user: %v", err)
 	}
-	if _, err := s.AddGrant("bob", "nope"); !errors.Is(err, store.ErrNotFound) {
+	if _, err := s.AddGrant(t.Context(), "bob", "nope"); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("grant on unknown agent: %v", err)
 	}
-	if g, err := s.AddGrant("bob", "ws1"); err != nil || g.User != "bob" || g.Agent != "ws1" {
+	if g, err := s.AddGrant(t.Context(), "bob", "ws1"); err != nil || g.User != "bob" || g.Agent != "ws1" {
 		t.Fatalf("grant: %+v %v", g, err)
 	}
-	if _, err := s.AddGrant("bob", "ws1"); !errors.Is(err, store.ErrExists) {
+	if _, err := s.AddGrant(t.Context(), "bob", "ws1"); !errors.Is(err, store.ErrExists) {
 		t.Fatalf("duplicate grant: %v", err)
 	}
-	if _, err := s.MayReach("bob", "ws1"); err != nil {
+	if _, err := s.MayReach(t.Context(), "bob", "ws1"); err != nil {
 		t.Fatalf("bob with grant: %v", err)
 	}
-	if err := s.RemoveGrant("bob", "ws1"); err != nil {
+	if err := s.RemoveGrant(t.Context(), "bob", "ws1"); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.RemoveGrant("bob", "ws1"); !errors.Is(err, store.ErrNotFound) {
+	if err := s.RemoveGrant(t.Context(), "bob", "ws1"); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("removing a missing grant: %v", err)
 	}
-	if _, err := s.MayReach("bob", "ws1"); !errors.Is(err, store.ErrForbidden) {
+	if _, err := s.MayReach(t.Context(), "bob", "ws1"); !errors.Is(err, store.ErrForbidden) {
 		t.Fatalf("bob after ungrant: %v", err)
 	}
 
-	if err := s.DeleteUser("alice"); err == nil || !strings.Contains(err.Error(), "ws1, ws2") {
+	if err := s.DeleteUser(t.Context(), "alice"); err == nil || !strings.Contains(err.Error(), "ws1, ws2") {
 		t.Fatalf("deleting an owner of agents: %v", err)
 	}
-	if err := s.DeleteUser("carol"); !errors.Is(err, store.ErrNotFound) {
+	if err := s.DeleteUser(t.Context(), "carol"); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("deleting an unknown user: %v", err)
 	}
-	if err := s.DeleteAgent("nope"); !errors.Is(err, store.ErrNotFound) {
+	if err := s.DeleteAgent(t.Context(), "nope"); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("deleting an unknown agent: %v", err)
 	}
-	must[store.Grant](t)(s.AddGrant("bob", "ws1"))
-	if err := s.DeleteAgent("ws1"); err != nil {
+	must[store.Grant](t)(s.AddGrant(t.Context(), "bob", "ws1"))
+	if err := s.DeleteAgent(t.Context(), "ws1"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Authenticate(agentSecret); !errors.Is(err, store.ErrTokenInvalid) {
+	if _, err := s.Authenticate(t.Context(), agentSecret); !errors.Is(err, store.ErrTokenInvalid) {
 		t.Fatalf("deleted agent's token: %v", err)
 	}
-	snap := must[store.Snapshot](t)(s.List())
+	snap := must[store.Snapshot](t)(s.List(t.Context()))
 	if len(snap.Grants) != 0 || len(snap.Agents) != 1 || len(snap.Tokens) != 1 {
 		t.Fatalf("after deleting ws1: %+v", snap)
 	}
 	// The name can be reused, with a new identity.
-	a3, _, _, err := s.CreateAgent("ws1", "bob")
+	a3, _, _, err := s.CreateAgent(t.Context(), "ws1", "bob")
 	if err != nil || a3.ID == a1.ID {
 		t.Fatalf("recreated agent %+v %v", a3, err)
 	}
-	if s.IsAgentID(a1.ID) || !s.IsAgentID(a3.ID) {
+	if s.IsAgentID(t.Context(), a1.ID) || !s.IsAgentID(t.Context(), a3.ID) {
 		t.Fatal("IsAgentID does not follow deletion")
 	}
 
 	// Deleting a user takes their grants and tokens along.
-	bobSecret, _, err := s.CreateToken(store.KindUser, "bob", time.Time{})
+	bobSecret, _, err := s.CreateToken(t.Context(), store.KindUser, "bob", time.Time{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	must[store.Grant](t)(s.AddGrant("bob", "ws2"))
-	if err := s.DeleteAgent("ws1"); err != nil {
+	must[store.Grant](t)(s.AddGrant(t.Context(), "bob", "ws2"))
+	if err := s.DeleteAgent(t.Context(), "ws1"); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.DeleteUser("bob"); err != nil {
+	if err := s.DeleteUser(t.Context(), "bob"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Authenticate(bobSecret); !errors.Is(err, store.ErrTokenInvalid) {
+	if _, err := s.Authenticate(t.Context(), bobSecret); !errors.Is(err, store.ErrTokenInvalid) {
 		t.Fatalf("deleted user's token: %v", err)
 	}
-	snap = must[store.Snapshot](t)(s.List())
+	snap = must[store.Snapshot](t)(s.List(t.Context()))
 	if len(snap.Grants) != 0 || len(snap.Users) != 1 {
 		t.Fatalf("after deleting bob: %+v", snap)
 	}
@@ -322,23 +324,23 @@ func testAgentsGrantsAndDeletion(t *testing.T, open Opener) {
 func testListOrder(t *testing.T, open Opener) {
 	c := newClock()
 	s := mustOpen(t, open, c)
-	if snap := must[store.Snapshot](t)(s.List()); snap.Users != nil || snap.Agents != nil || snap.Grants != nil || snap.Tokens != nil {
+	if snap := must[store.Snapshot](t)(s.List(t.Context())); snap.Users != nil || snap.Agents != nil || snap.Grants != nil || snap.Tokens != nil {
 		t.Fatalf("empty store lists %+v", snap)
 	}
 	for _, u := range []string{"zed", "bob", "alice", "al-x"} {
-		must[store.User](t)(s.CreateUser(u))
+		must[store.User](t)(s.CreateUser(t.Context(), u))
 	}
 	for _, a := range []string{"ws-a", "ws-9", "ws-10"} {
-		if _, _, _, err := s.CreateAgent(a, "bob"); err != nil {
+		if _, _, _, err := s.CreateAgent(t.Context(), a, "bob"); err != nil {
 			t.Fatal(err)
 		}
 		c.set(c.get().Add(time.Second))
 	}
-	must[store.Grant](t)(s.AddGrant("zed", "ws-a"))
-	must[store.Grant](t)(s.AddGrant("alice", "ws-9"))
-	must[store.Grant](t)(s.AddGrant("alice", "ws-10"))
-	must[store.Grant](t)(s.AddGrant("al-x", "ws-a"))
-	snap := must[store.Snapshot](t)(s.List())
+	must[store.Grant](t)(s.AddGrant(t.Context(), "zed", "ws-a"))
+	must[store.Grant](t)(s.AddGrant(t.Context(), "alice", "ws-9"))
+	must[store.Grant](t)(s.AddGrant(t.Context(), "alice", "ws-10"))
+	must[store.Grant](t)(s.AddGrant(t.Context(), "al-x", "ws-a"))
+	snap := must[store.Snapshot](t)(s.List(t.Context()))
 	var got []string
 	for _, u := range snap.Users {
 		got = append(got, u.Name)
@@ -363,7 +365,7 @@ func testListOrder(t *testing.T, open Opener) {
 // once, and nothing half-made is left behind.
 func testConcurrentWriters(t *testing.T, open Opener) {
 	s := mustOpen(t, open, newClock())
-	must[store.User](t)(s.CreateUser("alice"))
+	must[store.User](t)(s.CreateUser(t.Context(), "alice"))
 	const workers, names = 8, 6
 	var created, exists atomic.Int64
 	var wg sync.WaitGroup
@@ -373,7 +375,7 @@ func testConcurrentWriters(t *testing.T, open Opener) {
 		go func() {
 			defer wg.Done()
 			for n := range names {
-				_, _, _, err := s.CreateAgent(fmt.Sprintf("ws%d", n), "alice")
+				_, _, _, err := s.CreateAgent(t.Context(), fmt.Sprintf("ws%d", n), "alice")
 				switch {
 				case err == nil:
 					created.Add(1)
@@ -382,10 +384,10 @@ func testConcurrentWriters(t *testing.T, open Opener) {
 				default:
 					errc <- err
 				}
-				if _, err := s.Secret("shared"); err != nil {
+				if _, err := s.Secret(t.Context(), "shared"); err != nil {
 					errc <- err
 				}
-				if _, _, err := s.CreateToken(store.KindUser, "alice", time.Time{}); err != nil {
+				if _, _, err := s.CreateToken(t.Context(), store.KindUser, "alice", time.Time{}); err != nil {
 					errc <- fmt.Errorf("worker %d: %w", w, err)
 				}
 			}
@@ -399,7 +401,7 @@ func testConcurrentWriters(t *testing.T, open Opener) {
 	if created.Load() != names || exists.Load() != (workers-1)*names {
 		t.Fatalf("%d created and %d refused as existing; want %d and %d", created.Load(), exists.Load(), names, (workers-1)*names)
 	}
-	snap := must[store.Snapshot](t)(s.List())
+	snap := must[store.Snapshot](t)(s.List(t.Context()))
 	agentTokens := 0
 	for _, tk := range snap.Tokens {
 		if tk.Kind == store.KindAgent {
@@ -417,47 +419,47 @@ func testConcurrentWriters(t *testing.T, open Opener) {
 func testHostKeyPinning(t *testing.T, open Opener) {
 	c := newClock()
 	s := mustOpen(t, open, c)
-	if _, err := s.CreateUser("alice"); err != nil {
+	if _, err := s.CreateUser(t.Context(), "alice"); err != nil {
 		t.Fatal(err)
 	}
-	_, _, tok, err := s.CreateAgent("ws1", "alice")
+	_, _, tok, err := s.CreateAgent(t.Context(), "ws1", "alice")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, err := s.PinHostKey(tok.ID, "key-A"); err != nil || got != "key-A" {
+	if got, err := s.PinHostKey(t.Context(), tok.ID, "key-A"); err != nil || got != "key-A" {
 		t.Fatalf("first pin = %q, %v; want key-A, nil", got, err)
 	}
-	if got, err := s.PinHostKey(tok.ID, "key-A"); err != nil || got != "key-A" {
+	if got, err := s.PinHostKey(t.Context(), tok.ID, "key-A"); err != nil || got != "key-A" {
 		t.Fatalf("same key again = %q, %v; want key-A, nil", got, err)
 	}
-	got, err := s.PinHostKey(tok.ID, "key-B")
+	got, err := s.PinHostKey(t.Context(), tok.ID, "key-B")
 	if !errors.Is(err, store.ErrIdentityMismatch) || got != "key-A" {
 		t.Fatalf("other key = %q, %v; want key-A, ErrIdentityMismatch", got, err)
 	}
-	_, utok, err := s.CreateToken(store.KindUser, "alice", time.Time{})
+	_, utok, err := s.CreateToken(t.Context(), store.KindUser, "alice", time.Time{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.PinHostKey(utok.ID, "key-A"); err == nil {
+	if _, err := s.PinHostKey(t.Context(), utok.ID, "key-A"); err == nil {
 		t.Fatal("pinning a host key on a user token succeeded")
 	}
-	if err := s.ResetIdentity("nobody"); !errors.Is(err, store.ErrNotFound) {
+	if err := s.ResetIdentity(t.Context(), "nobody"); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("ResetIdentity of a missing agent = %v, want ErrNotFound", err)
 	}
-	if err := s.ResetIdentity("ws1"); err != nil {
+	if err := s.ResetIdentity(t.Context(), "ws1"); err != nil {
 		t.Fatal(err)
 	}
-	snap, err := s.List()
+	snap, err := s.List(t.Context())
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(snap.Agents) != 1 || snap.Agents[0].HostKey != "key-A" {
 		t.Fatalf("after reset the vouched key = %+v, want key-A kept until a new pin", snap.Agents)
 	}
-	if got, err := s.PinHostKey(tok.ID, "key-B"); err != nil || got != "key-B" {
+	if got, err := s.PinHostKey(t.Context(), tok.ID, "key-B"); err != nil || got != "key-B" {
 		t.Fatalf("pin after reset = %q, %v; want key-B, nil", got, err)
 	}
-	snap, err = s.List()
+	snap, err = s.List(t.Context())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -472,35 +474,35 @@ func testHostKeyPinning(t *testing.T, open Opener) {
 func testAdminTokens(t *testing.T, open Opener) {
 	c := newClock()
 	s := mustOpen(t, open, c)
-	if _, _, err := s.CreateToken(store.KindAdmin, "nobody", time.Time{}); !errors.Is(err, store.ErrNotFound) {
+	if _, _, err := s.CreateToken(t.Context(), store.KindAdmin, "nobody", time.Time{}); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("admin token for an unknown user: %v", err)
 	}
-	must[store.User](t)(s.CreateUser("root-ops"))
-	secret, tok, err := s.CreateToken(store.KindAdmin, "root-ops", time.Time{})
+	must[store.User](t)(s.CreateUser(t.Context(), "root-ops"))
+	secret, tok, err := s.CreateToken(t.Context(), store.KindAdmin, "root-ops", time.Time{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !strings.HasPrefix(secret, store.AdminTokenPrefix) || tok.Kind != store.KindAdmin || tok.Subject != "root-ops" {
 		t.Fatalf("admin token %q %+v: want adm_ prefix, kind admin, subject root-ops", secret[:4], tok)
 	}
-	p, err := s.Authenticate(secret)
+	p, err := s.Authenticate(t.Context(), secret)
 	if err != nil || p.Token.Kind != store.KindAdmin || p.User.Name != "root-ops" || p.Agent != nil {
 		t.Fatalf("Authenticate(admin token) = %+v, %v", p, err)
 	}
-	if r, err := s.RevokeToken(secret); err != nil || r.ID != tok.ID {
+	if r, err := s.RevokeToken(t.Context(), secret); err != nil || r.ID != tok.ID {
 		t.Fatalf("revoke an admin token by its secret: %+v %v", r, err)
 	}
-	if _, err := s.Authenticate(secret); !errors.Is(err, store.ErrTokenRevoked) {
+	if _, err := s.Authenticate(t.Context(), secret); !errors.Is(err, store.ErrTokenRevoked) {
 		t.Fatalf("revoked admin token: %v", err)
 	}
-	secret2, tok2 := must2(t)(s.CreateToken(store.KindAdmin, "root-ops", time.Time{}))
-	if err := s.DeleteUser("root-ops"); err != nil {
+	secret2, tok2 := must2(t)(s.CreateToken(t.Context(), store.KindAdmin, "root-ops", time.Time{}))
+	if err := s.DeleteUser(t.Context(), "root-ops"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Authenticate(secret2); err == nil {
+	if _, err := s.Authenticate(t.Context(), secret2); err == nil {
 		t.Fatal("an admin token outlived its user")
 	}
-	for _, st := range must[store.Snapshot](t)(s.List()).Tokens {
+	for _, st := range must[store.Snapshot](t)(s.List(t.Context())).Tokens {
 		if st.ID == tok2.ID {
 			t.Fatalf("deleted user's admin token still listed: %+v", st)
 		}
@@ -515,4 +517,26 @@ func must2(t *testing.T) func(secret string, tok store.Token, err error) (string
 		}
 		return secret, tok
 	}
+}
+
+// testCancelledContext: an operation whose request was cancelled fails
+// with the cancellation, changes nothing, and leaves the store serving.
+func testCancelledContext(t *testing.T, open Opener) {
+	s := mustOpen(t, open, newClock())
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	if _, err := s.CreateUser(ctx, "alice"); !errors.Is(err, context.Canceled) {
+		t.Fatalf("CreateUser with a cancelled context: %v, want context.Canceled", err)
+	}
+	if _, err := s.List(ctx); !errors.Is(err, context.Canceled) {
+		t.Fatalf("List with a cancelled context: %v, want context.Canceled", err)
+	}
+	if !s.IsAgentID(ctx, 1) {
+		t.Fatal("IsAgentID with a cancelled context said no: a store that cannot tell must say yes")
+	}
+	snap := must[store.Snapshot](t)(s.List(t.Context()))
+	if len(snap.Users) != 0 {
+		t.Fatalf("the cancelled CreateUser created %+v", snap.Users)
+	}
+	must[store.User](t)(s.CreateUser(t.Context(), "alice"))
 }

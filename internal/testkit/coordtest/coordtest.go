@@ -58,9 +58,9 @@ func Start(t testing.TB, logger *slog.Logger) *Deployment {
 	if err != nil {
 		t.Fatalf("admin socket: %v", err)
 	}
-	_, errUser := adm.CreateUser("alice")
-	ag, errAgent := adm.CreateAgent("ws1", "alice")
-	ut, errToken := adm.CreateToken(store.KindUser, "alice", time.Time{})
+	_, errUser := adm.CreateUser(ctx, "alice")
+	ag, errAgent := adm.CreateAgent(ctx, "ws1", "alice")
+	ut, errToken := adm.CreateToken(ctx, store.KindUser, "alice", time.Time{})
 	if err := errors.Join(errUser, errAgent, errToken); err != nil {
 		t.Fatalf("provisioning alice and ws1: %v", err)
 	}
