@@ -42,15 +42,7 @@ func TestSSHUnderLoad(t *testing.T) {
 	probe := sshload.NewProbe(d.agent.Process.Pid, filepath.Join(d.dataDir, "agent-state", "status.sock"))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	run := func(ctx context.Context) error {
-		runCtx, cancel := context.WithTimeout(ctx, 60*time.Second)
-		defer cancel()
-		out, stderr, err := d.client(runCtx, d.userToken, "ssh", "ws1", "--", "true")
-		if err != nil {
-			return fmt.Errorf("agent ssh ws1 -- true: %w: %s", err, strings.TrimSpace(out+stderr))
-		}
-		return nil
-	}
+	run := d.sshTrue(60 * time.Second)
 	// The first run brings the agent's side of the path up.
 	if err := run(ctx); err != nil {
 		t.Fatal(err)
@@ -121,18 +113,9 @@ func TestSSHBurstsSlowShell(t *testing.T) {
 	d.startAgentWith("--shell", shell)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	run := func(ctx context.Context) error {
-		// Generous: a burst of 100 client processes shares 2 loaded cores
-		// with the agent; a wedged device never answers at all.
-		runCtx, cancel := context.WithTimeout(ctx, 40*time.Second)
-		defer cancel()
-		out, stderr, err := d.client(runCtx, d.userToken, "ssh", "ws1", "--", "true")
-		if err != nil {
-			return fmt.Errorf("agent ssh ws1 -- true: %w: %s", err, lastLine(out+stderr))
-		}
-		return nil
-	}
-	load := sshload.Load{Run: run}
+	// Generous: a burst of 100 client processes shares 2 loaded cores with
+	// the agent; a wedged device never answers at all.
+	load := sshload.Load{Run: d.sshTrue(40 * time.Second)}
 	for i := range bursts {
 		start := time.Now()
 		res := load.Bursts(ctx, size, size)
@@ -145,10 +128,18 @@ func TestSSHBurstsSlowShell(t *testing.T) {
 	}
 }
 
-// lastLine is the last non-empty line of a client's output.
-func lastLine(s string) string {
-	lines := strings.Split(strings.TrimSpace(s), "\n")
-	return lines[len(lines)-1]
+// sshTrue is one `agent ssh ws1 -- true` on the laptop, given up after
+// timeout.
+func (d *deployment) sshTrue(timeout time.Duration) sshload.Run {
+	return func(ctx context.Context) error {
+		ctx, cancel := context.WithTimeout(ctx, timeout)
+		defer cancel()
+		out, stderr, err := d.client(ctx, d.userToken, "ssh", "ws1", "--", "true")
+		if err != nil {
+			return fmt.Errorf("agent ssh ws1 -- true: %w: %s", err, strings.TrimSpace(out+stderr))
+		}
+		return nil
+	}
 }
 
 // wedgeReport asks the agent for its goroutine dump (SIGQUIT ends it) and
