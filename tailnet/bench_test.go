@@ -218,8 +218,8 @@ func BenchmarkTransferDERP(b *testing.B) {
 }
 
 // BenchmarkFirstPong times, from the moment both conns are created, the
-// first TSMP pong (WireGuard up end to end) and the first disco pong over
-// the direct path.
+// return of AwaitReachable (a disco pong and a WireGuard session) and the
+// first disco pong over the direct path.
 func BenchmarkFirstPong(b *testing.B) {
 	if os.Getenv(derpOnlyEnv) == "1" {
 		b.Skip("direct path is blocked in this process")

@@ -13,6 +13,7 @@ import (
 	"slices"
 	"time"
 
+	"tailscale.com/ipn/ipnstate"
 	"tailscale.com/tailcfg"
 	"tailscale.com/wgengine"
 )
@@ -141,8 +142,18 @@ func (c *Conn) onStatus(st *wgengine.Status, err error) {
 	}
 	eps := make([]netip.AddrPort, 0, len(st.LocalAddrs))
 	for _, ep := range st.LocalAddrs {
-		if ep.Addr.IsValid() && !slices.Contains(eps, ep.Addr) {
-			eps = append(eps, ep.Addr)
+		eps = append(eps, ep.Addr)
+	}
+	c.setEndpoints(eps)
+}
+
+// setEndpoints publishes our endpoints (deduplicated, sorted, capped) when
+// they changed.
+func (c *Conn) setEndpoints(all []netip.AddrPort) {
+	eps := make([]netip.AddrPort, 0, len(all))
+	for _, ep := range all {
+		if ep.IsValid() && !slices.Contains(eps, ep) {
+			eps = append(eps, ep)
 		}
 	}
 	slices.SortFunc(eps, func(a, b netip.AddrPort) int { return a.Compare(b) })
@@ -163,20 +174,40 @@ func (c *Conn) onStatus(st *wgengine.Status, err error) {
 		// within a millisecond), so an older snapshot can arrive last and
 		// wipe newer endpoints; nothing asks again until they change, and
 		// the node is published without them (seen: a client's node with
-		// no endpoints, so the agent could not punch first). Asking once
-		// more after every change makes a current snapshot the last word.
+		// no endpoints, so the agent could not punch first). Reading
+		// magicsock's current endpoints once more after every change makes
+		// them the last word. (Not the engine's status: that snapshot takes
+		// the WireGuard device's peer lock, see peerStates.)
 		time.AfterFunc(statusRecheck, func() {
 			select {
 			case <-c.closeCh:
 			default:
-				c.eng.RequestStatus()
+				c.setEndpoints(c.magicsockEndpoints())
 			}
 		})
 	}
 }
 
-// statusRecheck is how long after an endpoint change onStatus asks the
-// engine for its status again.
+// magicsockEndpoints are the endpoints magicsock last found for us: the
+// ones it passes to the engine, which the engine's status reports.
+func (c *Conn) magicsockEndpoints() []netip.AddrPort {
+	sb := &ipnstate.StatusBuilder{}
+	c.mc.UpdateStatus(sb)
+	self := sb.Status().Self
+	if self == nil {
+		return nil
+	}
+	eps := make([]netip.AddrPort, 0, len(self.Addrs))
+	for _, a := range self.Addrs {
+		if ap, err := netip.ParseAddrPort(a); err == nil {
+			eps = append(eps, ap)
+		}
+	}
+	return eps
+}
+
+// statusRecheck is how long after an endpoint change setEndpoints reads
+// magicsock's endpoints again.
 const statusRecheck = 50 * time.Millisecond
 
 // homeOnlyRegion makes a map's only region our home at once. Magicsock

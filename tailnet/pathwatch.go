@@ -16,10 +16,16 @@ import (
 // as well, so a direct path that dies in the middle of a transfer stalls it
 // for that long plus TCP's backed-off retransmissions (about 12 s measured).
 // Tailscale v1.102.5 has no knob for that trust. So while a peer on a
-// direct path carries traffic, we probe the path ourselves with TSMP pings,
-// which travel over the path WireGuard uses; when none has come back for
-// pathDeadAfter, we rebuild the peer's magicsock endpoint, which sends
-// through DERP at once and starts discovery again. While an active peer is
+// direct path carries traffic, we probe the path ourselves with disco
+// pings, which go to the direct address WireGuard uses while magicsock
+// trusts it; when no pong has come back over it for pathDeadAfter, we
+// rebuild the peer's magicsock endpoint, which sends through DERP at once
+// and starts discovery again. Disco pings are answered by the peer's
+// magicsock; TSMP pings (which we used before) are answered by its
+// WireGuard receive routine writing into its TUN, one of the waits of the
+// deadlock retire.go describes. For the same reason the watcher reads
+// magicsock's per-peer state and WireGuard's counters (peerStates), never
+// the engine's status snapshot. While an active peer is
 // relayed, a disco ping every pathRediscoverEvery pings all its endpoints
 // (magicsock's own discovery waits 5 s between pings to an endpoint), so a
 // path that comes back is used again within seconds.
@@ -43,7 +49,7 @@ type pathState struct {
 	activeAt       time.Time
 	path           string // magicsock's current direct address, "" if relayed
 	lastRediscover time.Time
-	lastPong       atomic.Int64 // unix nanoseconds of the last TSMP pong or reset
+	lastPong       atomic.Int64 // unix nanoseconds of the last direct pong or reset
 	unanswered     atomic.Int32 // probes sent since then
 }
 
@@ -87,14 +93,12 @@ func (c *Conn) checkPaths(states map[key.NodePublic]*pathState) {
 		peers = append(peers, watchedPeer{p.node.ID, p.key, p.node.Addresses[0].Addr(), len(p.node.Endpoints) > 0})
 	}
 	c.mu.RUnlock()
-	sb := &ipnstate.StatusBuilder{WantPeers: true}
-	c.eng.UpdateStatus(sb)
-	st := sb.Status()
+	st := c.peerStates()
 	now := time.Now()
 	seen := make(map[key.NodePublic]bool, len(peers))
 	for _, wp := range peers {
 		seen[wp.key] = true
-		ps, ok := st.Peer[wp.key]
+		ps, ok := st[wp.key]
 		if !ok || ps == nil {
 			continue
 		}
@@ -131,8 +135,10 @@ func (c *Conn) checkPaths(states map[key.NodePublic]*pathState) {
 				continue
 			}
 			s.unanswered.Add(1)
-			c.eng.Ping(wp.addr, tailcfg.PingTSMP, 0, func(r *ipnstate.PingResult) {
-				if r != nil && r.Err == "" {
+			// Only a pong over the direct path counts: one through the
+			// relay means magicsock no longer trusts the path.
+			c.eng.Ping(wp.addr, tailcfg.PingDisco, 0, func(r *ipnstate.PingResult) {
+				if r != nil && r.Err == "" && r.Endpoint != "" {
 					s.notePong(time.Now())
 				}
 			})

@@ -223,7 +223,10 @@ func (c *Conn) UpsertPeer(n *Node) error {
 		// the call is lost, and magicsock repeats it only 5 s later), a
 		// packet through WireGuard makes magicsock ping again and call the
 		// peer with our endpoints, even when the peer itself sends only
-		// disco pings. TSMP is answered by the peer's WireGuard layer.
+		// disco pings. That packet is a nudge, which the peer drops without
+		// an answer (a TSMP ping's answer, written by the peer's WireGuard
+		// receive routine, is one of the waits of the deadlock retire.go
+		// describes).
 		ip := n.Addresses[0].Addr()
 		c.eng.Ping(ip, tailcfg.PingDisco, 0, func(*ipnstate.PingResult) {})
 		go func() {
@@ -235,7 +238,7 @@ func (c *Conn) UpsertPeer(n *Node) error {
 			case <-c.closeCh:
 				return
 			}
-			c.eng.Ping(ip, tailcfg.PingTSMP, 0, func(*ipnstate.PingResult) {})
+			c.nudge(ip)
 		}()
 	}
 	if !p.holdUntil.IsZero() {
@@ -305,14 +308,12 @@ func (c *Conn) releaseHeld() (stillHeld bool) {
 	if len(held) == 0 {
 		return false
 	}
-	sb := &ipnstate.StatusBuilder{WantPeers: true}
-	c.eng.UpdateStatus(sb)
-	st := sb.Status()
+	st := c.magicsockStatus()
 	now := time.Now()
 	for _, h := range held {
 		p := h.p
 		direct := false
-		if ps, ok := st.Peer[p.key]; ok && ps != nil {
+		if ps, ok := st[p.key]; ok && ps != nil {
 			direct = ps.CurAddr != ""
 		}
 		if !direct && now.Before(h.until) {
@@ -406,15 +407,13 @@ func (c *Conn) updateFilterLocked() {
 
 // PeerStatus reports every peer's path and counters.
 func (c *Conn) PeerStatus() []PeerStatus {
-	sb := &ipnstate.StatusBuilder{WantPeers: true}
-	c.eng.UpdateStatus(sb)
-	st := sb.Status()
+	st := c.peerStates()
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	out := make([]PeerStatus, 0, len(c.peers))
 	for _, p := range c.peers {
 		ps := PeerStatus{ID: p.node.ID, Key: p.node.Key, Addresses: slices.Clone(p.node.Addresses)}
-		if s, ok := st.Peer[p.key]; ok && s != nil {
+		if s, ok := st[p.key]; ok && s != nil {
 			ps.Path = peerPathOf(s, c.derpMap)
 			ps.RxBytes, ps.TxBytes = s.RxBytes, s.TxBytes
 			ps.LastHandshake = s.LastHandshake
@@ -424,4 +423,29 @@ func (c *Conn) PeerStatus() []PeerStatus {
 	}
 	slices.SortFunc(out, func(a, b PeerStatus) int { return cmp.Compare(a.ID, b.ID) })
 	return out
+}
+
+// magicsockStatus is what magicsock knows of each peer: its path (CurAddr
+// when direct), relay, last write and activity.
+func (c *Conn) magicsockStatus() map[key.NodePublic]*ipnstate.PeerStatus {
+	sb := &ipnstate.StatusBuilder{WantPeers: true}
+	c.mc.UpdateStatus(sb)
+	return sb.Status().Peer
+}
+
+// peerStates is magicsockStatus with WireGuard's byte counters and last
+// handshake added per peer, read from the device's peer table under its
+// read lock. It never asks the engine for its status snapshot
+// (Engine.UpdateStatus, RequestStatus): that takes the WireGuard device's
+// peer lock for writing, and a writer waiting there stalls the goroutine
+// reading the TUN (one of the waits of the deadlock retire.go describes).
+func (c *Conn) peerStates() map[key.NodePublic]*ipnstate.PeerStatus {
+	st := c.magicsockStatus()
+	for k, ps := range st {
+		if wp, ok := c.eng.PeerByKey(k); ok {
+			ps.RxBytes, ps.TxBytes = int64(wp.RxBytes()), int64(wp.TxBytes())
+			ps.LastHandshake = wp.LastHandshake()
+		}
+	}
+	return st
 }

@@ -1,5 +1,6 @@
-// Reachability: the TSMP and disco pings a caller uses before its first
-// dial to a peer and to learn which path a peer's traffic takes.
+// Reachability: the disco pings and WireGuard nudges a caller uses before
+// its first dial to a peer, and the disco pings that tell which path a
+// peer's traffic takes.
 
 package tailnet
 
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"tailscale.com/ipn/ipnstate"
+	"tailscale.com/net/packet"
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
 )
@@ -28,14 +30,23 @@ type PingResult struct {
 // Direct reports whether the pong came over a direct UDP path.
 func (r PingResult) Direct() bool { return r.Endpoint.IsValid() }
 
-// AwaitReachable returns once a TSMP ping to ip (answered by the peer's
-// WireGuard and netstack) comes back. Call it before the first dial to a
-// new or restarted peer. Pings go out on a short, growing interval, several
-// in flight; and since WireGuard itself retries a lost handshake only after
-// 5 s (a first handshake is easily lost while the peer's relay connection
-// is still being set up), a peer without a live session by the next retry
-// point (0.5 s, then 1, 2, 4 s later) is reset so the next ping starts a
-// fresh handshake.
+// AwaitReachable returns once the peer at ip has answered a disco ping
+// (its magicsock knows us and a path works) and WireGuard has a session
+// with it. Call it before the first dial to a new or restarted peer.
+//
+// It sends nothing the peer's WireGuard receive path must answer: disco
+// pings are answered by magicsock, and the packet that makes WireGuard
+// start its handshake is one the peer's TUN drops in silence (see nudge).
+// TSMP pings, which we used to send here, are answered from the peer's
+// receive routine into its TUN's outbound queue, and that wait is part of
+// a deadlock that wedged an agent's whole device under bursts of clients
+// (see retire.go).
+//
+// Probes go out on a short, growing interval; and since WireGuard itself
+// retries a lost handshake only after 5 s (a first handshake is easily lost
+// while the peer's relay connection is still being set up), a peer without
+// a live session by the next retry point (0.5 s, then 1, 2, 4 s later) is
+// reset so the next nudge starts a fresh handshake.
 func (c *Conn) AwaitReachable(ctx context.Context, ip netip.Addr) error {
 	c.mu.RLock()
 	p, ok := c.byIP[ip]
@@ -44,8 +55,10 @@ func (c *Conn) AwaitReachable(ctx context.Context, ip netip.Addr) error {
 		return fmt.Errorf("tailnet: no peer has address %v", ip)
 	}
 	pong := make(chan struct{}, 1)
+	answered := false
 	start := time.Now()
 	delay := 50 * time.Millisecond
+	nextProbe := start
 	resetAfter := 500 * time.Millisecond
 	nextReset := start.Add(resetAfter)
 	t := time.NewTimer(0)
@@ -57,41 +70,91 @@ func (c *Conn) AwaitReachable(ctx context.Context, ip netip.Addr) error {
 		case <-c.closeCh:
 			return net.ErrClosed
 		case <-pong:
-			return nil
+			answered = true
 		case <-t.C:
 		}
-		if now := time.Now(); now.After(nextReset) {
-			// A session younger than WireGuard's reject-after time is
-			// alive and its pong merely slow: leave it alone.
-			if hs := c.lastHandshake(p.key); hs.IsZero() || now.Sub(hs) > 3*time.Minute {
+		now := time.Now()
+		session := c.sessionAlive(p.key, now)
+		if answered && session {
+			return nil
+		}
+		if now.After(nextReset) {
+			if !session {
 				c.logger.Debug("no WireGuard handshake yet; restarting it", "peer", p.node.ID, "waited", now.Sub(start).Round(time.Millisecond))
 				c.eng.ResetDevicePeer(p.key)
 			}
 			resetAfter = min(resetAfter*2, 4*time.Second)
 			nextReset = now.Add(resetAfter)
 		}
-		c.eng.Ping(ip, tailcfg.PingTSMP, 0, func(r *ipnstate.PingResult) {
-			if r.Err == "" {
-				select {
-				case pong <- struct{}{}:
-				default:
-				}
+		if !now.Before(nextProbe) {
+			if !answered {
+				c.eng.Ping(ip, tailcfg.PingDisco, 0, func(r *ipnstate.PingResult) {
+					if r.Err == "" {
+						select {
+						case pong <- struct{}{}:
+						default:
+						}
+					}
+				})
 			}
-		})
-		t.Reset(delay)
-		delay = min(delay*3/2, time.Second)
+			if !session {
+				c.nudge(ip)
+			}
+			nextProbe = now.Add(delay)
+			delay = min(delay*3/2, time.Second)
+		}
+		wait := time.Until(nextProbe)
+		if answered {
+			// Only the session is missing; its handshake is one round
+			// trip away, so look again soon.
+			wait = min(wait, 10*time.Millisecond)
+		}
+		t.Reset(wait)
 	}
 }
 
+// sessionAlive reports whether WireGuard completed a handshake with the
+// peer within its reject-after time (3 min), so packets flow now.
+func (c *Conn) sessionAlive(k key.NodePublic, now time.Time) bool {
+	hs := c.lastHandshake(k)
+	return !hs.IsZero() && now.Sub(hs) < 3*time.Minute
+}
+
 // lastHandshake is the time of the last completed WireGuard handshake with
-// the peer, zero if none.
+// the peer, zero if none. It reads the one device peer (under the device's
+// read lock) and never the engine's status snapshot (see peerStates).
 func (c *Conn) lastHandshake(k key.NodePublic) time.Time {
-	sb := &ipnstate.StatusBuilder{WantPeers: true}
-	c.eng.UpdateStatus(sb)
-	if ps, ok := sb.Status().Peer[k]; ok && ps != nil {
-		return ps.LastHandshake
+	if wp, ok := c.eng.PeerByKey(k); ok {
+		return wp.LastHandshake()
 	}
 	return time.Time{}
+}
+
+// nudge sends the peer at ip one packet through WireGuard that the peer's
+// TUN drops without answering: a disco-key advertisement carrying no key
+// (tstun drops a zero key before anything else sees it). The packet makes
+// our WireGuard start a handshake if it has no session, and magicsock
+// start discovery and call the peer, just as a TSMP ping would; but the
+// peer's receive routine never writes an answer into its own TUN.
+func (c *Conn) nudge(ip netip.Addr) {
+	var src netip.Addr
+	for _, a := range c.opts.Addresses {
+		if a.Addr().Is4() == ip.Is4() {
+			src = a.Addr()
+			break
+		}
+	}
+	if !src.IsValid() {
+		return
+	}
+	pkt, err := (&packet.TSMPDiscoKeyAdvertisement{Src: src, Dst: ip}).Marshal()
+	if err != nil {
+		c.logger.Warn("cannot build the packet that starts a WireGuard handshake", "peer_ip", ip, "err", err)
+		return
+	}
+	if err := c.sys.Tun.Get().InjectOutbound(pkt); err != nil {
+		c.logger.Debug("packet that starts a WireGuard handshake not sent", "peer_ip", ip, "err", err)
+	}
 }
 
 // Ping sends a disco ping and reports the path the pong took.

@@ -5,12 +5,15 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/agentd/agent/internal/netlab"
+	"github.com/agentd/agent/internal/syncbuf"
 	"github.com/agentd/agent/internal/testkit/sshload"
 )
 
@@ -39,15 +42,7 @@ func TestSSHUnderLoad(t *testing.T) {
 	probe := sshload.NewProbe(d.agent.Process.Pid, filepath.Join(d.dataDir, "agent-state", "status.sock"))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	run := func(ctx context.Context) error {
-		runCtx, cancel := context.WithTimeout(ctx, 60*time.Second)
-		defer cancel()
-		out, stderr, err := d.client(runCtx, d.userToken, "ssh", "ws1", "--", "true")
-		if err != nil {
-			return fmt.Errorf("agent ssh ws1 -- true: %w: %s", err, strings.TrimSpace(out+stderr))
-		}
-		return nil
-	}
+	run := d.sshTrue(60 * time.Second)
 	// The first run brings the agent's side of the path up.
 	if err := run(ctx); err != nil {
 		t.Fatal(err)
@@ -96,4 +91,90 @@ func TestSSHUnderLoad(t *testing.T) {
 	if idle.MemoryLimit <= 0 {
 		t.Error(errors.New("the agent reports no soft memory limit (go_gc_gomemlimit_bytes); agent run sets one by default"))
 	}
+}
+
+// TestSSHBurstsSlowShell: bursts of 100 concurrent `agent ssh ws1 -- true`
+// against an agent whose sessions start a slow shell (0.4 s, like root's
+// bash login shell), so that a burst's clients overlap at the agent. Every
+// run must end. This shape once wedged the agent's WireGuard device for
+// good: peers' receive routines answering TSMP pings waited for the TUN's
+// outbound queue, whose reader waited for the device's peer lock, held by a
+// peer removal (and by the engine's status snapshot) waiting for one of
+// those receive routines. When a run hangs, the agent's goroutine dump
+// (SIGQUIT) says where.
+func TestSSHBurstsSlowShell(t *testing.T) {
+	const bursts, size = 2, 100
+	shell := filepath.Join(t.TempDir(), "slow-shell")
+	if err := os.WriteFile(shell, []byte("#!/bin/sh\nsleep 0.4\nexec /bin/sh \"$@\"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	d := newDeployment(t, netlab.NATEndpointIndependent)
+	d.stopAgent()
+	d.startAgentWith("--shell", shell)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	// Generous: a burst of 100 client processes shares 2 loaded cores with
+	// the agent; a wedged device never answers at all.
+	load := sshload.Load{Run: d.sshTrue(40 * time.Second)}
+	for i := range bursts {
+		start := time.Now()
+		res := load.Bursts(ctx, size, size)
+		t.Logf("burst %d of %d concurrent: %s (%v)", i+1, size, res.Summary(), time.Since(start).Round(time.Millisecond))
+		if res.Failures > 0 {
+			t.Errorf("burst %d: %d of %d runs failed: %s", i+1, res.Failures, res.Runs, res.Summary())
+			t.Log(wedgeReport(d.agent))
+			return
+		}
+	}
+}
+
+// sshTrue is one `agent ssh ws1 -- true` on the laptop, given up after
+// timeout.
+func (d *deployment) sshTrue(timeout time.Duration) sshload.Run {
+	return func(ctx context.Context) error {
+		ctx, cancel := context.WithTimeout(ctx, timeout)
+		defer cancel()
+		out, stderr, err := d.client(ctx, d.userToken, "ssh", "ws1", "--", "true")
+		if err != nil {
+			return fmt.Errorf("agent ssh ws1 -- true: %w: %s", err, strings.TrimSpace(out+stderr))
+		}
+		return nil
+	}
+}
+
+// wedgeReport asks the agent for its goroutine dump (SIGQUIT ends it) and
+// counts the goroutines waiting in the places of the known WireGuard
+// deadlock; the whole dump is in the agent's output, printed on failure.
+func wedgeReport(agent *exec.Cmd) string {
+	out, ok := agent.Stdout.(*syncbuf.Buffer)
+	if !ok {
+		return "no agent output to read a goroutine dump from"
+	}
+	if err := agent.Process.Signal(syscall.SIGQUIT); err != nil {
+		return fmt.Sprintf("SIGQUIT to the agent: %v", err)
+	}
+	done := make(chan struct{})
+	go func() { agent.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+	}
+	dump := out.String()
+	if i := strings.Index(dump, "SIGQUIT"); i >= 0 {
+		dump = dump[i:]
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "agent goroutine dump (SIGQUIT): %d goroutines", strings.Count(dump, "\ngoroutine "))
+	for _, frame := range []string{
+		"tstun.(*Wrapper).injectOutboundPong",
+		"tstun.(*Wrapper).injectOutbound(",
+		"device.(*Device).RoutineReadFromTUN",
+		"device.(*Device).RemovePeer",
+		"device.(*Device).RemoveMatchingPeers",
+		"device.(*Peer).RoutineSequentialReceiver",
+		"wgengine.(*userspaceEngine).getStatus",
+	} {
+		fmt.Fprintf(&b, "\n  %4d goroutines in %s", strings.Count(dump, frame), frame)
+	}
+	return b.String()
 }
