@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/agentd/agent/coordinator/store/pgstore"
@@ -135,23 +137,34 @@ func (r *replicator) writeLoop(ctx context.Context) {
 		for {
 			r.mu.Lock()
 			q := r.queue
-			r.queue = nil
+			if len(q) > maxWriteBatch {
+				r.queue = q[maxWriteBatch:]
+				q = q[:maxWriteBatch:maxWriteBatch]
+			} else {
+				r.queue = nil
+			}
 			r.mu.Unlock()
 			if len(q) == 0 {
 				break
 			}
-			for _, ev := range q {
-				if err := r.write(ctx, ev); err != nil {
-					if ctx.Err() != nil {
-						return
-					}
-					r.markDirty()
-					r.logger.Debug("could not publish a peer change; will publish again when the database answers", "err", err)
+			if err := r.writeBatch(ctx, q); err != nil {
+				if ctx.Err() != nil {
+					return
 				}
+				r.markDirty()
+				r.logger.Debug("could not publish peer changes; will publish again when the database answers", "err", err)
 			}
 		}
 	}
 }
+
+// maxWriteBatch bounds the changes written in one transaction, so the
+// first of a burst is not held back long by the rest.
+const maxWriteBatch = 1000
+
+// maxNotifyIDs is how many peer IDs one notification names: far below
+// PostgreSQL's 8000-byte payload limit at 20 bytes an ID.
+const maxNotifyIDs = 300
 
 func (r *replicator) markDirty() {
 	r.dirtyMu.Lock()
@@ -167,141 +180,194 @@ func (r *replicator) takeDirty() bool {
 	return d
 }
 
-func (r *replicator) write(ctx context.Context, ev replEvent) error {
+// writeBatch writes a run of changes in at most two round trips, each one
+// transaction: first the sessions that registered (their epochs guard
+// every later write), then everything else in order, with one
+// notification naming every peer whose row changed. A burst of N
+// registrations so costs a few round trips per batch instead of several
+// per registration, and the other replicas read the rows of a batch with
+// one query.
+func (r *replicator) writeBatch(ctx context.Context, q []replEvent) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	p := ev.p
-	id := strconv.FormatInt(int64(p.id), 10)
-	switch ev.kind {
-	case evUp:
-		var epoch int64
-		err := r.pool.QueryRow(ctx, `INSERT INTO peers (id, replica, epoch, role, name, user_name)
-			VALUES ($1, $2, nextval('peer_epoch'), $3, $4, $5)
-			ON CONFLICT (id) DO UPDATE SET replica = EXCLUDED.replica, epoch = EXCLUDED.epoch, role = EXCLUDED.role,
-				name = EXCLUDED.name, user_name = EXCLUDED.user_name, node = NULL, updated = now()
-			RETURNING epoch`, int64(p.id), r.id, string(p.role), p.name, p.user).Scan(&epoch)
-		if err != nil {
-			return err
-		}
-		r.epochs[p] = epoch
-		// Tunnels of an earlier session of this client are not ours.
-		if _, err := r.pool.Exec(ctx, `DELETE FROM tunnels WHERE client = $1 AND epoch <> $2`, int64(p.id), epoch); err != nil {
-			return err
-		}
-		if err := r.exec(ctx, `SELECT pg_notify($1, $2)`, pgstore.EventsChannel, r.id+" peer "+id); err != nil {
-			return err
-		}
-		if p.role == protocol.RoleAgent {
-			return r.loadRemoteTunnels(ctx, p.id)
-		}
-		return nil
-	case evDown:
-		epoch, ok := r.epochs[p]
-		delete(r.epochs, p)
-		if !ok || ev.reason == "" {
-			// Replaced here, or shutting down: say nothing; peers that
-			// do not come back are reaped with this replica.
-			return nil
-		}
-		var key *string
-		err := r.pool.QueryRow(ctx, `DELETE FROM peers WHERE id = $1 AND epoch = $2 RETURNING node ->> 'key'`, int64(p.id), epoch).Scan(&key)
-		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
-			return err
-		}
-		if _, err := r.pool.Exec(ctx, `DELETE FROM tunnels WHERE client = $1 AND epoch = $2`, int64(p.id), epoch); err != nil {
-			return err
-		}
-		if err != nil {
-			return nil // no row: the peer moved to another replica meanwhile
-		}
-		if err := r.exec(ctx, `SELECT pg_notify($1, $2)`, pgstore.EventsChannel, r.id+" gone "+id+" "+string(ev.reason)); err != nil {
-			return err
-		}
-		if ev.reason == protocol.GoneRevoked && key != nil && *key != "" {
-			// Its relay connection may be on another replica's DERP
-			// server: every replica closes it (an event of its own,
-			// which older replicas ignore).
-			return r.exec(ctx, `SELECT pg_notify($1, $2)`, pgstore.EventsChannel, r.id+" revokedkey "+*key)
-		}
-		return nil
-	case evNode, evNetwork:
-		epoch, ok := r.epochs[p]
-		if !ok {
-			return nil
-		}
-		col, val := "node", any(ev.node)
-		if ev.kind == evNetwork {
-			col, val = "network", any(ev.verdict)
-		}
-		data, err := json.Marshal(val)
-		if err != nil {
-			return err
-		}
-		// One round trip: the guarded update, and the notification only
-		// if it changed the row.
-		var one int
-		err = r.pool.QueryRow(ctx, `WITH u AS (UPDATE peers SET `+col+` = $3, updated = now() WHERE id = $1 AND epoch = $2 RETURNING id)
-			SELECT 1 FROM u, LATERAL (SELECT pg_notify($4, $5)) n`,
-			int64(p.id), epoch, data, pgstore.EventsChannel, r.id+" peer "+id).Scan(&one)
-		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
-			return err
-		}
-		if errors.Is(err, pgx.ErrNoRows) {
-			var holder string
-			err := r.pool.QueryRow(ctx, `SELECT replica FROM peers WHERE id = $1`, int64(p.id)).Scan(&holder)
-			switch {
-			case errors.Is(err, pgx.ErrNoRows):
-				// Our row is gone: the other replicas took us for dead
-				// (a partition) and reaped it. Publish everything again.
-				r.markDirty()
-				return nil
-			case err != nil:
-				return err
-			case holder == r.id:
-				return nil // a newer session of ours replaced this one
+	if err := r.writeUps(ctx, q); err != nil {
+		return err
+	}
+	var (
+		b       pgx.Batch
+		changed []tailnet.NodeID // peers whose row we wrote, for one notification
+		after   []func() error   // follow-ups once the batch committed
+		agents  []int64          // our agents that registered: their remote tunnels
+	)
+	notify := func(payload string) {
+		b.Queue(`SELECT pg_notify($1, $2)`, pgstore.EventsChannel, payload)
+	}
+	for _, ev := range q {
+		p := ev.p
+		id := strconv.FormatInt(int64(p.id), 10)
+		switch ev.kind {
+		case evUp:
+			if _, ok := r.epochs[p]; !ok {
+				continue
 			}
-			// Another replica holds this peer now: this session is
-			// stale, and its update must not reach anyone.
-			r.logger.Info("dropping an update from a session another replica took over", "node_id", p.id, "name", p.name)
-			p.kill(&protocol.Error{Code: protocol.CodeReplaced, Fatal: true,
-				Message: "a newer connection with the same identity replaced this one"})
+			changed = append(changed, p.id)
+			if p.role == protocol.RoleAgent {
+				agents = append(agents, int64(p.id))
+			}
+		case evDown:
+			epoch, ok := r.epochs[p]
+			delete(r.epochs, p)
+			if !ok || ev.reason == "" {
+				// Replaced here, or shutting down: say nothing; peers that
+				// do not come back are reaped with this replica.
+				continue
+			}
+			// The notifications only if the row was still this session's:
+			// no row means the peer moved to another replica meanwhile.
+			revoked := ev.reason == protocol.GoneRevoked
+			b.Queue(`WITH d AS (DELETE FROM peers WHERE id = $1 AND epoch = $2 RETURNING coalesce(node ->> 'key', '') AS key),
+				t AS (DELETE FROM tunnels WHERE client = $1 AND epoch = $2)
+				SELECT 1 FROM d, LATERAL (SELECT pg_notify($3, $4)) n,
+					LATERAL (SELECT CASE WHEN $5 AND d.key <> '' THEN pg_notify($3, $6 || d.key) END) k`,
+				int64(p.id), epoch, pgstore.EventsChannel, r.id+" gone "+id+" "+string(ev.reason), revoked, r.id+" revokedkey ")
+		case evNode, evNetwork:
+			epoch, ok := r.epochs[p]
+			if !ok {
+				continue
+			}
+			col, val := "node", any(ev.node)
+			if ev.kind == evNetwork {
+				col, val = "network", any(ev.verdict)
+			}
+			data, err := json.Marshal(val)
+			if err != nil {
+				return err
+			}
+			changed = append(changed, p.id)
+			b.Queue(`UPDATE peers SET `+col+` = $3, updated = now() WHERE id = $1 AND epoch = $2`, int64(p.id), epoch, data).
+				Exec(func(tag pgconn.CommandTag) error {
+					if tag.RowsAffected() == 0 {
+						after = append(after, func() error { return r.lostRow(ctx, p) })
+					}
+					return nil
+				})
+		case evTunnel:
+			epoch, ok := r.epochs[p]
+			if !ok {
+				continue
+			}
+			b.Queue(`INSERT INTO tunnels (client, agent, agent_name, replica, epoch) VALUES ($1, $2, $3, $4, $5)
+				ON CONFLICT (client, agent) DO UPDATE SET agent_name = EXCLUDED.agent_name, replica = EXCLUDED.replica, epoch = EXCLUDED.epoch`,
+				int64(p.id), int64(ev.agentID), ev.agentName, r.id, epoch)
+			notify(fmt.Sprintf("%s tunnel %d %d", r.id, p.id, ev.agentID))
+		case evUntunnel:
+			// Our last tunnel to an agent elsewhere: stop mirroring it.
+			r.core.dropIfUnused(ev.agentID)
+			epoch, ok := r.epochs[p]
+			if !ok {
+				continue
+			}
+			reason := string(ev.reason)
+			if reason == "" {
+				reason = "-"
+			}
+			b.Queue(`WITH d AS (DELETE FROM tunnels WHERE client = $1 AND agent = $2 AND epoch = $3 RETURNING 1)
+				SELECT 1 FROM d, LATERAL (SELECT pg_notify($4, $5)) n`,
+				int64(p.id), int64(ev.agentID), epoch, pgstore.EventsChannel, fmt.Sprintf("%s untunnel %d %d %s", r.id, p.id, ev.agentID, reason))
 		}
-		return nil
-	case evTunnel:
-		epoch, ok := r.epochs[p]
-		if !ok {
-			return nil
-		}
-		_, err := r.pool.Exec(ctx, `INSERT INTO tunnels (client, agent, agent_name, replica, epoch) VALUES ($1, $2, $3, $4, $5)
-			ON CONFLICT (client, agent) DO UPDATE SET agent_name = EXCLUDED.agent_name, replica = EXCLUDED.replica, epoch = EXCLUDED.epoch`,
-			int64(p.id), int64(ev.agentID), ev.agentName, r.id, epoch)
-		if err != nil {
+	}
+	for ids := range slices.Chunk(changed, maxNotifyIDs) {
+		notify(r.id + " peer " + joinIDs(ids))
+	}
+	var tuns []remoteTunnel
+	if len(agents) > 0 {
+		// The clients on other replicas with a tunnel to our agents that
+		// just registered, with their rows, read in the same transaction.
+		b.Queue(remoteTunnelsQuery+`t.agent = ANY($1) AND t.replica <> $2`, agents, r.id).Query(func(rows pgx.Rows) error {
+			var err error
+			tuns, err = collectRemoteTunnels(rows)
+			return err
+		})
+	}
+	if b.Len() > 0 {
+		if err := r.pool.SendBatch(ctx, &b).Close(); err != nil {
 			return err
 		}
-		return r.exec(ctx, `SELECT pg_notify($1, $2)`, pgstore.EventsChannel, fmt.Sprintf("%s tunnel %d %d", r.id, p.id, ev.agentID))
-	case evUntunnel:
-		// Our last tunnel to an agent elsewhere: stop mirroring it.
-		r.core.dropIfUnused(ev.agentID)
-		epoch, ok := r.epochs[p]
-		if !ok {
-			return nil
-		}
-		tag, err := r.pool.Exec(ctx, `DELETE FROM tunnels WHERE client = $1 AND agent = $2 AND epoch = $3`, int64(p.id), int64(ev.agentID), epoch)
-		if err != nil || tag.RowsAffected() == 0 {
+	}
+	r.mirrorTunnels(tuns)
+	for _, fn := range after {
+		if err := fn(); err != nil {
 			return err
 		}
-		reason := string(ev.reason)
-		if reason == "" {
-			reason = "-"
-		}
-		return r.exec(ctx, `SELECT pg_notify($1, $2)`, pgstore.EventsChannel, fmt.Sprintf("%s untunnel %d %d %s", r.id, p.id, ev.agentID, reason))
 	}
 	return nil
 }
 
-func (r *replicator) exec(ctx context.Context, sql string, args ...any) error {
-	_, err := r.pool.Exec(ctx, sql, args...)
-	return err
+// writeUps registers the sessions that came up in q and records their
+// epochs, in one round trip.
+func (r *replicator) writeUps(ctx context.Context, q []replEvent) error {
+	var b pgx.Batch
+	for _, ev := range q {
+		if ev.kind != evUp {
+			continue
+		}
+		p := ev.p
+		// Tunnels of an earlier session of this client are not ours.
+		b.Queue(`WITH up AS (INSERT INTO peers (id, replica, epoch, role, name, user_name)
+				VALUES ($1, $2, nextval('peer_epoch'), $3, $4, $5)
+				ON CONFLICT (id) DO UPDATE SET replica = EXCLUDED.replica, epoch = EXCLUDED.epoch, role = EXCLUDED.role,
+					name = EXCLUDED.name, user_name = EXCLUDED.user_name, node = NULL, updated = now()
+				RETURNING epoch),
+			d AS (DELETE FROM tunnels WHERE client = $1 AND epoch <> (SELECT epoch FROM up))
+			SELECT epoch FROM up`, int64(p.id), r.id, string(p.role), p.name, p.user).
+			QueryRow(func(row pgx.Row) error {
+				var epoch int64
+				if err := row.Scan(&epoch); err != nil {
+					return err
+				}
+				r.epochs[p] = epoch
+				return nil
+			})
+	}
+	if b.Len() == 0 {
+		return nil
+	}
+	return r.pool.SendBatch(ctx, &b).Close()
+}
+
+// lostRow handles a node update that changed no row: the session's row is
+// gone or another session holds it.
+func (r *replicator) lostRow(ctx context.Context, p *peer) error {
+	var holder string
+	err := r.pool.QueryRow(ctx, `SELECT replica FROM peers WHERE id = $1`, int64(p.id)).Scan(&holder)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		// Our row is gone: the other replicas took us for dead
+		// (a partition) and reaped it. Publish everything again.
+		r.markDirty()
+		return nil
+	case err != nil:
+		return err
+	case holder == r.id:
+		return nil // a newer session of ours replaced this one
+	}
+	// Another replica holds this peer now: this session is stale, and its
+	// update must not reach anyone.
+	r.logger.Info("dropping an update from a session another replica took over", "node_id", p.id, "name", p.name)
+	p.kill(&protocol.Error{Code: protocol.CodeReplaced, Fatal: true,
+		Message: "a newer connection with the same identity replaced this one"})
+	return nil
+}
+
+func joinIDs(ids []tailnet.NodeID) string {
+	var sb strings.Builder
+	for i, id := range ids {
+		if i > 0 {
+			sb.WriteByte(' ')
+		}
+		sb.WriteString(strconv.FormatInt(int64(id), 10))
+	}
+	return sb.String()
 }
 
 // ---- their changes, in ----
@@ -405,11 +471,8 @@ func (r *replicator) handle(ctx context.Context, payload string) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	switch {
-	case kind == "peer" && len(ids) == 1:
-		if !r.core.interested(ids[0]) {
-			return nil
-		}
-		return r.refresh(ctx, ids[0])
+	case kind == "peer" && len(ids) > 0:
+		return r.refreshMany(ctx, slices.DeleteFunc(ids, func(id tailnet.NodeID) bool { return !r.core.interested(id) }))
 	case kind == "gone" && len(ids) == 1 && len(args) == 2:
 		if p := r.core.remote(ids[0]); p != nil && p.replica == origin {
 			r.core.removeRemote(ids[0], protocol.GoneReason(args[1]))
@@ -453,6 +516,45 @@ func (r *replicator) refresh(ctx context.Context, id tailnet.NodeID) error {
 	return nil
 }
 
+// refreshMany is refresh for several peers, with one query.
+func (r *replicator) refreshMany(ctx context.Context, ids []tailnet.NodeID) error {
+	switch len(ids) {
+	case 0:
+		return nil
+	case 1:
+		return r.refresh(ctx, ids[0])
+	}
+	want := make([]int64, len(ids))
+	for i, id := range ids {
+		want[i] = int64(id)
+	}
+	rows, _ := r.pool.Query(ctx, `SELECT id, replica, role, name, user_name, node, network FROM peers WHERE id = ANY($1)`, want)
+	found, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (remotePeer, error) {
+		var rp remotePeer
+		var id int64
+		var role string
+		err := row.Scan(&id, &rp.replica, &role, &rp.name, &rp.user, &rp.node, &rp.verdict)
+		rp.id, rp.role = tailnet.NodeID(id), protocol.Role(role)
+		return rp, err
+	})
+	if err != nil {
+		return err
+	}
+	seen := make(map[tailnet.NodeID]bool, len(found))
+	for _, rp := range found {
+		seen[rp.id] = true
+		if rp.replica != r.id {
+			r.core.upsertRemote(rp)
+		}
+	}
+	for _, id := range ids {
+		if !seen[id] {
+			r.core.removeRemote(id, protocol.GoneLost)
+		}
+	}
+	return nil
+}
+
 func (r *replicator) readPeer(ctx context.Context, id tailnet.NodeID) (remotePeer, error) {
 	rp := remotePeer{id: id}
 	var role string
@@ -463,28 +565,59 @@ func (r *replicator) readPeer(ctx context.Context, id tailnet.NodeID) (remotePee
 }
 
 // loadRemoteTunnels mirrors the clients on other replicas that hold a
-// tunnel to our agent, when the agent connects here.
+// tunnel to our agent.
 func (r *replicator) loadRemoteTunnels(ctx context.Context, agentID tailnet.NodeID) error {
-	rows, _ := r.pool.Query(ctx, `SELECT client, agent_name FROM tunnels WHERE agent = $1 AND replica <> $2`, int64(agentID), r.id)
-	type tun struct {
-		client int64
-		name   string
-	}
-	tuns, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (tun, error) {
-		var t tun
-		err := row.Scan(&t.client, &t.name)
-		return t, err
-	})
+	rows, _ := r.pool.Query(ctx, remoteTunnelsQuery+`t.agent = $1 AND t.replica <> $2`, int64(agentID), r.id)
+	tuns, err := collectRemoteTunnels(rows)
 	if err != nil {
 		return err
 	}
-	for _, t := range tuns {
-		if err := r.refresh(ctx, tailnet.NodeID(t.client)); err != nil {
-			return err
-		}
-		r.core.remoteTunnel(tailnet.NodeID(t.client), agentID, t.name)
-	}
+	r.mirrorTunnels(tuns)
 	return nil
+}
+
+// remoteTunnelsQuery reads tunnels with their clients' rows; the caller
+// adds the condition.
+const remoteTunnelsQuery = `SELECT t.agent, t.agent_name, t.client, p.replica, p.role, p.name, p.user_name, p.node, p.network
+	FROM tunnels t LEFT JOIN peers p ON p.id = t.client WHERE `
+
+// remoteTunnel is a tunnel from a client on another replica to one of our
+// agents, with the client's row (held false: no replica holds the client).
+type remoteTunnel struct {
+	agent     tailnet.NodeID
+	agentName string
+	client    remotePeer
+	held      bool
+}
+
+func collectRemoteTunnels(rows pgx.Rows) ([]remoteTunnel, error) {
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (remoteTunnel, error) {
+		var t remoteTunnel
+		var agent, client int64
+		var replica, role, name, user *string
+		err := row.Scan(&agent, &t.agentName, &client, &replica, &role, &name, &user, &t.client.node, &t.client.verdict)
+		t.agent, t.client.id = tailnet.NodeID(agent), tailnet.NodeID(client)
+		if replica != nil && role != nil && name != nil && user != nil {
+			t.held = true
+			t.client.replica, t.client.role, t.client.name, t.client.user = *replica, protocol.Role(*role), *name, *user
+		}
+		return t, err
+	})
+}
+
+// mirrorTunnels joins the clients of tuns to our agents.
+func (r *replicator) mirrorTunnels(tuns []remoteTunnel) {
+	for _, t := range tuns {
+		switch {
+		case !t.held:
+			r.core.removeRemote(t.client.id, protocol.GoneLost)
+			continue
+		case t.client.replica == r.id:
+			continue // ours after all
+		}
+		r.core.upsertRemote(t.client)
+		r.core.remoteTunnel(t.client.id, t.agent, t.agentName)
+	}
 }
 
 // prepareTunnel mirrors an agent held by another replica before one of

@@ -15,7 +15,6 @@ import (
 func TestLeavingReplicaHandsOverAtOnce(t *testing.T) {
 	const deadAfter = 5 * time.Second
 	url := pgtest.Start(t).NewDatabase()
-	begin := time.Now()
 	var reps []*testCoordinator
 	for range 2 {
 		reps = append(reps, startCoordinator(t, t.TempDir(), coordOpts{tweak: func(c *coordinator.Config) {
@@ -23,6 +22,9 @@ func TestLeavingReplicaHandsOverAtOnce(t *testing.T) {
 			c.ReplicaHeartbeat, c.ReplicaDeadAfter = testHeartbeat, deadAfter
 		}}))
 	}
+	// From B's start, not before A's: a slow start on a loaded machine
+	// would otherwise leave B not yet judging when A leaves.
+	begin := time.Now()
 	f := replicaFixtureOn(t, reps, url)
 	a := reps[0]
 	alice, ws1ID := f.tunnelAcross(t, a, reps[1])

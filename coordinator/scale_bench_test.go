@@ -144,11 +144,19 @@ func BenchmarkCoordinatorScale(b *testing.B) {
 		for _, size := range sizes {
 			b.Run(fmt.Sprintf("store=%s/agents=%d", st, size), func(b *testing.B) {
 				pgURL := ""
+				var pgCPU func() time.Duration
 				if st != "bbolt" {
 					pgURL = pg.NewDatabase()
+					pgCPU = func() time.Duration {
+						d, err := pg.CPUTime()
+						if err != nil {
+							b.Fatal(err)
+						}
+						return d
+					}
 				}
 				for b.Loop() {
-					runCoordinatorScale(b, size, scaleStores[st], pgURL)
+					runCoordinatorScale(b, size, scaleStores[st], pgURL, pgCPU)
 				}
 			})
 		}
@@ -715,7 +723,9 @@ func (d *scaleDeployment) memory(b *testing.B) memory {
 	return m
 }
 
-func runCoordinatorScale(b *testing.B, n, replicas int, pgURL string) {
+// runCoordinatorScale runs one deployment; pgCPU, when set, is the
+// database server's CPU time so far.
+func runCoordinatorScale(b *testing.B, n, replicas int, pgURL string, pgCPU func() time.Duration) {
 	clients := n / scaleAgentsPerClient
 	d, w := startScaleDeployment(b, n, replicas, pgURL)
 	child := func(i int) *scaleChild { return d.children[i%len(d.children)] }
@@ -758,6 +768,7 @@ func runCoordinatorScale(b *testing.B, n, replicas int, pgURL string) {
 	// Registration: all agents at once; done when every agent's node is at
 	// its client.
 	agentPeers := make([]*scalePeer, n)
+	cpu := d.cpu(b, pgCPU)
 	start := time.Now()
 	for i := range n {
 		agentPeers[i] = startScalePeer(child(i), fmt.Sprintf("a%05d", i), d.agentTokens[i], coordclient.HandlerFuncs{
@@ -772,6 +783,7 @@ func runCoordinatorScale(b *testing.B, n, replicas int, pgURL string) {
 	atClients.wait(b, "agents' nodes at their clients")
 	registration := time.Since(start)
 	atAgents.wait(b, "clients' nodes at their agents")
+	cpu = d.cpu(b, pgCPU).minus(cpu)
 	after := d.memory(b)
 
 	// Every agent publishes a new node at once, then every client does
@@ -788,6 +800,32 @@ func runCoordinatorScale(b *testing.B, n, replicas int, pgURL string) {
 	b.ReportMetric(percentileMS(fanLat, 0.50), "client-fanout-p50-ms")
 	b.ReportMetric(percentileMS(fanLat, 0.99), "client-fanout-p99-ms")
 	reportMemoryPerConn(b, before, after, n+clients)
+	// CPU time is what a loaded machine does not blur, and it tells the
+	// coordinators' and the database's cost apart from the simulated
+	// agents' (which share the cores).
+	perAgent := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 / float64(n) }
+	b.ReportMetric(perAgent(cpu.coord), "coord-cpu-ms/agent")
+	b.ReportMetric(perAgent(cpu.db), "db-cpu-ms/agent")
+	b.ReportMetric(perAgent(cpu.sim), "sim-cpu-ms/agent")
+}
+
+// cpuUse is CPU time spent so far by the coordinators (summed), the
+// database server, and this process (the simulated peers).
+type cpuUse struct{ coord, db, sim time.Duration }
+
+func (u cpuUse) minus(v cpuUse) cpuUse {
+	return cpuUse{coord: u.coord - v.coord, db: u.db - v.db, sim: u.sim - v.sim}
+}
+
+func (d *scaleDeployment) cpu(b *testing.B, pgCPU func() time.Duration) cpuUse {
+	u := cpuUse{sim: processCPU(b)}
+	for _, c := range d.children {
+		u.coord += childCPU(b, c.cmd.Process.Pid)
+	}
+	if pgCPU != nil {
+		u.db = pgCPU()
+	}
+	return u
 }
 
 // runCoordinatorRestart: n agents on one bbolt coordinator; it shuts down

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -181,4 +182,70 @@ func (s *Server) NewDatabase() string {
 	s.Exec("postgres", fmt.Sprintf("CREATE ROLE %s LOGIN PASSWORD '%s'", user, pw))
 	s.Exec("postgres", fmt.Sprintf("CREATE DATABASE %s OWNER %s", db, user))
 	return s.URL(user, pw, db)
+}
+
+// CPUTime is the CPU time (user and system) the server has used so far:
+// the postmaster's own, its children that have exited, and the backends
+// still running. Benchmarks use it to count the database's share of a
+// load apart from the clients'.
+func (s *Server) CPUTime() (time.Duration, error) {
+	raw, err := os.ReadFile(filepath.Join(s.dir, "postmaster.pid"))
+	if err != nil {
+		return 0, fmt.Errorf("reading the server's pid: %w", err)
+	}
+	line, _, _ := strings.Cut(string(raw), "\n")
+	pm, err := strconv.Atoi(strings.TrimSpace(line))
+	if err != nil {
+		return 0, fmt.Errorf("postmaster.pid: %w", err)
+	}
+	total, _, err := procCPU(pm, true)
+	if err != nil {
+		return 0, err
+	}
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0, err
+	}
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == pm {
+			continue
+		}
+		cpu, ppid, err := procCPU(pid, false)
+		if err == nil && ppid == pm {
+			total += cpu
+		}
+	}
+	return total, nil
+}
+
+// procCPU reads a process's CPU time from /proc/PID/stat (with its reaped
+// children's when withChildren) and its parent's pid.
+func procCPU(pid int, withChildren bool) (time.Duration, int, error) {
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, 0, err
+	}
+	// The fields after the command name (which may hold spaces): ppid is
+	// the 4th of the line, utime, stime, cutime and cstime the 14th-17th.
+	_, rest, _ := strings.Cut(string(raw), ") ")
+	f := strings.Fields(rest)
+	if len(f) < 15 {
+		return 0, 0, fmt.Errorf("/proc/%d/stat: too few fields", pid)
+	}
+	ppid, _ := strconv.Atoi(f[1])
+	n := 2
+	if withChildren {
+		n = 4
+	}
+	var ticks int64
+	for _, v := range f[11 : 11+n] {
+		t, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			return 0, 0, fmt.Errorf("/proc/%d/stat: %q", pid, v)
+		}
+		ticks += t
+	}
+	const clockTick = 10 * time.Millisecond // USER_HZ is 100 on Linux
+	return time.Duration(ticks) * clockTick, ppid, nil
 }

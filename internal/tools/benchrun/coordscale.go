@@ -37,6 +37,8 @@ func coordScaleRows(o benchtable.Output, n, small int) []benchtable.Row {
 	}
 	metrics := []struct{ name, metric, unit string }{
 		{"registration per agent, all at once (total ÷ N)", "reg-per-agent-ms", "ms"},
+		{"coordinator CPU per registration (all replicas)", "coord-cpu-ms/agent", "ms"},
+		{"PostgreSQL CPU per registration", "db-cpu-ms/agent", "ms"},
 		{"agent node update to its client, p50", "agent-update-p50-ms", "ms"},
 		{"agent node update to its client, p99", "agent-update-p99-ms", "ms"},
 		{"client node fan-out to its 100 agents, p99", "client-fanout-p99-ms", "ms"},
@@ -48,12 +50,18 @@ func coordScaleRows(o benchtable.Output, n, small int) []benchtable.Row {
 		for _, st := range coordScaleStores {
 			name := fmt.Sprintf("coordinator, %s, %d agents: %s", st.label, n, m.name)
 			fig := pick(at(st.key, n), m.metric, m.unit)
+			if st.key == "bbolt" && m.metric == "db-cpu-ms/agent" {
+				continue // no database
+			}
 			// Growth: the same deployment at N/5 (a ratio near 1 for a
 			// per-agent or per-connection figure is linear cost).
 			if small > 0 {
 				rows = append(rows, o.Compare(name, fig, fmt.Sprintf("same, %d agents", small), pick(at(st.key, small), m.metric, m.unit), "growth"))
 			}
-			if st.key != "bbolt" {
+			switch {
+			case m.metric == "db-cpu-ms/agent" && st.key == "postgres-3":
+				rows = append(rows, o.Compare(name, fig, fmt.Sprintf("1 replica, %d agents", n), pick(at("postgres", n), m.metric, m.unit), "vs 1 replica"))
+			case st.key != "bbolt" && m.metric != "db-cpu-ms/agent":
 				rows = append(rows, o.Compare(name, fig, fmt.Sprintf("bbolt coordinator, %d agents", n), pick(at("bbolt", n), m.metric, m.unit), "vs bbolt"))
 			}
 		}

@@ -16,8 +16,8 @@ func TestCoordScaleRows(t *testing.T) {
 	for i, st := range []string{"bbolt", "postgres", "postgres-3"} {
 		for j, n := range []int{400, 2000} {
 			f := float64(1 + i + j*10)
-			fmt.Fprintf(&out, "BenchmarkCoordinatorScale/store=%s/agents=%d-2\t1\t1 ns/op\t%g agent-update-p50-ms\t%g agent-update-p99-ms\t%g client-fanout-p99-ms\t%g heap-KiB/conn\t%g reg-per-agent-ms\t%g rss-KiB/conn\n",
-				st, n, f, f, f, f, f, f)
+			fmt.Fprintf(&out, "BenchmarkCoordinatorScale/store=%s/agents=%d-2\t1\t1 ns/op\t%g agent-update-p50-ms\t%g agent-update-p99-ms\t%g client-fanout-p99-ms\t%g coord-cpu-ms/agent\t%g db-cpu-ms/agent\t%g heap-KiB/conn\t%g reg-per-agent-ms\t%g rss-KiB/conn\n",
+				st, n, f, f, f, f, f, f, f, f)
 		}
 	}
 	out.WriteString("BenchmarkWebSocketEchoScale/conns=2020-2\t1\t1 ns/op\t30 heap-KiB/conn\t40 rss-KiB/conn\n")
@@ -44,6 +44,15 @@ func TestCoordScaleRows(t *testing.T) {
 	r = find("coordinator, 3 replicas, one PostgreSQL, 2000 agents: RSS per connection", "bbolt coordinator, 2000 agents")
 	if r.Figure.Value != 13 || r.Reference.Value.Value != 11 {
 		t.Errorf("vs bbolt row %+v %+v", r.Figure, r.Reference.Value)
+	}
+	r = find("coordinator, 3 replicas, one PostgreSQL, 2000 agents: PostgreSQL CPU per registration", "1 replica, 2000 agents")
+	if r.Figure.Value != 13 || r.Reference.Value.Value != 12 {
+		t.Errorf("database CPU row %+v %+v", r.Figure, r.Reference.Value)
+	}
+	for _, r := range rows {
+		if strings.HasPrefix(r.Name, "coordinator, 1 coordinator, bbolt") && strings.Contains(r.Name, "PostgreSQL CPU") {
+			t.Errorf("a database CPU row for bbolt: %q", r.Name)
+		}
 	}
 	r = find("coordinator restart, 2000 agents: back after the coordinator's return, p99", "target (issue 15)")
 	if r.Figure.Value != 1400 || r.Reference.Value.Value != 2000 || r.Status != benchtable.StatusOK {
