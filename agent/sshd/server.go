@@ -87,6 +87,7 @@ type Server struct {
 	listeners map[net.Listener]struct{}
 	conns     map[*serverConn]struct{}
 	wg        sync.WaitGroup // one per connection, until all its work is done
+	writeBufs bufPool        // pending writes of the connections (batchconn.go)
 }
 
 // New loads (or creates) the host key and prepares a server.
@@ -326,7 +327,9 @@ func (s *Server) connOpened(ctx ssh.Context, nc net.Conn) net.Conn {
 	if s.opts.KeepaliveInterval > 0 {
 		go c.keepalive()
 	}
-	return c.nc
+	// c.nc stays the socket itself, so that closing it drops a
+	// connection at once; x/crypto writes through the batching layer.
+	return newBatchedConn(c.nc, &s.writeBufs)
 }
 
 // channelHandler adapts a serverConn method to gliderlabs' ChannelHandler.

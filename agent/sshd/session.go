@@ -622,7 +622,8 @@ func (s *session) runSFTP(ssh.Session) {
 	s.start = time.Now()
 	s.logger = s.logger.With("session", "sftp")
 	s.logger.Info("ssh session started")
-	srv, err := sftp.NewServer(keepOpen{s.ch}, sftp.WithServerWorkingDirectory(s.workDir()))
+	srv, err := sftp.NewServer(keepOpen{newSFTPLimits(s.ch)}, sftp.WithServerWorkingDirectory(s.workDir()),
+		sftp.WithMaxTxPacket(sftpMaxTransfer))
 	if err != nil {
 		s.finish(1, "")
 		return
