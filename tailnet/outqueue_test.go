@@ -1,7 +1,6 @@
 package tailnet
 
 import (
-	"context"
 	"expvar"
 	"testing"
 	"time"
@@ -12,15 +11,7 @@ import (
 // the count would drift and the pacer would write off its packets at every
 // pause, or hold packets that were long sent.
 func TestOutboundPacerCountsMatchSends(t *testing.T) {
-	r := newTestRelay(t)
-	agent := newTestConn(t, r, 1, true)
-	client := newTestConn(t, r, 2, false)
-	link(t, agent, client)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := client.AwaitReachable(ctx, addrOf(agent)); err != nil {
-		t.Fatal(err)
-	}
+	agent, client := reachablePair(t)
 	for _, c := range []*Conn{agent, client} {
 		if c.outPacer == nil {
 			t.Fatal("the outbound pacer is not installed: magicsock's send counters were not found (Tailscale renamed them?)")
