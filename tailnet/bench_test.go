@@ -113,15 +113,9 @@ func lossCounters(c *Conn) (derpDrops, retransmits int64) {
 // tailnetTransfer sets up a relay and two linked conns and times n bytes
 // from the client to the agent.
 func tailnetTransfer(b *testing.B, n int64) transferResult {
-	r := newTestRelay(b)
-	agent := newTestConn(b, r, 1, true)
-	client := newTestConn(b, r, 2, false)
-	link(b, agent, client)
+	agent, client := reachablePair(b)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if err := client.AwaitReachable(ctx, addrOf(agent)); err != nil {
-		b.Fatal(err)
-	}
 	if os.Getenv(derpOnlyEnv) != "1" {
 		// Measure the direct path, not the DERP start of it.
 		deadline := time.Now().Add(10 * time.Second)

@@ -94,6 +94,8 @@ type Conn struct {
 	ns     *netstack.Impl
 	// timeWait lets new SYNs take over port pairs in TIME-WAIT.
 	timeWait *timeWaitRecycler
+	// outPacer bounds the packets WireGuard queues for sending.
+	outPacer *outboundPacer
 
 	// configMu serialises changes that reach into the engine (peers,
 	// filter, DERP map). It is never held while the engine calls back into
@@ -256,6 +258,9 @@ func (c *Conn) start() error {
 	c.ns = ns
 	ns.ProcessLocalIPs = true
 	installGROOneFlow(c.sys.Tun.Get())
+	if c.outPacer = installOutboundPacer(c.sys.Tun.Get(), c.mc); c.outPacer == nil {
+		c.logger.Warn("tailnet: cannot read magicsock's send counters; WireGuard's outbound queue is unbounded and a fast sender may take much memory")
+	}
 	if c.timeWait = installTimeWaitRecycler(c.sys.Tun.Get(), ns); c.timeWait == nil {
 		c.logger.Warn("tailnet: cannot reach netstack's TCP stack; a new connection that reuses a port pair in TIME-WAIT will stall")
 	}

@@ -157,6 +157,23 @@ func link(t testing.TB, a, b *Conn) {
 
 func addrOf(c *Conn) netip.Addr { return c.Addresses()[0].Addr() }
 
+// reachablePair starts an agent (node 1) and a client (node 2) on one
+// relay, tells each about the other, and waits until the client reaches
+// the agent.
+func reachablePair(t testing.TB) (agent, client *Conn) {
+	t.Helper()
+	r := newTestRelay(t)
+	agent = newTestConn(t, r, 1, true)
+	client = newTestConn(t, r, 2, false)
+	link(t, agent, client)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := client.AwaitReachable(ctx, addrOf(agent)); err != nil {
+		t.Fatal(err)
+	}
+	return agent, client
+}
+
 // transfer sends n random bytes from -> to over TCP port and back the other
 // way, and checks both arrive intact.
 func transfer(t testing.TB, from, to *Conn, port uint16, n int) {

@@ -121,11 +121,13 @@ func vsTsnetBench(mib int) goBench {
 		name: "tailnet vs tsnet", pkg: "./tailnet/", bench: "^BenchmarkVsTsnet$", benchtime: "1x", timeout: 10 * time.Minute,
 		env: []string{fmt.Sprintf("TAILNET_BENCH_MIB=%d", mib)},
 		rows: func(o benchtable.Output) []benchtable.Row {
-			rounds := printed(o, regexp.MustCompile(`medians of \d+ rounds: .*; (ours \[.*\] MB/s, tsnet \[.*\] MB/s)`))
+			count := printed(o, regexp.MustCompile(`medians of (\d+) rounds`))
+			rounds := printed(o, regexp.MustCompile(`medians of \d+ rounds: .*; (ours \[.*\] MB/s, tsnet \[[0-9. ]*\] MB/s)`))
+			ratios := printed(o, regexp.MustCompile(`, ratios (\[[0-9. ]*\])`))
 			perRound := printed(o, regexp.MustCompile(`median of the rounds' ratios ([0-9.]+)`))
 			return []benchtable.Row{o.Compare(rowVsTsnet, pick("BenchmarkVsTsnet", "tailnet-MB/s", "MB/s"),
 				"tsnet pair (Tailscale's embedding, same version)", pick("BenchmarkVsTsnet", "tsnet-MB/s", "MB/s"),
-				fmt.Sprintf("%d MiB per transfer, medians of 3 alternating rounds: %s; median of each round's ratio %s", mib, rounds, perRound))}
+				fmt.Sprintf("%d MiB per transfer over IPv6, medians of %s alternating rounds: %s; each round's ratio %s, median %s", mib, count, rounds, ratios, perRound))}
 		},
 		rowNames: []string{rowVsTsnet},
 	}
