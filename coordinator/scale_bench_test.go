@@ -130,11 +130,7 @@ func BenchmarkCoordinatorScale(b *testing.B) {
 		serveScaleChild(b)
 		return
 	}
-	n := scaleAgents(b)
-	sizes := []int{n}
-	if small := n / 5 / scaleAgentsPerClient * scaleAgentsPerClient; small >= scaleAgentsPerClient {
-		sizes = []int{small, n}
-	}
+	sizes := scaleSizes(scaleAgents(b))
 	stores := scaleStoresFromEnv(b)
 	var pg *pgtest.Server
 	if slices.ContainsFunc(stores, func(st string) bool { return st != "bbolt" }) {
@@ -160,12 +156,22 @@ func BenchmarkCoordinatorRestart(b *testing.B) {
 		serveScaleChild(b)
 		return
 	}
-	n := scaleAgents(b)
-	b.Run(fmt.Sprintf("agents=%d", n), func(b *testing.B) {
-		for b.Loop() {
-			runCoordinatorRestart(b, n)
-		}
-	})
+	for _, n := range scaleSizes(scaleAgents(b)) {
+		b.Run(fmt.Sprintf("agents=%d", n), func(b *testing.B) {
+			for b.Loop() {
+				runCoordinatorRestart(b, n)
+			}
+		})
+	}
+}
+
+// scaleSizes are N/5 (when at least one client's worth) and N: how cost
+// grows with N.
+func scaleSizes(n int) []int {
+	if small := n / 5 / scaleAgentsPerClient * scaleAgentsPerClient; small >= scaleAgentsPerClient {
+		return []int{small, n}
+	}
+	return []int{n}
 }
 
 func BenchmarkWebSocketEchoScale(b *testing.B) {
@@ -805,19 +811,27 @@ func runCoordinatorRestart(b *testing.B, n int) {
 	first := startScaleChild(b, "coordinator", dir, scaleListenEnv+"="+addr)
 	d := &scaleDeployment{children: []*scaleChild{first}}
 	provisionScale(b, d, n)
+	// The reference: the same agents' first registration, all dialing at
+	// once (full TLS handshakes, nothing to resume).
+	coldCPU := childCPU(b, first.cmd.Process.Pid)
+	start := time.Now()
 	peers := make([]*scalePeer, n)
 	for i := range n {
 		peers[i] = startScalePeer(first, fmt.Sprintf("a%05d", i), d.agentTokens[i], coordclient.HandlerFuncs{})
 	}
 	b.Cleanup(func() { stopPeers(peers) })
 	deadline := time.Now().Add(scaleWait)
+	cold := make([]time.Duration, n)
 	for i, p := range peers {
 		select {
 		case <-p.hello:
+			cold[i] = time.Duration(p.lastHello.Load() - start.UnixNano())
 		case <-time.After(time.Until(deadline)):
 			b.Fatalf("agent %d got no hello", i)
 		}
 	}
+	coldCPU = childCPU(b, first.cmd.Process.Pid) - coldCPU
+	slices.Sort(cold)
 
 	down := time.Now()
 	first.stop()
@@ -865,6 +879,11 @@ func runCoordinatorRestart(b *testing.B, n int) {
 	b.ReportMetric(float64(delays[len(delays)-1].Microseconds())/1000, "return-max-ms")
 	b.ReportMetric(float64(slices.Max(hist))*100/float64(n), "busiest-100ms-pct")
 	b.ReportMetric(float64(coordCPU.Milliseconds()), "coord-cpu-ms")
+	b.ReportMetric(float64(coordCPU.Microseconds())/float64(n), "coord-cpu-us/agent")
+	b.ReportMetric(percentileMS(cold, 0.50), "cold-p50-ms")
+	b.ReportMetric(percentileMS(cold, 0.99), "cold-p99-ms")
+	b.ReportMetric(float64(cold[n-1].Microseconds())/1000, "cold-max-ms")
+	b.ReportMetric(float64(coldCPU.Microseconds())/float64(n), "cold-coord-cpu-us/agent")
 	b.ReportMetric(float64(agentsCPU.Milliseconds()), "agents-cpu-ms")
 	b.ReportMetric(percentileMS(tries, 0.50), "try-p50-ms")
 	b.ReportMetric(percentileMS(tries, 0.99), "try-p99-ms")

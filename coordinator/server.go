@@ -258,7 +258,9 @@ func New(cfg Config) (s *Server, err error) {
 		return nil, fmt.Errorf("listening on %s: %w (use --listen to pick another address)", cfg.Listen, err)
 	}
 	if tlsCfg != nil {
-		ln = tls.NewListener(ln, tlsCfg)
+		gate := newHandshakeGate(cfg.Limits.MaxHandshakes, cfg.Limits.HandshakeQueueWait, cfg.Logger.With("component", "tls"))
+		tlsCfg.GetConfigForClient = gate.enter
+		ln = tls.NewListener(gate.listener(ln), tlsCfg)
 	}
 	s.ln = ln
 

@@ -67,6 +67,9 @@ func (s *Server) handleCoordinate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if s.stopping.Load() {
+		// Back in a second: a restart takes about that, and the peer's
+		// own backoff takes over if it takes longer.
+		w.Header().Set("Retry-After", "1")
 		writeHTTPError(w, http.StatusServiceUnavailable, &protocol.Error{Code: protocol.CodeInternal, Message: "coordinator is shutting down; retry shortly"})
 		return
 	}
