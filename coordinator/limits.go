@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"runtime"
 	"strconv"
 	"sync"
 	"time"
@@ -27,6 +28,14 @@ const (
 	DefaultSessionBurstPerAddr   = 2000
 	DefaultHTTPIdleTimeout       = 90 * time.Second
 	DefaultHTTPHeaderTimeout     = 10 * time.Second
+	// DefaultHandshakesPerCPU bounds TLS handshakes doing their CPU work
+	// at once, per CPU: a few, so each finishes in its own time.
+	DefaultHandshakesPerCPU = 2
+	// DefaultHandshakeQueueWait is half the handshake bound (the header
+	// timeout on this side, coordclient's 10 s on the peer's): a
+	// connection still waiting then is refused rather than handshaken
+	// for a peer about to give up.
+	DefaultHandshakeQueueWait = 5 * time.Second
 )
 
 // EdgeLimits bounds what one token and one client address may hold or
@@ -53,6 +62,12 @@ type EdgeLimits struct {
 	// connections (coordination, DERP) have their own keepalives.
 	HTTPIdleTimeout   time.Duration
 	HTTPHeaderTimeout time.Duration
+	// MaxHandshakes bounds TLS handshakes doing their CPU work at once
+	// (default DefaultHandshakesPerCPU per CPU); more wait, oldest first,
+	// and one that waited HandshakeQueueWait since its connection was
+	// accepted is refused without the work.
+	MaxHandshakes      int
+	HandshakeQueueWait time.Duration
 }
 
 func (l *EdgeLimits) setDefaults() {
@@ -79,6 +94,8 @@ func (l *EdgeLimits) setDefaults() {
 	setInt(&l.SessionBurstPerAddress, DefaultSessionBurstPerAddr)
 	setDur(&l.HTTPIdleTimeout, DefaultHTTPIdleTimeout)
 	setDur(&l.HTTPHeaderTimeout, DefaultHTTPHeaderTimeout)
+	setInt(&l.MaxHandshakes, DefaultHandshakesPerCPU*runtime.GOMAXPROCS(0))
+	setDur(&l.HandshakeQueueWait, DefaultHandshakeQueueWait)
 }
 
 // edgeCount is one key's open sessions and its token bucket.

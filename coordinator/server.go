@@ -262,7 +262,12 @@ func New(cfg Config) (s *Server, err error) {
 		return nil, fmt.Errorf("listening on %s: %w (use --listen to pick another address)", cfg.Listen, err)
 	}
 	if tlsCfg != nil {
-		ln = tls.NewListener(ln, tlsCfg)
+		// A handshake still waiting at half the header timeout (which
+		// net/http also puts on the handshake) would run out of time.
+		wait := min(cfg.Limits.HandshakeQueueWait, cfg.Limits.HTTPHeaderTimeout/2)
+		gate := newHandshakeGate(cfg.Limits.MaxHandshakes, wait, cfg.Logger.With("component", "tls"))
+		tlsCfg.GetConfigForClient = gate.enter
+		ln = tls.NewListener(gate.listener(ln), tlsCfg)
 	}
 	s.ln = ln
 

@@ -67,6 +67,9 @@ func (s *Server) handleCoordinate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if s.stopping.Load() {
+		// No Retry-After: behind a load balancer another replica may
+		// take the peer at once, sooner than any fixed time; the peer's
+		// own short backoff decides.
 		writeHTTPError(w, http.StatusServiceUnavailable, &protocol.Error{Code: protocol.CodeInternal, Message: "coordinator is shutting down; retry shortly"})
 		return
 	}

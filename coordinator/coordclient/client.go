@@ -638,8 +638,9 @@ func (c *Client) pingLoop(ctx context.Context, conn *websocket.Conn, cancel cont
 	}
 }
 
-// retryLaterError is a refusal that says when to try again (HTTP 429
-// with Retry-After): the coordinator's per-token or per-address limits.
+// retryLaterError is a refusal that says when to try again (HTTP 429 or
+// 503 with Retry-After): the coordinator's per-token or per-address
+// limits, or its shutdown.
 type retryLaterError struct {
 	err   error
 	after time.Duration
@@ -651,14 +652,23 @@ func (e *retryLaterError) Unwrap() error { return e.err }
 // dialError words a failed dial; a refusal of the token is permanent.
 func dialError(err error, resp *http.Response) error {
 	err = dialErrorText(err, resp)
-	if resp != nil && resp.StatusCode == http.StatusTooManyRequests {
-		secs, perr := strconv.Atoi(resp.Header.Get("Retry-After"))
+	if resp == nil {
+		return err
+	}
+	secs, perr := strconv.Atoi(resp.Header.Get("Retry-After"))
+	switch {
+	case resp.StatusCode == http.StatusTooManyRequests:
 		if perr != nil || secs < 1 {
 			secs = 1
 		}
-		return &retryLaterError{err: err, after: time.Duration(min(secs, 300)) * time.Second}
+	case resp.StatusCode == http.StatusServiceUnavailable && perr == nil:
+		// A coordinator shutting down (or starting) says when to come
+		// back; a 503 without Retry-After (a proxy's) takes the backoff.
+		secs = max(secs, 1)
+	default:
+		return err
 	}
-	return err
+	return &retryLaterError{err: err, after: time.Duration(min(secs, 300)) * time.Second}
 }
 
 func dialErrorText(err error, resp *http.Response) error {

@@ -2,9 +2,11 @@ package coordclient
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -165,10 +167,40 @@ func TestBackoffBounded(t *testing.T) {
 	}
 }
 
-// TestRetryAfterIsHonoured: a coordinator that refuses with 429 and
-// Retry-After (its per-token or per-address limits) is not dialled again
-// before that time, however short the client's own backoff.
+// TestRetryAfterIsHonoured: a coordinator that refuses with 429 (its
+// per-token or per-address limits) or 503 (shutting down) and Retry-After
+// is not dialled again before that time, however short the client's own
+// backoff; a 503 without Retry-After (a proxy's) takes the backoff.
 func TestRetryAfterIsHonoured(t *testing.T) {
+	for _, tc := range []struct {
+		status      int
+		retryAfter  string
+		minAttempts int
+		maxAttempts int
+	}{
+		{http.StatusTooManyRequests, "2", 2, 2},
+		{http.StatusServiceUnavailable, "2", 2, 2},
+		{http.StatusServiceUnavailable, "", 10, 1000},
+	} {
+		t.Run(fmt.Sprintf("%d-%q", tc.status, tc.retryAfter), func(t *testing.T) {
+			t.Parallel()
+			attempts := refusingAttempts(t, tc.status, tc.retryAfter)
+			if len(attempts) < tc.minAttempts || len(attempts) > tc.maxAttempts {
+				t.Fatalf("%d attempts in 3.5 s against %d with Retry-After %q, want %d to %d", len(attempts), tc.status, tc.retryAfter, tc.minAttempts, tc.maxAttempts)
+			}
+			if tc.retryAfter != "" {
+				if gap := attempts[1].Sub(attempts[0]); gap < 2*time.Second {
+					t.Fatalf("retried after %v, before the coordinator's Retry-After of 2 s", gap)
+				}
+			}
+		})
+	}
+}
+
+// refusingAttempts runs a client for 3.5 s against a coordinator that
+// refuses every dial with status and Retry-After, and returns when it
+// dialled.
+func refusingAttempts(t *testing.T, status int, retryAfter string) []time.Time {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -179,10 +211,12 @@ func TestRetryAfterIsHonoured(t *testing.T) {
 		mu.Lock()
 		attempts = append(attempts, time.Now())
 		mu.Unlock()
-		w.Header().Set("Retry-After", "2")
+		if retryAfter != "" {
+			w.Header().Set("Retry-After", retryAfter)
+		}
 		w.Header().Set("Content-Type", "application/json")
-		w.WriteHeader(http.StatusTooManyRequests)
-		io.WriteString(w, `{"code":"limit_exceeded","message":"too many coordination sessions from this token; retry in 2s"}`)
+		w.WriteHeader(status)
+		io.WriteString(w, `{"code":"limit_exceeded","message":"refused; retry in 2s"}`)
 	})}
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
@@ -194,10 +228,5 @@ func TestRetryAfterIsHonoured(t *testing.T) {
 	c.Run(ctx)
 	mu.Lock()
 	defer mu.Unlock()
-	if len(attempts) != 2 {
-		t.Fatalf("%d attempts in 3.5 s against Retry-After: 2, want 2", len(attempts))
-	}
-	if gap := attempts[1].Sub(attempts[0]); gap < 2*time.Second {
-		t.Fatalf("retried after %v, before the coordinator's Retry-After of 2 s", gap)
-	}
+	return slices.Clone(attempts)
 }

@@ -16,12 +16,16 @@ var coordScaleStores = []struct{ key, label string }{
 }
 
 // coordScaleBench is the coordinator step: BenchmarkCoordinatorScale on
-// each deployment at N/5 and N agents, BenchmarkCoordinatorRestart at N,
+// each deployment at N/5 and N agents, BenchmarkCoordinatorRestart at N/5
+// and N,
 // and the bare WebSocket echo server as the memory reference.
 func coordScaleBench(s sizes) goBench {
 	n := s.coordAgents
 	small := n / 5 / 100 * 100
 	rowNames := []string{fmt.Sprintf("coordinator scale, %d agents", n), fmt.Sprintf("coordinator restart, %d agents", n)}
+	if small > 0 {
+		rowNames = append(rowNames, fmt.Sprintf("coordinator restart, %d agents", small))
+	}
 	return goBench{
 		name: "coordinator scale", pkg: "./coordinator/", bench: "^(BenchmarkCoordinatorScale|BenchmarkCoordinatorRestart|BenchmarkWebSocketEchoScale)$",
 		benchtime: "1x", timeout: 40 * time.Minute, rowNames: rowNames,
@@ -73,24 +77,50 @@ func coordScaleRows(o benchtable.Output, n, small int) []benchtable.Row {
 		o.Compare(fmt.Sprintf("coordinator, bbolt, %d agents: RSS per connection", n), pick(at("bbolt", n), "rss-KiB/conn", "KiB"),
 			"bare TLS WebSocket echo server", pick(echo, "rss-KiB/conn", "KiB"), fmt.Sprintf("%d connections", n+n/100)))
 
+	for _, agents := range []int{small, n} {
+		if agents > 0 {
+			rows = append(rows, coordRestartRows(o, agents)...)
+		}
+	}
+	return rows
+}
+
+// coordRestartRows are BenchmarkCoordinatorRestart's figures at one size:
+// the return beside issue 15's 2 s and beside the same agents' first
+// registration in the same run, and what the coordinator spent per agent.
+func coordRestartRows(o benchtable.Output, n int) []benchtable.Row {
 	restart := fmt.Sprintf("BenchmarkCoordinatorRestart/agents=%d", n)
 	target := benchtable.Value{Value: 2000, Unit: "ms"}
-	restartRow := func(name, metric, note string) benchtable.Row {
-		v, status, err := o.Value(pick(restart, metric, "ms"))
+	var rows []benchtable.Row
+	for _, r := range []struct{ name, metric, cold, note string }{
+		{"back after the coordinator's return, p50", "return-p50-ms", "cold-p50-ms", "5 s outage, graceful shutdown"},
+		{"back after the coordinator's return, p99", "return-p99-ms", "cold-p99-ms", ""},
+		{"back after the coordinator's return, max", "return-max-ms", "cold-max-ms", ""},
+	} {
+		name := fmt.Sprintf("coordinator restart, %d agents: %s", n, r.name)
+		v, status, err := o.Value(pick(restart, r.metric, "ms"))
 		if err != nil {
-			return benchtable.Row{Name: name, Status: status, Note: err.Error()}
+			rows = append(rows, benchtable.Row{Name: name, Status: status, Note: err.Error()})
+			continue
 		}
-		return benchtable.Measured(name, v, benchtable.Reference{Name: "target (issue 15)", Value: &target}, note)
+		rows = append(rows,
+			benchtable.Measured(name, v, benchtable.Reference{Name: "target (issue 15)", Value: &target}, r.note),
+			o.Compare(name, pick(restart, r.metric, "ms"), "the same agents' first registration, all at once", pick(restart, r.cold, "ms"), "same run"))
 	}
 	for _, r := range []struct{ name, metric, note string }{
-		{"back after the coordinator's return, p50", "return-p50-ms", "5 s outage, graceful shutdown"},
-		{"back after the coordinator's return, p99", "return-p99-ms", ""},
-		{"back after the coordinator's return, max", "return-max-ms", ""},
 		{"agent's first try after the return, p99 (the jitter alone)", "try-p99-ms", "from the backoff, before the coordinator serves it"},
 		{"agent's first try after the return, max", "try-max-ms", ""},
 	} {
-		rows = append(rows, restartRow(fmt.Sprintf("coordinator restart, %d agents: %s", n, r.name), r.metric, r.note))
+		name := fmt.Sprintf("coordinator restart, %d agents: %s", n, r.name)
+		v, status, err := o.Value(pick(restart, r.metric, "ms"))
+		if err != nil {
+			rows = append(rows, benchtable.Row{Name: name, Status: status, Note: err.Error()})
+			continue
+		}
+		rows = append(rows, benchtable.Measured(name, v, benchtable.Reference{Name: "target (issue 15)", Value: &target}, r.note))
 	}
+	rows = append(rows, o.Compare(fmt.Sprintf("coordinator restart, %d agents: coordinator CPU per returning agent", n), pick(restart, "coord-cpu-us/agent", "µs"),
+		"per agent at its first registration", pick(restart, "cold-coord-cpu-us/agent", "µs"), "user+system of the coordinator process alone, its start included"))
 	busiest, status, err := o.Value(pick(restart, "busiest-100ms-pct", "%"))
 	name := fmt.Sprintf("coordinator restart, %d agents: arrivals in the busiest 100 ms", n)
 	if err != nil {

@@ -10,7 +10,8 @@ import (
 
 // TestCoordScaleRows: every deployment's figure at N is set beside the
 // same deployment at N/5 and (PostgreSQL) beside bbolt at N, and the
-// restart rows beside the 2 s target.
+// restart rows at both sizes beside the 2 s target and the same agents'
+// first registration.
 func TestCoordScaleRows(t *testing.T) {
 	var out strings.Builder
 	for i, st := range []string{"bbolt", "postgres", "postgres-3"} {
@@ -21,7 +22,9 @@ func TestCoordScaleRows(t *testing.T) {
 		}
 	}
 	out.WriteString("BenchmarkWebSocketEchoScale/conns=2020-2\t1\t1 ns/op\t30 heap-KiB/conn\t40 rss-KiB/conn\n")
-	out.WriteString("BenchmarkCoordinatorRestart/agents=2000-2\t1\t1 ns/op\t12 busiest-100ms-pct\t5 outage-s\t1500 return-max-ms\t700 return-p50-ms\t1400 return-p99-ms\t1190 try-max-ms\t900 try-p50-ms\t1150 try-p99-ms\n")
+	for _, n := range []int{400, 2000} {
+		fmt.Fprintf(&out, "BenchmarkCoordinatorRestart/agents=%d-2\t1\t1 ns/op\t12 busiest-100ms-pct\t5 outage-s\t1500 return-max-ms\t700 return-p50-ms\t1400 return-p99-ms\t1190 try-max-ms\t900 try-p50-ms\t1150 try-p99-ms\t%d coord-cpu-us/agent\t800 cold-p50-ms\t1600 cold-p99-ms\t1700 cold-max-ms\t900 cold-coord-cpu-us/agent\n", n, n/4)
+	}
 	o, err := benchtable.Parse(strings.NewReader(out.String()))
 	if err != nil {
 		t.Fatal(err)
@@ -54,9 +57,19 @@ func TestCoordScaleRows(t *testing.T) {
 			t.Errorf("a database CPU row for bbolt: %q", r.Name)
 		}
 	}
-	r = find("coordinator restart, 2000 agents: back after the coordinator's return, p99", "target (issue 15)")
-	if r.Figure.Value != 1400 || r.Reference.Value.Value != 2000 || r.Status != benchtable.StatusOK {
-		t.Errorf("restart row %+v", r)
+	for _, n := range []string{"400", "2000"} {
+		r = find("coordinator restart, "+n+" agents: back after the coordinator's return, p99", "target (issue 15)")
+		if r.Figure.Value != 1400 || r.Reference.Value.Value != 2000 || r.Status != benchtable.StatusOK {
+			t.Errorf("restart row %+v", r)
+		}
+		r = find("coordinator restart, "+n+" agents: back after the coordinator's return, p99", "the same agents' first registration, all at once")
+		if r.Figure.Value != 1400 || r.Reference.Value.Value != 1600 {
+			t.Errorf("restart row against the cold registration %+v", r)
+		}
+	}
+	r = find("coordinator restart, 2000 agents: coordinator CPU per returning agent", "per agent at its first registration")
+	if r.Figure.Value != 500 || r.Reference.Value.Value != 900 {
+		t.Errorf("restart CPU row %+v %+v", r.Figure, r.Reference.Value)
 	}
 	for _, r := range rows {
 		if r.Status != benchtable.StatusOK {
