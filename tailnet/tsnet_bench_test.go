@@ -7,7 +7,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -17,6 +16,8 @@ import (
 	"tailscale.com/tsnet"
 	"tailscale.com/tstest/integration/testcontrol"
 	"tailscale.com/types/logger"
+
+	"github.com/agentd/agent/internal/benchtable"
 )
 
 // BenchmarkVsTsnet puts Tailscale's own embedding, a tsnet.Server pair, beside
@@ -49,14 +50,14 @@ func BenchmarkVsTsnet(b *testing.B) {
 			ratios = append(ratios, got.MBps/ts)
 			b.Logf("round %d, %d MiB direct: ours %.1f MB/s (%s), tsnet pair %.1f MB/s", round, n>>20, got.MBps, got.Path, ts)
 		}
-		o, t := median(ours), median(theirs)
+		o, t := benchtable.Median(ours), benchtable.Median(theirs)
 		b.ReportMetric(o, "tailnet-MB/s")
 		b.ReportMetric(t, "tsnet-MB/s")
 		// The ratio within each round is the steadier figure on a shared
 		// machine, whose load moves between rounds.
-		b.ReportMetric(median(ratios), "round-ratio")
+		b.ReportMetric(benchtable.Median(ratios), "round-ratio")
 		b.Logf("medians of %d rounds: ours %.1f MB/s, tsnet pair %.1f MB/s, ratio %.2f (median of the rounds' ratios %.2f); ours %s MB/s, tsnet %s MB/s, ratios %s",
-			rounds, o, t, o/t, median(ratios), oneDecimal(ours), oneDecimal(theirs), twoDecimals(ratios))
+			rounds, o, t, o/t, benchtable.Median(ratios), oneDecimal(ours), oneDecimal(theirs), twoDecimals(ratios))
 	}
 }
 
@@ -70,15 +71,6 @@ func formatAll(v []float64, decimals int) string {
 		s[i] = strconv.FormatFloat(x, 'f', decimals, 64)
 	}
 	return "[" + strings.Join(s, " ") + "]"
-}
-
-func median(v []float64) float64 {
-	s := slices.Clone(v)
-	slices.Sort(s)
-	if len(s)%2 == 1 {
-		return s[len(s)/2]
-	}
-	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
 // tsnetTransfer brings up a control server and two tsnet nodes, waits for

@@ -10,12 +10,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"testing"
 	"time"
 
 	"github.com/agentd/agent/agent/sshd"
+	"github.com/agentd/agent/internal/benchtable"
 	"github.com/agentd/agent/internal/testkit/sshtest"
 )
 
@@ -130,7 +130,7 @@ func BenchmarkVsOpenSSH(b *testing.B) {
 				rounds = append(rounds, float64(round["openssh"])/float64(round["agentd"]))
 			}
 			perRound := roundsNote(rounds)
-			b.ReportMetric(median(rounds), "median-ratio")
+			b.ReportMetric(benchtable.Median(rounds), "median-ratio")
 			ourD, refD := best["agentd"], best["openssh"]
 			if name == "setup" {
 				b.ReportMetric(float64(ourD.Microseconds())/1000, "agentd-ms")
@@ -158,16 +158,7 @@ func roundsNote(rounds []float64) string {
 	for _, r := range rounds {
 		note += fmt.Sprintf(" %.2f", r)
 	}
-	return note + fmt.Sprintf(", median %.2f", median(rounds))
-}
-
-func median(v []float64) float64 {
-	s := slices.Clone(v)
-	slices.Sort(s)
-	if len(s)%2 == 1 {
-		return s[len(s)/2]
-	}
-	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+	return note + fmt.Sprintf(", median %.2f", benchtable.Median(rounds))
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

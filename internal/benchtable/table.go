@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -223,4 +224,19 @@ func oneLine(s string) string {
 		s = s[:limit] + "…"
 	}
 	return s
+}
+
+// Median returns the median of v (the mean of the middle two for an even
+// count), 0 for none. Benchmarks that alternate rounds report it, since
+// one disturbed round on a shared machine moves it least.
+func Median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }

@@ -90,7 +90,7 @@ func measureDeployment(ctx context.Context, log io.Writer, bin string) []benchta
 func (r deploymentResult) rows() []benchtable.Row {
 	ssh := benchtable.Reference{Name: "ssh to OpenSSH sshd on loopback", Note: r.OpenSSHNote}
 	if len(r.OpenSSHTrueMS) > 0 {
-		ssh.Value = &benchtable.Value{Value: median(r.OpenSSHTrueMS), Unit: "ms"}
+		ssh.Value = &benchtable.Value{Value: benchtable.Median(r.OpenSSHTrueMS), Unit: "ms"}
 	}
 	target := benchtable.Reference{Name: "target", Value: &benchtable.Value{Value: rssTargetMB, Unit: "MB"}}
 	loadTarget := benchtable.Reference{Name: "target", Value: &benchtable.Value{Value: loadRSSTargetMB, Unit: "MB"}}
@@ -98,7 +98,7 @@ func (r deploymentResult) rows() []benchtable.Row {
 		return benchtable.Value{Value: float64(kib) * 1024 / 1e6, Unit: "MB"}
 	}
 	return []benchtable.Row{
-		benchtable.Measured(deploymentRowNames[0], benchtable.Value{Value: median(r.SSHTrueMS), Unit: "ms"}, ssh,
+		benchtable.Measured(deploymentRowNames[0], benchtable.Value{Value: benchtable.Median(r.SSHTrueMS), Unit: "ms"}, ssh,
 			fmt.Sprintf("median of %d (min %.0f, max %.0f): new tailnet node, coordinator, DERP, SSH", len(r.SSHTrueMS), slices.Min(r.SSHTrueMS), slices.Max(r.SSHTrueMS))),
 		benchtable.Measured(deploymentRowNames[1], mb(r.IdleRSSKiB), target, fmt.Sprintf("VmHWM %s", mb(r.IdleHWMKiB))),
 		benchtable.Measured(deploymentRowNames[2], mb(r.LoadRSSKiB), loadTarget,
@@ -124,15 +124,6 @@ func (r deploymentResult) proxySCPRow() benchtable.Row {
 }
 
 func ptr[T any](v T) *T { return &v }
-
-func median(v []float64) float64 {
-	if len(v) == 0 {
-		return 0
-	}
-	s := slices.Clone(v)
-	slices.Sort(s)
-	return s[len(s)/2]
-}
 
 // deploymentChild runs inside the new network namespace and prints a
 // deploymentResult as JSON. uid is the caller's real user ID (0: root, so
