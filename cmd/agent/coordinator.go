@@ -95,6 +95,8 @@ one certificate whichever replica answers.`,
 	fs.IntVar(&l.SessionBurstPerAddress, "session-burst-per-address", coordinator.DefaultSessionBurstPerAddr, "new coordination sessions one client IP address may open at once")
 	fs.DurationVar(&l.HTTPIdleTimeout, "http-idle-timeout", coordinator.DefaultHTTPIdleTimeout, "close keep-alive HTTP connections idle this long (coordination and DERP connections keep their own pings)")
 	fs.DurationVar(&l.HTTPHeaderTimeout, "http-header-timeout", coordinator.DefaultHTTPHeaderTimeout, "close connections that take longer to send a request's headers")
+	fs.IntVar(&l.MaxHandshakes, "max-tls-handshakes", 0, "TLS handshakes doing their key exchange at once; more wait in arrival order (default 2 per CPU)")
+	fs.DurationVar(&l.HandshakeQueueWait, "tls-handshake-queue-wait", coordinator.DefaultHandshakeQueueWait, "refuse a TLS handshake still waiting for its turn this long after its connection arrived (at most half --http-header-timeout); the peer retries after its backoff")
 	fs.StringVar(&cfg.AccessURL, "access-url", "", "URL peers use to reach this coordinator, e.g. https://coord.example.com:8443 (shown in instructions; added to the certificate's names on first start)")
 	return cmd
 }
