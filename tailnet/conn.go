@@ -336,6 +336,7 @@ func (c *Conn) Close() error {
 
 func (c *Conn) closeEngine() {
 	if c.ns != nil {
+		c.lingerOutbound()
 		closeNetstack(c.ns)
 	}
 	if c.eng != nil {

@@ -3,6 +3,7 @@ package tailnet
 import (
 	"context"
 	"reflect"
+	"time"
 	"unsafe"
 
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
@@ -45,6 +46,59 @@ func closeNetstack(ns *netstack.Impl) {
 
 type packetQueue interface {
 	ReadContext(context.Context) *stack.PacketBuffer
+	NumQueued() int
+}
+
+const (
+	// closeLinger bounds how long Close lets packets already on their way
+	// out (the FINs and RSTs of connections the program just closed)
+	// reach the wire before the engine goes, as a kernel keeps sending a
+	// closed socket's last segments after its process exits. Without it,
+	// `agent port-forward` exiting under load could drop a FIN, and the
+	// agent held that flow until its keepalive gave up.
+	closeLinger = 500 * time.Millisecond
+	// closeQuiet is how long the outbound path must have been still
+	// (nothing queued in netstack, nothing new handed to WireGuard or
+	// sent) before Close goes on.
+	closeQuiet = 20 * time.Millisecond
+)
+
+// lingerOutbound waits until the outbound path has been quiet for
+// closeQuiet, or closeLinger has passed. It returns how long it waited.
+func (c *Conn) lingerOutbound() time.Duration {
+	start := time.Now()
+	if c.ns == nil {
+		return 0
+	}
+	q, ok := linkQueue(c.ns)
+	if !ok && c.outPacer == nil {
+		return 0
+	}
+	var lastEntered, lastSent int64 = -1, -1
+	var stillSince time.Time
+	for {
+		now := time.Now()
+		busy := ok && q.NumQueued() > 0
+		if c.outPacer != nil {
+			entered, sent, _ := c.outPacer.counts()
+			if entered != lastEntered || sent != lastSent {
+				busy = true
+			}
+			lastEntered, lastSent = entered, sent
+		}
+		switch {
+		case busy:
+			stillSince = time.Time{}
+		case stillSince.IsZero():
+			stillSince = now
+		case now.Sub(stillSince) >= closeQuiet:
+			return now.Sub(start)
+		}
+		if now.Sub(start) >= closeLinger {
+			return now.Sub(start)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
 }
 
 func linkQueue(ns *netstack.Impl) (packetQueue, bool) {
