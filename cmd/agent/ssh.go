@@ -65,8 +65,10 @@ OpenSSH's KnownHostsCommand, so OpenSSH checks it too:
 
   KnownHostsCommand agent ssh --known-hosts %H
 
---timeout bounds the wait for the coordinator, the workspace and the SSH
-handshake; a session that is up runs as long as it likes.`,
+--timeout bounds each wait on its own: for the coordinator and the
+workspace, for the connection to its SSH server, and for the SSH handshake
+(as OpenSSH's ConnectTimeout bounds its connect and its handshake
+separately). A session that is up runs as long as it likes.`,
 		Example: `  agent ssh ws1
   agent ssh ws1 -- uname -a
   agent ssh ws1 --session build         # attach to (or start) the session "build"
@@ -173,7 +175,7 @@ func runSSH(ctx context.Context, env *cliEnv, o *sshOptions) error {
 				Name:               name,
 				Workspace:          ws.Name(),
 				Dial: func(dctx context.Context, first bool) (net.Conn, error) {
-					return dialSessionSSH(dctx, cctx, first, ws, vouched)
+					return dialSessionSSH(dctx, o.cf.timeout, first, ws, vouched)
 				},
 			})
 			return err
@@ -183,21 +185,21 @@ func runSSH(ctx context.Context, env *cliEnv, o *sshOptions) error {
 			return &exitError{code: 255}
 		}
 		if !errors.Is(err, sshclient.ErrSessionsUnsupported) || o.session != "" {
-			return sshResult(cctx, ws, code, err)
+			return sshResult(ws, o.cf.timeout, code, err)
 		}
 		// An older agent: a plain session, as before.
 	}
 	err = untilAccessEnds(ctx, ws, func(ctx context.Context) error {
-		conn, done, err := dialSSH(ctx, cctx, ws)
+		dctx, cancel := giveUpAfter(ctx, o.cf.timeout)
+		defer cancel()
+		conn, done, err := dialSSH(ctx, dctx, ws)
 		if err != nil {
 			return err
 		}
 		defer done()
 		// The deadline bounds the SSH handshake; sshclient clears it once
 		// the session is up.
-		if d, ok := cctx.Deadline(); ok {
-			_ = conn.SetDeadline(d)
-		}
+		boundHandshake(conn, o.cf.timeout)
 		if vouched != "" {
 			if conn, err = sshclient.ExpectHostKey(conn, vouched); err != nil {
 				return err
@@ -222,14 +224,24 @@ func runSSH(ctx context.Context, env *cliEnv, o *sshOptions) error {
 		fmt.Fprintf(env.Stderr, "Connection to %s closed.\n", ws.Name())
 		return &exitError{code: 255}
 	}
-	return sshResult(cctx, ws, code, err)
+	return sshResult(ws, o.cf.timeout, code, err)
+}
+
+// boundHandshake gives the SSH handshake on conn its own --timeout: a
+// loaded machine that got through the earlier steps slowly still gets the
+// whole bound for this one. sshclient clears the deadline once the session
+// is up.
+func boundHandshake(conn net.Conn, timeout time.Duration) {
+	if timeout > 0 {
+		_ = conn.SetDeadline(time.Now().Add(timeout))
+	}
 }
 
 // sshResult turns a session's end into agent ssh's error and exit code.
-func sshResult(cctx context.Context, ws *client.Workspace, code int, err error) error {
+func sshResult(ws *client.Workspace, timeout time.Duration, code int, err error) error {
 	if err != nil {
 		if errors.Is(err, os.ErrDeadlineExceeded) {
-			return fmt.Errorf("waiting for the SSH handshake with workspace %q: %w", ws.Name(), context.Cause(cctx))
+			return fmt.Errorf("waiting for the SSH handshake with workspace %q: gave up after %s (--timeout)", ws.Name(), timeout)
 		}
 		return err
 	}
@@ -240,17 +252,22 @@ func sshResult(cctx context.Context, ws *client.Workspace, code int, err error) 
 }
 
 // dialSessionSSH connects to the workspace's SSH server for a reconnecting
-// session: the first time within connectCtx (--timeout, which also bounds
-// the handshake), later within ctx, and expecting the vouched host key.
-func dialSessionSSH(ctx, connectCtx context.Context, first bool, ws *client.Workspace, vouched string) (net.Conn, error) {
+// session: the first time with --timeout for the connection and again for
+// the handshake, later within ctx (one reconnect attempt's bound), and
+// expecting the vouched host key.
+func dialSessionSSH(ctx context.Context, timeout time.Duration, first bool, ws *client.Workspace, vouched string) (net.Conn, error) {
 	if first {
-		ctx = connectCtx
+		var cancel context.CancelFunc
+		ctx, cancel = giveUpAfter(ctx, timeout)
+		defer cancel()
 	}
 	conn, err := ws.DialTCP(ctx, protocol.PortSSH)
 	if err != nil {
 		return nil, err
 	}
-	if d, ok := ctx.Deadline(); ok {
+	if first {
+		boundHandshake(conn, timeout)
+	} else if d, ok := ctx.Deadline(); ok {
 		_ = conn.SetDeadline(d)
 	}
 	if vouched == "" {
@@ -320,7 +337,11 @@ func runSSHStdio(ctx context.Context, env *cliEnv, o *sshOptions) error {
 	}
 	defer ws.Close()
 	err = untilAccessEnds(ctx, ws, func(ctx context.Context) error {
-		conn, done, err := dialSSH(ctx, tctx, ws)
+		// The connection gets its own --timeout; the handshake is
+		// OpenSSH's to bound (its ConnectTimeout).
+		dctx, cancel := giveUpAfter(cctx, o.cf.timeout)
+		defer cancel()
+		conn, done, err := dialSSH(ctx, dctx, ws)
 		if err != nil {
 			return err
 		}
