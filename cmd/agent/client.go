@@ -136,24 +136,34 @@ func (e *cliEnv) vouchedHostKey(ctx context.Context, f *clientFlags, name string
 	return key, nil
 }
 
+// accessState is what untilAccessEnds watches of a *client.Workspace: Done
+// is closed once access ended, and Err says why.
+type accessState interface {
+	Done() <-chan struct{}
+	Err() error
+}
+
 // untilAccessEnds runs fn with a context that also ends when access to the
 // workspace ends (a revoked or expired token, a withdrawn grant, a deleted
 // user or workspace); then the access decision is the command's error, one
 // line naming the reason, whatever fn returned.
-func untilAccessEnds(ctx context.Context, ws *client.Workspace, fn func(context.Context) error) error {
-	ctx, cancel := context.WithCancel(ctx)
+func untilAccessEnds(ctx context.Context, ws accessState, fn func(context.Context) error) error {
+	fctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go func() {
 		select {
 		case <-ws.Done():
 			cancel()
-		case <-ctx.Done():
+		case <-fctx.Done():
 		}
 	}()
-	err := fn(ctx)
-	if err != nil && ws.Err() == nil {
+	err := fn(fctx)
+	if err != nil && ws.Err() == nil && ctx.Err() == nil {
 		// The workspace hangs up at the same moment the coordinator
-		// tells us why; give the reason a moment to arrive.
+		// tells us why; give the reason a moment to arrive. Not when
+		// we are the ones going away (interrupted, or OpenSSH gone):
+		// that wait kept ssh via ProxyCommand 1 s longer whenever
+		// OpenSSH hung up before the workspace closed.
 		select {
 		case <-ws.Done():
 		case <-time.After(time.Second):
