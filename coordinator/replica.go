@@ -56,6 +56,8 @@ type replicator struct {
 	mesh        *mesh
 	// relays is the replicas table as of our last heartbeat (with a mesh).
 	relays atomic.Pointer[[]replicaRelay]
+	// oldReplicas: a live replica reads only one-ID peer events.
+	oldReplicas atomic.Bool
 	// lastBeat is when our heartbeat last worked (Unix nanoseconds).
 	lastBeat atomic.Int64
 
@@ -106,10 +108,13 @@ func (r *replicator) enqueue(ev replEvent) {
 func (r *replicator) start(ctx context.Context) (<-chan struct{}, error) {
 	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if _, err := r.pool.Exec(sctx, `INSERT INTO replicas (id, url, fingerprint) VALUES ($1, $2, $3)`, r.id, r.url, r.fingerprint); err != nil {
+	if _, err := r.pool.Exec(sctx, `INSERT INTO replicas (id, url, fingerprint, events) VALUES ($1, $2, $3, $4)`, r.id, r.url, r.fingerprint, replicaEvents); err != nil {
 		return nil, fmt.Errorf("registering this replica: %w", err)
 	}
 	r.lastBeat.Store(time.Now().UnixNano())
+	if err := r.checkOldReplicas(sctx); err != nil {
+		return nil, fmt.Errorf("reading the other replicas' versions: %w", err)
+	}
 	done := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Add(3)
@@ -165,6 +170,42 @@ const maxWriteBatch = 1000
 // maxNotifyIDs is how many peer IDs one notification names: far below
 // PostgreSQL's 8000-byte payload limit at 20 bytes an ID.
 const maxNotifyIDs = 300
+
+// replicaEvents is the version of the NOTIFY payloads this replica reads
+// and sends (the replicas table's events column): 2 means a "peer" event
+// may name up to maxNotifyIDs peers. Replicas of the first release (1)
+// ignore such an event, so while one of them is live, as during a rolling
+// upgrade, each peer event names one peer.
+const replicaEvents = 2
+
+// notifyIDs is how many peer IDs one "peer" event may name now.
+func (r *replicator) notifyIDs() int {
+	if r.oldReplicas.Load() {
+		return 1
+	}
+	return maxNotifyIDs
+}
+
+// checkOldReplicas notes whether a live replica reads only one-ID peer
+// events.
+func (r *replicator) checkOldReplicas(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	var old bool
+	err := r.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM replicas WHERE events < $1 AND heartbeat >= now() - $2::interval)`,
+		replicaEvents, fmt.Sprintf("%d milliseconds", r.deadAfter.Milliseconds())).Scan(&old)
+	if err != nil {
+		return err
+	}
+	if was := r.oldReplicas.Swap(old); was != old {
+		if old {
+			r.logger.Info("a replica of an older release is live; naming one peer per change notification until it is gone")
+		} else {
+			r.logger.Info("every live replica reads batched change notifications")
+		}
+	}
+	return nil
+}
 
 func (r *replicator) markDirty() {
 	r.dirtyMu.Lock()
@@ -276,7 +317,9 @@ func (r *replicator) writeBatch(ctx context.Context, q []replEvent) error {
 				int64(p.id), int64(ev.agentID), epoch, pgstore.EventsChannel, fmt.Sprintf("%s untunnel %d %d %s", r.id, p.id, ev.agentID, reason))
 		}
 	}
-	for ids := range slices.Chunk(changed, maxNotifyIDs) {
+	slices.Sort(changed) // a peer that changed twice in the batch is named once
+	changed = slices.Compact(changed)
+	for ids := range slices.Chunk(changed, r.notifyIDs()) {
 		notify(r.id + " peer " + joinIDs(ids))
 	}
 	var tuns []remoteTunnel
@@ -693,6 +736,9 @@ func (r *replicator) heartbeatLoop(ctx context.Context) {
 				r.enqueue(ev)
 			}
 		}
+		if err := r.checkOldReplicas(ctx); err != nil && ctx.Err() == nil {
+			r.logger.Debug("could not read the other replicas' versions", "err", r.describe(err))
+		}
 		if r.mesh != nil {
 			if reps, err := r.listRelays(ctx); err != nil {
 				if ctx.Err() == nil {
@@ -732,7 +778,7 @@ func (r *replicator) beat(ctx context.Context) error {
 		return nil
 	}
 	r.logger.Warn("other replicas declared this one gone; publishing its peers again")
-	if _, err := r.pool.Exec(ctx, `INSERT INTO replicas (id, url, fingerprint) VALUES ($1, $2, $3)`, r.id, r.url, r.fingerprint); err != nil {
+	if _, err := r.pool.Exec(ctx, `INSERT INTO replicas (id, url, fingerprint, events) VALUES ($1, $2, $3, $4)`, r.id, r.url, r.fingerprint, replicaEvents); err != nil {
 		return err
 	}
 	r.markDirty()
