@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"log/slog"
 	"strings"
 	"sync"
@@ -204,4 +205,33 @@ func TestNeverConnectedWorkspaceIsOffline(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "it is offline: its agent is not connected to the coordinator") {
 		t.Fatalf("connect error %v", err)
 	}
+}
+
+// A workspace whose node never answers (its keys are held by nobody): a
+// connection to it ends once it has been silent for the bound, naming the
+// workspace's silence.
+func TestSilentWorkspaceDialGivesUp(t *testing.T) {
+	e := startEnv(t)
+	startAgentPeer(t, e, protocol.NetworkVerdict{Status: protocol.NetworkOK, At: time.Now()})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	ws, _ := e.mustConnect(t, ctx)
+	defer ws.Close()
+	const bound = 1500 * time.Millisecond
+	sctx, scancel := ws.GiveUpWhenSilent(ctx, bound)
+	defer scancel()
+	start := time.Now()
+	_, err := ws.DialTCP(sctx, protocol.PortSSH)
+	took := time.Since(start)
+	if err == nil {
+		t.Fatal("a dial to a workspace that never answers succeeded")
+	}
+	var silent *client.ErrWorkspaceSilent
+	if !errors.As(context.Cause(sctx), &silent) {
+		t.Fatalf("the dial ended with %v (cause %v), want the workspace's silence", err, context.Cause(sctx))
+	}
+	if took < bound || took > bound+5*time.Second {
+		t.Errorf("gave up after %v, want about %v", took.Round(time.Millisecond), bound)
+	}
+	t.Logf("gave up after %v: %v (%v)", took.Round(time.Millisecond), err, silent)
 }

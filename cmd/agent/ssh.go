@@ -65,10 +65,10 @@ OpenSSH's KnownHostsCommand, so OpenSSH checks it too:
 
   KnownHostsCommand agent ssh --known-hosts %H
 
---timeout bounds each wait on its own: for the coordinator and the
-workspace, for the connection to its SSH server, and for the SSH handshake
-(as OpenSSH's ConnectTimeout bounds its connect and its handshake
-separately). A session that is up runs as long as it likes.`,
+--timeout bounds the wait for the coordinator and the workspace; then the
+connection to the workspace's SSH server and the SSH handshake go on while
+the workspace keeps sending, and end once it has been silent for
+--timeout. A session that is up runs as long as it likes.`,
 		Example: `  agent ssh ws1
   agent ssh ws1 -- uname -a
   agent ssh ws1 --session build         # attach to (or start) the session "build"
@@ -190,16 +190,14 @@ func runSSH(ctx context.Context, env *cliEnv, o *sshOptions) error {
 		// An older agent: a plain session, as before.
 	}
 	err = untilAccessEnds(ctx, ws, func(ctx context.Context) error {
-		dctx, cancel := giveUpAfter(ctx, o.cf.timeout)
+		dctx, cancel := ws.GiveUpWhenSilent(ctx, o.cf.timeout)
 		defer cancel()
 		conn, done, err := dialSSH(ctx, dctx, ws)
 		if err != nil {
 			return err
 		}
 		defer done()
-		// The deadline bounds the SSH handshake; sshclient clears it once
-		// the session is up.
-		boundHandshake(conn, o.cf.timeout)
+		conn = client.BoundHandshake(dctx, cancel, conn)
 		if vouched != "" {
 			if conn, err = sshclient.ExpectHostKey(conn, vouched); err != nil {
 				return err
@@ -227,21 +225,11 @@ func runSSH(ctx context.Context, env *cliEnv, o *sshOptions) error {
 	return sshResult(ws, o.cf.timeout, code, err)
 }
 
-// boundHandshake gives the SSH handshake on conn its own --timeout: a
-// loaded machine that got through the earlier steps slowly still gets the
-// whole bound for this one. sshclient clears the deadline once the session
-// is up.
-func boundHandshake(conn net.Conn, timeout time.Duration) {
-	if timeout > 0 {
-		_ = conn.SetDeadline(time.Now().Add(timeout))
-	}
-}
-
 // sshResult turns a session's end into agent ssh's error and exit code.
 func sshResult(ws *client.Workspace, timeout time.Duration, code int, err error) error {
 	if err != nil {
 		if errors.Is(err, os.ErrDeadlineExceeded) {
-			return fmt.Errorf("waiting for the SSH handshake with workspace %q: gave up after %s (--timeout)", ws.Name(), timeout)
+			return fmt.Errorf("waiting for the SSH handshake with workspace %q: it sent nothing for %s (--timeout)", ws.Name(), timeout)
 		}
 		return err
 	}
@@ -252,24 +240,32 @@ func sshResult(ws *client.Workspace, timeout time.Duration, code int, err error)
 }
 
 // dialSessionSSH connects to the workspace's SSH server for a reconnecting
-// session: the first time with --timeout for the connection and again for
-// the handshake, later within ctx (one reconnect attempt's bound), and
-// expecting the vouched host key.
+// session: the first time until the workspace has been silent for
+// --timeout (the handshake too), later within ctx (one reconnect attempt's
+// bound), and expecting the vouched host key.
 func dialSessionSSH(ctx context.Context, timeout time.Duration, first bool, ws *client.Workspace, vouched string) (net.Conn, error) {
 	if first {
-		var cancel context.CancelFunc
-		ctx, cancel = giveUpAfter(ctx, timeout)
-		defer cancel()
+		sctx, cancel := ws.GiveUpWhenSilent(ctx, timeout)
+		conn, err := ws.DialTCP(sctx, protocol.PortSSH)
+		if err != nil {
+			cancel()
+			return nil, silentCause(sctx, err)
+		}
+		return expectVouched(client.BoundHandshake(sctx, cancel, conn), vouched)
 	}
 	conn, err := ws.DialTCP(ctx, protocol.PortSSH)
 	if err != nil {
 		return nil, err
 	}
-	if first {
-		boundHandshake(conn, timeout)
-	} else if d, ok := ctx.Deadline(); ok {
+	if d, ok := ctx.Deadline(); ok {
 		_ = conn.SetDeadline(d)
 	}
+	return expectVouched(conn, vouched)
+}
+
+// expectVouched makes the SSH handshake on conn insist on the vouched host
+// key, if there is one.
+func expectVouched(conn net.Conn, vouched string) (net.Conn, error) {
 	if vouched == "" {
 		return conn, nil
 	}
@@ -293,7 +289,7 @@ func newSessionName() string {
 func dialSSH(ctx, dialCtx context.Context, ws *client.Workspace) (conn net.Conn, done func(), err error) {
 	conn, err = ws.DialTCP(dialCtx, protocol.PortSSH)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, silentCause(dialCtx, err)
 	}
 	stop := context.AfterFunc(ctx, func() {
 		if ws.Err() != nil {
@@ -301,6 +297,16 @@ func dialSSH(ctx, dialCtx context.Context, ws *client.Workspace) (conn net.Conn,
 		}
 	})
 	return conn, func() { stop(); conn.Close() }, nil
+}
+
+// silentCause names the workspace's silence when that ended a dial, rather
+// than a bare "context canceled".
+func silentCause(ctx context.Context, err error) error {
+	var silent *client.ErrWorkspaceSilent
+	if cause := context.Cause(ctx); errors.As(cause, &silent) && !strings.Contains(err.Error(), cause.Error()) {
+		return fmt.Errorf("%w (%w)", err, cause)
+	}
+	return err
 }
 
 var (
@@ -339,7 +345,7 @@ func runSSHStdio(ctx context.Context, env *cliEnv, o *sshOptions) error {
 	err = untilAccessEnds(ctx, ws, func(ctx context.Context) error {
 		// The connection gets its own --timeout; the handshake is
 		// OpenSSH's to bound (its ConnectTimeout).
-		dctx, cancel := giveUpAfter(cctx, o.cf.timeout)
+		dctx, cancel := ws.GiveUpWhenSilent(cctx, o.cf.timeout)
 		defer cancel()
 		conn, done, err := dialSSH(ctx, dctx, ws)
 		if err != nil {
