@@ -207,6 +207,9 @@ func envOr(env *cliEnv, name, fallback string) string {
 
 func main() {
 	env := &cliEnv{Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr, Getenv: os.Getenv}
+	// Before anything else handles a signal: it looks at what we were
+	// started with.
+	defaultSignalsForChildren()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := newRootCmd(env).ExecuteContext(ctx)
 	interrupted := ctx.Err() != nil

@@ -1,0 +1,40 @@
+package main
+
+import (
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+// defaultSignalsForChildren keeps signals that this process was started
+// with ignored from being ignored in the processes it starts: SSH
+// sessions, above all.
+//
+// A parent's "ignore" outlives exec: `nohup agent run` ignores SIGHUP, and
+// a startup script's `agent run &` ignores SIGINT and SIGQUIT. Go resets to
+// the default in a child only the signals it handles, so every session's
+// processes inherited those: a hung-up session lived on until the agent's
+// SIGKILL 5 s later, and Ctrl-C would not interrupt a program. OpenSSH's
+// sshd gives its sessions the default dispositions; so do we. The agent
+// itself keeps ignoring them: they are handled, and dropped.
+func defaultSignalsForChildren() {
+	var ignored []os.Signal
+	for _, s := range []syscall.Signal{
+		syscall.SIGHUP, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGTERM, syscall.SIGPIPE,
+		syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGALRM,
+		syscall.SIGTSTP, syscall.SIGTTIN, syscall.SIGTTOU,
+	} {
+		if signal.Ignored(s) {
+			ignored = append(ignored, s)
+		}
+	}
+	if len(ignored) == 0 {
+		return
+	}
+	drop := make(chan os.Signal, 16)
+	signal.Notify(drop, ignored...)
+	go func() {
+		for range drop {
+		}
+	}()
+}
