@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"io"
 	"os"
+	"os/exec"
 	"regexp"
 	"strconv"
 	"strings"
@@ -25,27 +26,7 @@ func TestDevOnALoopbackOnlyMachine(t *testing.T) {
 	lab := netlab.New(t)
 	bin := buildAgent(t)
 	laptop := lab.Namespace("lo-only")
-	home := t.TempDir()
-	dev := laptop.Command(bin, "dev", "--data-dir", t.TempDir())
-	var out syncbuf.Buffer
-	dev.Stdout, dev.Stderr = &out, &out
-	if err := dev.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { dev.Process.Signal(os.Interrupt); dev.Wait() })
-
-	exports := regexp.MustCompile(`export (AGENT_URL=\S+) (AGENT_FINGERPRINT=\S+)\s+export (AGENT_TOKEN=\S+)`)
-	deadline := time.Now().Add(30 * time.Second)
-	var m []string
-	for m == nil {
-		if m = exports.FindStringSubmatch(out.String()); m == nil {
-			if time.Now().After(deadline) {
-				t.Fatalf("agent dev printed no credentials:\n%s", out.String())
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
-	}
-	env := []string{"HOME=" + home, "PATH=" + os.Getenv("PATH"), m[1], m[2], m[3]}
+	env, out := startDev(t, laptop.Command(bin, "dev", "--data-dir", t.TempDir()))
 
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -148,4 +129,29 @@ func TestDevOnALoopbackOnlyMachine(t *testing.T) {
 		t.Fatalf("agent ssh --stdio (pid %d) still runs 15 s after its parent was killed mid-connection", pid)
 	}
 	t.Logf("the proxying bridge ended %v after its parent: %s", time.Since(killed).Round(time.Millisecond), bridgeErr.String())
+}
+
+// startDev starts dev (an `agent dev` command, possibly through a wrapper)
+// and returns a client's environment for it, with the credentials it
+// printed, and its output. It is interrupted at the test's end.
+func startDev(t *testing.T, dev *exec.Cmd) (env []string, out *syncbuf.Buffer) {
+	t.Helper()
+	out = &syncbuf.Buffer{}
+	dev.Stdout, dev.Stderr = out, out
+	if err := dev.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dev.Process.Signal(os.Interrupt); dev.Wait() })
+	exports := regexp.MustCompile(`export (AGENT_URL=\S+) (AGENT_FINGERPRINT=\S+)\s+export (AGENT_TOKEN=\S+)`)
+	deadline := time.Now().Add(30 * time.Second)
+	var m []string
+	for m == nil {
+		if m = exports.FindStringSubmatch(out.String()); m == nil {
+			if time.Now().After(deadline) {
+				t.Fatalf("agent dev printed no credentials:\n%s", out.String())
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	return []string{"HOME=" + t.TempDir(), "PATH=" + os.Getenv("PATH"), m[1], m[2], m[3]}, out
 }

@@ -2,15 +2,12 @@ package client_test
 
 import (
 	"context"
-	"os"
-	"regexp"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/agentd/agent/internal/netlab"
-	"github.com/agentd/agent/internal/syncbuf"
 )
 
 // An agent started the way startup scripts start it, with signals ignored
@@ -22,27 +19,7 @@ func TestSessionsGetDefaultSignals(t *testing.T) {
 	lab := netlab.New(t)
 	bin := buildAgent(t)
 	ns := lab.Namespace("sig")
-	home := t.TempDir()
-	dev := ns.Command("sh", "-c", `trap "" HUP INT QUIT TERM PIPE; exec "$0" dev --data-dir "$1"`, bin, t.TempDir())
-	var out syncbuf.Buffer
-	dev.Stdout, dev.Stderr = &out, &out
-	if err := dev.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { dev.Process.Signal(os.Interrupt); dev.Wait() })
-
-	exports := regexp.MustCompile(`export (AGENT_URL=\S+) (AGENT_FINGERPRINT=\S+)\s+export (AGENT_TOKEN=\S+)`)
-	deadline := time.Now().Add(30 * time.Second)
-	var m []string
-	for m == nil {
-		if m = exports.FindStringSubmatch(out.String()); m == nil {
-			if time.Now().After(deadline) {
-				t.Fatalf("agent dev printed no credentials:\n%s", out.String())
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
-	}
-	env := []string{"HOME=" + home, "PATH=" + os.Getenv("PATH"), m[1], m[2], m[3]}
+	env, out := startDev(t, ns.Command("sh", "-c", `trap "" HUP INT QUIT TERM PIPE; exec "$0" dev --data-dir "$1"`, bin, t.TempDir()))
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 
