@@ -113,6 +113,15 @@ func (h *handshakeConn) SetDeadline(t time.Time) error {
 	return h.Conn.SetDeadline(t)
 }
 
+// Close also ends the watch, for a handshake that failed.
+func (h *handshakeConn) Close() error {
+	h.stop()
+	if h.release != nil {
+		h.release()
+	}
+	return h.Conn.Close()
+}
+
 // CloseWrite keeps half-closing available through the wrapper.
 func (h *handshakeConn) CloseWrite() error {
 	if cw, ok := h.Conn.(interface{ CloseWrite() error }); ok {

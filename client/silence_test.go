@@ -3,6 +3,8 @@ package client
 import (
 	"context"
 	"errors"
+	"net"
+	"os"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -48,4 +50,49 @@ func TestUntilSilentWithoutBound(t *testing.T) {
 		t.Fatal("a context without a bound ended")
 	case <-time.After(100 * time.Millisecond):
 	}
+}
+
+// The handshake ends when its context does; once the handshake clears the
+// deadline (the session is up), the context no longer touches the
+// connection, and the watch is released.
+func TestBoundHandshake(t *testing.T) {
+	t.Run("silent", func(t *testing.T) {
+		a, b := net.Pipe()
+		defer b.Close()
+		ctx, cancel := context.WithCancel(context.Background())
+		conn := BoundHandshake(ctx, nil, a)
+		defer conn.Close()
+		time.AfterFunc(50*time.Millisecond, cancel)
+		_, err := conn.Read(make([]byte, 1))
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("a read during a handshake whose context ended: %v, want a deadline error", err)
+		}
+	})
+	t.Run("up", func(t *testing.T) {
+		a, b := net.Pipe()
+		defer b.Close()
+		ctx, cancel := context.WithCancel(context.Background())
+		var released atomic.Bool
+		conn := BoundHandshake(ctx, func() { released.Store(true) }, a)
+		defer conn.Close()
+		conn.SetDeadline(time.Time{})
+		if !released.Load() {
+			t.Error("the watch was not released when the handshake cleared its deadline")
+		}
+		cancel()
+		go b.Write([]byte{1})
+		if _, err := conn.Read(make([]byte, 1)); err != nil {
+			t.Fatalf("a read after the handshake, once the context ended: %v", err)
+		}
+	})
+	t.Run("failed", func(t *testing.T) {
+		a, b := net.Pipe()
+		defer b.Close()
+		var released atomic.Bool
+		conn := BoundHandshake(context.Background(), func() { released.Store(true) }, a)
+		conn.Close()
+		if !released.Load() {
+			t.Error("closing the connection did not release the watch")
+		}
+	})
 }
