@@ -26,19 +26,22 @@ import (
 // Sizes of a load run; the suite uses small ones, the bench the issue's.
 type Sizes struct {
 	Sequential int // runs one after the other
-	Concurrent int // runs in bursts of Burst started together
-	Burst      int
+	// SequentialReference is how many of those runs each reference client
+	// makes, interleaved with the measured client's (0: as many).
+	SequentialReference int
+	Concurrent          int // runs in bursts of Burst started together
+	Burst               int
 }
 
-// SizesFromEnv reads AGENT_LOAD_SEQUENTIAL, AGENT_LOAD_CONCURRENT and
-// AGENT_LOAD_BURST over def.
+// SizesFromEnv reads AGENT_LOAD_SEQUENTIAL, AGENT_LOAD_SEQUENTIAL_REFERENCE,
+// AGENT_LOAD_CONCURRENT and AGENT_LOAD_BURST over def.
 func SizesFromEnv(getenv func(string) string, def Sizes) (Sizes, error) {
 	s := def
 	for _, f := range []struct {
 		name string
 		v    *int
-	}{{"AGENT_LOAD_SEQUENTIAL", &s.Sequential}, {"AGENT_LOAD_CONCURRENT", &s.Concurrent},
-		{"AGENT_LOAD_BURST", &s.Burst}} {
+	}{{"AGENT_LOAD_SEQUENTIAL", &s.Sequential}, {"AGENT_LOAD_SEQUENTIAL_REFERENCE", &s.SequentialReference},
+		{"AGENT_LOAD_CONCURRENT", &s.Concurrent}, {"AGENT_LOAD_BURST", &s.Burst}} {
 		v := getenv(f.name)
 		if v == "" {
 			continue
@@ -52,6 +55,9 @@ func SizesFromEnv(getenv func(string) string, def Sizes) (Sizes, error) {
 	if s.Burst <= 0 {
 		return s, errors.New("AGENT_LOAD_BURST: want at least 1")
 	}
+	if s.SequentialReference <= 0 || s.SequentialReference > s.Sequential {
+		s.SequentialReference = s.Sequential
+	}
 	return s, nil
 }
 
@@ -59,6 +65,7 @@ func SizesFromEnv(getenv func(string) string, def Sizes) (Sizes, error) {
 func (s Sizes) Env() []string {
 	return []string{
 		"AGENT_LOAD_SEQUENTIAL=" + strconv.Itoa(s.Sequential),
+		"AGENT_LOAD_SEQUENTIAL_REFERENCE=" + strconv.Itoa(s.SequentialReference),
 		"AGENT_LOAD_CONCURRENT=" + strconv.Itoa(s.Concurrent),
 		"AGENT_LOAD_BURST=" + strconv.Itoa(s.Burst),
 	}
@@ -136,6 +143,45 @@ func (l Load) freeWait() time.Duration {
 // Sequential runs n runs one after the other.
 func (l Load) Sequential(ctx context.Context, n int) Result {
 	return l.bursts(ctx, n, 1)
+}
+
+// Interleaved runs n runs of l one after the other and, spread evenly
+// among them, refN runs of each reference (one of each after every n/refN
+// of l's), so that over a long run all see the same machine. It returns
+// l's result and each reference's.
+func (l Load) Interleaved(ctx context.Context, n int, refs []Load, refN int) (Result, []Result) {
+	var res Result
+	refRes := make([]Result, len(refs))
+	refDone := 0
+	for done := 0; done < n && ctx.Err() == nil; done++ {
+		res.add(l.bursts(ctx, 1, 1))
+		// The references' share so far trails l's: refDone/refN <= (done+1)/n.
+		for refDone < refN && refDone*n < (done+1)*refN && ctx.Err() == nil {
+			for i, r := range refs {
+				refRes[i].add(r.bursts(ctx, 1, 1))
+			}
+			refDone++
+		}
+	}
+	if err := ctx.Err(); err != nil && res.Runs < n {
+		res.fail(fmt.Errorf("stopped after %d of %d runs: %w", res.Runs, n, err))
+	}
+	return res, refRes
+}
+
+// add takes in one more series' figures.
+func (r *Result) add(o Result) {
+	r.Runs += o.Runs
+	r.Failures += o.Failures
+	for _, e := range o.Errors {
+		if len(r.Errors) < keptErrors {
+			r.Errors = append(r.Errors, e)
+		}
+	}
+	r.Latencies = append(r.Latencies, o.Latencies...)
+	r.FreedMax = max(r.FreedMax, o.FreedMax)
+	r.Lingered += o.Lingered
+	r.PeakRSSKB = max(r.PeakRSSKB, o.PeakRSSKB)
 }
 
 // Bursts runs n runs in bursts of size started together, each burst after

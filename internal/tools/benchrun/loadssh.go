@@ -27,7 +27,7 @@ import (
 const loadSSHChildArg = "load-ssh-child"
 
 // loadDefaults are the sizes; AGENT_LOAD_* change them.
-var loadDefaults = sshload.Sizes{Sequential: 10000, Concurrent: 1000, Burst: 100}
+var loadDefaults = sshload.Sizes{Sequential: 10000, SequentialReference: 1000, Concurrent: 1000, Burst: 100}
 
 // loadSeries is one client's figures for one shape of load.
 type loadSeries struct {
@@ -106,7 +106,7 @@ func (r loadResult) rows() []benchtable.Row {
 		shape loadShape
 		what  string
 	}{
-		{r.Sequential, fmt.Sprintf("%d one after the other", r.Sizes.Sequential)},
+		{r.Sequential, fmt.Sprintf("%d one after the other (each reference %d, among them)", r.Sizes.Sequential, r.Sizes.SequentialReference)},
 		{r.Concurrent, fmt.Sprintf("%d in bursts of %d", r.Sizes.Concurrent, r.Sizes.Burst)},
 	} {
 		s := sh.shape
@@ -235,37 +235,55 @@ func loadSSHChild(ctx context.Context, bin string) error {
 		{"ssh via ProxyCommand", proxy, probe, nil, func(s *loadShape) *loadSeries { return &s.Proxy }},
 		{"ssh to sshd", direct, nil, directErr, func(s *loadShape) *loadSeries { return &s.Direct }},
 	}
-	for _, shape := range []struct {
-		out *loadShape
-		n   int
-		run func(l sshload.Load, n int) sshload.Result
-	}{
-		// Bursts first: they are the harder load, and the sequential
-		// runs (10,000 per client) are the long part.
-		{&res.Concurrent, sizes.Concurrent, func(l sshload.Load, n int) sshload.Result { return l.Bursts(ctx, n, sizes.Burst) }},
-		{&res.Sequential, sizes.Sequential, func(l sshload.Load, n int) sshload.Result { return l.Sequential(ctx, n) }},
-	} {
-		for _, c := range clients {
-			if c.err != nil {
-				c.pick(shape.out).Note = c.err.Error()
-				continue
-			}
-			start := time.Now()
-			r := shape.run(sshload.Load{Run: c.run, Probe: c.probe}, shape.n)
-			fmt.Fprintf(os.Stderr, "load-ssh: %s, %d in bursts of %d: %s (%v)\n", c.name, shape.n,
-				map[bool]int{true: 1, false: sizes.Burst}[shape.out == &res.Sequential], r.Summary(), time.Since(start).Round(time.Second))
-			*c.pick(shape.out) = seriesOf(r)
-			shape.out.PeakRSSKiB = max(shape.out.PeakRSSKiB, r.PeakRSSKB)
-			if c.probe == nil {
-				continue
-			}
-			took, f, err := probe.WaitSettled(ctx, res.Idle, sshload.TenPercent, 5*time.Second)
-			shape.out.SettledMS = max(shape.out.SettledMS, float64(took.Microseconds())/1000)
-			if err != nil {
-				shape.out.SettleErr += fmt.Sprintf("after %s: %v (now %v). ", c.name, err, f)
-			}
+	settle := func(shape *loadShape, after string) {
+		took, f, err := probe.WaitSettled(ctx, res.Idle, sshload.TenPercent, 5*time.Second)
+		shape.SettledMS = max(shape.SettledMS, float64(took.Microseconds())/1000)
+		if err != nil {
+			shape.SettleErr += fmt.Sprintf("after %s: %v (now %v). ", after, err, f)
 		}
 	}
+	// Bursts first: they are the harder load, and the sequential runs
+	// (10,000 of the agent's) are the long part.
+	for _, c := range clients {
+		if c.err != nil {
+			c.pick(&res.Concurrent).Note = c.err.Error()
+			continue
+		}
+		start := time.Now()
+		r := sshload.Load{Run: c.run, Probe: c.probe}.Bursts(ctx, sizes.Concurrent, sizes.Burst)
+		fmt.Fprintf(os.Stderr, "load-ssh: %s, %d in bursts of %d: %s (%v)\n", c.name, sizes.Concurrent, sizes.Burst,
+			r.Summary(), time.Since(start).Round(time.Second))
+		*c.pick(&res.Concurrent) = seriesOf(r)
+		res.Concurrent.PeakRSSKiB = max(res.Concurrent.PeakRSSKiB, r.PeakRSSKB)
+		if c.probe != nil {
+			settle(&res.Concurrent, c.name)
+		}
+	}
+	// One after the other: the references' runs are spread among the
+	// agent's, so a long run's drift in the machine's load hits all alike.
+	var refs []sshload.Load
+	var refClients []int
+	for i, c := range clients[1:] {
+		if c.err != nil {
+			c.pick(&res.Sequential).Note = c.err.Error()
+			continue
+		}
+		refs = append(refs, sshload.Load{Run: c.run, Probe: c.probe})
+		refClients = append(refClients, i+1)
+	}
+	start := time.Now()
+	agentRes, refRes := sshload.Load{Run: d.sshTrueRun, Probe: probe}.Interleaved(ctx, sizes.Sequential, refs, sizes.SequentialReference)
+	fmt.Fprintf(os.Stderr, "load-ssh: agent ssh, %d one after the other: %s (%v, with the references' runs)\n", sizes.Sequential,
+		agentRes.Summary(), time.Since(start).Round(time.Second))
+	res.Sequential.Agent = seriesOf(agentRes)
+	res.Sequential.PeakRSSKiB = agentRes.PeakRSSKB
+	for i, r := range refRes {
+		c := clients[refClients[i]]
+		fmt.Fprintf(os.Stderr, "load-ssh: %s, %d one after the other among them: %s\n", c.name, sizes.SequentialReference, r.Summary())
+		*c.pick(&res.Sequential) = seriesOf(r)
+		res.Sequential.PeakRSSKiB = max(res.Sequential.PeakRSSKiB, r.PeakRSSKB)
+	}
+	settle(&res.Sequential, "the runs one after the other")
 	return json.NewEncoder(os.Stdout).Encode(res)
 }
 
