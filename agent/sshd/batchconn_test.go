@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"runtime"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -139,5 +140,39 @@ func TestBatchedConnCloseBoundedWhenPeerStalls(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("write blocked behind a closed connection")
+	}
+}
+
+// Idle chunks outlive garbage collections (a bulk transfer under the
+// agent's memory limit collects every few milliseconds), and a stream of
+// writes reuses them instead of allocating.
+func TestBatchedConnReusesChunks(t *testing.T) {
+	var pool bufPool
+	b := pool.get()
+	pool.put(b)
+	runtime.GC()
+	runtime.GC()
+	if got := pool.get(); got != b {
+		t.Fatal("an idle chunk did not survive two garbage collections")
+	}
+
+	client, server := loopbackPair(t)
+	c := newBatchedConn(server, &pool)
+	go io.Copy(io.Discard, client)
+	piece := make([]byte, 32<<10)
+	write := func(n int) {
+		for range n {
+			if _, err := c.Write(piece); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	write(256) // warm: the pool holds what a stream needs
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	write(2048) // 64 MiB
+	runtime.ReadMemStats(&after)
+	if got := after.TotalAlloc - before.TotalAlloc; got > 4*chunkSize {
+		t.Errorf("writing 64 MiB allocated %d KiB, want at most %d KiB", got>>10, 4*chunkSize>>10)
 	}
 }
