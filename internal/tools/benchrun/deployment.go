@@ -43,8 +43,15 @@ type deploymentResult struct {
 	IdleHWMKiB    int64     `json:"idle_hwm_kib"`
 	LoadRSSKiB    int64     `json:"load_rss_kib"` // highest VmRSS sampled during the transfer
 	LoadHWMKiB    int64     `json:"load_hwm_kib"`
-	LoadMBps      float64   `json:"load_mb_s"`
-	AfterRSSKiB   int64     `json:"after_rss_kib"` // afterLoad after the transfer ended
+	// The highest sample's split: anonymous memory (the heap, stacks) and
+	// file pages (the binary's code and read-only data, shared and
+	// reclaimable).
+	LoadAnonKiB int64   `json:"load_anon_kib"`
+	LoadFileKiB int64   `json:"load_file_kib"`
+	IdleAnonKiB int64   `json:"idle_anon_kib"`
+	IdleFileKiB int64   `json:"idle_file_kib"`
+	LoadMBps    float64 `json:"load_mb_s"`
+	AfterRSSKiB int64   `json:"after_rss_kib"` // afterLoad after the transfer ended
 	// scp uploads through `agent ssh --stdio` and, the reference, to
 	// OpenSSH's sshd through `agent port-forward` (MB/s).
 	ProxySCPMBps   float64 `json:"proxy_scp_mb_s,omitempty"`
@@ -100,9 +107,11 @@ func (r deploymentResult) rows() []benchtable.Row {
 	return []benchtable.Row{
 		benchtable.Measured(deploymentRowNames[0], benchtable.Value{Value: benchtable.Median(r.SSHTrueMS), Unit: "ms"}, ssh,
 			fmt.Sprintf("median of %d (min %.0f, max %.0f): new tailnet node, coordinator, DERP, SSH", len(r.SSHTrueMS), slices.Min(r.SSHTrueMS), slices.Max(r.SSHTrueMS))),
-		benchtable.Measured(deploymentRowNames[1], mb(r.IdleRSSKiB), target, fmt.Sprintf("VmHWM %s", mb(r.IdleHWMKiB))),
+		benchtable.Measured(deploymentRowNames[1], mb(r.IdleRSSKiB), target, fmt.Sprintf("VmHWM %s; heap and stacks %s, the binary's pages %s",
+			mb(r.IdleHWMKiB), mb(r.IdleAnonKiB), mb(r.IdleFileKiB))),
 		benchtable.Measured(deploymentRowNames[2], mb(r.LoadRSSKiB), loadTarget,
-			fmt.Sprintf("highest VmRSS sampled; VmHWM %s; %d MiB at %.0f MB/s", mb(r.LoadHWMKiB), loadBytes>>20, r.LoadMBps)),
+			fmt.Sprintf("highest VmRSS sampled: heap and stacks %s, the binary's pages %s; VmHWM %s; %d MiB at %.0f MB/s",
+				mb(r.LoadAnonKiB), mb(r.LoadFileKiB), mb(r.LoadHWMKiB), loadBytes>>20, r.LoadMBps)),
 		benchtable.Measured(deploymentRowNames[3], mb(r.AfterRSSKiB), benchtable.Reference{Name: "idle", Value: ptr(mb(r.IdleRSSKiB))},
 			"VmRSS with no session open"),
 		r.proxySCPRow(),
@@ -145,9 +154,11 @@ func deploymentChild(ctx context.Context, bin string, uid int) error {
 		res.SSHTrueMS = append(res.SSHTrueMS, ms)
 	}
 	time.Sleep(3 * time.Second) // idle: no session open
-	if res.IdleRSSKiB, res.IdleHWMKiB, err = procMemory(d.agent.Process.Pid); err != nil {
+	idle, err := procMemory(d.agent.Process.Pid)
+	if err != nil {
 		return err
 	}
+	res.IdleRSSKiB, res.IdleHWMKiB, res.IdleAnonKiB, res.IdleFileKiB = idle.RSS, idle.HWM, idle.Anon, idle.File
 	if err := d.loaded(ctx, &res); err != nil {
 		return err
 	}
@@ -338,20 +349,23 @@ func (d *deployment) loaded(ctx context.Context, res *deploymentResult) error {
 				return fmt.Errorf("agent ssh ws head -c %d delivered %d bytes", loadBytes, counter.n)
 			}
 			res.LoadMBps = float64(loadBytes) / 1e6 / time.Since(start).Seconds()
-			_, hwm, err := procMemory(d.agent.Process.Pid)
+			m, err := procMemory(d.agent.Process.Pid)
 			if err != nil {
 				return err
 			}
-			res.LoadHWMKiB = hwm
+			res.LoadHWMKiB = m.HWM
 			time.Sleep(afterLoad)
-			res.AfterRSSKiB, _, err = procMemory(d.agent.Process.Pid)
+			m, err = procMemory(d.agent.Process.Pid)
+			res.AfterRSSKiB = m.RSS
 			return err
 		case <-tick.C:
-			rss, _, err := procMemory(d.agent.Process.Pid)
+			m, err := procMemory(d.agent.Process.Pid)
 			if err != nil {
 				return err
 			}
-			res.LoadRSSKiB = max(res.LoadRSSKiB, rss)
+			if m.RSS > res.LoadRSSKiB {
+				res.LoadRSSKiB, res.LoadAnonKiB, res.LoadFileKiB = m.RSS, m.Anon, m.File
+			}
 		}
 	}
 }
@@ -363,29 +377,34 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// procMemory reads VmRSS and VmHWM (KiB) of a process.
-func procMemory(pid int) (rss, hwm int64, err error) {
+// procMem is a process's memory from /proc/PID/status, KiB.
+type procMem struct {
+	RSS, HWM   int64 // VmRSS, VmHWM
+	Anon, File int64 // RssAnon, RssFile: VmRSS's heap-and-stacks and file-page parts
+}
+
+// procMemory reads a process's memory figures.
+func procMemory(pid int) (procMem, error) {
+	var m procMem
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
-		return 0, 0, fmt.Errorf("read the agent's memory: %w", err)
+		return m, fmt.Errorf("read the agent's memory: %w", err)
 	}
+	fields := map[string]*int64{"VmRSS": &m.RSS, "VmHWM": &m.HWM, "RssAnon": &m.Anon, "RssFile": &m.File}
 	for _, line := range strings.Split(string(data), "\n") {
 		name, value, ok := strings.Cut(line, ":")
-		if !ok {
-			continue
-		}
-		kib, perr := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(value), " kB"), 10, 64)
-		switch name {
-		case "VmRSS":
-			rss, err = kib, perr
-		case "VmHWM":
-			hwm = kib
+		if f := fields[name]; ok && f != nil {
+			kib, perr := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(value), " kB"), 10, 64)
+			if perr != nil {
+				return m, fmt.Errorf("the agent's %s in /proc status: %w", name, perr)
+			}
+			*f = kib
 		}
 	}
-	if rss == 0 && err == nil {
-		err = errors.New("no VmRSS in /proc status")
+	if m.RSS == 0 {
+		return m, errors.New("no VmRSS in /proc status")
 	}
-	return rss, hwm, err
+	return m, nil
 }
 
 func freePort() (int, error) {
