@@ -260,6 +260,7 @@ type Figures struct {
 	Goroutines     int
 	FDs            int
 	RSSKB          int64
+	FileKB         int64 // of RSSKB, the binary's pages (RssFile), grown as code first runs
 	SSHConnections int   // agent_connections_active{kind="ssh"}
 	SSHSessions    int   // agent_sessions_active{kind="ssh"}
 	MemoryLimit    int64 // the Go runtime's soft limit, bytes (go_gc_gomemlimit_bytes)
@@ -267,8 +268,8 @@ type Figures struct {
 }
 
 func (f Figures) String() string {
-	return fmt.Sprintf("%d goroutines, %d fds, RSS %.1f MB (heap in use %.1f MB), %d SSH connections, %d SSH sessions",
-		f.Goroutines, f.FDs, float64(f.RSSKB)*1024/1e6, float64(f.HeapInuse)/1e6, f.SSHConnections, f.SSHSessions)
+	return fmt.Sprintf("%d goroutines, %d fds, RSS %.1f MB (the binary's pages %.1f MB; heap in use %.1f MB), %d SSH connections, %d SSH sessions",
+		f.Goroutines, f.FDs, float64(f.RSSKB)*1024/1e6, float64(f.FileKB)*1024/1e6, float64(f.HeapInuse)/1e6, f.SSHConnections, f.SSHSessions)
 }
 
 // Read takes one reading.
@@ -302,7 +303,7 @@ func (p *Probe) Read(ctx context.Context) (Figures, error) {
 		return f, fmt.Errorf("count the agent's file descriptors: %w", err)
 	}
 	f.FDs = len(fds)
-	f.RSSKB, err = RSS(p.PID)
+	f.RSSKB, f.FileKB, err = RSS(p.PID)
 	return f, err
 }
 
@@ -333,18 +334,31 @@ func value(fam *dto.MetricFamily, want map[string]string) float64 {
 	return 0
 }
 
-// RSS reads a process's VmRSS in KiB.
-func RSS(pid int) (int64, error) {
+// RSS reads a process's VmRSS and, of it, the file pages (RssFile), in KiB.
+func RSS(pid int) (rss, file int64, err error) {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
-		return 0, fmt.Errorf("read the agent's memory: %w", err)
+		return 0, 0, fmt.Errorf("read the agent's memory: %w", err)
 	}
 	for _, line := range strings.Split(string(data), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			return strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+		name, v, _ := strings.Cut(line, ":")
+		var dst *int64
+		switch name {
+		case "VmRSS":
+			dst = &rss
+		case "RssFile":
+			dst = &file
+		default:
+			continue
+		}
+		if *dst, err = strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64); err != nil {
+			return 0, 0, fmt.Errorf("%s in /proc/%d/status: %w", name, pid, err)
 		}
 	}
-	return 0, fmt.Errorf("no VmRSS in /proc/%d/status", pid)
+	if rss == 0 {
+		return 0, 0, fmt.Errorf("no VmRSS in /proc/%d/status", pid)
+	}
+	return rss, file, nil
 }
 
 // WaitFree polls until the agent holds no SSH connection or session, and

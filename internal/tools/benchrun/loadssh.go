@@ -237,6 +237,7 @@ func loadSSHChild(ctx context.Context, bin string) error {
 	}
 	settle := func(shape *loadShape, after string) {
 		took, f, err := probe.WaitSettled(ctx, res.Idle, sshload.TenPercent, 5*time.Second)
+		fmt.Fprintf(os.Stderr, "load-ssh: after %s: %v until within 10%% of idle (%v)\n", after, took.Round(time.Millisecond), f)
 		shape.SettledMS = max(shape.SettledMS, float64(took.Microseconds())/1000)
 		if err != nil {
 			shape.SettleErr += fmt.Sprintf("after %s: %v (now %v). ", after, err, f)
