@@ -88,15 +88,12 @@ func applyMemoryLimit(env *cliEnv, flag string) (int64, error) {
 }
 
 // A process counts as idle in an interval of returnIdleMemory (every
-// idleCheckInterval in the commands) in which it allocated at less than
-// idleAllocRate: an idle agent allocates a few hundred KiB per second
-// (keepalives, status), a transfer hundreds of MB. The interval is short
-// so the memory goes back within about two seconds of the load's end (the
-// load tests allow five, and the tailnet's churn after a burst of clients
-// leaving can itself take a second or two).
+// idleCheckInterval in the commands) in which it allocated
+// less than idleAllocBytes: an idle agent allocates a few hundred KiB per
+// second (keepalives, status), a transfer hundreds of MB.
 const (
-	idleCheckInterval = time.Second
-	idleAllocRate     = 4 << 20 // bytes per second
+	idleCheckInterval = 2 * time.Second
+	idleAllocBytes    = 8 << 20
 )
 
 // returnIdleMemory hands the heap a busy period left behind back to the
@@ -109,7 +106,6 @@ const (
 // first one; the same covers a burst of short SSH sessions.
 func returnIdleMemory(ctx context.Context, every time.Duration) {
 	allocs := []metrics.Sample{{Name: "/gc/heap/allocs:bytes"}}
-	idleBytes := uint64(float64(idleAllocRate) * every.Seconds())
 	metrics.Read(allocs)
 	last := allocs[0].Value.Uint64()
 	t := time.NewTicker(every)
@@ -123,7 +119,7 @@ func returnIdleMemory(ctx context.Context, every time.Duration) {
 		}
 		metrics.Read(allocs)
 		now := allocs[0].Value.Uint64()
-		busy := now-last > idleBytes
+		busy := now-last > idleAllocBytes
 		last = now
 		switch {
 		case busy:
