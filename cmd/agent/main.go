@@ -12,7 +12,6 @@ import (
 	"os/signal"
 	"strings"
 	"sync/atomic"
-	"syscall"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -209,8 +208,8 @@ func main() {
 	env := &cliEnv{Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr, Getenv: os.Getenv}
 	// Before anything else handles a signal: it looks at what we were
 	// started with.
-	defaultSignalsForChildren()
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	stopOn := setUpSignals()
+	ctx, stop := signal.NotifyContext(context.Background(), stopOn...)
 	err := newRootCmd(env).ExecuteContext(ctx)
 	interrupted := ctx.Err() != nil
 	stop()
@@ -218,7 +217,7 @@ func main() {
 		return
 	}
 	if interrupted {
-		// Interrupted (Ctrl-C, SIGTERM): the person knows why.
+		// Interrupted (Ctrl-C, SIGTERM, a hangup): the person knows why.
 		os.Exit(130)
 	}
 	if strings.HasPrefix(err.Error(), "unknown command") {

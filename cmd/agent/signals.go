@@ -6,7 +6,7 @@ import (
 	"syscall"
 )
 
-// defaultSignalsForChildren keeps signals that this process was started
+// setUpSignals keeps signals that this process was started
 // with ignored from being ignored in the processes it starts: SSH
 // sessions, above all.
 //
@@ -17,7 +17,21 @@ import (
 // SIGKILL 5 s later, and Ctrl-C would not interrupt a program. OpenSSH's
 // sshd gives its sessions the default dispositions; so do we. The agent
 // itself keeps ignoring them: they are handled, and dropped.
-func defaultSignalsForChildren() {
+//
+// It returns the signals that end this process gracefully: interrupt and
+// termination, and a hangup unless the process was started ignoring it
+// (nohup: surviving hangups is what was asked for). Ending gracefully on a
+// hangup matters most to clients: OpenSSH sends its ProxyCommand SIGHUP as
+// it exits, often just after the SSH connection closed and while `agent
+// ssh --stdio` says goodbye to the coordinator. Killed there by the
+// default action, the client counted as lost, and its workspace kept the
+// peer (two WireGuard goroutines, its buffers) for the 15-minute grace a
+// client in a network blip gets: 1-3 of every 300 ProxyCommand runs.
+func setUpSignals() (stopOn []os.Signal) {
+	stopOn = []os.Signal{os.Interrupt, syscall.SIGTERM}
+	if !signal.Ignored(syscall.SIGHUP) {
+		stopOn = append(stopOn, syscall.SIGHUP)
+	}
 	var ignored []os.Signal
 	for _, s := range []syscall.Signal{
 		syscall.SIGHUP, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGTERM, syscall.SIGPIPE,
@@ -29,7 +43,7 @@ func defaultSignalsForChildren() {
 		}
 	}
 	if len(ignored) == 0 {
-		return
+		return stopOn
 	}
 	drop := make(chan os.Signal, 16)
 	signal.Notify(drop, ignored...)
@@ -37,4 +51,5 @@ func defaultSignalsForChildren() {
 		for range drop {
 		}
 	}()
+	return stopOn
 }
