@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime/pprof"
 	"syscall"
 	"time"
 
@@ -197,6 +198,15 @@ func (a *Agent) serveStatusSocket() (stop func(), err error) {
 		writeJSON(w, code, st)
 	})
 	mux.Handle("GET /metrics", a.reg.Handler())
+	// Every goroutine's stack, grouped (runtime/pprof's text form): what
+	// holds an agent above its idle figures, without a restart in a
+	// debug build. Owner-only, like the rest of this socket.
+	mux.HandleFunc("GET /debug/goroutines", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		if err := pprof.Lookup("goroutine").WriteTo(w, 1); err != nil {
+			a.log.Warn("goroutine dump", "err", err)
+		}
+	})
 	guard := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		uid, ok := r.Context().Value(peerUIDKey{}).(int)
 		if !ok || (uid != owner && uid != 0) {

@@ -427,6 +427,13 @@ func checkHealthForOtherUsers(t *testing.T, healthAddr, stateDir string, owner, 
 	if code != http.StatusOK || !strings.Contains(body, `"peers"`) || !strings.Contains(body, `"name": "ws1"`) {
 		t.Errorf("owner's /status on %s: %d %s", sock, code, body)
 	}
+	// The goroutine dump, for finding what holds an agent above idle.
+	if code, body := curlAs(t, owner, "--unix-socket", sock, "http://agent/debug/goroutines"); code != http.StatusOK || !strings.Contains(body, "goroutine profile: total") {
+		t.Errorf("owner's /debug/goroutines on %s: %d %.200s", sock, code, body)
+	}
+	if code, body := curlAs(t, other, base+"/debug/goroutines"); code != http.StatusNotFound && code != http.StatusMethodNotAllowed || strings.Contains(body, "goroutine") {
+		t.Errorf("/debug/goroutines on the health listener: %d %.200s", code, body)
+	}
 	if st, err := os.Stat(sock); err != nil || st.Mode().Perm() != 0o600 {
 		t.Errorf("status socket: %v, want mode 0600", err)
 	}
@@ -444,6 +451,9 @@ func checkHealthForOtherUsers(t *testing.T, healthAddr, stateDir string, owner, 
 	}
 	if code, body := curlAs(t, other, "--unix-socket", sock, "http://agent/status"); code != http.StatusForbidden || strings.Contains(body, "peers") {
 		t.Errorf("another user on an opened-up status socket: %d %s", code, body)
+	}
+	if code, body := curlAs(t, other, "--unix-socket", sock, "http://agent/debug/goroutines"); code != http.StatusForbidden || strings.Contains(body, "goroutine profile") {
+		t.Errorf("another user's /debug/goroutines on an opened-up status socket: %d %.200s", code, body)
 	}
 }
 

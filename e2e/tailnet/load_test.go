@@ -63,6 +63,10 @@ func TestSSHUnderLoad(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("idle after one client: %v; after a warm-up burst of %d: %v", cold, sizes.Burst, idle)
+	idleStacks, err := probe.Goroutines(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, step := range []struct {
 		name string
 		do   func() sshload.Result
@@ -82,7 +86,13 @@ func TestSSHUnderLoad(t *testing.T) {
 		}
 		took, f, err := probe.WaitSettled(ctx, idle, suiteMargin, 5*time.Second)
 		if err != nil {
-			t.Errorf("%s: the agent did not come back near idle within 5 s: %v (now %v; idle %v)", step.name, err, f, idle)
+			stacks, serr := probe.Goroutines(ctx)
+			if serr != nil {
+				stacks = serr.Error()
+			} else {
+				stacks = sshload.GoroutinesAbove(idleStacks, stacks)
+			}
+			t.Errorf("%s: the agent did not come back near idle within 5 s: %v (now %v; idle %v); goroutines above idle: %s", step.name, err, f, idle, stacks)
 		} else {
 			t.Logf("%s: back near idle after %v: %v (the issue's bar of 10%% RSS: %v)", step.name, took.Round(time.Millisecond), f,
 				sshload.Within(f, idle, sshload.TenPercent))

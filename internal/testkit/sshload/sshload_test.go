@@ -3,9 +3,11 @@ package sshload
 import (
 	"context"
 	"errors"
+	"runtime/pprof"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 // The references' runs are spread evenly among the measured client's, and
@@ -57,5 +59,39 @@ func TestSizesFromEnv(t *testing.T) {
 	env = map[string]string{"AGENT_LOAD_SEQUENTIAL_REFERENCE": "many"}
 	if _, err := SizesFromEnv(func(k string) string { return env[k] }, Sizes{Burst: 1}); err == nil || !strings.Contains(err.Error(), "AGENT_LOAD_SEQUENTIAL_REFERENCE") {
 		t.Errorf("a bad count: %v, want an error naming the variable", err)
+	}
+}
+
+// parkedForTest blocks until release closes: a stack the dump must name.
+func parkedForTest(release <-chan struct{}) { <-release }
+
+func TestGoroutinesAboveNamesWhatGrew(t *testing.T) {
+	dump := func() string {
+		var b strings.Builder
+		if err := pprof.Lookup("goroutine").WriteTo(&b, 1); err != nil {
+			t.Fatal(err)
+		}
+		return b.String()
+	}
+	idle := dump()
+	release := make(chan struct{})
+	defer close(release)
+	for range 3 {
+		go parkedForTest(release)
+	}
+	var now string
+	for i := 0; ; i++ {
+		now = dump()
+		if strings.Count(now, "parkedForTest") > 0 && strings.Contains(GoroutinesAbove(idle, now), "+3 ") || i > 100 {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	got := GoroutinesAbove(idle, now)
+	if !strings.HasPrefix(got, "+3 sshload.parkedForTest") {
+		t.Errorf("GoroutinesAbove = %q, want it to start with +3 sshload.parkedForTest", got)
+	}
+	if got := GoroutinesAbove(now, now); got != "no stack grew" {
+		t.Errorf("the same dump twice: %q", got)
 	}
 }

@@ -214,6 +214,8 @@ func loadSSHChild(ctx context.Context, bin string) error {
 		return err
 	}
 	res.MemoryLimit = res.Idle.MemoryLimit
+	// Its goroutines, to name what a load leaves above idle.
+	idleStacks, idleStacksErr := probe.Goroutines(ctx)
 	fmt.Fprintf(os.Stderr, "load-ssh: idle agent after one client: %v; after a warm-up burst: %v\n", res.ColdIdle, res.Idle)
 
 	proxy, err := d.proxyCommandRun(ctx)
@@ -240,7 +242,7 @@ func loadSSHChild(ctx context.Context, bin string) error {
 		fmt.Fprintf(os.Stderr, "load-ssh: after %s: %v until within 10%% of idle (%v)\n", after, took.Round(time.Millisecond), f)
 		shape.SettledMS = max(shape.SettledMS, float64(took.Microseconds())/1000)
 		if err != nil {
-			shape.SettleErr += fmt.Sprintf("after %s: %v (now %v). ", after, err, f)
+			shape.SettleErr += fmt.Sprintf("after %s: %v (now %v; goroutines: %s). ", after, err, f, stacksAbove(ctx, probe, idleStacks, idleStacksErr))
 		}
 	}
 	// Bursts first: they are the harder load, and the sequential runs
@@ -286,6 +288,18 @@ func loadSSHChild(ctx context.Context, bin string) error {
 	}
 	settle(&res.Sequential, "the runs one after the other")
 	return json.NewEncoder(os.Stdout).Encode(res)
+}
+
+// stacksAbove names the agent's goroutine stacks that grew since idle.
+func stacksAbove(ctx context.Context, probe *sshload.Probe, idle string, idleErr error) string {
+	if idleErr != nil {
+		return idleErr.Error()
+	}
+	now, err := probe.Goroutines(ctx)
+	if err != nil {
+		return err.Error()
+	}
+	return sshload.GoroutinesAbove(idle, now)
 }
 
 // sshTrueRun is one `agent ssh ws -- true`, with the client's own 30 s
