@@ -42,6 +42,14 @@ import (
 // cut an established SSH session.
 const lostPeerGrace = protocol.LostGrace
 
+// maxIdleLostPeers caps the lost clients without a connection kept for the
+// grace (tailjoin.Options.MaxIdleLost). Each installed peer holds WireGuard
+// queues and two goroutines; without a cap a script that kills its clients
+// (timeout -s KILL around agent ssh) at the coordinator's per-token rate
+// of 50 a second would pile up 45,000 for the 15 minutes. Clients with an
+// open connection are always kept.
+const maxIdleLostPeers = 256
+
 // shutdownGrace bounds how long services get to finish on shutdown, so the
 // agent exits well inside a container runtime's SIGTERM grace period.
 const shutdownGrace = 3 * time.Second
@@ -132,12 +140,14 @@ func New(opts Options) (*Agent, error) {
 		Coordinator: cfg,
 		Tailnet:     tailnet.Options{ListenPort: opts.ListenPort, AcceptInbound: true, DeadPeerTimeout: opts.DeadPeerTimeout},
 		LostGrace:   lostPeerGrace,
+		MaxIdleLost: maxIdleLostPeers,
 		CloseWait:   shutdownGrace,
 		Hooks: tailjoin.Hooks{
 			Hello:        a.onHello,
 			Peer:         a.onPeer,
 			Gone:         a.onPeerGone,
 			Removed:      func(p protocol.Peer) { a.metrics.RemovePeer(p.Name) },
+			Busy:         func(p protocol.Peer) bool { return a.flows.holds(addrsOf(p)...) },
 			Error:        a.onError,
 			Disconnected: a.onDisconnected,
 		},
@@ -459,10 +469,7 @@ func (a *Agent) onPeerGone(p protocol.Peer, g protocol.PeerGone) {
 	// Its node is out of the tailnet, so nothing of its connections can
 	// arrive any more: they end now, not when keepalives give up (a
 	// client that said goodbye may have lost its last FIN under load).
-	var addrs []netip.Addr
-	for _, pre := range p.Node.Addresses {
-		addrs = append(addrs, pre.Addr())
-	}
+	addrs := addrsOf(p)
 	go func() {
 		n := a.flows.closeFrom(addrs...)
 		if g.Reason == protocol.GoneRevoked {
@@ -471,6 +478,15 @@ func (a *Agent) onPeerGone(p protocol.Peer, g protocol.PeerGone) {
 		}
 		a.log.Info("peer gone", "peer", p.Name, "reason", g.Reason, "connections_hung_up", n)
 	}()
+}
+
+// addrsOf is a peer's tailnet addresses.
+func addrsOf(p protocol.Peer) []netip.Addr {
+	var addrs []netip.Addr
+	for _, pre := range p.Node.Addresses {
+		addrs = append(addrs, pre.Addr())
+	}
+	return addrs
 }
 
 func (a *Agent) onDisconnected(err error) {

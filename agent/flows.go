@@ -88,6 +88,18 @@ func (f *flows) closeFrom(addrs ...netip.Addr) int {
 	return len(victims)
 }
 
+// holds reports whether any connection from the addresses is open.
+func (f *flows) holds(addrs ...netip.Addr) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, a := range addrs {
+		if len(f.conns[a.Unmap()]) > 0 {
+			return true
+		}
+	}
+	return false
+}
+
 // listener tracks each connection it accepts.
 func (f *flows) listener(ln net.Listener) net.Listener { return &trackedListener{Listener: ln, f: f} }
 

@@ -44,6 +44,13 @@ type Options struct {
 	// ("lost", not "disconnected") stays installed: its tunnel works
 	// without the coordinator. 0 keeps it until the coordinator says more.
 	LostGrace time.Duration
+	// MaxIdleLost caps the lost peers kept for their grace that have no
+	// connection open on this node (Hooks.Busy); past it the one lost
+	// longest ago is removed at once. A peer holds WireGuard state and
+	// goroutines while installed, and clients killed in a loop would
+	// otherwise pile up for the whole grace. Busy peers are always kept:
+	// their sessions are what the grace is for. 0: no cap.
+	MaxIdleLost int
 	// CloseWait bounds how long Close waits for the goodbye to the
 	// coordinator (default 2 s).
 	CloseWait time.Duration
@@ -66,9 +73,12 @@ type Hooks struct {
 	// last node. A lost peer stays installed for LostGrace; for any other
 	// reason it was removed already (and Removed heard it).
 	Gone func(protocol.Peer, protocol.PeerGone)
-	// Removed hears that a peer left the node: gone, its lost grace over,
-	// or Remove.
+	// Removed hears that a peer left the node: gone, its lost grace over
+	// (or cut short by MaxIdleLost), or Remove.
 	Removed func(protocol.Peer)
+	// Busy says whether a peer has connections open on this node (nil:
+	// none ever has); MaxIdleLost spares busy peers.
+	Busy func(protocol.Peer) bool
 	// TunnelStatus, Error and Disconnected pass on the coordination
 	// client's messages (see coordclient.Handler).
 	TunnelStatus func(protocol.TunnelStatus)
@@ -98,7 +108,8 @@ type Joiner struct {
 
 type peer struct {
 	p         protocol.Peer
-	lostTimer *time.Timer
+	lostTimer *time.Timer // set while the peer is lost and kept
+	lostAt    time.Time
 }
 
 // New prepares a Joiner; Start connects it.
@@ -373,10 +384,19 @@ func (j *Joiner) gone(g protocol.PeerGone) {
 	if g.Reason == protocol.GoneLost {
 		// Traffic does not need the coordinator, and the peer will most
 		// likely be back: keep the tunnel for a while.
+		var evicted []protocol.Peer
 		if j.opts.LostGrace > 0 && pi.lostTimer == nil {
+			pi.lostAt = time.Now()
 			pi.lostTimer = time.AfterFunc(j.opts.LostGrace, func() { j.lostGraceOver(g.NodeID, pi) })
+			evicted = j.evictIdleLostLocked()
 		}
 		j.mu.Unlock()
+		for _, e := range evicted {
+			j.log.Info("removed a lost peer before its grace: too many lost peers without a connection", "peer", e.Name, "user", e.User, "max", j.opts.MaxIdleLost)
+			if j.opts.Hooks.Removed != nil {
+				j.opts.Hooks.Removed(e)
+			}
+		}
 	} else {
 		j.removeLocked(g.NodeID)
 		j.mu.Unlock()
@@ -387,6 +407,32 @@ func (j *Joiner) gone(g protocol.PeerGone) {
 	if j.opts.Hooks.Gone != nil {
 		j.opts.Hooks.Gone(p, g)
 	}
+}
+
+// evictIdleLostLocked removes the longest-lost idle peers beyond
+// MaxIdleLost and returns them. j.mu must be held; Busy is called under
+// it, so it must not call the Joiner.
+func (j *Joiner) evictIdleLostLocked() []protocol.Peer {
+	if j.opts.MaxIdleLost <= 0 {
+		return nil
+	}
+	var idle []*peer
+	for _, pi := range j.peers {
+		if pi.lostTimer != nil && (j.opts.Hooks.Busy == nil || !j.opts.Hooks.Busy(pi.p)) {
+			idle = append(idle, pi)
+		}
+	}
+	if len(idle) <= j.opts.MaxIdleLost {
+		return nil
+	}
+	slices.SortFunc(idle, func(a, b *peer) int { return a.lostAt.Compare(b.lostAt) })
+	var out []protocol.Peer
+	for _, pi := range idle[:len(idle)-j.opts.MaxIdleLost] {
+		if p, ok := j.removeLocked(pi.p.Node.ID); ok {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 // lostGraceOver removes a lost peer that did not come back, unless it was

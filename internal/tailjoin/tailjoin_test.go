@@ -268,31 +268,8 @@ func TestLostPeerKeptForTheGrace(t *testing.T) {
 	const grace = 2 * time.Second
 	d := coordtest.Start(t, testLogger().With("side", "coordinator"))
 	agentEv := newEvents()
-	agentJ := tailjoin.New(tailjoin.Options{
-		Logger:      testLogger().With("side", "agent"),
-		Coordinator: coordclient.Config{URL: d.URL, Token: d.AgentToken, Fingerprint: d.Fingerprint, Role: protocol.RoleAgent},
-		Tailnet:     tailnet.Options{AcceptInbound: true},
-		LostGrace:   grace,
-		Hooks:       agentEv.hooks(),
-	})
-	agentJ.Start(context.Background())
-	t.Cleanup(agentJ.Close)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	agentConn, _, err := agentJ.Up(ctx, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-
-	u, err := url.Parse(d.URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	relay := relayTo(t, u.Host)
-	viaRelay := *d
-	viaRelay.URL = "https://" + relay.ln.Addr().String()
-	cj, _ := join(t, &viaRelay, protocol.RoleClient, d.UserToken, newEvents())
-	cj.Coordinator().AddTunnel("ws1")
+	agentJ, agentConn := upAgent(t, d, tailjoin.Options{LostGrace: grace, Hooks: agentEv.hooks()})
+	relay, _ := clientViaRelay(t, d)
 	cl := await(t, agentEv.peer, "introduction of the client to the agent")
 
 	relay.cut()
@@ -313,6 +290,97 @@ func TestLostPeerKeptForTheGrace(t *testing.T) {
 	if installed() {
 		t.Error("the client is still installed after its grace")
 	}
+}
+
+// TestIdleLostPeersCapped: beyond MaxIdleLost, the idle peer lost longest
+// ago goes at once; a busy one (a connection open) stays whatever its age.
+func TestIdleLostPeersCapped(t *testing.T) {
+	d := coordtest.Start(t, testLogger().With("side", "coordinator"))
+	agentEv := newEvents()
+	var busyMu sync.Mutex
+	busy := map[tailnet.NodeID]bool{}
+	hooks := agentEv.hooks()
+	hooks.Busy = func(p protocol.Peer) bool {
+		busyMu.Lock()
+		defer busyMu.Unlock()
+		return busy[p.Node.ID]
+	}
+	_, agentConn := upAgent(t, d, tailjoin.Options{LostGrace: time.Minute, MaxIdleLost: 1, Hooks: hooks})
+	type client struct {
+		relay *cuttable
+		id    tailnet.NodeID
+	}
+	var clients []client
+	for range 3 {
+		relay, cconn := clientViaRelay(t, d)
+		id := cconn.Node().ID
+		for await(t, agentEv.peer, "introduction of a client to the agent").Node.ID != id {
+		}
+		clients = append(clients, client{relay, id})
+	}
+	busyMu.Lock()
+	busy[clients[0].id] = true
+	busyMu.Unlock()
+	installed := func(id tailnet.NodeID) bool {
+		return slices.ContainsFunc(agentConn.PeerStatus(), func(s tailnet.PeerStatus) bool { return s.ID == id })
+	}
+	for i, c := range clients {
+		c.relay.cut()
+		if g := await(t, agentEv.gone, "word that a client's connection broke"); g.NodeID != c.id || g.Reason != protocol.GoneLost {
+			t.Fatalf("client %d: gone %+v, want node %d lost (clients %v)", i, g, c.id, clients)
+		}
+		if i < 2 {
+			select {
+			case p := <-agentEv.removed:
+				t.Fatalf("after %d lost client(s), one busy, node %d was removed; the cap of 1 idle is not reached", i+1, p.Node.ID)
+			case <-time.After(200 * time.Millisecond):
+			}
+		}
+	}
+	if p := await(t, agentEv.removed, "removal of the idle client lost first"); p.Node.ID != clients[1].id {
+		t.Fatalf("removed node %d, want %d (the idle one lost longest ago; %d is busy)", p.Node.ID, clients[1].id, clients[0].id)
+	}
+	for i, want := range []bool{true, false, true} {
+		if got := installed(clients[i].id); got != want {
+			t.Errorf("client %d installed: %v, want %v", i, got, want)
+		}
+	}
+}
+
+// upAgent starts an agent's Joiner with opts (its coordinator and role
+// filled in) and brings its node up.
+func upAgent(t *testing.T, d *coordtest.Deployment, opts tailjoin.Options) (*tailjoin.Joiner, *tailnet.Conn) {
+	t.Helper()
+	opts.Logger = testLogger().With("side", "agent")
+	opts.Coordinator = coordclient.Config{URL: d.URL, Token: d.AgentToken, Fingerprint: d.Fingerprint, Role: protocol.RoleAgent}
+	opts.Tailnet = tailnet.Options{AcceptInbound: true}
+	j := tailjoin.New(opts)
+	j.Start(context.Background())
+	t.Cleanup(j.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	conn, _, err := j.Up(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return j, conn
+}
+
+// clientViaRelay joins a client through a relay to the coordinator that
+// the test can cut (the coordinator then reports the client lost) and asks
+// for a tunnel to ws1.
+func clientViaRelay(t *testing.T, d *coordtest.Deployment) (*cuttable, *tailnet.Conn) {
+	t.Helper()
+	u, err := url.Parse(d.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	relay := relayTo(t, u.Host)
+	viaRelay := *d
+	viaRelay.URL = "https://" + relay.ln.Addr().String()
+	cj, conn := join(t, &viaRelay, protocol.RoleClient, d.UserToken, newEvents())
+	cj.Coordinator().AddTunnel("ws1")
+	return relay, conn
 }
 
 // TestMountErrorStopsUp: when a side cannot mount its services, Up fails
