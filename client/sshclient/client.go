@@ -166,7 +166,9 @@ func RunCommand(ctx context.Context, conn net.Conn, command string, stdin io.Rea
 		return 255, fmt.Errorf("open an SSH session: %w", err)
 	}
 	defer sess.Close()
-	sess.Stdout, sess.Stderr = stdout, stderr
+	defer catchSIGPIPE()()
+	out := &outputWriter{w: stdout, close: sess.Close}
+	sess.Stdout, sess.Stderr = out, stderr
 	if stdin != nil {
 		w, err := sess.StdinPipe()
 		if err != nil {
@@ -177,7 +179,7 @@ func RunCommand(ctx context.Context, conn net.Conn, command string, stdin io.Rea
 			w.Close() // EOF for the remote command
 		}()
 	}
-	return exitCode(ctx, sess.Run(command))
+	return out.result(exitCode(ctx, sess.Run(command)))
 }
 
 // RunInteractive opens a shell (or runs opts.Command) like ssh: with a PTY
@@ -246,7 +248,9 @@ func RunInteractive(ctx context.Context, conn net.Conn, opts InteractiveOptions)
 		}()
 	}
 
-	sess.Stdin, sess.Stdout, sess.Stderr = stdin, opts.Stdout, opts.Stderr
+	defer catchSIGPIPE()()
+	out := &outputWriter{w: opts.Stdout, close: sess.Close}
+	sess.Stdin, sess.Stdout, sess.Stderr = stdin, out, opts.Stderr
 	if opts.Command == "" {
 		err = sess.Shell()
 	} else {
@@ -261,7 +265,7 @@ func RunInteractive(ctx context.Context, conn net.Conn, opts InteractiveOptions)
 		return 255, ErrEscapeDisconnect
 	default:
 	}
-	return exitCode(ctx, err)
+	return out.result(exitCode(ctx, err))
 }
 
 // setDefaults fills in the process's own stdin, stdout, stderr and
@@ -331,9 +335,7 @@ const serverCloseGrace = 10 * time.Second
 // The stdin reader may still be blocked in Read after the return; in a
 // ProxyCommand process that exits, that does not matter.
 func ProxyStdio(ctx context.Context, conn net.Conn, stdin io.Reader, stdout io.Writer) error {
-	sigpipe := make(chan os.Signal, 1)
-	signal.Notify(sigpipe, unix.SIGPIPE)
-	defer signal.Stop(sigpipe)
+	defer catchSIGPIPE()()
 	hangup := make(chan os.Signal, 1)
 	signal.Notify(hangup, unix.SIGHUP)
 	defer signal.Stop(hangup)

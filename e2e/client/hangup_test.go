@@ -9,8 +9,10 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -27,12 +29,9 @@ import (
 // the 15-minute grace of a client in a network blip. A client started
 // under nohup keeps running through the hangup, as nohup asks.
 func TestHungUpClientSaysGoodbye(t *testing.T) {
-	lab := netlab.New(t)
 	bin := buildAgent(t)
-	ns := lab.Namespace("hup")
-	dataDir := t.TempDir()
-	env, devOut := startDev(t, ns.Command(bin, "dev", "--data-dir", dataDir))
-	peers := agentPeerCounter(filepath.Join(dataDir, "agent", "status.sock"))
+	ns, env, devOut, socket := devInNamespace(t, bin, "hup")
+	peers := agentPeerCounter(socket)
 
 	for _, tc := range []struct {
 		name  string
@@ -105,18 +104,7 @@ func TestHungUpClientSaysGoodbye(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			var err2 error
-			select {
-			case err2 = <-done:
-			case <-time.After(15 * time.Second):
-				t.Fatalf("agent ssh still runs 15 s after it was hung up:\n%s", stderr.String())
-			}
-			var ee *exec.ExitError
-			if errors.As(err2, &ee) {
-				if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-					t.Fatalf("agent ssh was killed by %v instead of ending its session: %s", ws.Signal(), stderr.String())
-				}
-			}
+			_, err2 := awaitOwnEnd(t, done, &stderr, "it was hung up")
 			t.Logf("agent ssh ended %v after the signal (%v): %q", time.Since(hungUp).Round(time.Millisecond), err2, stderr.String())
 			// Said goodbye: the workspace drops a departed client at once,
 			// and keeps a lost one for 15 minutes.
@@ -127,32 +115,81 @@ func TestHungUpClientSaysGoodbye(t *testing.T) {
 	}
 }
 
+// devInNamespace starts `agent dev` in a new network namespace and
+// returns the namespace, a client's environment, dev's output and its
+// agent's status socket.
+func devInNamespace(t *testing.T, bin, name string) (*netlab.Namespace, []string, *syncbuf.Buffer, string) {
+	t.Helper()
+	ns := netlab.New(t).Namespace(name)
+	dataDir := t.TempDir()
+	env, out := startDev(t, ns.Command(bin, "dev", "--data-dir", dataDir))
+	return ns, env, out, filepath.Join(dataDir, "agent", "status.sock")
+}
+
+// awaitOwnEnd waits up to 15 s for a client's end (done has its Wait's
+// error) after what happened, and fails the test if a signal killed it.
+// It returns the exit status and Wait's error.
+func awaitOwnEnd(t *testing.T, done <-chan error, stderr *syncbuf.Buffer, after string) (int, error) {
+	t.Helper()
+	var err error
+	select {
+	case err = <-done:
+	case <-time.After(15 * time.Second):
+		t.Fatalf("agent ssh still runs 15 s after %s:\n%s", after, stderr.String())
+	}
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) {
+		return 0, err
+	}
+	if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		t.Fatalf("agent ssh was killed by %v after %s instead of ending by itself: %s", ws.Signal(), after, stderr.String())
+	}
+	return ee.ExitCode(), err
+}
+
 // agentPeerCounter returns a function that counts the peers the agent
 // lists on its owner-only status socket.
 func agentPeerCounter(socket string) func(context.Context) (int, error) {
+	get := statusGetter(socket)
+	return func(ctx context.Context) (int, error) {
+		body, err := get(ctx, "/status")
+		if err != nil {
+			return 0, err
+		}
+		var st struct {
+			Peers []json.RawMessage `json:"peers"`
+		}
+		if err := json.Unmarshal(body, &st); err != nil {
+			return 0, fmt.Errorf("status socket: %w", err)
+		}
+		return len(st.Peers), nil
+	}
+}
+
+// statusGetter returns a function that GETs a path from the agent's
+// owner-only status socket.
+func statusGetter(socket string) func(ctx context.Context, path string) ([]byte, error) {
 	hc := &http.Client{Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", socket)
 		},
 	}}
-	return func(ctx context.Context) (int, error) {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://agent/status", nil)
+	return func(ctx context.Context, path string) ([]byte, error) {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://agent"+path, nil)
 		if err != nil {
-			return 0, err
+			return nil, err
 		}
 		resp, err := hc.Do(req)
 		if err != nil {
-			return 0, err
+			return nil, err
 		}
 		defer resp.Body.Close()
-		var st struct {
-			Peers []json.RawMessage `json:"peers"`
+		body, err := io.ReadAll(resp.Body)
+		if err == nil && resp.StatusCode != http.StatusOK {
+			err = fmt.Errorf("status socket %s: %s", path, resp.Status)
 		}
-		if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
-			return 0, fmt.Errorf("status socket: %w", err)
-		}
-		return len(st.Peers), nil
+		return body, err
 	}
 }
 
@@ -166,6 +203,93 @@ func waitPeers(ctx context.Context, count func(context.Context) (int, error), wa
 		}
 		if time.Now().After(deadline) || ctx.Err() != nil {
 			return fmt.Errorf("the agent lists %d peer(s), want %d, after %v (%v)", n, want, limit, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// A session whose local output goes away (`agent ssh ws -- cmd | head`)
+// ends as a pipeline's writer does, with status 141, but closes its session
+// first, so the workspace hangs the command up, and says goodbye. Killed by
+// SIGPIPE (Go's default for a write to a closed stdout), the client left
+// the command running in the workspace until keepalives gave up, and its
+// peer kept as lost.
+func TestClosedOutputEndsTheSession(t *testing.T) {
+	bin := buildAgent(t)
+	ns, env, devOut, socket := devInNamespace(t, bin, "epipe")
+	peers, get := agentPeerCounter(socket), statusGetter(socket)
+	for _, tc := range []struct {
+		name  string
+		args  []string
+		stdin string
+	}{
+		{"command", []string{"ssh", "dev", "--", "yes"}, ""},
+		// A shell fed its commands on stdin (no terminal).
+		{"shell", []string{"ssh", "dev"}, "exec yes\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+			defer cancel()
+			client := ns.CommandContext(ctx, bin, tc.args...)
+			client.Env = env
+			client.Stdin = strings.NewReader(tc.stdin)
+			r, w, err := os.Pipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			client.Stdout = w
+			var stderr syncbuf.Buffer
+			client.Stderr = &stderr
+			if err := client.Start(); err != nil {
+				t.Fatal(err)
+			}
+			w.Close()
+			defer client.Process.Kill()
+			line, err := bufio.NewReader(r).ReadString('\n')
+			if line != "y\n" {
+				t.Fatalf("first line %q (%v)\nclient: %s\nagent dev:\n%s", line, err, stderr.String(), devOut.String())
+			}
+			// The command runs in the workspace (so the checks below can fail).
+			if err := waitSSHSessions(ctx, get, 1, 10*time.Second); err != nil {
+				t.Fatal(err)
+			}
+			r.Close()
+			closed := time.Now()
+			done := make(chan error, 1)
+			go func() { done <- client.Wait() }()
+			code, werr := awaitOwnEnd(t, done, &stderr, "its output closed")
+			if code != 141 {
+				t.Errorf("agent ssh ended with %v, want exit status 141 (128 + SIGPIPE, as for any pipeline writer): %s", werr, stderr.String())
+			}
+			t.Logf("agent ssh ended %v after its output closed: %v %q", time.Since(closed).Round(time.Millisecond), werr, stderr.String())
+			if err := waitSSHSessions(ctx, get, 0, 5*time.Second); err != nil {
+				t.Errorf("after the client ended: %v (the command still runs in the workspace)", err)
+			}
+			if err := waitPeers(ctx, peers, 0, 5*time.Second); err != nil {
+				t.Errorf("after the client ended: %v (it did not say goodbye)\nagent dev:\n%s", err, devOut.String())
+			}
+		})
+	}
+}
+
+// waitSSHSessions waits up to limit for the agent's metrics to show want
+// open SSH sessions.
+func waitSSHSessions(ctx context.Context, get func(context.Context, string) ([]byte, error), want int, limit time.Duration) error {
+	series := `agent_sessions_active{kind="ssh"} `
+	deadline := time.Now().Add(limit)
+	for {
+		body, err := get(ctx, "/metrics")
+		got := "none"
+		for _, l := range strings.Split(string(body), "\n") {
+			if v, ok := strings.CutPrefix(l, series); ok {
+				got = v
+			}
+		}
+		if err == nil && got == strconv.Itoa(want) {
+			return nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("the agent has %s SSH session(s) open, want %d, after %v (%v)", got, want, limit, err)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
