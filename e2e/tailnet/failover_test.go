@@ -107,11 +107,11 @@ func TestUDPBlockedFirstSSH(t *testing.T) {
 func TestCoordinatorReturn(t *testing.T) {
 	d := newDeployment(t, netlab.NATEndpointIndependent)
 	// 12 s: long enough for a 30 s backoff cap to have grown past 8 s.
-	took, agent := coordinatorReturn(t, d, 12*time.Second)
+	took, agent, clientLog := coordinatorReturn(t, d, 12*time.Second)
 	t.Logf("first ssh completed %v (agent attached %v) after the coordinator returned from a 12 s outage (target 2 s)",
 		took.Round(time.Millisecond), agent.Round(time.Millisecond))
 	if took > 2*time.Second {
-		t.Errorf("first ssh %v after the coordinator returned, want within 2 s", took.Round(time.Millisecond))
+		t.Errorf("first ssh %v after the coordinator returned, want within 2 s; the client's log:\n%s", took.Round(time.Millisecond), clientLog)
 	}
 }
 

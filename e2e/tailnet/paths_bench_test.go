@@ -180,7 +180,10 @@ func firstSSHAfterStart(tb testing.TB, d *deployment, runs int) []time.Duration 
 // coordinatorReturn stops the coordinator for outage and returns how long
 // after its return a new `agent ssh` completed and the agent was attached
 // to it again (measured side by side).
-func coordinatorReturn(tb testing.TB, d *deployment, outage time.Duration) (ssh, agentBack time.Duration) {
+//
+// The ssh after the outage runs with --verbose; clientLog is its stderr,
+// for saying where a slow return spent its time.
+func coordinatorReturn(tb testing.TB, d *deployment, outage time.Duration) (ssh, agentBack time.Duration, clientLog string) {
 	tb.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), outage+60*time.Second)
 	defer cancel()
@@ -193,7 +196,7 @@ func coordinatorReturn(tb testing.TB, d *deployment, outage time.Duration) (ssh,
 	back := time.Now()
 	agentAt := make(chan time.Duration, 1)
 	go func() { agentAt <- d.agentAttachedAfter(ctx, back) }()
-	out, stderr, err := d.client(ctx, d.userToken, "ssh", "ws1", "--", "cat; echo up")
+	out, stderr, err := d.client(ctx, d.userToken, "ssh", "--verbose", "ws1", "--", "cat; echo up")
 	ssh = time.Since(back)
 	if err != nil || out != "up\n" {
 		tb.Fatalf("ssh after the outage: err %v stdout %q stderr %q", err, out, stderr)
@@ -202,7 +205,7 @@ func coordinatorReturn(tb testing.TB, d *deployment, outage time.Duration) (ssh,
 	if agentBack < 0 {
 		tb.Fatalf("agent ws1 did not attach to the returned coordinator: %v", ctx.Err())
 	}
-	return ssh, agentBack
+	return ssh, agentBack, stderr
 }
 
 // agentAttachedAfter polls the coordinator until ws1 is attached and
@@ -292,7 +295,7 @@ func BenchmarkPathsCoordinatorReturn(b *testing.B) {
 				if err != nil || out != "up\n" {
 					b.Fatalf("ssh with the coordinator up: err %v stdout %q stderr %q", err, out, stderr)
 				}
-				ssh, agent := coordinatorReturn(b, d, outage)
+				ssh, agent, _ := coordinatorReturn(b, d, outage)
 				b.ReportMetric(ms(ssh), "ssh-after-return-ms")
 				b.ReportMetric(ms(agent), "agent-back-ms")
 				b.ReportMetric(ms(steady), "ssh-steady-ms")
