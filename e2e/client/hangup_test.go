@@ -3,16 +3,12 @@ package client_test
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -20,6 +16,7 @@ import (
 
 	"github.com/agentd/agent/internal/netlab"
 	"github.com/agentd/agent/internal/syncbuf"
+	"github.com/agentd/agent/internal/testkit/sshload"
 )
 
 // A client ended by a hangup (its terminal closed; OpenSSH hangs up its
@@ -31,7 +28,7 @@ import (
 func TestHungUpClientSaysGoodbye(t *testing.T) {
 	bin := buildAgent(t)
 	ns, env, devOut, socket := devInNamespace(t, bin, "hup")
-	peers := agentPeerCounter(socket)
+	probe := sshload.NewProbe(0, socket)
 
 	for _, tc := range []struct {
 		name  string
@@ -40,7 +37,7 @@ func TestHungUpClientSaysGoodbye(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 			defer cancel()
-			if err := waitPeers(ctx, peers, 0, 20*time.Second); err != nil {
+			if err := waitCount(ctx, "peer(s)", probe.Peers, 0, 20*time.Second); err != nil {
 				t.Fatalf("before the client: %v", err)
 			}
 			// One argument: like OpenSSH, agent ssh hands the command to the
@@ -86,7 +83,7 @@ func TestHungUpClientSaysGoodbye(t *testing.T) {
 			}
 			// The session runs: the workspace has the client as its peer (so
 			// the check below can fail).
-			if err := waitPeers(ctx, peers, 1, 30*time.Second); err != nil {
+			if err := waitCount(ctx, "peer(s)", probe.Peers, 1, 30*time.Second); err != nil {
 				t.Fatalf("with the session running: %v\nclient: %s\nagent dev:\n%s", err, stderr.String(), devOut.String())
 			}
 			if err := client.Process.Signal(syscall.SIGHUP); err != nil {
@@ -108,7 +105,7 @@ func TestHungUpClientSaysGoodbye(t *testing.T) {
 			t.Logf("agent ssh ended %v after the signal (%v): %q", time.Since(hungUp).Round(time.Millisecond), err2, stderr.String())
 			// Said goodbye: the workspace drops a departed client at once,
 			// and keeps a lost one for 15 minutes.
-			if err := waitPeers(ctx, peers, 0, 5*time.Second); err != nil {
+			if err := waitCount(ctx, "peer(s)", probe.Peers, 0, 5*time.Second); err != nil {
 				t.Fatalf("after the client ended: %v (it did not say goodbye: the workspace keeps a lost client's peer for 15 minutes)\nagent dev:\n%s", err, devOut.String())
 			}
 		})
@@ -147,54 +144,9 @@ func awaitOwnEnd(t *testing.T, done <-chan error, stderr *syncbuf.Buffer, after 
 	return ee.ExitCode(), err
 }
 
-// agentPeerCounter returns a function that counts the peers the agent
-// lists on its owner-only status socket.
-func agentPeerCounter(socket string) func(context.Context) (int, error) {
-	get := statusGetter(socket)
-	return func(ctx context.Context) (int, error) {
-		body, err := get(ctx, "/status")
-		if err != nil {
-			return 0, err
-		}
-		var st struct {
-			Peers []json.RawMessage `json:"peers"`
-		}
-		if err := json.Unmarshal(body, &st); err != nil {
-			return 0, fmt.Errorf("status socket: %w", err)
-		}
-		return len(st.Peers), nil
-	}
-}
-
-// statusGetter returns a function that GETs a path from the agent's
-// owner-only status socket.
-func statusGetter(socket string) func(ctx context.Context, path string) ([]byte, error) {
-	hc := &http.Client{Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
-		},
-	}}
-	return func(ctx context.Context, path string) ([]byte, error) {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://agent"+path, nil)
-		if err != nil {
-			return nil, err
-		}
-		resp, err := hc.Do(req)
-		if err != nil {
-			return nil, err
-		}
-		defer resp.Body.Close()
-		body, err := io.ReadAll(resp.Body)
-		if err == nil && resp.StatusCode != http.StatusOK {
-			err = fmt.Errorf("status socket %s: %s", path, resp.Status)
-		}
-		return body, err
-	}
-}
-
-// waitPeers waits up to limit for the agent to list want peers.
-func waitPeers(ctx context.Context, count func(context.Context) (int, error), want int, limit time.Duration) error {
+// waitCount waits up to limit for count to give want; what names the count
+// in the error ("peer(s)").
+func waitCount(ctx context.Context, what string, count func(context.Context) (int, error), want int, limit time.Duration) error {
 	deadline := time.Now().Add(limit)
 	for {
 		n, err := count(ctx)
@@ -202,9 +154,17 @@ func waitPeers(ctx context.Context, count func(context.Context) (int, error), wa
 			return nil
 		}
 		if time.Now().After(deadline) || ctx.Err() != nil {
-			return fmt.Errorf("the agent lists %d peer(s), want %d, after %v (%v)", n, want, limit, err)
+			return fmt.Errorf("the agent has %d %s, want %d, after %v (%v)", n, what, want, limit, err)
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// sshSessionsOf counts the agent's open SSH sessions, for waitCount.
+func sshSessionsOf(p *sshload.Probe) func(context.Context) (int, error) {
+	return func(ctx context.Context) (int, error) {
+		f, err := p.Metrics(ctx)
+		return f.SSHSessions, err
 	}
 }
 
@@ -217,7 +177,7 @@ func waitPeers(ctx context.Context, count func(context.Context) (int, error), wa
 func TestClosedOutputEndsTheSession(t *testing.T) {
 	bin := buildAgent(t)
 	ns, env, devOut, socket := devInNamespace(t, bin, "epipe")
-	peers, get := agentPeerCounter(socket), statusGetter(socket)
+	probe := sshload.NewProbe(0, socket)
 	for _, tc := range []struct {
 		name  string
 		args  []string
@@ -250,7 +210,7 @@ func TestClosedOutputEndsTheSession(t *testing.T) {
 				t.Fatalf("first line %q (%v)\nclient: %s\nagent dev:\n%s", line, err, stderr.String(), devOut.String())
 			}
 			// The command runs in the workspace (so the checks below can fail).
-			if err := waitSSHSessions(ctx, get, 1, 10*time.Second); err != nil {
+			if err := waitCount(ctx, "SSH session(s) open", sshSessionsOf(probe), 1, 10*time.Second); err != nil {
 				t.Fatal(err)
 			}
 			r.Close()
@@ -262,35 +222,12 @@ func TestClosedOutputEndsTheSession(t *testing.T) {
 				t.Errorf("agent ssh ended with %v, want exit status 141 (128 + SIGPIPE, as for any pipeline writer): %s", werr, stderr.String())
 			}
 			t.Logf("agent ssh ended %v after its output closed: %v %q", time.Since(closed).Round(time.Millisecond), werr, stderr.String())
-			if err := waitSSHSessions(ctx, get, 0, 5*time.Second); err != nil {
+			if err := waitCount(ctx, "SSH session(s) open", sshSessionsOf(probe), 0, 5*time.Second); err != nil {
 				t.Errorf("after the client ended: %v (the command still runs in the workspace)", err)
 			}
-			if err := waitPeers(ctx, peers, 0, 5*time.Second); err != nil {
+			if err := waitCount(ctx, "peer(s)", probe.Peers, 0, 5*time.Second); err != nil {
 				t.Errorf("after the client ended: %v (it did not say goodbye)\nagent dev:\n%s", err, devOut.String())
 			}
 		})
-	}
-}
-
-// waitSSHSessions waits up to limit for the agent's metrics to show want
-// open SSH sessions.
-func waitSSHSessions(ctx context.Context, get func(context.Context, string) ([]byte, error), want int, limit time.Duration) error {
-	series := `agent_sessions_active{kind="ssh"} `
-	deadline := time.Now().Add(limit)
-	for {
-		body, err := get(ctx, "/metrics")
-		got := "none"
-		for _, l := range strings.Split(string(body), "\n") {
-			if v, ok := strings.CutPrefix(l, series); ok {
-				got = v
-			}
-		}
-		if err == nil && got == strconv.Itoa(want) {
-			return nil
-		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			return fmt.Errorf("the agent has %s SSH session(s) open, want %d, after %v (%v)", got, want, limit, err)
-		}
-		time.Sleep(100 * time.Millisecond)
 	}
 }

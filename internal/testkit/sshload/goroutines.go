@@ -6,7 +6,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net/http"
 	"slices"
 	"strconv"
 	"strings"
@@ -15,23 +14,16 @@ import (
 // Goroutines reads the agent's goroutine dump (runtime/pprof's grouped
 // text form) from its status socket.
 func (p *Probe) Goroutines(ctx context.Context) (string, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://agent/debug/goroutines", nil)
+	body, err := p.get(ctx, "/debug/goroutines", "goroutines")
 	if err != nil {
 		return "", err
 	}
-	resp, err := p.client.Do(req)
-	if err != nil {
-		return "", fmt.Errorf("read the agent's goroutines from %s: %w", p.StatusSocket, err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	defer body.Close()
+	dump, err := io.ReadAll(io.LimitReader(body, 16<<20))
 	if err != nil {
 		return "", fmt.Errorf("read the agent's goroutines: %w", err)
 	}
-	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("read the agent's goroutines from %s: %s", p.StatusSocket, resp.Status)
-	}
-	return string(body), nil
+	return string(dump), nil
 }
 
 // GoroutinesAbove names the stacks of which now has more goroutines than

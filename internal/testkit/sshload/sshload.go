@@ -7,8 +7,10 @@ package sshload
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -245,6 +247,7 @@ type Probe struct {
 }
 
 // NewProbe reads the agent with process ID pid and status socket path.
+// Only Read needs the PID (for file descriptors and RSS).
 func NewProbe(pid int, statusSocket string) *Probe {
 	return &Probe{PID: pid, StatusSocket: statusSocket, client: &http.Client{
 		Timeout: 5 * time.Second,
@@ -272,23 +275,34 @@ func (f Figures) String() string {
 		f.Goroutines, f.FDs, float64(f.RSSKB)*1024/1e6, float64(f.FileKB)*1024/1e6, float64(f.HeapInuse)/1e6, f.SSHConnections, f.SSHSessions)
 }
 
-// Read takes one reading.
-func (p *Probe) Read(ctx context.Context) (Figures, error) {
-	var f Figures
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://agent/metrics", nil)
+// get GETs path from the status socket; the caller closes the body.
+func (p *Probe) get(ctx context.Context, path, what string) (io.ReadCloser, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://agent"+path, nil)
 	if err != nil {
-		return f, err
+		return nil, err
 	}
 	resp, err := p.client.Do(req)
 	if err != nil {
-		return f, fmt.Errorf("read the agent's metrics from %s: %w", p.StatusSocket, err)
+		return nil, fmt.Errorf("read the agent's %s from %s: %w", what, p.StatusSocket, err)
 	}
-	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return f, fmt.Errorf("read the agent's metrics from %s: %s", p.StatusSocket, resp.Status)
+		resp.Body.Close()
+		return nil, fmt.Errorf("read the agent's %s from %s: %s", what, p.StatusSocket, resp.Status)
 	}
+	return resp.Body, nil
+}
+
+// Metrics takes the part of a reading that comes from the agent's
+// metrics: everything but FDs, RSSKB and FileKB (no PID needed).
+func (p *Probe) Metrics(ctx context.Context) (Figures, error) {
+	var f Figures
+	body, err := p.get(ctx, "/metrics", "metrics")
+	if err != nil {
+		return f, err
+	}
+	defer body.Close()
 	parser := expfmt.NewTextParser(model.UTF8Validation)
-	families, err := parser.TextToMetricFamilies(resp.Body)
+	families, err := parser.TextToMetricFamilies(body)
 	if err != nil {
 		return f, fmt.Errorf("parse the agent's metrics: %w", err)
 	}
@@ -298,6 +312,31 @@ func (p *Probe) Read(ctx context.Context) (Figures, error) {
 	f.SSHSessions = int(value(families["agent_sessions_active"], ssh))
 	f.MemoryLimit = int64(value(families["go_gc_gomemlimit_bytes"], nil))
 	f.HeapInuse = int64(value(families["go_memstats_heap_inuse_bytes"], nil))
+	return f, nil
+}
+
+// Peers counts the peers the agent lists in its status.
+func (p *Probe) Peers(ctx context.Context) (int, error) {
+	body, err := p.get(ctx, "/status", "status")
+	if err != nil {
+		return 0, err
+	}
+	defer body.Close()
+	var st struct {
+		Peers []json.RawMessage `json:"peers"`
+	}
+	if err := json.NewDecoder(body).Decode(&st); err != nil {
+		return 0, fmt.Errorf("parse the agent's status: %w", err)
+	}
+	return len(st.Peers), nil
+}
+
+// Read takes one reading.
+func (p *Probe) Read(ctx context.Context) (Figures, error) {
+	f, err := p.Metrics(ctx)
+	if err != nil {
+		return f, err
+	}
 	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", p.PID))
 	if err != nil {
 		return f, fmt.Errorf("count the agent's file descriptors: %w", err)
